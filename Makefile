@@ -1,0 +1,39 @@
+# Set-up and the two front-door commands. Everything installs into .venv.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.installed
+DEMO_DIR ?= out/demo
+
+.PHONY: install demo test test-fast bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# torch==2.13.0 first: the CPU build lies on this machine's disk; an unpinned torch would pull a CUDA build.
+$(STAMP): pyproject.toml | $(PY)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet torch==2.13.0
+	$(PIP) install --quiet -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	mkdir -p $(DEMO_DIR)
+	$(VENV)/bin/attn-export onnx --preset tiny -o $(DEMO_DIR)/tiny.onnx --force
+	$(VENV)/bin/attn-export verify $(DEMO_DIR)/tiny.onnx --report $(DEMO_DIR)/verify.json
+	$(VENV)/bin/attn-export inspect $(DEMO_DIR)/tiny.onnx
+
+test: $(STAMP)
+	$(PY) -m pytest -n 2 -q -p no:cacheprovider
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -n 2 -q -m "not slow" -p no:cacheprovider
+
+bench: $(STAMP)
+	$(PY) bench/run_benchmarks.py
+
+clean:
+	rm -rf $(VENV) out build *.egg-info

@@ -1,0 +1,54 @@
+"""Atomic file output: write next to the target, then rename into place."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+from .errors import UsageError
+
+
+def check_output_path(path: str | os.PathLike[str], *, force: bool) -> Path:
+    """Validate an output path before any expensive work starts."""
+    out = Path(path)
+    if not out.parent.exists():
+        raise UsageError(f"output folder does not exist: {out.parent}")
+    if out.is_dir():
+        raise UsageError(f"output path is a folder: {out}")
+    if out.exists() and not force:
+        raise UsageError(f"output file exists: {out} (use --force to replace it)")
+    return out
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str], suffix: str = "") -> Iterator[Path]:
+    """Yield a temporary path in the target's folder; rename it over the target on success.
+
+    On any exception (KeyboardInterrupt included) the temporary file is removed,
+    so an interrupted run never leaves a half-written output behind.
+    """
+    target = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix + ".tmp", dir=target.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp_path.unlink()
+        raise
+
+
+def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
+    """Write ``text`` to ``path`` atomically."""
+    write_bytes_atomic(path, text.encode("utf-8"))

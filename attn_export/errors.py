@@ -1,0 +1,34 @@
+"""Errors that the CLI turns into a one-line message and an exit code."""
+
+from __future__ import annotations
+
+
+class AttnExportError(Exception):
+    """A problem with the user's input or environment, shown as one line.
+
+    ``exit_code`` follows the project convention: 2 for bad usage or input,
+    1 for a check that ran and failed.
+    """
+
+    exit_code = 2
+
+    def __init__(self, message: str, *, exit_code: int | None = None) -> None:
+        super().__init__(message)
+        if exit_code is not None:
+            self.exit_code = exit_code
+
+
+class UsageError(AttnExportError):
+    """Bad options, bad shapes, missing files: exit 2."""
+
+
+class CheckpointError(AttnExportError):
+    """A checkpoint that cannot be read or does not fit the model."""
+
+
+class ShapeError(AttnExportError):
+    """A shape the model or artifact cannot serve."""
+
+
+class MissingDependencyError(AttnExportError):
+    """An optional dependency (TensorRT, a GPU, ...) is not available."""

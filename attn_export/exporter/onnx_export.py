@@ -1,0 +1,260 @@
+"""PyTorch to ONNX: dynamic batch/height/width, attention in a form TensorRT fuses.
+
+Pipeline: build the model (attention in its deployment form, scale on q),
+trace it with the TorchScript exporter (a few seconds, where the dynamo
+exporter takes close to a minute for ddpm-cifar10 on a small CPU), fold
+constants and drop dead nodes, convert to the target opset, fuse each
+MatMul/Softmax/MatMul chain into one ONNX ``Attention`` node when asked, infer
+shapes, check, embed the model description, save atomically, and compare
+the result with PyTorch in ONNX Runtime at a shape the trace never saw.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import onnx
+import torch
+
+from ..atomic import atomic_path, check_output_path
+from ..errors import UsageError
+from ..models.loader import LoadedModel, ModelSource, load_model
+from ..spec import ModelSpec
+from . import passes
+from .metadata import embed_spec
+
+ATTENTION_FORMS = ("op", "decomposed")
+DEFAULT_OPSET = 23
+MIN_OPSET = 17
+TORCHSCRIPT_MAX_OPSET = 20
+# Protobuf cannot serialize a message of 2 GiB or more; stay clear of it.
+EXTERNAL_DATA_THRESHOLD = 2**31 - 2**26
+
+ProgressFn = Callable[[str], None]
+
+
+@dataclass
+class ExportResult:
+    """What an export produced, for the summary and for tests."""
+
+    path: Path
+    size_bytes: int
+    opset: int
+    attention: str
+    attention_nodes: int
+    inputs: list[tuple[str, str, list[int | str]]]
+    outputs: list[tuple[str, str, list[int | str]]]
+    num_parameters: int
+    seconds: float
+    external_data: Path | None
+    spec: ModelSpec
+    check: dict[str, Any] | None = None
+    steps: dict[str, float] = field(default_factory=dict)
+
+
+def _max_opset() -> int:
+    return int(onnx.defs.onnx_opset_version())
+
+
+def validate_export_options(attention: str, opset: int) -> None:
+    """Reject bad --attention / --opset combinations before any work."""
+    if attention not in ATTENTION_FORMS:
+        raise UsageError(f"--attention must be one of {', '.join(ATTENTION_FORMS)} (got {attention!r})")
+    top = _max_opset()
+    if not MIN_OPSET <= opset <= top:
+        raise UsageError(f"--opset must be between {MIN_OPSET} and {top} (got {opset})")
+    if attention == "op" and opset < 23:
+        raise UsageError(f"--attention op needs --opset 23 or later (the ONNX Attention op); got {opset}")
+
+
+def example_shape(spec: ModelSpec) -> tuple[int, int, int]:
+    """Trace shape: batch 2 and a non-square H/W, so no dynamic dim can be frozen at 1 or tied to another."""
+    m = spec.hw_multiple
+    return 2, 2 * m, 3 * m
+
+
+def check_shape_for(spec: ModelSpec) -> tuple[int, int, int]:
+    """A shape the trace never saw, for the post-export check."""
+    m = spec.hw_multiple
+    return 3, 4 * m, 2 * m
+
+
+def _dynamic_axes(spec: ModelSpec) -> dict[str, dict[int, str]]:
+    axes: dict[str, dict[int, str]] = {}
+    for t in spec.inputs + spec.outputs:
+        named = {i: d for i, d in enumerate(t.dims) if isinstance(d, str)}
+        if named:
+            axes[t.name] = named
+    return axes
+
+
+def _torch_feeds(spec: ModelSpec, batch: int, h: int, w: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    return {k: torch.from_numpy(v) for k, v in spec.make_inputs(batch, h, w, seed=seed).items()}
+
+
+def _trace(loaded: LoadedModel, opset: int, workdir: Path) -> onnx.ModelProto:
+    spec = loaded.spec
+    b, h, w = example_shape(spec)
+    feeds = _torch_feeds(spec, b, h, w)
+    args = tuple(feeds[t.name] for t in spec.inputs)
+    path = workdir / "traced.onnx"
+    with warnings.catch_warnings(), torch.no_grad():
+        # Tracer warnings about Python-side shape checks are expected: those checks are skipped while tracing.
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            loaded.module, args, str(path), dynamo=False, opset_version=min(opset, TORCHSCRIPT_MAX_OPSET),
+            input_names=[t.name for t in spec.inputs], output_names=[t.name for t in spec.outputs],
+            dynamic_axes=_dynamic_axes(spec), do_constant_folding=True,
+        )
+    return onnx.load(str(path))
+
+
+def _convert_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
+    current = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    if current == opset:
+        return model
+    return onnx.version_converter.convert_version(model, opset)
+
+
+def _initializer_bytes(model: onnx.ModelProto) -> int:
+    return sum(len(i.raw_data) if i.HasField("raw_data") else int(np.prod(i.dims)) * 4 for i in model.graph.initializer)
+
+
+def _save(model: onnx.ModelProto, out: Path, external: bool) -> Path | None:
+    """Save atomically; with external data, both files appear only once both are complete."""
+    if not external:
+        with atomic_path(out) as tmp:
+            onnx.save_model(model, str(tmp))
+        return None
+    data_name = out.name + ".data"
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmpdir:
+        tmp_model = Path(tmpdir) / out.name
+        onnx.save_model(model, str(tmp_model), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data_name, size_threshold=1024)
+        os.replace(Path(tmpdir) / data_name, out.parent / data_name)
+        os.replace(tmp_model, out)
+    return out.parent / data_name
+
+
+def compare_with_torch(model_bytes_or_path: bytes | str, loaded: LoadedModel, shapes: list[tuple[int, int, int]]) -> dict[str, Any]:
+    """Max abs error between ONNX Runtime (CPU) and PyTorch at each shape."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(model_bytes_or_path, opts, providers=["CPUExecutionProvider"])
+    results = []
+    for b, h, w in shapes:
+        feeds = loaded.spec.make_inputs(b, h, w, seed=1)
+        got = sess.run(None, feeds)[0]
+        with torch.no_grad():
+            ref = loaded.module(*[torch.from_numpy(feeds[t.name]) for t in loaded.spec.inputs]).numpy()
+        results.append({"shape": [b, h, w], "max_abs_err": float(np.abs(got.astype(np.float64) - ref).max())})
+    return {"shapes": results, "max_abs_err": max(r["max_abs_err"] for r in results)}
+
+
+@contextlib.contextmanager
+def _step(steps: dict[str, float], name: str, progress: ProgressFn | None) -> Iterator[None]:
+    if progress:
+        progress(name)
+    t0 = time.perf_counter()
+    yield
+    steps[name] = time.perf_counter() - t0
+
+
+def export_onnx(
+    source: ModelSource,
+    output: str | Path,
+    *,
+    attention: str = "op",
+    opset: int = DEFAULT_OPSET,
+    force: bool = False,
+    check: bool = True,
+    progress: ProgressFn | None = None,
+    external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
+) -> ExportResult:
+    """Export the model described by ``source`` to an ONNX file at ``output``.
+
+    ``attention``: "op" (one ONNX Attention node per block, opset >= 23) or
+    "decomposed" (Mul(q, scale), MatMul, Softmax, MatMul). ``check`` runs the
+    result in ONNX Runtime against PyTorch at an unseen shape before the file
+    is put in place.
+    """
+    validate_export_options(attention, opset)
+    out = check_output_path(output, force=force)
+    steps: dict[str, float] = {}
+    t_start = time.perf_counter()
+    with _step(steps, "build model", progress):
+        loaded = load_model(source, attention_impl="decomposed")
+    spec = loaded.spec
+    spec.attention = attention
+    spec.opset = opset
+    spec.export_shape = list(example_shape(spec))
+    with tempfile.TemporaryDirectory(prefix="attn-export-") as tmp:
+        with _step(steps, "trace", progress):
+            model = _trace(loaded, opset, Path(tmp))
+    with _step(steps, "optimize", progress):
+        model = passes.optimize(model)
+    with _step(steps, "convert opset", progress):
+        model = _convert_opset(model, opset)
+    with _step(steps, "fuse attention", progress):
+        if attention == "op":
+            passes.fuse_attention(model)
+        sites = passes.find_attention(model)
+        n_attention = len(sites)
+        forms = {s.form for s in sites}
+        if attention == "op" and "decomposed" in forms:
+            raise UsageError("some attention chains could not be fused into the Attention op; try --attention decomposed")
+    with _step(steps, "shape inference + check", progress):
+        passes.name_dynamic_dims(model, {t.name: t.dims for t in spec.inputs + spec.outputs})
+        del model.graph.value_info[:]
+        external = _initializer_bytes(model) >= external_data_threshold
+        model = onnx.shape_inference.infer_shapes(model, strict_mode=True, data_prop=True)
+        embed_spec(model, spec)
+        if external:
+            onnx.checker.check_model(_without_weights(model), full_check=False)
+        else:
+            onnx.checker.check_model(model, full_check=True)
+    check_result = None
+    if check and not external:
+        with _step(steps, "check against PyTorch", progress):
+            check_result = compare_with_torch(model.SerializeToString(), loaded, [check_shape_for(spec)])
+            if not check_result["max_abs_err"] <= 1e-3:
+                raise UsageError(
+                    f"exported model disagrees with PyTorch (max abs error {check_result['max_abs_err']:.3g} at "
+                    f"{check_result['shapes'][0]['shape']}); nothing was written"
+                )
+    with _step(steps, "save", progress):
+        data_path = _save(model, out, external)
+    if check and external:
+        with _step(steps, "check against PyTorch", progress):
+            check_result = compare_with_torch(str(out), loaded, [check_shape_for(spec)])
+    seconds = time.perf_counter() - t_start
+    size = out.stat().st_size + (data_path.stat().st_size if data_path else 0)
+    io = lambda vis: [(vi.name, onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type).name, passes.dims_of(vi)) for vi in vis]  # noqa: E731
+    return ExportResult(
+        path=out, size_bytes=size, opset=opset, attention=attention, attention_nodes=n_attention,
+        inputs=io(model.graph.input), outputs=io(model.graph.output), num_parameters=loaded.num_parameters,
+        seconds=seconds, external_data=data_path, spec=spec, check=check_result, steps=steps,
+    )
+
+
+def _without_weights(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy with initializer payloads dropped, small enough for the checker's protobuf limit."""
+    light = onnx.ModelProto()
+    light.CopyFrom(model)
+    for init in light.graph.initializer:
+        init.ClearField("raw_data")
+        init.ClearField("float_data")
+        init.data_location = onnx.TensorProto.EXTERNAL
+        entry = init.external_data.add()
+        entry.key, entry.value = "location", "weights.data"
+    return light

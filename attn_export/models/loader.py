@@ -1,0 +1,312 @@
+"""Build the PyTorch model an export or a verification starts from.
+
+A :class:`ModelSource` says where the model comes from (a preset, a JSON
+config, or ``package.module:factory``), which checkpoint to load and which
+seed initializes it when there is none. :func:`load_model` returns the model
+wrapped to the ``(x, t[, y]) -> tensor`` signature together with its
+:class:`~attn_export.spec.ModelSpec`. :func:`source_from_spec` reverses it:
+the spec stored in an artifact rebuilds the same reference model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from .. import __version__
+from ..errors import CheckpointError, UsageError
+from ..spec import ModelSpec, TensorSpec
+from .attention import AttentionImpl, set_attention_impl
+from .checkpoint import file_sha256, load_state_dict_strict, read_checkpoint
+from .presets import PRESETS, preset_config
+from .unet import UNet, UNetConfig
+
+DEFAULT_SEED = 0
+
+
+@dataclass
+class ModelSource:
+    """Where a model comes from. Exactly one of preset, config and model is set
+    (preset 'tiny' when none is)."""
+
+    preset: str | None = None
+    config: str | Path | dict[str, Any] | None = None
+    model: str | None = None
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    checkpoint: str | Path | None = None
+    checkpoint_key: str | None = None
+    seed: int = DEFAULT_SEED
+    overrides: dict[str, Any] = field(default_factory=dict)
+    # For imported models, which cannot always be introspected:
+    num_classes: int | None = None
+    hw_multiple: int | None = None
+
+    def __post_init__(self) -> None:
+        given = [n for n in ("preset", "config", "model") if getattr(self, n) is not None]
+        if len(given) > 1:
+            raise UsageError(f"give only one of --preset, --config and --model (got {', '.join(given)})")
+        if not given:
+            self.preset = "tiny"
+        if self.preset is not None and self.preset not in PRESETS:
+            raise UsageError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
+        if self.model_kwargs and self.model is None:
+            raise UsageError("--model-kwargs needs --model")
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for export or reference runs, with its description."""
+
+    module: nn.Module
+    spec: ModelSpec
+    config: UNetConfig | None
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.module.parameters())
+
+
+class DenoiserAdapter(nn.Module):
+    """Gives any denoiser the ``(x, t[, y]) -> tensor`` signature.
+
+    The wrapped model may return a tensor, or a tuple, list, dict or
+    dataclass holding it (the first tensor found, or ``output_key``).
+    """
+
+    def __init__(self, inner: nn.Module, takes_y: bool, output_key: str | None = None) -> None:
+        super().__init__()
+        self.inner = inner
+        self.takes_y = takes_y
+        self.output_key = output_key
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        out = self.inner(x, t, y) if self.takes_y else self.inner(x, t)
+        return _first_tensor(out, self.output_key)
+
+
+def _first_tensor(out: Any, key: str | None = None) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    if dataclasses.is_dataclass(out) and not isinstance(out, type):
+        out = {f.name: getattr(out, f.name) for f in dataclasses.fields(out)}
+    if isinstance(out, Mapping):
+        if key is not None:
+            if key not in out:
+                raise UsageError(f"model output has no key {key!r} (keys: {', '.join(map(str, out))})")
+            return _first_tensor(out[key])
+        out = list(out.values())
+    if isinstance(out, (tuple, list)):
+        for item in out:
+            if isinstance(item, torch.Tensor):
+                return item
+    raise UsageError(f"model output holds no tensor (got {type(out).__name__})")
+
+
+def _import_factory(target: str) -> Any:
+    if ":" not in target:
+        raise UsageError(f"--model must look like package.module:factory (got {target!r})")
+    mod_name, _, attr = target.partition(":")
+    # Models living next to the user's scripts import like they do in the user's own code.
+    cwd = str(Path.cwd())
+    if cwd not in sys.path:
+        sys.path.insert(0, cwd)
+    try:
+        module = importlib.import_module(mod_name)
+    except ImportError as exc:
+        raise UsageError(f"cannot import {mod_name!r} for --model: {exc}") from None
+    obj: Any = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise UsageError(f"module {mod_name!r} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise UsageError(f"--model {target!r} is not callable")
+    return obj
+
+
+def _unet_spec(config: UNetConfig) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    dims_x: list[int | str] = ["batch", config.in_channels, "height", "width"]
+    inputs = [TensorSpec("x", "float32", dims_x), TensorSpec("t", "int64", ["batch"])]
+    if config.num_classes is not None:
+        inputs.append(TensorSpec("y", "int64", ["batch"]))
+    outputs = [TensorSpec("out", "float32", ["batch", config.out_channels, "height", "width"])]
+    return inputs, outputs
+
+
+def _probe_imported(module: nn.Module, in_channels: int, takes_y: bool, num_classes: int | None) -> tuple[int, int]:
+    """Find the smallest H/W multiple the model serves, and its output channels, by running it."""
+    with torch.no_grad():
+        for m in (1, 2, 4, 8, 16, 32, 64):
+            size = 3 * m  # an odd multiple of m fails whenever m is too small
+            x = torch.zeros(1, in_channels, size, size)
+            t = torch.zeros(1, dtype=torch.int64)
+            y = torch.zeros(1, dtype=torch.int64) if takes_y else None
+            try:
+                out = module(x, t, y)
+            except Exception:  # noqa: BLE001 - a failing probe size just means "not this multiple"
+                continue
+            if out.dim() == 4 and tuple(out.shape[2:]) == (size, size):
+                return m, int(out.shape[1])
+    raise UsageError("could not find an H/W size the imported model serves; pass --hw-multiple")
+
+
+def _in_channels_of(module: nn.Module) -> int:
+    for attr in ("in_channels", "img_channels"):
+        value = getattr(module, attr, None) or getattr(getattr(module, "config", None), attr, None)
+        if isinstance(value, int):
+            return value
+    for sub in module.modules():
+        if isinstance(sub, nn.Conv2d):
+            return sub.in_channels
+    raise UsageError("cannot tell the imported model's input channels (no Conv2d found)")
+
+
+def load_model(source: ModelSource, attention_impl: AttentionImpl = "reference") -> LoadedModel:
+    """Build the model described by ``source`` in eval mode, with its checkpoint loaded."""
+    description: dict[str, Any]
+    config: UNetConfig | None = None
+    torch.manual_seed(source.seed)
+    if source.model is not None:
+        factory = _import_factory(source.model)
+        try:
+            inner = factory(**source.model_kwargs)
+        except TypeError as exc:
+            raise UsageError(f"calling {source.model} with --model-kwargs failed: {exc}") from None
+        if not isinstance(inner, nn.Module):
+            raise UsageError(f"{source.model} returned a {type(inner).__name__}, not a torch.nn.Module")
+        inner.eval()
+        num_classes = source.num_classes if source.num_classes is not None else getattr(inner, "num_classes", None)
+        takes_y = num_classes is not None
+        module: nn.Module = DenoiserAdapter(inner, takes_y)
+        description = {"kind": "import", "model": source.model, "model_kwargs": dict(source.model_kwargs), "seed": source.seed}
+    else:
+        if source.preset is not None:
+            config = preset_config(source.preset, **source.overrides)
+            description = {"kind": "preset", "preset": source.preset, "seed": source.seed}
+        else:
+            cfg = source.config
+            if isinstance(cfg, dict):
+                config = UNetConfig.from_dict({**cfg, **source.overrides})
+            else:
+                config = UNetConfig.from_json(cfg)  # type: ignore[arg-type]
+                if source.overrides:
+                    config = dataclasses.replace(config, **source.overrides)
+            description = {"kind": "config", "seed": source.seed}
+        description["config"] = config.to_dict()
+        module = UNet(config)
+        inner = module
+    ckpt_info = None
+    if source.checkpoint is not None:
+        state, used_key = read_checkpoint(source.checkpoint, source.checkpoint_key)
+        load_state_dict_strict(inner, state, source=f"checkpoint {Path(source.checkpoint).name}")
+        ckpt_info = {
+            "path": str(Path(source.checkpoint).resolve()),
+            "sha256": file_sha256(source.checkpoint),
+            "key": used_key,
+        }
+    module.eval()
+    set_attention_impl(module, attention_impl)
+
+    if config is not None:
+        inputs, outputs = _unet_spec(config)
+        spec = ModelSpec(
+            inputs=inputs, outputs=outputs, hw_multiple=config.hw_multiple,
+            num_timesteps=config.num_timesteps, num_classes=config.num_classes,
+            source=description, checkpoint=ckpt_info, tool_version=__version__,
+        )
+    else:
+        in_ch = _in_channels_of(inner)
+        takes_y = isinstance(module, DenoiserAdapter) and module.takes_y
+        if source.hw_multiple is not None:
+            multiple = source.hw_multiple
+            with torch.no_grad():
+                probe = module(torch.zeros(1, in_ch, multiple * 2, multiple * 2), torch.zeros(1, dtype=torch.int64),
+                               torch.zeros(1, dtype=torch.int64) if takes_y else None)
+            out_ch = int(probe.shape[1])
+        else:
+            multiple, out_ch = _probe_imported(module, in_ch, takes_y, num_classes)
+        inputs = [TensorSpec("x", "float32", ["batch", in_ch, "height", "width"]), TensorSpec("t", "int64", ["batch"])]
+        if takes_y:
+            inputs.append(TensorSpec("y", "int64", ["batch"]))
+        outputs = [TensorSpec("out", "float32", ["batch", out_ch, "height", "width"])]
+        description["hw_multiple"] = multiple
+        description["num_classes"] = num_classes
+        spec = ModelSpec(
+            inputs=inputs, outputs=outputs, hw_multiple=multiple, num_classes=num_classes,
+            source=description, checkpoint=ckpt_info, tool_version=__version__,
+        )
+    return LoadedModel(module=module, spec=spec, config=config)
+
+
+def source_from_spec(
+    spec: ModelSpec,
+    *,
+    preset: str | None = None,
+    config: str | Path | None = None,
+    model: str | None = None,
+    model_kwargs: dict[str, Any] | None = None,
+    checkpoint: str | Path | None = None,
+    checkpoint_key: str | None = None,
+    allow_checkpoint_mismatch: bool = False,
+) -> ModelSource:
+    """The ModelSource that rebuilds an artifact's reference model, with user overrides.
+
+    A checkpoint whose SHA-256 differs from the one recorded at export is refused
+    unless ``allow_checkpoint_mismatch`` is set.
+    """
+    src = spec.source or {}
+    recorded = spec.checkpoint
+    overridden = preset is not None or config is not None or model is not None
+    if overridden:
+        source = ModelSource(preset=preset, config=config, model=model, model_kwargs=model_kwargs or {},
+                             seed=int(src.get("seed", DEFAULT_SEED)))
+    elif src.get("kind") == "import":
+        source = ModelSource(model=src["model"], model_kwargs=dict(src.get("model_kwargs") or {}),
+                             seed=int(src.get("seed", DEFAULT_SEED)), num_classes=src.get("num_classes"),
+                             hw_multiple=src.get("hw_multiple"))
+    elif src.get("kind") in ("preset", "config") and "config" in src:
+        # The full config is recorded, so a preset changed in a later version still rebuilds the same model.
+        source = ModelSource(config=dict(src["config"]), seed=int(src.get("seed", DEFAULT_SEED)))
+    else:
+        raise UsageError("the artifact does not say how to rebuild its PyTorch model; pass --preset, --config or --model")
+
+    if checkpoint is not None:
+        source.checkpoint = checkpoint
+        source.checkpoint_key = checkpoint_key
+        if recorded and not allow_checkpoint_mismatch:
+            actual = file_sha256(checkpoint) if Path(checkpoint).is_file() else None
+            if actual is not None and actual != recorded.get("sha256"):
+                raise CheckpointError(
+                    f"checkpoint {checkpoint} (sha256 {actual[:12]}) is not the one this artifact was exported from "
+                    f"(sha256 {str(recorded.get('sha256'))[:12]}); pass --allow-checkpoint-mismatch to compare anyway"
+                )
+    elif recorded:
+        path = Path(recorded["path"])
+        if not path.is_file():
+            raise CheckpointError(f"the artifact was exported from checkpoint {path}, which is not there; pass --checkpoint")
+        actual = file_sha256(path)
+        if actual != recorded.get("sha256") and not allow_checkpoint_mismatch:
+            raise CheckpointError(
+                f"checkpoint {path} changed since export (sha256 {actual[:12]}, recorded {str(recorded.get('sha256'))[:12]}); "
+                "pass --allow-checkpoint-mismatch to compare anyway"
+            )
+        source.checkpoint = path
+        source.checkpoint_key = recorded.get("key")
+    return source
+
+
+def describe_presets() -> str:
+    """One line per preset, for --help texts."""
+    return ", ".join(PRESETS)
+
+
+def dump_config(config: UNetConfig) -> str:
+    return json.dumps(config.to_dict(), indent=2)

@@ -1,0 +1,155 @@
+"""The model description: declared once, read by export, verify, engines and runners.
+
+A :class:`ModelSpec` names the inputs and outputs (dtypes, dims with the
+symbolic names ``batch``, ``height``, ``width``), the valid H/W multiple,
+the timestep and class ranges used to make realistic inputs, and how to
+rebuild the PyTorch reference (preset, config or import path, seed,
+checkpoint hash). It travels inside every artifact: as ONNX metadata under
+:data:`METADATA_KEY`, and inside an engine's sidecar.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import numpy as np
+
+from .errors import ShapeError, UsageError
+
+METADATA_KEY = "attn_export.spec"
+SPEC_FORMAT = 1
+DYNAMIC_DIMS = ("batch", "height", "width")
+
+
+@dataclass
+class TensorSpec:
+    """One input or output: name, numpy dtype name, dims (int or a symbolic name)."""
+
+    name: str
+    dtype: str
+    dims: list[int | str]
+
+    def shape_for(self, batch: int, height: int, width: int) -> tuple[int, ...]:
+        """Concrete shape of this tensor at the given batch and H/W."""
+        sizes = {"batch": batch, "height": height, "width": width}
+        out = []
+        for d in self.dims:
+            if isinstance(d, str):
+                if d not in sizes:
+                    raise UsageError(f"tensor {self.name}: unknown symbolic dim {d!r}")
+                out.append(sizes[d])
+            else:
+                out.append(int(d))
+        return tuple(out)
+
+
+@dataclass
+class ModelSpec:
+    """Everything later commands need to know about an exported denoiser."""
+
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    hw_multiple: int
+    num_timesteps: int = 1000
+    num_classes: int | None = None
+    source: dict[str, Any] = field(default_factory=dict)
+    checkpoint: dict[str, Any] | None = None
+    attention: str = "op"
+    opset: int = 23
+    precision: str = "fp32"
+    export_shape: list[int] = field(default_factory=lambda: [2, 32, 32])
+    tool_version: str = ""
+    format: int = SPEC_FORMAT
+
+    # ---- shapes ---------------------------------------------------------
+    def input(self, name: str) -> TensorSpec:
+        for t in self.inputs:
+            if t.name == name:
+                return t
+        raise KeyError(name)
+
+    @property
+    def image_input(self) -> TensorSpec:
+        """The (B, C, H, W) input."""
+        return self.inputs[0]
+
+    @property
+    def in_channels(self) -> int:
+        return int(self.image_input.dims[1])
+
+    def check_shape(self, batch: int, height: int, width: int) -> None:
+        """Raise ShapeError with the reason if (batch, H, W) cannot be served."""
+        m = self.hw_multiple
+        if batch < 1:
+            raise ShapeError(f"batch must be at least 1 (got {batch})")
+        if height < m or width < m or height % m or width % m:
+            raise ShapeError(
+                f"H and W must be positive multiples of {m} for this model (got {height}x{width})"
+            )
+
+    def make_inputs(self, batch: int, height: int, width: int, seed: int = 0) -> dict[str, np.ndarray]:
+        """Seeded, realistic denoiser inputs: x ~ N(0, 1), timesteps spread over the
+        training range, random class labels where the model has classes."""
+        self.check_shape(batch, height, width)
+        rng = np.random.default_rng(seed)
+        feeds: dict[str, np.ndarray] = {}
+        for t in self.inputs:
+            shape = t.shape_for(batch, height, width)
+            if np.issubdtype(np.dtype(t.dtype), np.floating):
+                feeds[t.name] = rng.standard_normal(shape).astype(t.dtype)
+            elif t.name == "y":
+                feeds[t.name] = rng.integers(0, self.num_classes or 1, size=shape).astype(t.dtype)
+            else:
+                # Spread over [0, T): evenly spaced with jitter, so batch > 1 covers early and late steps.
+                n = int(np.prod(shape)) if shape else 1
+                base = (np.arange(n) + rng.random(n)) * (self.num_timesteps / max(n, 1))
+                feeds[t.name] = np.clip(base, 0, self.num_timesteps - 1).astype(t.dtype).reshape(shape)
+        return feeds
+
+    # ---- serialization ---------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelSpec":
+        data = dict(data)
+        if data.get("format", SPEC_FORMAT) > SPEC_FORMAT:
+            raise UsageError(
+                f"artifact description format {data['format']} is newer than this attn-export understands; upgrade attn-export"
+            )
+        data["inputs"] = [TensorSpec(**t) for t in data.get("inputs", [])]
+        data["outputs"] = [TensorSpec(**t) for t in data.get("outputs", [])]
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    @classmethod
+    def from_json(cls, text: str) -> "ModelSpec":
+        return cls.from_dict(json.loads(text))
+
+
+def parse_shape(text: str) -> tuple[int, int, int]:
+    """Parse 'BxHxW' (e.g. '2x64x96') into (batch, height, width)."""
+    parts = text.lower().strip().split("x")
+    if len(parts) != 3 or not all(p.strip().isdigit() for p in parts):
+        raise UsageError(f"bad shape {text!r}: expected BATCHxHEIGHTxWIDTH, e.g. 2x64x96")
+    b, h, w = (int(p) for p in parts)
+    return b, h, w
+
+
+def parse_shapes(text: str | Iterable[str]) -> list[tuple[int, int, int]]:
+    """Parse a comma-separated list of 'BxHxW' shapes."""
+    items = text.split(",") if isinstance(text, str) else list(text)
+    shapes = [parse_shape(s) for s in items if s.strip()]
+    if not shapes:
+        raise UsageError("no shapes given")
+    return shapes
+
+
+def format_shape(shape: Iterable[int]) -> str:
+    return "x".join(str(int(s)) for s in shape)
