@@ -53,6 +53,8 @@ class ModelSpec:
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
     hw_multiple: int
+    # Instance norm needs more than one position per channel at the deepest level.
+    min_deep_positions: int = 1
     num_timesteps: int = 1000
     num_classes: int | None = None
     source: dict[str, Any] = field(default_factory=dict)
@@ -88,6 +90,11 @@ class ModelSpec:
         if height < m or width < m or height % m or width % m:
             raise ShapeError(
                 f"H and W must be positive multiples of {m} for this model (got {height}x{width})"
+            )
+        if (height // m) * (width // m) < self.min_deep_positions:
+            raise ShapeError(
+                f"{height}x{width} leaves {(height // m) * (width // m)} position(s) at the deepest level; this model's "
+                f"instance norm needs at least {self.min_deep_positions} (e.g. {m}x{2 * m})"
             )
 
     def make_inputs(self, batch: int, height: int, width: int, seed: int = 0) -> dict[str, np.ndarray]:

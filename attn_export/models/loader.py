@@ -219,6 +219,7 @@ def load_model(source: ModelSource, attention_impl: AttentionImpl = "reference")
         inputs, outputs = _unet_spec(config)
         spec = ModelSpec(
             inputs=inputs, outputs=outputs, hw_multiple=config.hw_multiple,
+            min_deep_positions=config.min_deep_positions,
             num_timesteps=config.num_timesteps, num_classes=config.num_classes,
             source=description, checkpoint=ckpt_info, tool_version=__version__,
         )

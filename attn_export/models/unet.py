@@ -88,6 +88,11 @@ class UNetConfig:
         """H and W must be multiples of this: 2**(levels - 1)."""
         return 2 ** (len(self.channel_mults) - 1)
 
+    @property
+    def min_deep_positions(self) -> int:
+        """Positions needed at the deepest level: instance norm is undefined on a single one."""
+        return 2 if self.norm == "in" else 1
+
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["channel_mults"] = list(self.channel_mults)
@@ -259,8 +264,9 @@ class UNet(nn.Module):
                 now = out
             if i != 0:
                 self.ups.append(Upsample(now))
-        self.out_norm = get_norm(c.norm, c.base_channels, c.num_groups, c.norm_eps)
-        self.out_conv = nn.Conv2d(c.base_channels, c.out_channels, 3, padding=1)
+        # `now` is base * channel_mults[0], which is not base_channels when the first multiplier isn't 1.
+        self.out_norm = get_norm(c.norm, now, c.num_groups, c.norm_eps)
+        self.out_conv = nn.Conv2d(now, c.out_channels, 3, padding=1)
 
     @property
     def hw_multiple(self) -> int:
@@ -271,6 +277,10 @@ class UNet(nn.Module):
         m = self.hw_multiple
         if h <= 0 or w <= 0 or h % m or w % m:
             raise ShapeError(f"H and W must be positive multiples of {m} for this model (got {h}x{w})")
+        if (h // m) * (w // m) < self.config.min_deep_positions:
+            raise ShapeError(
+                f"{h}x{w} leaves one position at the deepest level; instance norm needs at least 2 (e.g. {m}x{2 * m})"
+            )
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         if not (torch.compiler.is_compiling() or torch.jit.is_tracing()):

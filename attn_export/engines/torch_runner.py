@@ -1,0 +1,72 @@
+"""The PyTorch reference runner: the model rebuilt from an artifact's description."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+from ..models.attention import AttentionImpl
+from ..models.loader import LoadedModel, ModelSource, load_model
+from ..spec import ModelSpec
+from .base import Runner
+
+
+class TorchRunner(Runner):
+    """Runs the PyTorch model (eager, CPU by default) behind the common Runner interface.
+
+    ``attention_impl`` picks the AttentionBlock formulation: "reference" is the
+    seed's literal math and the default for verification.
+    """
+
+    name = "pytorch"
+
+    def __init__(self, source: ModelSource, *, attention_impl: AttentionImpl = "reference",
+                 device: str = "cpu", spec: ModelSpec | None = None, threads: int | None = None) -> None:
+        self.source = source
+        self.attention_impl = attention_impl
+        self.device = device
+        self.threads = threads
+        self.loaded: LoadedModel | None = None
+        # The description is known without building the model when the artifact supplied it.
+        super().__init__(spec if spec is not None else load_model(source, attention_impl).spec)
+
+    @classmethod
+    def from_loaded(cls, loaded: LoadedModel, attention_impl: AttentionImpl = "reference") -> "TorchRunner":
+        """Wrap an already built model (no second construction)."""
+        runner = cls.__new__(cls)
+        Runner.__init__(runner, loaded.spec)
+        runner.source, runner.attention_impl, runner.device, runner.threads = None, attention_impl, "cpu", None  # type: ignore[assignment]
+        runner.loaded = loaded
+        return runner
+
+    def _activate(self) -> None:
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        if self.loaded is None:
+            self.loaded = load_model(self.source, self.attention_impl)
+        from ..models.attention import set_attention_impl
+
+        set_attention_impl(self.loaded.module, self.attention_impl)
+        self.loaded.module.to(self.device)
+
+    def _deactivate(self) -> None:
+        pass
+
+    @torch.no_grad()
+    def _infer(self, feeds: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        assert self.loaded is not None
+        args = [torch.as_tensor(np.asarray(feeds[t.name])).to(self.device) for t in self.spec.inputs]
+        out = self.loaded.module(*args)
+        return {self.spec.outputs[0].name: out.detach().cpu().numpy()}
+
+
+def torch_runner_for_artifact(spec: ModelSpec, **overrides: Any) -> TorchRunner:
+    """The reference runner for an artifact's spec; ``overrides`` go to source_from_spec."""
+    from ..models.loader import source_from_spec
+
+    attention_impl = overrides.pop("attention_impl", "reference")
+    source = source_from_spec(spec, **overrides)
+    return TorchRunner(source, attention_impl=attention_impl, spec=None)

@@ -1,0 +1,95 @@
+"""Checkpoints: formats, nesting, refusal of code, readable mismatches."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from attn_export.errors import CheckpointError
+from attn_export.models import ModelSource, UNet, load_model, preset_config, read_checkpoint
+
+
+def _tiny_state(seed: int = 5) -> dict[str, torch.Tensor]:
+    torch.manual_seed(seed)
+    return {k: v.clone() for k, v in UNet(preset_config("tiny")).state_dict().items()}
+
+
+def _same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_safetensors_and_pickle_formats(tmp_path: Path) -> None:
+    sd = _tiny_state()
+    save_file(sd, tmp_path / "w.safetensors")
+    torch.save(sd, tmp_path / "w.pt")
+    for name in ("w.safetensors", "w.pt"):
+        loaded = load_model(ModelSource(preset="tiny", checkpoint=tmp_path / name))
+        assert _same(loaded.module.state_dict(), sd)
+        assert loaded.spec.checkpoint["sha256"] and loaded.spec.checkpoint["path"].endswith(name)
+
+
+@pytest.mark.parametrize("key", ["model", "ema", "state_dict"])
+def test_nested_state_dicts(tmp_path: Path, key: str) -> None:
+    sd = _tiny_state()
+    torch.save({key: sd, "step": 1000, "optimizer": {"lr": 1e-4}}, tmp_path / "c.ckpt")
+    state, used = read_checkpoint(tmp_path / "c.ckpt")
+    assert used == key and _same(state, sd)
+
+
+def test_user_named_key_and_prefix_stripping(tmp_path: Path) -> None:
+    sd = _tiny_state()
+    other = _tiny_state(seed=6)
+    torch.save({"ema": sd, "weights": {"net": {f"module.{k}": v for k, v in other.items()}}}, tmp_path / "c.pth")
+    state, used = read_checkpoint(tmp_path / "c.pth", key="weights.net")
+    assert used == "weights.net" and _same(state, other)
+    with pytest.raises(CheckpointError, match="no key 'nope'"):
+        read_checkpoint(tmp_path / "c.pth", key="nope")
+
+
+class _Evil:
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_pickle_that_runs_code_is_refused(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    torch.save({"model": _Evil(str(marker))}, tmp_path / "evil.pt")
+    with pytest.raises(CheckpointError, match="could run code"):
+        read_checkpoint(tmp_path / "evil.pt")
+    assert not marker.exists()
+
+
+def test_mismatch_lists_missing_unexpected_and_wrong_shapes(tmp_path: Path) -> None:
+    sd = _tiny_state()
+    sd.pop("out_conv.bias")
+    sd["extra.weight"] = torch.zeros(1)
+    sd["init_conv.weight"] = torch.zeros(16, 3, 5, 5)
+    save_file(sd, tmp_path / "bad.safetensors")
+    with pytest.raises(CheckpointError) as info:
+        load_model(ModelSource(preset="tiny", checkpoint=tmp_path / "bad.safetensors"))
+    msg = str(info.value)
+    assert "\n" not in msg
+    assert "1 missing: out_conv.bias" in msg
+    assert "1 unexpected: extra.weight" in msg
+    assert "init_conv.weight (checkpoint [16, 3, 5, 5] vs model [16, 3, 3, 3])" in msg
+
+
+def test_missing_corrupt_and_unknown_files(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="not found"):
+        read_checkpoint(tmp_path / "nope.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(CheckpointError, match="cannot read"):
+        read_checkpoint(tmp_path / "junk.safetensors")
+    (tmp_path / "w.h5").write_bytes(b"x")
+    with pytest.raises(CheckpointError, match="unsupported checkpoint type"):
+        read_checkpoint(tmp_path / "w.h5")
+    torch.save({"step": 3}, tmp_path / "nostate.pt")
+    with pytest.raises(CheckpointError, match="checkpoint-key"):
+        read_checkpoint(tmp_path / "nostate.pt")
