@@ -1,0 +1,211 @@
+"""The C++ side (attn_export/engines/cpp): the .npy library against numpy, and the engine runner.
+
+The CMake project is configured and built once per session. cmake and a C++17
+compiler are required: a missing tool fails the tests instead of skipping them,
+so a broken C++ build cannot hide behind a skip.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import attn_export
+
+CPP_DIR = Path(attn_export.__file__).resolve().parent / "engines" / "cpp"
+DTYPES = ["float32", "float16", "float64", "int64", "int32", "uint8", "bool"]
+SHAPES = [(), (5,), (2, 3, 4, 5), (0,), (3, 0, 2)]
+
+
+def _run(cmd: list[str], **kwargs) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(c) for c in cmd], capture_output=True, text=True, **kwargs)
+
+
+def _check(proc: subprocess.CompletedProcess[str], what: str) -> None:
+    if proc.returncode != 0:
+        pytest.fail(f"{what} failed (exit {proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+
+
+def _configure_and_build(build: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    for tool in ("cmake", "ctest"):
+        if shutil.which(tool) is None:
+            pytest.fail(f"{tool} is not on PATH; the C++ tests need CMake >= 3.18 and a C++17 compiler")
+    configure = _run(["cmake", "-S", CPP_DIR, "-B", build, "-DCMAKE_BUILD_TYPE=Release", *extra])
+    _check(configure, "cmake configure")
+    _check(_run(["cmake", "--build", build, "--parallel", str(os.cpu_count() or 2)]), "cmake --build")
+    return configure
+
+
+@pytest.fixture(scope="session")
+def cpp_build(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Configure, build and ctest the C++ project once; returns the build folder."""
+    build = tmp_path_factory.mktemp("cpp_build")
+    _configure_and_build(build)
+    _check(_run(["ctest", "--output-on-failure"], cwd=build), "ctest")
+    return build
+
+
+@pytest.fixture(scope="session")
+def roundtrip(cpp_build: Path):
+    exe = cpp_build / ("npy_roundtrip.exe" if os.name == "nt" else "npy_roundtrip")
+    assert exe.is_file(), f"npy_roundtrip was not built in {cpp_build}"
+
+    def _roundtrip(src: Path, dst: Path) -> subprocess.CompletedProcess[str]:
+        return _run([exe, src, dst])
+
+    return _roundtrip
+
+
+def _sample(dtype: str, shape: tuple[int, ...]) -> np.ndarray:
+    rng = np.random.default_rng(sum(shape) + len(dtype))
+    if dtype == "bool":
+        return rng.integers(0, 2, size=shape).astype(bool)
+    if dtype.startswith("float"):
+        a = rng.standard_normal(size=shape).astype(dtype)
+        if a.size >= 3:  # special values must survive the round trip bit for bit
+            a.flat[:3] = [np.inf, -0.0, np.nan]
+        return a
+    info = np.iinfo(dtype)
+    return rng.integers(info.min, info.max, size=shape, dtype=dtype, endpoint=True)
+
+
+def test_ctest_passes(cpp_build: Path) -> None:
+    # The fixture already ran ctest; this makes the result visible as a test.
+    assert (cpp_build / "CTestTestfile.cmake").is_file()
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)) or "0d")
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_roundtrip_matches_numpy(roundtrip, tmp_path: Path, dtype: str, shape: tuple[int, ...]) -> None:
+    src, dst = tmp_path / "in.npy", tmp_path / "out.npy"
+    a = _sample(dtype, shape)
+    np.save(src, a)
+    proc = roundtrip(src, dst)
+    _check(proc, "npy_roundtrip")
+    b = np.load(dst)
+    assert b.dtype == a.dtype
+    assert b.shape == a.shape
+    assert b.tobytes() == a.tobytes()
+    # The header is written exactly as numpy writes it, so the files are identical.
+    assert dst.read_bytes() == src.read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.npy", "out.npy"]  # no temporary file left
+
+
+@pytest.mark.parametrize("version", [(1, 0), (2, 0), (3, 0)])
+def test_reads_all_format_versions(roundtrip, tmp_path: Path, version: tuple[int, int]) -> None:
+    src, dst = tmp_path / "in.npy", tmp_path / "out.npy"
+    a = _sample("float32", (2, 3, 4, 5))
+    with open(src, "wb") as f:
+        np.lib.format.write_array(f, a, version=version)
+    _check(roundtrip(src, dst), "npy_roundtrip")
+    b = np.load(dst)
+    assert b.dtype == a.dtype and b.shape == a.shape and b.tobytes() == a.tobytes()
+    assert dst.read_bytes()[6:8] == b"\x01\x00"  # written as 1.0
+
+
+def _refused(roundtrip, tmp_path: Path, src: Path, needle: str) -> None:
+    dst = tmp_path / "out.npy"
+    proc = roundtrip(src, dst)
+    assert proc.returncode != 0
+    assert needle in proc.stderr, proc.stderr
+    assert str(src) in proc.stderr  # the message names the file
+    assert not dst.exists()
+
+
+def test_fortran_order_refused(roundtrip, tmp_path: Path) -> None:
+    src = tmp_path / "f.npy"
+    np.save(src, np.asfortranarray(np.arange(6, dtype=np.float32).reshape(2, 3)))
+    _refused(roundtrip, tmp_path, src, "Fortran-order")
+
+
+def test_truncated_file_refused(roundtrip, tmp_path: Path) -> None:
+    src = tmp_path / "cut.npy"
+    np.save(src, np.arange(64, dtype=np.float32))
+    src.write_bytes(src.read_bytes()[:-10])
+    _refused(roundtrip, tmp_path, src, "truncated data")
+
+
+def test_big_endian_refused(roundtrip, tmp_path: Path) -> None:
+    src = tmp_path / "be.npy"
+    np.save(src, np.arange(4, dtype=">f4"))
+    _refused(roundtrip, tmp_path, src, "big-endian")
+
+
+def test_not_npy_refused(roundtrip, tmp_path: Path) -> None:
+    src = tmp_path / "bad.npy"
+    src.write_bytes(b"PK\x03\x04 this is not a numpy file")
+    _refused(roundtrip, tmp_path, src, "bad magic")
+
+
+# --------------------------------------------------------------------------- engine runner (GPU)
+def _tensorrt_and_gpu() -> bool:
+    try:
+        import tensorrt  # noqa: F401
+    except Exception:
+        return False
+    try:
+        from attn_export.engines.trt_build import gpu_info
+    except ImportError:
+        return shutil.which("nvidia-smi") is not None and _run(["nvidia-smi", "-L"]).returncode == 0
+    return gpu_info() is not None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _tensorrt_and_gpu(), reason="needs TensorRT and an NVIDIA GPU")
+def test_runner_matches_python_runner(tmp_path_factory: pytest.TempPathFactory, tmp_path: Path, tiny_onnx: Path) -> None:
+    try:
+        from attn_export.engines.trt_build import build_engine
+        from attn_export.engines.trt_runner import TrtRunner
+    except ImportError as e:
+        pytest.skip(f"the Python engine builder/runner is not available to make an engine: {e}")
+
+    # Build the runner against the installed TensorRT (TensorRT_ROOT or the system paths).
+    build = tmp_path_factory.mktemp("cpp_build_trt")
+    configure = _configure_and_build(build)
+    run_exe = build / "attn_export_run"
+    if not run_exe.is_file():
+        pytest.skip("TensorRT headers/libraries not found by CMake (the Python wheel ships no headers); "
+                    f"set TensorRT_ROOT to a TensorRT install:\n{configure.stdout[-500:]}")
+
+    engine = tmp_path / "tiny.plan"
+    result = build_engine(tiny_onnx, engine, progress=False)
+    shapes = result.sidecar["profiles"][0]["shapes"]  # tensor -> [min, opt, max]
+    feeds: dict[str, np.ndarray] = {}
+    rng = np.random.default_rng(0)
+    for io in result.sidecar["io"]:
+        if io["mode"] != "input":
+            continue
+        shape = tuple(shapes[io["name"]][1])
+        if io["dtype"].startswith("float"):
+            feeds[io["name"]] = rng.standard_normal(shape).astype(io["dtype"])
+        else:
+            feeds[io["name"]] = rng.integers(0, 10, size=shape).astype(io["dtype"])
+    for name, a in feeds.items():
+        np.save(tmp_path / f"{name}.npy", a)
+
+    cmd = [run_exe, "--engine", engine, "--iterations", "3", "--output", f"out={tmp_path / 'out.npy'}"]
+    for name in feeds:
+        cmd += ["--input", f"{name}={tmp_path / (name + '.npy')}"]
+    proc = _run(cmd)
+    _check(proc, "attn_export_run")
+    assert "mean latency" in proc.stdout
+    got = np.load(tmp_path / "out.npy")
+
+    with TrtRunner(engine) as runner:
+        expected = runner.infer(feeds)["out"]
+    assert got.shape == expected.shape
+    np.testing.assert_allclose(got, expected, rtol=1e-3, atol=1e-3)
+
+    # A shape outside the profile is refused with a message naming the tensor.
+    x = feeds["x"]
+    max_height = shapes["x"][2][2]
+    too_big = np.zeros((x.shape[0], x.shape[1], 2 * max_height, x.shape[3]), dtype=x.dtype)
+    np.save(tmp_path / "x.npy", too_big)
+    proc = _run(cmd)
+    assert proc.returncode == 1
+    assert "'x'" in proc.stderr and "range" in proc.stderr
