@@ -1,0 +1,207 @@
+"""The engine sidecar ``<engine>.json``: everything needed to use or refuse a plan file.
+
+A TensorRT plan only loads on the TensorRT version that built it and, by
+default, on GPUs of the same compute capability. The sidecar records both,
+plus the profiles, I/O, the source ONNX, the ModelSpec and the fused-attention
+report, so runners can refuse a mismatched engine with a clear message
+instead of TensorRT's "stdVersionRead == kSERIALIZATION_VERSION failed".
+
+Schema (``format`` = "attn-export-engine/1")::
+
+    format, engine_file (basename), engine_sha256, tensorrt_version,
+    gpu {name, compute_capability "X.Y"}, hardware_compatibility
+    ("none" | "ampere_plus" | "same_compute_capability"),
+    precision ("fp16" | "fp32" | "mixed"),
+    profiles [{min, opt, max: [b, h, w], shapes: {tensor: [min, opt, max]}}],
+    io [{name, mode "input"|"output", dtype (numpy name), shape (-1 = dynamic)}],
+    onnx {path, sha256}, model (ModelSpec dict), fusion (fusion report dict),
+    build {seconds, builder_optimization_level, workspace_bytes, timing_cache, strongly_typed}
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+from ..atomic import write_text_atomic
+from ..errors import UsageError
+from ..spec import ModelSpec
+from .profiles import Profile, tensor_shapes
+
+SIDECAR_FORMAT = "attn-export-engine/1"
+HARDWARE_COMPATIBILITY = ("none", "ampere_plus", "same_compute_capability")
+PRECISIONS = ("fp16", "fp32", "mixed")
+REQUIRED_KEYS = ("format", "engine_file", "tensorrt_version", "gpu", "profiles", "io", "model")
+REBUILD_HINT = "rebuild the engine with `attn-export trt`"
+
+
+def sidecar_path(engine_path: str | os.PathLike[str]) -> Path:
+    """The sidecar of ``model.engine`` is ``model.engine.json``."""
+    p = Path(engine_path)
+    return p.with_name(p.name + ".json")
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """Hex SHA-256 of a file, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def profile_entries(profiles: Sequence[Profile], spec: ModelSpec) -> list[dict[str, Any]]:
+    """Profiles as stored in the sidecar: the triples plus per-tensor shapes."""
+    out = []
+    for p in profiles:
+        entry: dict[str, Any] = p.to_dict()
+        entry["shapes"] = {name: [list(s) for s in shapes] for name, shapes in tensor_shapes(p, spec).items()}
+        out.append(entry)
+    return out
+
+
+def make_sidecar(
+    *,
+    engine_path: str | os.PathLike[str],
+    engine_sha256: str,
+    tensorrt_version: str,
+    gpu_name: str,
+    compute_capability: str,
+    profiles: Sequence[Profile],
+    spec: ModelSpec,
+    io: list[dict[str, Any]],
+    onnx_path: str | os.PathLike[str],
+    onnx_sha256: str,
+    precision: str,
+    fusion: dict[str, Any] | None = None,
+    hardware_compatibility: str = "none",
+    build: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Assemble a sidecar dict in the documented schema."""
+    if hardware_compatibility not in HARDWARE_COMPATIBILITY:
+        raise UsageError(f"unknown hardware compatibility {hardware_compatibility!r}; use one of {', '.join(HARDWARE_COMPATIBILITY)}")
+    if precision not in PRECISIONS:
+        raise UsageError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
+    return {
+        "format": SIDECAR_FORMAT,
+        "engine_file": Path(engine_path).name,
+        "engine_sha256": engine_sha256,
+        "tensorrt_version": str(tensorrt_version),
+        "gpu": {"name": gpu_name, "compute_capability": str(compute_capability)},
+        "hardware_compatibility": hardware_compatibility,
+        "precision": precision,
+        "profiles": profile_entries(profiles, spec),
+        "io": io,
+        "onnx": {"path": str(onnx_path), "sha256": onnx_sha256},
+        "model": spec.to_dict(),
+        "fusion": fusion or {},
+        "build": build or {},
+    }
+
+
+def write_sidecar(path: str | os.PathLike[str], data: dict[str, Any]) -> Path:
+    """Write ``data`` as JSON at ``path`` atomically; returns the path.
+
+    ``path`` is the sidecar path itself (see :func:`sidecar_path`).
+    """
+    missing = [k for k in REQUIRED_KEYS if k not in data]
+    if missing:
+        raise UsageError(f"engine sidecar lacks {', '.join(missing)}; not written")
+    out = Path(path)
+    write_text_atomic(out, json.dumps(data, indent=2, sort_keys=True) + "\n")
+    return out
+
+
+def read_sidecar(engine_path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read and check the sidecar next to ``engine_path`` (one-line UsageError if missing or invalid)."""
+    engine = Path(engine_path)
+    path = sidecar_path(engine)
+    if not path.is_file():
+        raise UsageError(f"engine description {path} not found; it is written next to the engine by `attn-export trt` ({REBUILD_HINT})")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UsageError(f"engine description {path} is not valid JSON ({str(exc).splitlines()[0]}); {REBUILD_HINT}") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"engine description {path} is not a JSON object; {REBUILD_HINT}")
+    fmt = data.get("format")
+    if fmt != SIDECAR_FORMAT:
+        raise UsageError(f"engine description {path} has format {fmt!r}, expected {SIDECAR_FORMAT!r}; {REBUILD_HINT}")
+    missing = [k for k in REQUIRED_KEYS if k not in data]
+    if missing:
+        raise UsageError(f"engine description {path} lacks {', '.join(missing)}; {REBUILD_HINT}")
+    try:
+        ModelSpec.from_dict(data["model"])
+        [Profile.from_dict(p) for p in data["profiles"]]
+        data["gpu"]["compute_capability"]
+    except UsageError:
+        raise
+    except (KeyError, TypeError, ValueError) as exc:
+        raise UsageError(f"engine description {path} is malformed ({type(exc).__name__}: {exc}); {REBUILD_HINT}") from None
+    return data
+
+
+def sidecar_profiles(data: dict[str, Any]) -> list[Profile]:
+    """The optimization profiles recorded in a sidecar."""
+    return [Profile.from_dict(p) for p in data["profiles"]]
+
+
+def sidecar_spec(data: dict[str, Any]) -> ModelSpec:
+    """The ModelSpec recorded in a sidecar."""
+    return ModelSpec.from_dict(data["model"])
+
+
+def _version_triple(version: str) -> tuple[int, ...]:
+    """'10.14.1.48' -> (10, 14, 1); missing parts count as 0."""
+    parts = []
+    for piece in str(version).split(".")[:3]:
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        parts.append(int(digits) if digits else 0)
+    while len(parts) < 3:
+        parts.append(0)
+    return tuple(parts)
+
+
+def _cc_tuple(cc: str) -> tuple[int, int]:
+    try:
+        major, _, minor = str(cc).partition(".")
+        return int(major), int(minor or 0)
+    except ValueError:
+        raise UsageError(f"bad compute capability {cc!r}; expected 'X.Y' such as '8.6'") from None
+
+
+def check_compatible(sidecar: dict[str, Any], trt_version: str, gpu_name: str, compute_capability: str) -> None:
+    """Refuse an engine that this TensorRT or GPU cannot load (UsageError naming both sides).
+
+    TensorRT versions must agree on major.minor.patch (plans are not portable
+    across versions). GPUs are compared on compute capability: equal, unless
+    the engine was built with ``hardware_compatibility="ampere_plus"``, which
+    runs on any GPU with compute capability 8.0 or later.
+    """
+    name = sidecar.get("engine_file", "engine")
+    built_v = str(sidecar.get("tensorrt_version", "?"))
+    if _version_triple(built_v) != _version_triple(trt_version):
+        raise UsageError(
+            f"{name} was built with TensorRT {built_v} but this is TensorRT {trt_version}; "
+            f"plans only load on the version that built them: {REBUILD_HINT}"
+        )
+    gpu = sidecar.get("gpu") or {}
+    built_cc = str(gpu.get("compute_capability", "?"))
+    built_name = gpu.get("name", "unknown GPU")
+    level = sidecar.get("hardware_compatibility", "none")
+    here = _cc_tuple(compute_capability)
+    if level == "ampere_plus":
+        if here < (8, 0):
+            raise UsageError(
+                f"{name} was built for Ampere or newer GPUs ({built_name}, compute capability {built_cc}) "
+                f"but this GPU is {gpu_name} (compute capability {compute_capability}); {REBUILD_HINT}"
+            )
+        return
+    if _cc_tuple(built_cc) != here:
+        raise UsageError(
+            f"{name} was built on {built_name} (compute capability {built_cc}) but this GPU is {gpu_name} "
+            f"(compute capability {compute_capability}); {REBUILD_HINT} on this GPU (or build it with hardware compatibility 'ampere_plus')"
+        )

@@ -1,0 +1,345 @@
+"""Build a TensorRT engine from an exported ONNX file, via Polygraphy.
+
+Everything that needs ``tensorrt`` is imported inside functions, so this
+module imports (and :func:`require_tensorrt` reports clearly) on machines
+without TensorRT or a GPU.
+
+The build is strongly typed: precision comes from the ONNX's own types (the
+FP16 export variant), never from ``BuilderFlag.FP16``, which TensorRT 11
+removed. On 10.12-10.x the network is created with the STRONGLY_TYPED flag;
+on 11.x strong typing is the only mode.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import importlib.util
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+from ..atomic import check_output_path, write_bytes_atomic
+from ..errors import MissingDependencyError, UsageError
+from ..spec import ModelSpec
+from .fusion import FusionReport, fusion_report
+from .profiles import Profile, default_profile, tensor_shapes, validate_profiles
+from .readiness import ReadinessReport, check_trt_readiness
+from .sidecar import file_sha256, make_sidecar, sidecar_path, write_sidecar
+
+INSTALL_HINT = (
+    'install it with `pip install "attn-export[trt]"` (the tensorrt wheel must match the CUDA major '
+    "version: tensorrt-cu12 or tensorrt-cu13) on a machine with an NVIDIA GPU and its driver"
+)
+HARDWARE_LEVELS = {"none": "NONE", "ampere_plus": "AMPERE_PLUS", "same_compute_capability": "SAME_COMPUTE_CAPABILITY"}
+VERBOSITY = {"detailed": "DETAILED", "layer_names_only": "LAYER_NAMES_ONLY", "none": "NONE"}
+
+
+@dataclass
+class GpuInfo:
+    """The CUDA device a build or run uses."""
+
+    name: str
+    compute_capability: str  # "X.Y"
+
+
+@dataclass
+class BuildResult:
+    """What :func:`build_engine` produced."""
+
+    engine_path: Path
+    sidecar_path: Path
+    seconds: float
+    size_bytes: int
+    tensorrt_version: str
+    gpu: GpuInfo
+    profiles: list[Profile]
+    fusion: FusionReport
+    readiness: ReadinessReport
+    sidecar: dict[str, Any]
+    warnings: list[str] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------- environment
+def _libcuda() -> Any | None:
+    for name in ("libcuda.so.1", "libcuda.so", "nvcuda.dll"):
+        try:
+            return ctypes.CDLL(name)
+        except OSError:
+            continue
+    return None
+
+
+def gpu_info(device: int = 0) -> GpuInfo | None:
+    """Name and compute capability of CUDA device ``device`` via the driver API; None if there is no GPU.
+
+    Uses libcuda directly (no torch or cuda-python import), so it is cheap and
+    works wherever the NVIDIA driver is installed.
+    """
+    lib = _libcuda()
+    if lib is None:
+        return None
+    try:
+        if lib.cuInit(0) != 0:
+            return None
+        count = ctypes.c_int(0)
+        if lib.cuDeviceGetCount(ctypes.byref(count)) != 0 or count.value <= device:
+            return None
+        dev = ctypes.c_int(0)
+        if lib.cuDeviceGet(ctypes.byref(dev), device) != 0:
+            return None
+        buf = ctypes.create_string_buffer(256)
+        lib.cuDeviceGetName(buf, 256, dev)
+        major, minor = ctypes.c_int(0), ctypes.c_int(0)
+        # CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR = 75, _MINOR = 76 (cuda.h)
+        lib.cuDeviceGetAttribute(ctypes.byref(major), 75, dev)
+        lib.cuDeviceGetAttribute(ctypes.byref(minor), 76, dev)
+        return GpuInfo(buf.value.decode(errors="replace"), f"{major.value}.{minor.value}")
+    except (AttributeError, OSError):
+        return None
+
+
+def require_tensorrt(what: str = "building a TensorRT engine") -> GpuInfo:
+    """Raise MissingDependencyError (one line) unless TensorRT and an NVIDIA GPU are present."""
+    has_trt = importlib.util.find_spec("tensorrt") is not None
+    gpu = gpu_info()
+    if has_trt and gpu is not None:
+        return gpu
+    if not has_trt and gpu is None:
+        missing = "TensorRT is not installed and no NVIDIA GPU is visible"
+    elif not has_trt:
+        missing = "TensorRT is not installed"
+    else:
+        missing = "no NVIDIA GPU is visible (TensorRT is installed but CUDA found no device)"
+    raise MissingDependencyError(f"{what} needs TensorRT and an NVIDIA GPU: {missing}; {INSTALL_HINT}")
+
+
+def _trt_major(trt: Any) -> int:
+    return int(str(trt.__version__).split(".")[0])
+
+
+# --------------------------------------------------------------------------- progress
+def make_progress_monitor(progress: Any) -> Any:
+    """A ``trt.IProgressMonitor`` driving a rich ``Progress``: one task per build phase.
+
+    Defined lazily because the base class lives in ``tensorrt``. A
+    KeyboardInterrupt cannot escape a TensorRT callback, so Ctrl-C sets a
+    flag and the next ``step_complete`` returns False, which cancels the build.
+    """
+    import tensorrt as trt
+
+    class RichProgressMonitor(trt.IProgressMonitor):  # type: ignore[misc, name-defined]
+        def __init__(self) -> None:
+            trt.IProgressMonitor.__init__(self)
+            self.tasks: dict[str, Any] = {}
+            self.cancelled = False
+
+        def phase_start(self, phase_name: str, parent_phase: str | None, num_steps: int) -> None:
+            try:
+                depth = 1 if parent_phase else 0  # indent sub-phases under their parent
+                self.tasks[phase_name] = progress.add_task("  " * depth + phase_name, total=max(num_steps, 1))
+            except KeyboardInterrupt:
+                self.cancelled = True
+
+        def step_complete(self, phase_name: str, step: int) -> bool:
+            try:
+                task = self.tasks.get(phase_name)
+                if task is not None:
+                    progress.update(task, completed=step + 1)
+            except KeyboardInterrupt:
+                self.cancelled = True
+            return not self.cancelled
+
+        def phase_finish(self, phase_name: str) -> None:
+            try:
+                task = self.tasks.pop(phase_name, None)
+                if task is not None:
+                    progress.remove_task(task)
+            except KeyboardInterrupt:
+                self.cancelled = True
+
+    return RichProgressMonitor()
+
+
+# --------------------------------------------------------------------------- build steps
+def _parse_network(trt: Any, onnx_path: Path, strongly_typed: bool) -> tuple[Any, Any, Any]:
+    """Builder, network and parser for the ONNX; UsageError listing parser errors with node names.
+
+    Parsed here rather than with Polygraphy's ``NetworkFromOnnxPath`` so that
+    each parser error can be reported with its node name and operator
+    (Polygraphy only logs them); the tuple is then handed to Polygraphy's
+    ``EngineFromNetwork``, which accepts (builder, network, parser).
+    """
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    flags = 0
+    if _trt_major(trt) < 11 and strongly_typed:
+        # 10.x: weak typing is the default (deprecated since 10.12); ask for strong typing.
+        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    ok = parser.parse_from_file(str(onnx_path))
+    if not ok or parser.num_errors:
+        lines = []
+        for i in range(parser.num_errors):
+            err = parser.get_error(i)
+            # node_name()/node_operator() exist on IParserError since TensorRT 9.1; fall back to str(err).
+            node, desc = "", str(err)
+            with contextlib.suppress(Exception):
+                desc = err.desc()
+            with contextlib.suppress(Exception):
+                node = f"node {err.node_name()} ({err.node_operator()}): " if err.node_name() else ""
+            lines.append(f"{node}{desc}".replace("\n", " "))
+        first = lines[0] if lines else "unknown parser error"
+        more = f" (and {len(lines) - 1} more)" if len(lines) > 1 else ""
+        raise UsageError(f"TensorRT could not parse {onnx_path.name}: {first}{more}")
+    return builder, network, parser
+
+
+def _io_table(trt: Any, engine: Any) -> list[dict[str, Any]]:
+    import numpy as np
+
+    out = []
+    for i in range(engine.num_io_tensors):
+        name = engine.get_tensor_name(i)
+        mode = "input" if engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT else "output"
+        dtype = np.dtype(trt.nptype(engine.get_tensor_dtype(name))).name
+        out.append({"name": name, "mode": mode, "dtype": dtype, "shape": [int(d) for d in engine.get_tensor_shape(name)]})
+    return out
+
+
+def _precision(model_path: Path, spec: ModelSpec) -> str:
+    """'fp16' / 'fp32' / 'mixed' from the spec, else from the ONNX initializer types."""
+    if spec.precision in ("fp16", "fp32", "mixed"):
+        return spec.precision
+    import onnx
+
+    model = onnx.load(str(model_path), load_external_data=False)
+    kinds = {i.data_type for i in model.graph.initializer
+             if i.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)}
+    if kinds == {onnx.TensorProto.FLOAT} or not kinds:
+        return "fp32"
+    return "fp16" if onnx.TensorProto.FLOAT not in kinds else "mixed"
+
+
+@contextlib.contextmanager
+def _progress_bar(enabled: bool) -> Iterator[Any]:
+    if not enabled:
+        yield None
+        return
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), transient=True) as bar:
+        yield bar
+
+
+def build_engine(
+    onnx_path: str | Path,
+    engine_path: str | Path,
+    profiles: Sequence[Profile] | None = None,
+    *,
+    workspace: int | None = None,
+    opt_level: int = 3,
+    timing_cache: str | Path | None = None,
+    hardware_compatibility: str = "none",
+    strongly_typed: bool = True,
+    verbosity: str = "detailed",
+    force: bool = False,
+    progress: bool = True,
+) -> BuildResult:
+    """Build ``engine_path`` (plus its sidecar ``<engine>.json``) from an exported ONNX.
+
+    ``profiles``: optimization profiles (None: :func:`default_profile`).
+    ``workspace``: workspace pool limit in bytes (None: TensorRT's default).
+    ``opt_level``: builder optimization level 0-5. ``timing_cache``: a file
+    loaded if present and saved (merged) after the build.
+    ``hardware_compatibility``: "none", "ampere_plus" or
+    "same_compute_capability". ``verbosity``: profiling verbosity
+    ("detailed" is needed for the fusion report). Order of checks: output
+    path, TensorRT + GPU (MissingDependencyError), readiness (UsageError on
+    errors), then the build. The engine file is written atomically.
+    """
+    onnx_path = Path(onnx_path)
+    out = check_output_path(engine_path, force=force)
+    if hardware_compatibility not in HARDWARE_LEVELS:
+        raise UsageError(f"unknown hardware compatibility {hardware_compatibility!r}; use one of {', '.join(HARDWARE_LEVELS)}")
+    if verbosity not in VERBOSITY:
+        raise UsageError(f"unknown profiling verbosity {verbosity!r}; use one of {', '.join(VERBOSITY)}")
+    if not 0 <= int(opt_level) <= 5:
+        raise UsageError(f"builder optimization level must be 0..5 (got {opt_level})")
+    gpu = require_tensorrt()
+    if importlib.util.find_spec("polygraphy") is None:
+        raise MissingDependencyError(f"building a TensorRT engine needs Polygraphy: {INSTALL_HINT}")
+
+    import tensorrt as trt
+    from polygraphy.backend.trt import CreateConfig, EngineFromNetwork
+    from polygraphy.backend.trt import Profile as PolyProfile
+
+    readiness = check_trt_readiness(onnx_path, target=".".join(str(trt.__version__).split(".")[:2]), profiles=profiles)
+    readiness.raise_for_errors()
+    spec = readiness.spec
+    if spec is None:
+        raise UsageError(f"{onnx_path} carries no attn-export description; export it with `attn-export onnx`")
+    profiles = list(profiles) if profiles else [default_profile(spec)]
+    # Re-validate (the default profile was not part of the readiness run) and collect key-count warnings.
+    warnings = validate_profiles(profiles, spec)
+    warnings += [str(f) for f in readiness.warnings]
+
+    poly_profiles = []
+    for p in profiles:
+        pp = PolyProfile()
+        for name, (lo, op, hi) in tensor_shapes(p, spec).items():
+            pp.add(name, min=lo, opt=op, max=hi)
+        poly_profiles.append(pp)
+
+    t0 = time.perf_counter()
+    with _progress_bar(progress) as bar:
+        config_kwargs: dict[str, Any] = dict(
+            profiles=poly_profiles,
+            builder_optimization_level=int(opt_level),
+            hardware_compatibility_level=getattr(trt.HardwareCompatibilityLevel, HARDWARE_LEVELS[hardware_compatibility]),
+            profiling_verbosity=getattr(trt.ProfilingVerbosity, VERBOSITY[verbosity]),
+        )
+        if workspace:
+            config_kwargs["memory_pool_limits"] = {trt.MemoryPoolType.WORKSPACE: int(workspace)}
+        if timing_cache and Path(timing_cache).is_file():
+            config_kwargs["load_timing_cache"] = str(timing_cache)
+        if bar is not None:
+            config_kwargs["progress_monitor"] = make_progress_monitor(bar)
+        network = _parse_network(trt, onnx_path, strongly_typed)
+        loader = EngineFromNetwork(network, config=CreateConfig(**config_kwargs),
+                                   save_timing_cache=str(timing_cache) if timing_cache else None)
+        try:
+            engine = loader()
+        except Exception as exc:  # noqa: BLE001 - Polygraphy raises PolygraphyException on build failure
+            msg = str(exc).strip().splitlines()
+            raise UsageError(
+                f"TensorRT could not build {onnx_path.name}: {msg[-1] if msg else type(exc).__name__} "
+                "(an out-of-memory build often reports 'Could not find any implementation'; try a smaller max profile or a larger workspace)"
+            ) from None
+    seconds = time.perf_counter() - t0
+
+    plan = bytes(engine.serialize())
+    write_bytes_atomic(out, plan)
+
+    inspector = engine.create_engine_inspector()
+    info = inspector.get_engine_information(trt.LayerInformationFormat.JSON)
+    report = fusion_report(info, readiness.attention)
+
+    sidecar = make_sidecar(
+        engine_path=out, engine_sha256=file_sha256(out), tensorrt_version=str(trt.__version__),
+        gpu_name=gpu.name, compute_capability=gpu.compute_capability, profiles=profiles, spec=spec,
+        io=_io_table(trt, engine), onnx_path=onnx_path.resolve(), onnx_sha256=file_sha256(onnx_path),
+        precision=_precision(onnx_path, spec), fusion=report.to_dict(), hardware_compatibility=hardware_compatibility,
+        build={
+            "seconds": round(seconds, 3), "builder_optimization_level": int(opt_level), "workspace_bytes": workspace,
+            "timing_cache": str(timing_cache) if timing_cache else None, "strongly_typed": bool(strongly_typed),
+        },
+    )
+    side = write_sidecar(sidecar_path(out), sidecar)
+    return BuildResult(
+        engine_path=out, sidecar_path=side, seconds=seconds, size_bytes=len(plan), tensorrt_version=str(trt.__version__),
+        gpu=gpu, profiles=profiles, fusion=report, readiness=readiness, sidecar=sidecar, warnings=warnings,
+    )
