@@ -1,0 +1,430 @@
+"""Verify an exported artifact against the PyTorch model it came from.
+
+The artifact is an ONNX file (run in ONNX Runtime) or a TensorRT engine with
+its sidecar (run by TensorRT). The reference is the PyTorch model rebuilt
+from the description stored in the artifact (preset/config/import path,
+seed, checkpoint and its SHA-256). Both run on the same seeded inputs over a
+sweep of shapes, and every output is compared with :mod:`attn_export.compare`.
+
+Default shape sweep
+-------------------
+ONNX (dynamic batch/H/W), with ``m`` the H/W multiple, ``T`` the preset's
+typical resolution (capped below the large size) and ``L`` the large size:
+
+* small: ``1 x s x s`` (the smallest multiple of m that is at least 8 px);
+* typical, batch > 1: ``2 x T x T``;
+* non-square: ``1 x T x 1.5T`` (rounded up to the multiple);
+* off-grid: ``3m x 5m`` (multiples that are not powers of two), batch 3 when
+  that costs no more pixels than the large shape, else batch 1;
+* large: ``1 x L x L``.
+
+``L`` is capped by preset so the sweep stays affordable on a 2-core CPU
+(measured, PyTorch + ONNX Runtime): tiny 64 px (well under a second),
+ddpm-cifar10 64 px (about 1 s per shape), ddpm-256 128 px (about 8 s at
+1x128x128, where 1x256x256 would take over 20 s). Other models: 2T capped at
+128 px. Engines: min, opt and max of every profile, plus one off-grid shape
+inside each profile.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from .compare import OutputComparison, Tolerances, compare_outputs, json_number, resolve_tolerances
+from .errors import CheckpointError, ShapeError, UsageError
+from .spec import ModelSpec, format_shape, parse_shapes
+
+Shape = tuple[int, int, int]
+ProgressFn = Callable[[int, int, str], None]
+
+ENGINE_SUFFIXES = (".plan", ".engine", ".trt")
+# Largest H/W of the default sweep, per preset (see the module doc for the measurements).
+LARGE_CAP = {"tiny": 64, "ddpm-cifar10": 64, "ddpm-256": 128}
+DEFAULT_LARGE_CAP = 128
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# report
+# ---------------------------------------------------------------------------------------------------------------------
+@dataclass
+class ShapeResult:
+    """One input shape: the comparison of every output and the time each backend took."""
+
+    shape: Shape
+    outputs: list[OutputComparison]
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        return all(o.passed for o in self.outputs)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "shape": format_shape(self.shape),
+            "batch": self.shape[0], "height": self.shape[1], "width": self.shape[2],
+            "passed": self.passed,
+            "seconds": dict(self.seconds),
+            "outputs": [o.to_dict() for o in self.outputs],
+        }
+
+
+@dataclass
+class VerifyReport:
+    """Everything a verification found; ``passed`` is the verdict."""
+
+    artifact: str
+    kind: str                      # "onnx" | "engine"
+    precision: str
+    tolerances: Tolerances
+    reference: str                 # e.g. "pytorch (cpu)"
+    candidate: str                 # e.g. "onnxruntime (CPUExecutionProvider)"
+    seed: int
+    shape_source: str              # "default" | "user"
+    shapes: list[ShapeResult] = field(default_factory=list)
+    # Total inference seconds per backend (all shapes), and the one-off load time per backend.
+    timings: dict[str, float] = field(default_factory=dict)
+    setup_seconds: dict[str, float] = field(default_factory=dict)
+    checkpoint: dict[str, Any] | None = None
+    model: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.shapes) and all(s.passed for s in self.shapes)
+
+    def failures(self) -> list[str]:
+        """One line per failing (shape, output), naming the reason."""
+        return [f"{format_shape(s.shape)} {o.name}: {o.reason}" for s in self.shapes for o in s.outputs if not o.passed]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "artifact": self.artifact,
+            "kind": self.kind,
+            "precision": self.precision,
+            "passed": self.passed,
+            "tolerances": self.tolerances.to_dict(),
+            "reference": self.reference,
+            "candidate": self.candidate,
+            "seed": self.seed,
+            "shape_source": self.shape_source,
+            "timings": {k: json_number(v) for k, v in self.timings.items()},
+            "setup_seconds": {k: json_number(v) for k, v in self.setup_seconds.items()},
+            "checkpoint": self.checkpoint,
+            "model": self.model,
+            "shapes": [s.to_dict() for s in self.shapes],
+            "failures": self.failures(),
+        }
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent, allow_nan=False)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# shapes
+# ---------------------------------------------------------------------------------------------------------------------
+def _round_up(value: float, multiple: int) -> int:
+    return max(multiple, -(-int(value) // multiple) * multiple)
+
+
+def _preset_of(spec: ModelSpec) -> str | None:
+    return (spec.source or {}).get("preset")
+
+
+def _typical(spec: ModelSpec) -> int:
+    from .models.presets import PRESET_RESOLUTION
+
+    preset = _preset_of(spec)
+    if preset in PRESET_RESOLUTION:
+        return int(PRESET_RESOLUTION[preset])
+    return 64
+
+
+def _valid(spec: ModelSpec, shape: Shape) -> bool:
+    try:
+        spec.check_shape(*shape)
+    except ShapeError:
+        return False
+    return True
+
+
+def _dedupe(shapes: Sequence[Shape]) -> list[Shape]:
+    seen: set[Shape] = set()
+    out = []
+    for s in shapes:
+        if s not in seen:
+            seen.add(s)
+            out.append(s)
+    return out
+
+
+def default_shapes(spec: ModelSpec) -> list[Shape]:
+    """The default sweep for an ONNX artifact (see the module doc)."""
+    m = spec.hw_multiple
+    cap = LARGE_CAP.get(_preset_of(spec) or "", DEFAULT_LARGE_CAP)
+    typical = _round_up(_typical(spec), m)
+    large = max(_round_up(min(2 * typical, cap), m), m)
+    if typical >= large:
+        typical = max(m, (large // 2) // m * m)
+    small = _round_up(max(8, m), m)
+    off_h, off_w = 3 * m, 5 * m
+    off_b = 3 if 3 * off_h * off_w <= large * large else 1
+    candidates: list[Shape] = [
+        (1, small, small),
+        (2, typical, typical),
+        (1, typical, _round_up(typical * 1.5, m)),
+        (off_b, off_h, off_w),
+        (1, large, large),
+    ]
+    out = []
+    for s in candidates:
+        if not _valid(spec, s):
+            # e.g. instance norm needs more than one deepest position: widen until the model accepts it.
+            b, h, w = s
+            for k in range(2, 5):
+                if _valid(spec, (b, h, w * k)):
+                    s = (b, h, w * k)
+                    break
+            else:
+                continue
+        out.append(s)
+    return _dedupe(out)
+
+
+def _off_grid_value(lo: int, hi: int, m: int, avoid: set[int], target: float) -> int | None:
+    """A multiple of m in [lo, hi], not a power of two and not in ``avoid``, closest to ``target``."""
+    values = [v for v in range(_round_up(lo, m), hi + 1, m) if v not in avoid]
+    if not values:
+        return None
+    non_pow2 = [v for v in values if v & (v - 1)]
+    pool = non_pow2 or values
+    return min(pool, key=lambda v: (abs(v - target), v))
+
+
+def engine_shapes(profiles: Sequence[Any], spec: ModelSpec) -> list[Shape]:
+    """min, opt and max of every profile, plus an off-grid shape inside each profile."""
+    m = spec.hw_multiple
+    out: list[Shape] = []
+    for p in profiles:
+        out.extend([tuple(p.min), tuple(p.opt), tuple(p.max)])  # type: ignore[list-item]
+        h = _off_grid_value(p.min[1], p.max[1], m, {p.min[1], p.opt[1], p.max[1]}, (p.min[1] + p.max[1]) / 2)
+        w = _off_grid_value(p.min[2], p.max[2], m, {p.min[2], p.opt[2], p.max[2]}, p.min[2] + (p.max[2] - p.min[2]) / 3)
+        b = (p.min[0] + p.max[0] + 1) // 2
+        if h is not None or w is not None:
+            off = (b, h if h is not None else p.opt[1], w if w is not None else p.opt[2])
+            if _valid(spec, off):
+                out.append(off)
+    return _dedupe([s for s in out if _valid(spec, s)])
+
+
+def check_user_shapes(shapes: Sequence[Shape], spec: ModelSpec, profiles: Sequence[Any] | None = None) -> None:
+    """UsageError (exit 2, one line) for the first shape the artifact cannot serve."""
+    for s in shapes:
+        try:
+            spec.check_shape(*s)
+        except ShapeError as exc:
+            raise ShapeError(f"shape {format_shape(s)} cannot be served: {exc}") from None
+        if profiles is not None:
+            from .engines.profiles import describe_profiles, find_profile
+
+            if find_profile(profiles, *s) is None:
+                raise ShapeError(f"shape {format_shape(s)} is outside the engine's optimization profiles "
+                                 f"({describe_profiles(profiles)})")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# verify
+# ---------------------------------------------------------------------------------------------------------------------
+def artifact_kind(path: str | Path) -> str:
+    """'engine' for .plan/.engine/.trt files or anything with an engine sidecar, else 'onnx'."""
+    p = Path(path)
+    if p.suffix.lower() in ENGINE_SUFFIXES:
+        return "engine"
+    if p.suffix.lower() != ".onnx" and Path(str(p) + ".json").is_file():
+        return "engine"
+    return "onnx"
+
+
+def _checkpoint_info(spec: ModelSpec, source: Any) -> dict[str, Any] | None:
+    from .models.checkpoint import file_sha256
+
+    recorded = spec.checkpoint or None
+    if source.checkpoint is None and not recorded:
+        return None
+    info: dict[str, Any] = {"recorded": recorded}
+    if source.checkpoint is not None:
+        path = Path(source.checkpoint)
+        sha = file_sha256(path) if path.is_file() else None
+        info.update(path=str(path), sha256=sha,
+                    matches=bool(recorded) and sha == (recorded or {}).get("sha256"))
+    else:
+        info.update(path=None, sha256=None, matches=False)
+    return info
+
+
+def _reference_source(spec: ModelSpec, overrides: dict[str, Any], allow_checkpoint_mismatch: bool) -> Any:
+    from .models.loader import source_from_spec
+
+    checkpoint = overrides.get("checkpoint")
+    if checkpoint is not None and not spec.checkpoint and not allow_checkpoint_mismatch:
+        # The artifact was made from seeded random weights: any checkpoint is a different model.
+        raise CheckpointError(
+            f"the artifact was exported without a checkpoint (seeded initialization), so {checkpoint} is not "
+            "the model it came from; pass --allow-checkpoint-mismatch to compare anyway"
+        )
+    return source_from_spec(spec, allow_checkpoint_mismatch=allow_checkpoint_mismatch, **overrides)
+
+
+def _check_reference_fits(spec: ModelSpec, ref_spec: ModelSpec) -> None:
+    want = [t.name for t in spec.inputs]
+    got = [t.name for t in ref_spec.inputs]
+    if want != got or ref_spec.in_channels != spec.in_channels:
+        raise UsageError(
+            f"the reference model takes {', '.join(got)} with {ref_spec.in_channels} channels but the artifact takes "
+            f"{', '.join(want)} with {spec.in_channels}; check --preset/--config/--model"
+        )
+
+
+def verify(
+    artifact: str | Path,
+    *,
+    shapes: str | Sequence[str] | Sequence[Shape] | None = None,
+    atol: float | None = None,
+    rtol: float | None = None,
+    stat: str | None = None,
+    quantile: float = 0.99,
+    seed: int = 0,
+    preset: str | None = None,
+    config: str | Path | None = None,
+    model: str | None = None,
+    model_kwargs: dict[str, Any] | None = None,
+    checkpoint: str | Path | None = None,
+    checkpoint_key: str | None = None,
+    allow_checkpoint_mismatch: bool = False,
+    providers: Sequence[str] | None = None,
+    progress: ProgressFn | None = None,
+) -> VerifyReport:
+    """Compare ``artifact`` (ONNX file or TensorRT engine) with its PyTorch reference over a sweep of shapes.
+
+    Raises UsageError/ShapeError/CheckpointError (exit 2) for bad input: an
+    unreadable artifact, a shape it cannot serve, a checkpoint whose SHA-256
+    is not the recorded one (unless ``allow_checkpoint_mismatch``);
+    MissingDependencyError (exit 2) for an engine where TensorRT is missing.
+    A comparison that runs and fails is not an exception: check
+    ``report.passed``.
+    """
+    path = Path(artifact)
+    if not path.is_file():
+        raise UsageError(f"artifact not found: {path}")
+    kind = artifact_kind(path)
+    profiles = None
+    if kind == "engine":
+        from .engines.sidecar import read_sidecar, sidecar_profiles, sidecar_spec
+
+        if providers:
+            raise UsageError("--provider applies to ONNX files; an engine always runs in TensorRT")
+        sidecar = read_sidecar(path)
+        spec = sidecar_spec(sidecar)
+        profiles = sidecar_profiles(sidecar)
+        precision = str(sidecar.get("precision") or spec.precision)
+    else:
+        from .exporter.metadata import read_spec
+
+        spec = read_spec(path)
+        precision = spec.precision
+    tol = resolve_tolerances(precision, atol=atol, rtol=rtol, stat=stat, quantile=quantile)
+
+    # Shapes are checked before anything expensive is built.
+    if shapes is not None and not (isinstance(shapes, str) and not shapes.strip()):
+        if isinstance(shapes, str) or (shapes and isinstance(next(iter(shapes)), str)):
+            sweep = parse_shapes(shapes)  # type: ignore[arg-type]
+        else:
+            sweep = [tuple(int(v) for v in s) for s in shapes]  # type: ignore[misc]
+        if not sweep:
+            raise UsageError("no shapes given")
+        check_user_shapes(sweep, spec, profiles)  # type: ignore[arg-type]
+        shape_source = "user"
+    else:
+        sweep = engine_shapes(profiles, spec) if profiles is not None else default_shapes(spec)
+        shape_source = "default"
+        if not sweep:
+            raise UsageError("no shape of the default sweep fits this artifact; pass --shapes")
+
+    overrides = {k: v for k, v in dict(preset=preset, config=config, model=model, model_kwargs=model_kwargs,
+                                       checkpoint=checkpoint, checkpoint_key=checkpoint_key).items() if v is not None}
+    source = _reference_source(spec, overrides, allow_checkpoint_mismatch)
+    setup: dict[str, float] = {}
+    total = len(sweep) + 2
+    step = lambda i, text: progress(i, total, text) if progress else None  # noqa: E731
+
+    # The candidate first: a missing TensorRT should fail before the (slow) reference is built.
+    step(0, f"loading {kind}")
+    t0 = time.perf_counter()
+    if kind == "engine":
+        from .engines.trt_runner import TrtRunner
+
+        cand = TrtRunner(path)
+        cand_desc = f"tensorrt ({precision})"
+    else:
+        from .engines.ort_runner import OrtRunner
+
+        cand = OrtRunner(path, providers=providers, spec=spec)
+        cand_desc = f"onnxruntime ({cand.provider})"
+    cand.activate()
+    setup[cand.name] = time.perf_counter() - t0
+
+    step(1, "building the PyTorch reference")
+    t0 = time.perf_counter()
+    from .engines.torch_runner import TorchRunner
+    from .models.loader import load_model
+
+    loaded = load_model(source, attention_impl="reference")
+    _check_reference_fits(spec, loaded.spec)
+    ref = TorchRunner.from_loaded(loaded)
+    if kind == "engine":
+        import torch
+
+        if torch.cuda.is_available():
+            ref.device = "cuda"  # the engine's shapes can be large; the GPU is there anyway
+    ref.activate()
+    setup[ref.name] = time.perf_counter() - t0
+
+    report = VerifyReport(
+        artifact=str(path), kind=kind, precision=precision, tolerances=tol, reference=f"pytorch ({ref.device})",
+        candidate=cand_desc, seed=seed, shape_source=shape_source, setup_seconds=setup,
+        checkpoint=_checkpoint_info(spec, source), model=dict(spec.source or {}),
+        timings={ref.name: 0.0, cand.name: 0.0},
+    )
+    out_names = [t.name for t in spec.outputs]
+    try:
+        for i, shape in enumerate(sweep):
+            step(2 + i, f"comparing at {format_shape(shape)}")
+            feeds = spec.make_inputs(*shape, seed=seed + i)
+            ref_feeds = {t.name: np.asarray(feeds[t.name]).astype(t.dtype) for t in loaded.spec.inputs}
+            seconds: dict[str, float] = {}
+            t0 = time.perf_counter()
+            ref_out = ref.infer(ref_feeds)
+            seconds[ref.name] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            cand_out = cand.infer(feeds)
+            seconds[cand.name] = time.perf_counter() - t0
+            # The reference names its outputs after its own spec; align them with the artifact's by position.
+            ref_named = dict(zip(out_names, ref_out.values()))
+            outputs = compare_outputs(ref_named, {k: np.asarray(v) for k, v in cand_out.items()}, tol, out_names)
+            for k, v in seconds.items():
+                report.timings[k] += v
+            report.shapes.append(ShapeResult(shape=shape, outputs=outputs, seconds=seconds))
+    finally:
+        cand.deactivate()
+        ref.deactivate()
+    step(total, "done")
+    return report
+
+
+__all__ = [
+    "ShapeResult", "VerifyReport", "default_shapes", "engine_shapes", "check_user_shapes", "artifact_kind", "verify",
+]

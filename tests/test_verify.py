@@ -1,0 +1,424 @@
+"""`attn-export verify`: the pass rule, the shape sweep, and planted faults caught end to end."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+from typer.testing import CliRunner
+
+from attn_export import cli
+from attn_export.compare import Tolerances, compare_arrays, default_tolerances, resolve_tolerances
+from attn_export.errors import CheckpointError, ShapeError, UsageError
+from attn_export.exporter.metadata import read_spec
+from attn_export.exporter.onnx_export import export_onnx
+from attn_export.models.loader import ModelSource, load_model
+from attn_export.verify import default_shapes, engine_shapes, verify
+
+TABLE_KEYS = ("max_abs", "mean_abs", "max_rel", "p99_abs", "cosine", "nan_ref", "inf_ref", "nan_cand", "inf_cand",
+              "min_atol", "min_rtol", "passed")
+
+
+@pytest.fixture
+def wide_console():
+    """A wide console, so table cells are printed whole and can be matched against the JSON report."""
+    old = cli.console._width
+    cli.console.width = 250
+    yield
+    cli.console._width = old
+
+
+def run(*args: str):
+    return CliRunner().invoke(cli.app, [str(a) for a in args])
+
+
+def one_line_error(result, needle: str, code: int = 2) -> None:
+    assert result.exit_code == code, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert needle in lines[0], lines[0]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the pass rule
+# ---------------------------------------------------------------------------------------------------------------------
+class TestPassRule:
+    def test_fails_only_when_both_tolerances_are_exceeded(self) -> None:
+        ref = np.array([1000.0, 1.0])
+        # abs error 0.5 > atol but rel 5e-4 <= rtol: passes.
+        assert compare_arrays("o", ref, ref + [0.5, 0.0], Tolerances(atol=1e-3, rtol=1e-3)).passed
+        # rel error 1e-2 > rtol but abs 1e-5 <= atol: passes.
+        small = np.array([1e-3, 1.0])
+        assert compare_arrays("o", small, small + [1e-5, 0.0], Tolerances(atol=1e-4, rtol=1e-3)).passed
+        # both exceeded: fails, and the reason says so.
+        c = compare_arrays("o", ref, ref + [0.0, 0.5], Tolerances(atol=1e-3, rtol=1e-3))
+        assert not c.passed and c.mismatched == 1 and "exceed both" in c.reason
+
+    @pytest.mark.parametrize("stat", ["elemwise", "max", "mean", "median", "quantile"])
+    @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+    def test_non_finite_candidate_always_fails(self, stat: str, bad: float) -> None:
+        ref = np.linspace(-1, 1, 1000)
+        cand = ref.copy()
+        cand[17] = bad
+        c = compare_arrays("o", ref, cand, Tolerances(atol=1e9, rtol=1e9, stat=stat))
+        assert not c.passed
+        assert c.nonfinite_mismatch == 1 and (c.nan_cand + c.inf_cand) == 1 and c.nan_ref == c.inf_ref == 0
+        assert c.min_atol == float("inf")
+
+    def test_matching_non_finite_values_do_not_fail(self) -> None:
+        ref = np.array([np.nan, np.inf, 1.0])
+        c = compare_arrays("o", ref, ref.copy(), Tolerances(atol=0, rtol=0))
+        assert c.passed and c.nan_ref == 1 and c.inf_ref == 1
+        assert not compare_arrays("o", ref, np.array([0.0, np.inf, 1.0]), Tolerances(1, 1)).passed
+        assert not compare_arrays("o", ref, np.array([np.nan, -np.inf, 1.0]), Tolerances(1, 1)).passed
+
+    def test_statistics(self) -> None:
+        ref = np.ones(100)
+        cand = ref.copy()
+        cand[0] += 1.0  # one large error, 99 exact values
+        tol = dict(atol=0.05, rtol=0.05)
+        assert not compare_arrays("o", ref, cand, Tolerances(**tol, stat="elemwise")).passed
+        assert not compare_arrays("o", ref, cand, Tolerances(**tol, stat="max")).passed
+        mean = compare_arrays("o", ref, cand, Tolerances(**tol, stat="mean"))
+        assert mean.passed and mean.stat_abs == pytest.approx(0.01)
+        assert compare_arrays("o", ref, cand, Tolerances(**tol, stat="median")).passed
+        assert compare_arrays("o", ref, cand, Tolerances(**tol, stat="quantile", quantile=0.95)).passed
+        assert not compare_arrays("o", ref, cand, Tolerances(**tol, stat="quantile", quantile=1.0)).passed
+
+    def test_figures_and_minimum_tolerances(self) -> None:
+        rng = np.random.default_rng(0)
+        ref = rng.standard_normal((2, 3, 8, 8))
+        cand = ref + rng.normal(0, 1e-3, ref.shape)
+        c = compare_arrays("o", ref, cand, Tolerances(atol=0, rtol=0))
+        diff = np.abs(cand - ref)
+        assert c.max_abs == pytest.approx(diff.max()) and c.mean_abs == pytest.approx(diff.mean())
+        assert c.p99_abs == pytest.approx(np.quantile(diff, 0.99))
+        assert c.max_rel == pytest.approx((diff / np.abs(ref)).max())
+        assert 0.999 < c.cosine <= 1.0
+        assert not c.passed
+        # Polygraphy's minimum required tolerance: either one alone passes.
+        assert compare_arrays("o", ref, cand, Tolerances(atol=c.min_atol, rtol=0)).passed
+        assert compare_arrays("o", ref, cand, Tolerances(atol=0, rtol=c.min_rtol)).passed
+
+    def test_zero_reference_uses_a_tiny_epsilon(self) -> None:
+        c = compare_arrays("o", np.zeros(4), np.full(4, 1e-6), Tolerances(atol=1e-4, rtol=1e-3))
+        assert c.passed and np.isfinite(c.max_rel) and c.max_rel > 1e3
+
+    def test_shape_mismatch_fails(self) -> None:
+        c = compare_arrays("o", np.zeros((1, 3, 8, 8)), np.zeros((1, 3, 8, 4)), Tolerances(1, 1))
+        assert not c.passed and "shape" in c.reason
+
+    def test_default_tolerances(self) -> None:
+        assert default_tolerances("fp32") == Tolerances(1e-4, 1e-3, "elemwise")
+        assert default_tolerances("fp16") == Tolerances(1e-2, 1e-2, "mean")
+        assert default_tolerances("mixed").stat == "mean"
+        assert resolve_tolerances("fp16", stat="quantile", quantile=0.9) == Tolerances(1e-2, 1e-2, "quantile", 0.9)
+        for bad in (dict(stat="p99"), dict(atol=-1), dict(quantile=1.5)):
+            with pytest.raises(UsageError):
+                resolve_tolerances("fp32", **bad)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# shapes
+# ---------------------------------------------------------------------------------------------------------------------
+def _is_pow2(n: int) -> bool:
+    return n & (n - 1) == 0
+
+
+@pytest.mark.parametrize("preset,multiple,large", [("tiny", 4, 64), ("ddpm-cifar10", 8, 64), ("ddpm-256", 32, 128)])
+def test_default_sweep_covers_the_cases(tiny_onnx: Path, preset: str, multiple: int, large: int) -> None:
+    import dataclasses
+
+    spec = read_spec(tiny_onnx)
+    spec = dataclasses.replace(spec, hw_multiple=multiple, source={**spec.source, "preset": preset})
+    shapes = default_shapes(spec)
+    for s in shapes:
+        spec.check_shape(*s)
+    assert any(b == 1 for b, _, _ in shapes) and any(b > 1 for b, _, _ in shapes)
+    assert any(h != w for _, h, w in shapes)
+    assert any(not _is_pow2(h) and not _is_pow2(w) for _, h, w in shapes)  # off-grid
+    # The large shape sets the cost: no shape has more pixels per image than large x large.
+    assert (1, large, large) in shapes and max(h * w for _, h, w in shapes) == large * large
+    assert min(min(h, w) for _, h, w in shapes) <= 32
+
+
+def test_engine_sweep_uses_profile_corners_and_an_inside_off_grid_shape(tiny_onnx: Path) -> None:
+    from attn_export.engines.profiles import Profile, find_profile
+
+    spec = read_spec(tiny_onnx)
+    profiles = [Profile((1, 32, 32), (1, 64, 64), (4, 128, 128)), Profile((1, 256, 256), (1, 256, 256), (1, 256, 512))]
+    shapes = engine_shapes(profiles, spec)
+    for p in profiles:
+        assert p.min in shapes and p.opt in shapes and p.max in shapes
+    extra = [s for s in shapes if all(s not in (p.min, p.opt, p.max) for p in profiles)]
+    assert len(extra) == 2
+    for s in extra:
+        assert find_profile(profiles, *s) is not None
+        assert not _is_pow2(s[1]) or not _is_pow2(s[2])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# end to end on real exports
+# ---------------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("fixture", ["tiny_onnx", "tiny_decomposed_onnx"])
+def test_verify_passes_default_sweep(request, fixture: str, tmp_path: Path, wide_console) -> None:
+    path = request.getfixturevalue(fixture)
+    out = tmp_path / "report.json"
+    result = run("verify", path, "--report", out)
+    assert result.exit_code == 0, result.output
+    assert "atol 1e-04, rtol 1e-03, statistic elemwise" in result.stdout
+    assert "PASSED" in result.stdout and "onnxruntime" in result.stdout and "pytorch" in result.stdout
+    data = json.loads(out.read_text())
+    assert data["passed"] is True and data["shape_source"] == "default"
+    assert [s["shape"] for s in data["shapes"]] == ["1x8x8", "2x32x32", "1x32x48", "3x12x20", "1x64x64"]
+    assert set(data["timings"]) == {"pytorch", "onnxruntime"}
+    for s in data["shapes"]:
+        (o,) = s["outputs"]
+        assert o["passed"] and o["max_abs"] < 1e-4 and o["nan_cand"] == 0
+        # Every figure shown in the table is in the report, with the same value.
+        assert all(k in o for k in TABLE_KEYS)
+        row = next(line for line in result.stdout.splitlines() if line.startswith(f"│ {s['shape']} "))
+        for key in ("max_abs", "mean_abs", "max_rel", "p99_abs", "min_atol", "min_rtol"):
+            assert f"{o[key]:.2e}" in row, (key, row)
+        assert f"{o['cosine']:.6f}" in row and f"{o['nan_cand']}/{o['inf_cand']}" in row
+
+
+def test_verify_api_report(tiny_onnx: Path) -> None:
+    steps = []
+    report = verify(tiny_onnx, shapes="1x8x8,2x16x24", seed=3, progress=lambda d, t, text: steps.append((d, t)))
+    assert report.passed and report.shape_source == "user" and report.seed == 3
+    assert [s.shape for s in report.shapes] == [(1, 8, 8), (2, 16, 24)]
+    assert steps[-1][0] == steps[-1][1]
+    back = json.loads(report.to_json())
+    assert back["shapes"][1]["outputs"][0]["shape"] == [2, 3, 16, 24]
+    assert back["tolerances"] == {"atol": 1e-4, "rtol": 1e-3, "stat": "elemwise", "quantile": 0.99}
+
+
+def test_planted_weight_change_fails(tiny_onnx: Path, tmp_path: Path) -> None:
+    model = onnx.load(str(tiny_onnx))
+    # The largest conv weight: one element changed, everything else (metadata included) kept.
+    init = max((i for i in model.graph.initializer if len(i.dims) == 4), key=lambda i: int(np.prod(i.dims)))
+    w = numpy_helper.to_array(init).copy()
+    w.flat[5] += 0.5
+    init.CopyFrom(numpy_helper.from_array(w, init.name))
+    bad = tmp_path / "bad_weight.onnx"
+    onnx.save(model, str(bad))
+    out = tmp_path / "r.json"
+    result = run("verify", bad, "--shapes", "1x8x8,2x16x24", "--report", out)
+    assert result.exit_code == 1, result.output
+    assert "FAILED" in result.stdout and "FAIL" in result.stdout
+    data = json.loads(out.read_text())
+    assert data["passed"] is False
+    assert all(not s["passed"] for s in data["shapes"])
+    assert any("1x8x8 out:" in f and "exceed both" in f for f in data["failures"])
+
+
+def _nan_when_small(src: Path, dst: Path, below: float) -> None:
+    """Add out + 0*log(H - below): NaN exactly when H < below (or equal), the output unchanged otherwise."""
+    model = onnx.load(str(src))
+    g = model.graph
+    producer = next(n for n in g.node if "out" in n.output)
+    producer.output[list(producer.output).index("out")] = "out_raw"
+    g.initializer.extend([
+        numpy_helper.from_array(np.array(2, dtype=np.int64), "nan_axis"),
+        numpy_helper.from_array(np.array(below, dtype=np.float32), "nan_k"),
+        numpy_helper.from_array(np.array(0.0, dtype=np.float32), "nan_zero"),
+    ])
+    g.node.extend([
+        helper.make_node("Shape", ["x"], ["nan_shape"]),
+        helper.make_node("Gather", ["nan_shape", "nan_axis"], ["nan_h"], axis=0),
+        helper.make_node("Cast", ["nan_h"], ["nan_hf"], to=TensorProto.FLOAT),
+        helper.make_node("Sub", ["nan_hf", "nan_k"], ["nan_d"]),
+        helper.make_node("Log", ["nan_d"], ["nan_log"]),
+        helper.make_node("Mul", ["nan_log", "nan_zero"], ["nan_term"]),
+        helper.make_node("Add", ["out_raw", "nan_term"], ["out"]),
+    ])
+    onnx.save(model, str(dst))
+
+
+def test_planted_nan_at_one_shape_fails_there_only(tiny_onnx: Path, tmp_path: Path, wide_console) -> None:
+    bad = tmp_path / "nan_small.onnx"
+    _nan_when_small(tiny_onnx, bad, below=10.0)  # only the 1x8x8 shape of the default sweep has H < 10
+    out = tmp_path / "r.json"
+    result = run("verify", bad, "--report", out)
+    assert result.exit_code == 1, result.output
+    data = json.loads(out.read_text())
+    verdicts = {s["shape"]: s["passed"] for s in data["shapes"]}
+    assert verdicts == {"1x8x8": False, "2x32x32": True, "1x32x48": True, "3x12x20": True, "1x64x64": True}
+    o = data["shapes"][0]["outputs"][0]
+    assert o["nan_cand"] == 1 * 3 * 8 * 8 and o["nan_ref"] == 0 and o["min_atol"] == "inf"
+    assert data["failures"] == [data["failures"][0]] and "non-finite" in data["failures"][0]
+    row = next(line for line in result.stdout.splitlines() if line.startswith("│ 1x8x8 "))
+    assert "192/0" in row and "FAIL" in row
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Two safetensors checkpoints of the tiny preset with the same keys and shapes, different weights."""
+    from safetensors.torch import save_file
+
+    folder = tmp_path_factory.mktemp("ckpt")
+    out = {}
+    for name, seed in (("a", 1), ("b", 2)):
+        module = load_model(ModelSource(preset="tiny", seed=seed)).module
+        path = folder / f"{name}.safetensors"
+        save_file({k: v.contiguous() for k, v in module.state_dict().items()}, str(path))
+        out[name] = path
+    return out
+
+
+@pytest.fixture(scope="module")
+def ckpt_export(checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("ckpt_export") / "tiny_ckpt.onnx"
+    export_onnx(ModelSource(preset="tiny", checkpoint=checkpoints["a"]), path, check=False)
+    return path
+
+
+def test_checkpoint_export_verifies(ckpt_export: Path, checkpoints: dict[str, Path]) -> None:
+    assert run("verify", ckpt_export, "--shapes", "1x8x8").exit_code == 0
+    # Naming the recorded checkpoint explicitly is fine too.
+    assert run("verify", ckpt_export, "--shapes", "1x8x8", "--checkpoint", checkpoints["a"]).exit_code == 0
+
+
+def test_different_checkpoint_refused_unless_forced(ckpt_export: Path, checkpoints: dict[str, Path], tmp_path: Path) -> None:
+    result = run("verify", ckpt_export, "--shapes", "1x8x8", "--checkpoint", checkpoints["b"])
+    one_line_error(result, "--allow-checkpoint-mismatch")
+    out = tmp_path / "r.json"
+    result = run("verify", ckpt_export, "--shapes", "1x8x8", "--checkpoint", checkpoints["b"],
+                 "--allow-checkpoint-mismatch", "--report", out)
+    assert result.exit_code == 1, result.output
+    data = json.loads(out.read_text())
+    assert data["checkpoint"]["matches"] is False and data["checkpoint"]["path"] == str(checkpoints["b"])
+
+
+def test_checkpoint_without_recorded_one_refused(tiny_onnx: Path, checkpoints: dict[str, Path]) -> None:
+    with pytest.raises(CheckpointError, match="without a checkpoint"):
+        verify(tiny_onnx, shapes="1x8x8", checkpoint=checkpoints["a"])
+
+
+def test_swapped_checkpoint_file(checkpoints: dict[str, Path], tmp_path: Path) -> None:
+    ckpt = tmp_path / "ema.safetensors"
+    shutil.copy(checkpoints["a"], ckpt)
+    path = tmp_path / "m.onnx"
+    export_onnx(ModelSource(preset="tiny", checkpoint=ckpt), path, check=False)
+    assert run("verify", path, "--shapes", "1x8x8").exit_code == 0
+    shutil.copy(checkpoints["b"], ckpt)  # same keys and shapes, other weights
+    one_line_error(run("verify", path, "--shapes", "1x8x8"), "changed since export")
+    result = run("verify", path, "--shapes", "1x8x8,1x12x8", "--allow-checkpoint-mismatch")
+    assert result.exit_code == 1, result.output
+    assert "FAILED" in result.stdout
+
+
+@pytest.mark.parametrize("shapes,needle", [
+    ("1x8x10", "multiples of 4"),
+    ("0x8x8", "batch must be at least 1"),
+    ("2x8", "BATCHxHEIGHTxWIDTH"),
+])
+def test_unservable_shape_refused(tiny_onnx: Path, shapes: str, needle: str) -> None:
+    one_line_error(run("verify", tiny_onnx, "--shapes", shapes), needle)
+
+
+def test_bad_options_refused(tiny_onnx: Path, tmp_path: Path) -> None:
+    one_line_error(run("verify", tiny_onnx, "--stat", "p42"), "--stat")
+    one_line_error(run("verify", tiny_onnx, "--report", tmp_path / "nope" / "r.json"), "does not exist")
+    one_line_error(run("verify", tmp_path / "missing.onnx"), "not found")
+    with pytest.raises(ShapeError):
+        verify(tiny_onnx, shapes=[(1, 9, 8)])
+
+
+def test_tolerances_are_settable(tiny_onnx: Path) -> None:
+    result = run("verify", tiny_onnx, "--shapes", "1x8x8", "--atol", "0", "--rtol", "0")
+    assert result.exit_code == 1
+    assert "atol 0e+00, rtol 0e+00" in result.stdout
+    result = run("verify", tiny_onnx, "--shapes", "1x8x8", "--atol", "0", "--rtol", "0.5", "--stat", "quantile",
+                 "--quantile", "0.5")
+    assert result.exit_code == 0, result.output
+    assert "quantile 0.5" in result.stdout
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# engines (no TensorRT here)
+# ---------------------------------------------------------------------------------------------------------------------
+@pytest.fixture
+def fake_engine(tiny_onnx: Path, tmp_path: Path) -> Path:
+    from attn_export.engines.profiles import Profile
+    from attn_export.engines.sidecar import make_sidecar, sidecar_path, write_sidecar
+
+    engine = tmp_path / "tiny.plan"
+    engine.write_bytes(b"not a real plan")
+    data = make_sidecar(
+        engine_path=engine, engine_sha256="0" * 64, tensorrt_version="10.14.1", gpu_name="NVIDIA H100",
+        compute_capability="9.0", profiles=[Profile((1, 32, 32), (1, 64, 64), (4, 128, 128))], spec=read_spec(tiny_onnx),
+        io=[{"name": "x", "mode": "input", "dtype": "float16", "shape": [-1, 3, -1, -1]}], onnx_path=tiny_onnx,
+        onnx_sha256="1" * 64, precision="fp16", fusion={"summary": "4/4 attention blocks fused"},
+    )
+    write_sidecar(sidecar_path(engine), data)
+    return engine
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="TensorRT is installed here")
+def test_engine_without_tensorrt_is_one_line(fake_engine: Path) -> None:
+    one_line_error(run("verify", fake_engine), "TensorRT")
+
+
+def test_engine_shape_outside_profiles_refused(fake_engine: Path) -> None:
+    one_line_error(run("verify", fake_engine, "--shapes", "1x256x256"), "outside the engine's optimization profiles")
+    one_line_error(run("verify", fake_engine, "--provider", "cuda"), "--provider")
+
+
+def test_engine_without_sidecar_refused(tmp_path: Path) -> None:
+    engine = tmp_path / "lonely.plan"
+    engine.write_bytes(b"x")
+    one_line_error(run("verify", engine), "not found")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the other presets
+# ---------------------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_verify_passes_default_sweep_ddpm_cifar10(export_model, tmp_path: Path) -> None:
+    """About 30 s on 2 cores: a 10 s export and the five-shape sweep up to 64x64."""
+    out = tmp_path / "r.json"
+    result = run("verify", export_model("ddpm-cifar10", "op"), "--report", out)
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    assert data["passed"] and len(data["shapes"]) == 5
+    assert max(s["height"] for s in data["shapes"]) == 64
+
+
+@pytest.mark.slow
+def test_verify_passes_ddpm_256_small_shapes(export_model) -> None:
+    """The export alone takes about 26 s on 2 cores; two small shapes keep the test near 30 s."""
+    result = run("verify", export_model("ddpm-256", "op"), "--shapes", "1x32x64,2x32x32")
+    assert result.exit_code == 0, result.output
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("ATTN_EXPORT_HEAVY_TESTS"), reason="about 70 s on 2 cores; set ATTN_EXPORT_HEAVY_TESTS=1")
+def test_verify_passes_default_sweep_ddpm_256(export_model, tmp_path: Path) -> None:
+    out = tmp_path / "r.json"
+    result = run("verify", export_model("ddpm-256", "op"), "--report", out)
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    assert data["passed"] and len(data["shapes"]) == 5
+    assert max(s["height"] for s in data["shapes"]) == 128
+
+
+def test_fp16_artifact_uses_fp16_tolerances(tiny_onnx: Path, tmp_path: Path) -> None:
+    from attn_export.exporter.fp16 import convert_fp16
+
+    half = tmp_path / "tiny_fp16.onnx"
+    convert_fp16(tiny_onnx, half, check=False)
+    result = run("verify", half, "--shapes", "1x8x8,2x16x24")
+    assert result.exit_code == 0, result.output
+    assert "atol 1e-02, rtol 1e-02, statistic mean" in result.stdout
+    # The same errors fail the fp32 defaults: FP16 needs its own tolerances.
+    assert run("verify", half, "--shapes", "1x8x8", "--atol", "1e-4", "--rtol", "1e-3", "--stat", "elemwise").exit_code == 1
