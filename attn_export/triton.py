@@ -1,0 +1,299 @@
+"""Triton Inference Server model repositories for an exported ONNX file or a TensorRT engine.
+
+Layout written (Triton's convention)::
+
+    REPO/NAME/config.pbtxt
+    REPO/NAME/VERSION/model.onnx   (+ its external data files)   platform "onnxruntime_onnx"
+    REPO/NAME/VERSION/model.plan                                 platform "tensorrt_plan"
+
+With ``max_batch_size > 0`` the batch dim is left out of ``dims``; a tensor
+that is batch-only (the timestep ``t`` of shape [B]) becomes ``dims: [1]``
+with ``reshape: { shape: [] }``, because Triton does not accept empty dims.
+Dynamic dims are -1. The config is checked by parsing it into tritonclient's
+``ModelConfig`` message before anything is put in place.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import UsageError
+
+DEFAULT_ONNX_MAX_BATCH = 8
+# numpy dtype name -> Triton data type.
+TRITON_DTYPES = {
+    "bool": "TYPE_BOOL", "uint8": "TYPE_UINT8", "uint16": "TYPE_UINT16", "uint32": "TYPE_UINT32",
+    "uint64": "TYPE_UINT64", "int8": "TYPE_INT8", "int16": "TYPE_INT16", "int32": "TYPE_INT32",
+    "int64": "TYPE_INT64", "float16": "TYPE_FP16", "float32": "TYPE_FP32", "float64": "TYPE_FP64",
+    "bfloat16": "TYPE_BF16", "object": "TYPE_STRING", "str": "TYPE_STRING",
+}
+# ONNX TensorProto element type name -> numpy dtype name (bfloat16 has no numpy type of its own).
+ONNX_ELEM_TYPES = {
+    "BOOL": "bool", "UINT8": "uint8", "UINT16": "uint16", "UINT32": "uint32", "UINT64": "uint64", "INT8": "int8",
+    "INT16": "int16", "INT32": "int32", "INT64": "int64", "FLOAT16": "float16", "FLOAT": "float32",
+    "DOUBLE": "float64", "BFLOAT16": "bfloat16", "STRING": "str",
+}
+ENGINE_SUFFIXES = (".plan", ".engine", ".trt")
+
+
+@dataclass
+class TensorConfig:
+    """One input or output as Triton sees it: full dims with the batch first, -1 where dynamic."""
+
+    name: str
+    dtype: str  # numpy name
+    dims: list[int]
+
+
+@dataclass
+class TritonModel:
+    """What was (or would be) written."""
+
+    name: str
+    platform: str
+    model_dir: Path
+    model_file: Path
+    config_path: Path
+    config_text: str
+    max_batch_size: int
+    inputs: list[TensorConfig]
+    outputs: list[TensorConfig]
+    copied: list[Path] = field(default_factory=list)
+    validated: bool = False
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# reading the artifact
+# ---------------------------------------------------------------------------------------------------------------------
+def _onnx_io(path: Path) -> tuple[list[TensorConfig], list[TensorConfig], list[str]]:
+    """Inputs, outputs and external data files (relative locations) of an ONNX file, weights not loaded."""
+    import onnx
+
+    from .exporter.metadata import load_onnx
+
+    model = load_onnx(path, load_external_data=False)
+
+    def tensors(values: Any) -> list[TensorConfig]:
+        out = []
+        for vi in values:
+            tt = vi.type.tensor_type
+            elem = onnx.TensorProto.DataType.Name(tt.elem_type)
+            dims = [d.dim_value if d.HasField("dim_value") else -1 for d in tt.shape.dim]
+            out.append(TensorConfig(vi.name, ONNX_ELEM_TYPES.get(elem, elem.lower()), dims))
+        return out
+
+    init_names = {i.name for i in model.graph.initializer}
+    inputs = [vi for vi in model.graph.input if vi.name not in init_names]
+    locations: list[str] = []
+    for init in model.graph.initializer:
+        if init.data_location == onnx.TensorProto.EXTERNAL:
+            for entry in init.external_data:
+                if entry.key == "location" and entry.value not in locations:
+                    locations.append(entry.value)
+    return tensors(inputs), tensors(model.graph.output), locations
+
+
+def _engine_io(path: Path) -> tuple[list[TensorConfig], list[TensorConfig], int, dict[str, Any]]:
+    """Inputs, outputs, the largest profile batch and the sidecar of an engine."""
+    from .engines.sidecar import read_sidecar  # lazy: the engine side is optional
+
+    data = read_sidecar(path)
+    ins, outs = [], []
+    for t in data["io"]:
+        cfg = TensorConfig(t["name"], str(t["dtype"]), [int(d) for d in t["shape"]])
+        (ins if t.get("mode", "input") == "input" else outs).append(cfg)
+    max_batch = max(int(p["max"][0]) for p in data["profiles"]) if data["profiles"] else 0
+    return ins, outs, max_batch, data
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the config text
+# ---------------------------------------------------------------------------------------------------------------------
+def _triton_dtype(name: str) -> str:
+    if name not in TRITON_DTYPES:
+        raise UsageError(f"tensor data type {name!r} has no Triton equivalent")
+    return TRITON_DTYPES[name]
+
+
+def _tensor_block(t: TensorConfig, batched: bool) -> str:
+    dims = t.dims
+    lines = [f'    name: "{t.name}"', f"    data_type: {_triton_dtype(t.dtype)}"]
+    if batched:
+        if not dims:
+            raise UsageError(f"tensor {t.name} is a scalar; it cannot be batched (use --max-batch 0)")
+        if dims[0] not in (-1,) and dims[0] < 1:
+            raise UsageError(f"tensor {t.name}: bad batch dim {dims[0]}")
+        dims = dims[1:]
+        if not dims:
+            # Batch-only tensor such as t [B]: Triton wants at least one dim, so [1] reshaped to [].
+            lines.append("    dims: [ 1 ]")
+            lines.append("    reshape: { shape: [ ] }")
+            return "  {\n" + "\n".join(lines) + "\n  }"
+    lines.append(f"    dims: [ {', '.join(str(d) for d in dims)} ]")
+    return "  {\n" + "\n".join(lines) + "\n  }"
+
+
+def config_text(name: str, platform: str, inputs: list[TensorConfig], outputs: list[TensorConfig], *,
+                max_batch_size: int, instances: int, kind: str, header: list[str] | None = None) -> str:
+    """config.pbtxt for the given tensors (dims with the batch dim first)."""
+    batched = max_batch_size > 0
+    parts = [f"# {line}" for line in (header or [])]
+    parts += [f'name: "{name}"', f'platform: "{platform}"', f"max_batch_size: {max_batch_size}"]
+    parts.append("input [\n" + ",\n".join(_tensor_block(t, batched) for t in inputs) + "\n]")
+    parts.append("output [\n" + ",\n".join(_tensor_block(t, batched) for t in outputs) + "\n]")
+    parts.append(f"instance_group [\n  {{\n    count: {instances}\n    kind: KIND_{kind.upper()}\n  }}\n]")
+    if batched:
+        # Lets Triton merge concurrent requests of the same H x W into one batch.
+        parts.append("dynamic_batching { }")
+    return "\n".join(parts) + "\n"
+
+
+_PB2: Any = None
+
+
+def model_config_pb2() -> Any:
+    """tritonclient's model_config_pb2 module.
+
+    It is imported from ``tritonclient.grpc``; where tritonclient was installed
+    without its grpc extra (the package's __init__ then refuses to import) the
+    generated module, which needs only protobuf, is loaded from its file.
+    """
+    global _PB2
+    if _PB2 is not None:
+        return _PB2
+    try:
+        from tritonclient.grpc import model_config_pb2 as pb2  # type: ignore[import-not-found]
+    except (ImportError, RuntimeError):
+        spec = importlib.util.find_spec("tritonclient")
+        if spec is None or not spec.submodule_search_locations:
+            raise ImportError("tritonclient is not installed (pip install 'attn-export[triton]')") from None
+        file = Path(list(spec.submodule_search_locations)[0]) / "grpc" / "model_config_pb2.py"
+        if not file.is_file():
+            raise ImportError(f"tritonclient has no {file}") from None
+        mod_spec = importlib.util.spec_from_file_location("attn_export._triton_model_config_pb2", file)
+        assert mod_spec is not None and mod_spec.loader is not None
+        pb2 = importlib.util.module_from_spec(mod_spec)
+        sys.modules[mod_spec.name] = pb2
+        mod_spec.loader.exec_module(pb2)
+    _PB2 = pb2
+    return pb2
+
+
+def parse_config(text: str) -> Any:
+    """Parse config.pbtxt text into tritonclient's ModelConfig message (raises on a malformed config)."""
+    from google.protobuf import text_format
+
+    return text_format.Parse(text, model_config_pb2().ModelConfig())
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# writing the repository
+# ---------------------------------------------------------------------------------------------------------------------
+_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+def write_model_repository(artifact: str | Path, repo: str | Path, *, name: str | None = None, version: int = 1,
+                           instances: int = 1, kind: str | None = None, max_batch: int | None = None,
+                           force: bool = False) -> TritonModel:
+    """Write ``repo/name/`` for an ONNX file or an engine; refuses an existing model folder unless ``force``.
+
+    The folder is assembled next to its final place and renamed into it, so an
+    interrupted run leaves either the old model or the new one, never a mix.
+    """
+    src = Path(artifact)
+    if not src.is_file():
+        raise UsageError(f"artifact not found: {src}")
+    repo = Path(repo)
+    if repo.exists() and not repo.is_dir():
+        raise UsageError(f"--repo {repo} exists and is not a folder")
+    name = name or re.sub(r"[^A-Za-z0-9_.-]", "_", src.stem)
+    if not _NAME_RE.match(name) or name in (".", ".."):
+        raise UsageError(f"bad model name {name!r}: use letters, digits, '_', '-' and '.'")
+    if version < 1:
+        raise UsageError(f"--version must be a positive integer (got {version})")
+    if instances < 1:
+        raise UsageError(f"--instances must be at least 1 (got {instances})")
+    is_engine = src.suffix.lower() in ENGINE_SUFFIXES
+    header = [f"written by attn-export from {src.name}"]
+    if is_engine:
+        inputs, outputs, profile_max, sidecar = _engine_io(src)
+        kind = (kind or "gpu").lower()
+        if kind != "gpu":
+            raise UsageError("a TensorRT engine runs on the GPU only; use --kind gpu (or serve the ONNX file on CPU)")
+        if max_batch is None:
+            max_batch = profile_max
+        elif max_batch > profile_max:
+            raise UsageError(f"--max-batch {max_batch} exceeds the engine's largest profile batch {profile_max}; "
+                             "rebuild the engine with a larger max batch")
+        platform, file_name, extra = "tensorrt_plan", "model.plan", []
+        # A plan only loads on the TensorRT that built it: pick the Triton release that ships it.
+        header.append(f"TensorRT {sidecar.get('tensorrt_version', '?')}, GPU {sidecar.get('gpu', {}).get('name', '?')} "
+                      f"(compute capability {sidecar.get('gpu', {}).get('compute_capability', '?')}); "
+                      "use a Triton release with this TensorRT version")
+    else:
+        inputs, outputs, extra = _onnx_io(src)
+        kind = (kind or "cpu").lower()
+        if max_batch is None:
+            max_batch = DEFAULT_ONNX_MAX_BATCH
+        platform, file_name = "onnxruntime_onnx", "model.onnx"
+    if kind not in ("gpu", "cpu"):
+        raise UsageError(f"--kind must be gpu or cpu (got {kind!r})")
+    if max_batch < 0:
+        raise UsageError(f"--max-batch must be 0 (no batching) or more (got {max_batch})")
+    if max_batch > 0:
+        unbatched = [t.name for t in inputs + outputs if not t.dims or t.dims[0] not in (-1,)]
+        if unbatched and not is_engine:
+            raise UsageError(f"tensor(s) {', '.join(unbatched)} have a fixed first dim, so Triton cannot batch them; "
+                             "use --max-batch 0")
+    text = config_text(name, platform, inputs, outputs, max_batch_size=max_batch, instances=instances, kind=kind,
+                       header=header)
+    validated = False
+    try:
+        parse_config(text)
+        validated = True
+    except ImportError:
+        pass  # tritonclient is optional: the config is still written, reported as not validated
+    except Exception as exc:  # noqa: BLE001 - protobuf's ParseError: our bug, but say it in one line
+        raise UsageError(f"generated config.pbtxt does not parse as a Triton ModelConfig: {exc}") from None
+
+    model_dir = repo / name
+    if model_dir.exists() and not force:
+        raise UsageError(f"model folder exists: {model_dir} (use --force to replace it)")
+    repo.mkdir(parents=True, exist_ok=True)
+    copied: list[Path] = []
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=repo))
+    try:
+        vdir = tmp / str(version)
+        vdir.mkdir()
+        shutil.copyfile(src, vdir / file_name)
+        for loc in extra:
+            data = src.parent / loc
+            if not data.is_file():
+                raise UsageError(f"{src.name} refers to external data {loc} that is not next to it")
+            # Same relative name: the ONNX file records it, so it must not be renamed.
+            (vdir / loc).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(data, vdir / loc)
+            copied.append(model_dir / str(version) / loc)
+        (tmp / "config.pbtxt").write_text(text, encoding="utf-8")
+        old = None
+        if model_dir.exists():
+            old = repo / f".{name}.old-{os.getpid()}"
+            os.replace(model_dir, old)
+        os.replace(tmp, model_dir)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return TritonModel(name=name, platform=platform, model_dir=model_dir,
+                       model_file=model_dir / str(version) / file_name, config_path=model_dir / "config.pbtxt",
+                       config_text=text, max_batch_size=max_batch, inputs=inputs, outputs=outputs, copied=copied,
+                       validated=validated)

@@ -1,0 +1,135 @@
+"""`attn-export bench`: the table, the JSON report and its fields. No timing assertions: numbers go to docs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from attn_export import cli
+from attn_export.bench import PeakHostMemory, latency_stats, parse_backends, run_bench
+from attn_export.errors import AttnExportError, UsageError
+
+LATENCY_KEYS = {"mean", "median", "p90", "p99", "min", "max"}
+
+
+@pytest.fixture()
+def wide_console(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Room for the whole table, so assertions see unwrapped cells."""
+    monkeypatch.setattr(cli.console, "width", 250)
+
+
+class _Result:
+    """Exit code and text as a user sees them: cli.main turns library errors into one line and exit code."""
+
+    def __init__(self, res) -> None:
+        self.exit_code, self.output = res.exit_code, res.output
+        if isinstance(res.exception, AttnExportError):
+            self.exit_code, self.output = res.exception.exit_code, res.output + str(res.exception)
+
+
+def _invoke(*args: str) -> _Result:
+    return _Result(CliRunner().invoke(cli.app, list(args)))
+
+
+def test_cli_prints_table_and_writes_json(tiny_onnx: Path, tmp_path: Path, wide_console: None) -> None:
+    out = tmp_path / "bench.json"
+    res = _invoke("bench", str(tiny_onnx), "--backend", "pytorch,onnxruntime", "--shapes", "1x16x16,2x8x12",
+                  "--warmup", "1", "--iterations", "3", "--threads", "1", "--json", str(out))
+    assert res.exit_code == 0, res.output
+    for word in ("pytorch", "onnxruntime", "1x16x16", "2x8x12", "median ms", "p99 ms", "images/s", "peak host",
+                 "vs pytorch", "1.00x"):
+        assert word in res.output, word
+    assert [p.name for p in tmp_path.iterdir()] == ["bench.json"]  # atomic write: no temporary left behind
+
+    report = json.loads(out.read_text())
+    assert report["tool"] == "attn-export bench"
+    assert {"torch", "onnxruntime", "cpu_count", "platform"} <= set(report["host"])
+    assert report["settings"]["threads"] == 1 and report["settings"]["iterations"] == 3
+    rows = report["results"]
+    assert [(r["backend"], r["shape"]) for r in rows] == [
+        ("pytorch", [1, 16, 16]), ("pytorch", [2, 8, 12]), ("onnxruntime", [1, 16, 16]), ("onnxruntime", [2, 8, 12])]
+    for r in rows:
+        assert r["status"] == "ok" and r["error"] is None
+        assert r["warmup"] == 1 and r["iterations"] == 3
+        assert set(r["latency_ms"]) == LATENCY_KEYS
+        lat = r["latency_ms"]
+        assert 0 < lat["min"] <= lat["median"] <= lat["p90"] <= lat["p99"] <= lat["max"]
+        assert r["throughput_images_per_s"] == pytest.approx(r["shape"][0] / (lat["mean"] / 1e3))
+        assert r["peak_host_mib"] is not None and r["peak_host_mib"] >= 0
+        assert r["peak_device_mib"] is None  # no GPU here
+        assert r["ratio_to_pytorch"] == pytest.approx(lat["median"] / next(
+            p["latency_ms"]["median"] for p in rows if p["backend"] == "pytorch" and p["shape"] == r["shape"]))
+        assert r["settings"]["threads"] == 1
+    assert rows[0]["ratio_to_pytorch"] == 1.0
+    assert rows[0]["settings"]["attention_impl"] == "reference"
+    assert rows[2]["settings"]["providers"] == ["CPUExecutionProvider"]
+    assert rows[2]["settings"]["graph_optimization"] == "all"
+
+
+def test_time_budget_and_attention_impl(tiny_onnx: Path) -> None:
+    report = run_bench(tiny_onnx, backends=["pytorch-sdpa", "pytorch"], shapes=[(1, 8, 8)], warmup=0,
+                       time_budget=0.05, attention_impl="decomposed")
+    sdpa, plain = report["results"]
+    assert sdpa["settings"]["attention_impl"] == "sdpa" and plain["settings"]["attention_impl"] == "decomposed"
+    assert sdpa["iterations"] >= 1 and report["settings"]["time_budget_s"] == 0.05
+    assert sdpa["ratio_to_pytorch"] == 1.0  # the first PyTorch backend is the reference of the run
+
+
+def test_unavailable_backend_is_reported_not_fatal(tiny_onnx: Path, wide_console: None) -> None:
+    res = _invoke("bench", str(tiny_onnx), "--backend", "onnxruntime,tensorrt", "--shapes", "1x8x8",
+                  "--warmup", "0", "--iterations", "1")
+    assert res.exit_code == 0, res.output
+    assert "unavailable" in res.output and "engine" in res.output
+
+
+def test_default_backends_and_shape(tiny_onnx: Path) -> None:
+    report = run_bench(tiny_onnx, warmup=0, iterations=1)
+    rows = report["results"]
+    assert [r["backend"] for r in rows] == ["pytorch", "onnxruntime"]
+    assert rows[0]["shape"][0] == 1
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--iterations", "2", "--time-budget", "1"], "not both"),
+        (["--backend", "tensorflow"], "unknown backend"),
+        (["--shapes", "1x30x30"], "multiples of 4"),
+        (["--shapes", "1x32"], "BATCHxHEIGHTxWIDTH"),
+        (["--attention-impl", "flash"], "--attention-impl"),
+        (["--iterations", "0"], "at least 1"),
+    ],
+)
+def test_bad_options_exit_2_with_a_reason(tiny_onnx: Path, args: list[str], message: str) -> None:
+    res = _invoke("bench", str(tiny_onnx), *args)
+    assert res.exit_code == 2
+    assert message in res.output
+
+
+def test_missing_artifact(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="not found"):
+        run_bench(tmp_path / "nope.onnx")
+
+
+def test_parse_backends_aliases() -> None:
+    assert parse_backends("torch, ort,trt,ort") == ["pytorch", "onnxruntime", "tensorrt"]
+
+
+def test_latency_stats() -> None:
+    stats = latency_stats([0.001, 0.002, 0.003, 0.004, 0.010])
+    assert stats["median"] == pytest.approx(3.0)
+    assert stats["mean"] == pytest.approx(4.0)
+    assert stats["min"] == pytest.approx(1.0) and stats["max"] == pytest.approx(10.0)
+    assert stats["median"] < stats["p90"] < stats["p99"] <= stats["max"]
+
+
+def test_peak_host_memory_sees_a_short_spike() -> None:
+    with PeakHostMemory() as mem:
+        block = np.ones(64 * 2**20 // 8)  # 64 MiB, touched, then freed inside the block
+        del block
+    assert mem.method in ("VmHWM", "sampled VmRSS")
+    assert mem.growth_mib is not None and mem.growth_mib >= 48
