@@ -1,0 +1,473 @@
+"""FP16 conversion of an exported FP32 model, with FP32 islands chosen by an audit.
+
+TensorRT 11 removed the FP16 builder flag: precision must be in the ONNX
+graph (shared/reference/tensorrt.md section 1). :func:`convert_fp16` writes
+an FP16 ONNX with FP16 weights and compute, FP32 inputs/outputs by default,
+and FP32 islands for normalization, the time embedding and every node the
+range audit (:mod:`.audit`) flags.
+
+Converter choice: our own pass (this module), not ModelOpt AutoCast and not
+``onnxruntime.transformers.float16.convert_float_to_float16``.
+
+* AutoCast does the right thing (it keeps out-of-range nodes FP32, keeps
+  Resize scales FP32 and the opset), but on Linux x86_64 its ``[onnx]``
+  extra pulls onnxruntime-gpu~=1.24 and cupy; a CPU install needs
+  ``pip install --no-deps nvidia-modelopt`` plus onnxslim, polygraphy,
+  onnx_graphsurgeon and nvidia-ml-py by hand, which ``pip install
+  attn-export`` cannot express. Its range rule also runs its own reference
+  pass on random [-1, 1] inputs unless given calibration data.
+* ONNX Runtime's converter is installed already, but it wraps *each*
+  blocked node in its own Cast pair, so two adjacent FP32 nodes exchange
+  their tensor through FP16 (observed: ``Conv -> Cast(fp16) -> Cast(fp32)
+  -> Add`` for a blocked Conv/Add pair). A value above 65504 between two
+  FP32 nodes becomes inf, exactly what the islands are for; it also
+  converts Constant nodes feeding FP32 nodes to FP16 and back, and appends
+  its Casts at the end of the graph (needing a re-sort).
+* The pass below needs only ``onnx``: it assigns FP16 or FP32 to every
+  float node, gives each tensor its producer's type, and adds one Cast per
+  (tensor, type) where a consumer needs the other type, placed right after
+  the producer. Inputs the schema fixes to ``tensor(float)`` (Resize
+  ``scales``) stay FP32; type-free inputs (Shape) are left alone.
+  Initializers used only by FP16 nodes become FP16 (clamped to +-65504);
+  ones shared with FP32 nodes get an FP16 copy. The opset is unchanged.
+
+ONNX Runtime on CPU hides FP16 overflow, so besides the comparison with
+PyTorch the result is checked with :func:`.audit.emulate_fp16`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from ..atomic import atomic_path, check_output_path
+from ..errors import AttnExportError, UsageError
+from ..spec import ModelSpec, format_shape
+from .audit import (DEFAULT_THRESHOLD, FP16_MAX, AuditReport, EmulationReport, Fp32Island, audit_fp16,
+                    emulate_fp16, value_types)
+from .metadata import embed_spec, load_onnx, spec_from_model
+
+Shape = tuple[int, int, int]
+ProgressFn = Callable[[str], None]
+F32, F16 = TensorProto.FLOAT, TensorProto.FLOAT16
+# Ops whose float output type comes from an attribute, not from their inputs: left in FP32.
+_DTYPE_ATTR_OPS = frozenset({"ConstantOfShape", "EyeLike", "RandomNormal", "RandomUniform", "RandomNormalLike",
+                             "RandomUniformLike", "Multinomial", "Bernoulli"})
+
+
+@dataclass
+class Fp16Result:
+    """What :func:`convert_fp16` produced."""
+
+    path: Path
+    source: Path
+    spec: ModelSpec
+    audit: AuditReport
+    fp32_nodes: list[Fp32Island]
+    nodes_fp16: int
+    nodes_fp32: int
+    nodes_other: int            # nodes with no float output (Shape, int arithmetic, ...)
+    casts_added: int
+    initializers_fp16: int
+    initializers_fp32: int
+    clamped_initializers: list[str]
+    attention: list[dict[str, Any]]   # per attention node: name and Q/K/V dtypes
+    size_bytes: int
+    seconds: float
+    check: dict[str, Any] | None = None
+    emulation: EmulationReport | None = None
+    forced_fp16: list[str] = field(default_factory=list)
+    steps: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "path": str(self.path), "source": str(self.source), "precision": self.spec.precision,
+            "nodes": {"fp16": self.nodes_fp16, "fp32": self.nodes_fp32, "other": self.nodes_other},
+            "casts_added": self.casts_added,
+            "initializers": {"fp16": self.initializers_fp16, "fp32": self.initializers_fp32,
+                             "clamped": self.clamped_initializers},
+            "fp32_nodes": [i.to_dict() for i in self.fp32_nodes],
+            "forced_fp16": list(self.forced_fp16),
+            "attention": self.attention,
+            "audit": self.audit.to_dict(),
+            "check": self.check,
+            "emulation": self.emulation.to_dict() if self.emulation else None,
+            "size_bytes": self.size_bytes, "seconds": round(self.seconds, 3),
+            "steps": {k: round(v, 3) for k, v in self.steps.items()},
+        }
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the conversion pass
+# ---------------------------------------------------------------------------------------------------------------------
+def _opset(model: onnx.ModelProto, domain: str = "") -> int:
+    return next((o.version for o in model.opset_import if o.domain in ((domain, "ai.onnx") if domain == "" else (domain,))), 0)
+
+
+def _input_rules(node: onnx.NodeProto, opset: int) -> list[str]:
+    """Per input: 'tied' (follows the node's precision), 'fixed32' (schema says tensor(float)) or 'free'."""
+    try:
+        schema = onnx.defs.get_schema(node.op_type, opset, node.domain or "")
+    except Exception:  # noqa: BLE001 - unknown/custom op: every float input follows the node
+        return ["tied"] * len(node.input)
+    formals = list(schema.inputs)
+    out_types = {o.type_str for o in schema.outputs}
+    rules = []
+    for i in range(len(node.input)):
+        f = formals[min(i, len(formals) - 1)] if formals else None
+        if f is None:
+            rules.append("tied")
+        elif f.type_str.startswith("tensor("):
+            rules.append("fixed32" if f.type_str == "tensor(float)" else "free")
+        else:
+            shared = f.type_str in out_types or sum(g.type_str == f.type_str for g in formals) > 1
+            rules.append("tied" if shared else "free")
+    return rules
+
+
+def _constants_to_initializers(model: onnx.ModelProto) -> None:
+    """Float Constant nodes become initializers, so one rule (per-consumer type) handles all weights."""
+    keep = []
+    for n in model.graph.node:
+        if n.op_type == "Constant" and n.domain in ("", "ai.onnx") and len(n.attribute) == 1 and n.attribute[0].name == "value":
+            t = onnx.TensorProto()
+            t.CopyFrom(n.attribute[0].t)
+            if t.data_type == F32:
+                t.name = n.output[0]
+                model.graph.initializer.append(t)
+                continue
+        keep.append(n)
+    if len(keep) != len(model.graph.node):
+        del model.graph.node[:]
+        model.graph.node.extend(keep)
+
+
+def _to_fp16_tensor(init: onnx.TensorProto, name: str) -> tuple[onnx.TensorProto, bool]:
+    """FP16 copy of an FP32 initializer, clamped to the FP16 range; also returns whether clamping happened."""
+    a = numpy_helper.to_array(init).astype(np.float32)
+    clamped = bool(a.size) and bool(np.nanmax(np.abs(a)) > FP16_MAX)
+    a16 = np.clip(a, -FP16_MAX, FP16_MAX).astype(np.float16)
+    return numpy_helper.from_array(a16, name), clamped
+
+
+def convert_graph(
+    model: onnx.ModelProto,
+    fp32_nodes: Iterable[str],
+    *,
+    keep_io_types: bool = True,
+) -> dict[str, Any]:
+    """Convert ``model`` in place: FP16 everywhere except the named nodes; returns counts for the summary."""
+    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in model.graph.node for a in n.attribute):
+        raise UsageError("models with subgraphs (If/Loop/Scan) are not supported by the FP16 conversion")
+    _constants_to_initializers(model)
+    types = value_types(model)
+    if any(t == F16 for t in types.values()):
+        raise UsageError("the model already holds FP16 tensors; convert the FP32 export")
+    g = model.graph
+    opset = _opset(model)
+    blocked = set(fp32_nodes)
+    inits = {i.name: i for i in g.initializer}
+
+    # 1. node precision: "fp32", "fp16" or None (no float output: left alone).
+    precision: dict[int, str | None] = {}
+    for idx, n in enumerate(g.node):
+        makes_float = any(types.get(o) == F32 for o in n.output if o)
+        if not makes_float:
+            precision[idx] = None
+        elif n.name in blocked or n.op_type in _DTYPE_ATTR_OPS:
+            precision[idx] = "fp32"
+        else:
+            precision[idx] = "fp16"
+
+    # 2. tensor types after conversion: graph inputs, then node outputs.
+    dtype: dict[str, int] = {}
+    for vi in g.input:
+        if types.get(vi.name) == F32 and vi.name not in inits:
+            dtype[vi.name] = F32 if keep_io_types else F16
+    for idx, n in enumerate(g.node):
+        p = precision[idx]
+        for o in n.output:
+            if o and types.get(o) == F32:
+                dtype[o] = F16 if p == "fp16" else F32
+        if p == "fp16" and n.op_type == "Cast":
+            for a in n.attribute:
+                if a.name == "to" and a.i == F32:
+                    a.i = F16
+
+    # 3. what each consumer needs; initializers decided from their consumers.
+    needs: list[tuple[int, int, int]] = []  # (node index, input index, required type)
+    init_needs: dict[str, set[int]] = {}
+    for idx, n in enumerate(g.node):
+        p = precision[idx]
+        rules = _input_rules(n, opset)
+        for i, name in enumerate(n.input):
+            if not name or (types.get(name) != F32):
+                continue
+            rule = rules[i] if i < len(rules) else "tied"
+            if rule == "free" or p is None:
+                continue
+            want = F32 if (rule == "fixed32" or p == "fp32") else F16
+            if name in inits:
+                init_needs.setdefault(name, set()).add(want)
+            needs.append((idx, i, want))
+
+    clamped: list[str] = []
+    fp16_copy: dict[str, str] = {}
+    n_init16 = 0
+    for name, wants in init_needs.items():
+        if wants == {F16}:
+            t, c = _to_fp16_tensor(inits[name], name)
+            inits[name].CopyFrom(t)
+            dtype[name] = F16
+            n_init16 += 1
+        elif F16 in wants:
+            # Shared with FP32 consumers: keep FP32, add an FP16 copy (no Cast at run time).
+            new = f"{name}__fp16"
+            t, c = _to_fp16_tensor(inits[name], new)
+            g.initializer.append(t)
+            fp16_copy[name] = new
+            dtype[name] = F32
+            n_init16 += 1
+        else:
+            c = False
+            dtype[name] = F32
+        if c:
+            clamped.append(name)
+
+    # 4. rewire inputs, collecting the Casts to add (one per tensor and target type).
+    casts: dict[tuple[str, int], str] = {}
+    for idx, i, want in needs:
+        n = g.node[idx]
+        name = n.input[i]
+        have = dtype.get(name, F32)
+        if have == want:
+            continue
+        if name in fp16_copy and want == F16:
+            n.input[i] = fp16_copy[name]
+            continue
+        key = (name, want)
+        if key not in casts:
+            casts[key] = f"{name}__to_{'fp16' if want == F16 else 'fp32'}"
+        n.input[i] = casts[key]
+
+    # 5. graph outputs: FP32 with keep_io_types, FP16 otherwise; the producer's tensor is renamed.
+    out_fix: list[tuple[str, str, int]] = []
+    for vi in g.output:
+        if types.get(vi.name) != F32 or vi.name not in dtype:
+            continue
+        want = F32 if keep_io_types else F16
+        if dtype[vi.name] != want:
+            inner = f"{vi.name}__{'fp16' if dtype[vi.name] == F16 else 'fp32'}"
+            for n in g.node:
+                for j, o in enumerate(n.output):
+                    if o == vi.name:
+                        n.output[j] = inner
+                for j, x in enumerate(n.input):
+                    if x == vi.name:
+                        n.input[j] = inner
+            for k in [k for k in casts if k[0] == vi.name]:
+                casts[(inner, k[1])] = casts.pop(k)
+            dtype[inner] = dtype[vi.name]
+            out_fix.append((inner, vi.name, want))
+        vi.type.tensor_type.elem_type = want
+    for vi in g.input:
+        if vi.name in dtype:
+            vi.type.tensor_type.elem_type = dtype[vi.name]
+
+    # 6. rebuild the node list: casts right after their source is available.
+    by_source: dict[str, list[onnx.NodeProto]] = {}
+    for (src, want), out in casts.items():
+        by_source.setdefault(src, []).append(helper.make_node("Cast", [src], [out], name=out + "_Cast", to=want))
+    for inner, outer, want in out_fix:
+        by_source.setdefault(inner, []).append(helper.make_node("Cast", [inner], [outer], name=outer + "__io_Cast", to=want))
+    available = {vi.name for vi in g.input} | set(inits) | {i.name for i in g.initializer}
+    nodes: list[onnx.NodeProto] = []
+    for src in list(by_source):
+        if src in available:
+            nodes.extend(by_source.pop(src))
+    for n in list(g.node):
+        nodes.append(n)
+        for o in n.output:
+            nodes.extend(by_source.pop(o, []))
+    if by_source:
+        raise RuntimeError(f"FP16 conversion: no producer for {sorted(by_source)[:3]}")
+    del g.node[:]
+    g.node.extend(nodes)
+    del g.value_info[:]
+
+    counted = [p for p in precision.values()]
+    return {
+        "nodes_fp16": counted.count("fp16"), "nodes_fp32": counted.count("fp32"), "nodes_other": counted.count(None),
+        "casts_added": len(casts) + len(out_fix), "initializers_fp16": n_init16,
+        "initializers_fp32": sum(1 for i in g.initializer if i.data_type == F32), "clamped": clamped,
+    }
+
+
+def attention_dtypes(model: onnx.ModelProto) -> list[dict[str, Any]]:
+    """Per attention block: name and the dtypes of the tensors entering it (Q, K, V)."""
+    from .audit import attention_sites
+
+    types = value_types(model)
+    names = {TensorProto.FLOAT: "float32", TensorProto.FLOAT16: "float16"}
+    by_name = {n.name: n for n in model.graph.node}
+    out = []
+    for s in attention_sites(model):
+        node = by_name[s.nodes[0]] if s.form == "op" else None
+        qkv = list(node.input[:3]) if node is not None else []
+        if node is None:  # decomposed: the first MatMul's inputs and the second MatMul's V
+            mms = [by_name[n] for n in s.nodes if by_name[n].op_type == "MatMul"]
+            qkv = [mms[0].input[0], mms[0].input[1], mms[-1].input[1]]
+        out.append({"block": s.name, "form": s.form, "q": names.get(types.get(qkv[0], 0), "?"),
+                    "k": names.get(types.get(qkv[1], 0), "?"), "v": names.get(types.get(qkv[2], 0), "?")})
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# public entry point
+# ---------------------------------------------------------------------------------------------------------------------
+def default_check_shapes(spec: ModelSpec) -> list[Shape]:
+    """Two quick shapes for the comparison with PyTorch: a square one and a non-square one at batch 2."""
+    from .audit import _round_up
+
+    m = spec.hw_multiple
+    out = []
+    for b, h, w in ((1, _round_up(16, m), _round_up(16, m)), (2, _round_up(16, m), _round_up(24, m))):
+        for k in range(1, 5):
+            try:
+                spec.check_shape(b, h, w * k)
+            except AttnExportError:
+                continue
+            out.append((b, h, w * k))
+            break
+    return list(dict.fromkeys(out))
+
+
+def convert_fp16(
+    onnx_in: str | Path,
+    onnx_out: str | Path,
+    *,
+    keep_io_types: bool = True,
+    threshold: float = DEFAULT_THRESHOLD,
+    calibration_shapes: Sequence[Shape] | None = None,
+    extra_fp32_ops: Iterable[str] = (),
+    force: bool = False,
+    force_fp16_nodes: Iterable[str] = (),
+    extra_fp32_nodes: Iterable[str] = (),
+    check: bool = True,
+    check_shapes: Sequence[Shape] | None = None,
+    progress: ProgressFn | None = None,
+) -> Fp16Result:
+    """Convert an attn-export FP32 ONNX file to FP16 with audited FP32 islands; write ``onnx_out`` atomically.
+
+    ``threshold``: activation absmax above which nodes stay FP32 (see
+    :mod:`.audit`). ``extra_fp32_ops``: op types kept FP32 as well.
+    ``force_fp16_nodes`` / ``extra_fp32_nodes``: per-node overrides (the
+    first for experiments: it can reintroduce overflow). With ``check`` the
+    result is compared with PyTorch (fp16 tolerances, :func:`attn_export.verify.verify`)
+    and run through the FP16 emulation at the largest calibration shape
+    before it is put in place; a failure leaves nothing behind (exit 1).
+    """
+    t_start = time.perf_counter()
+    steps: dict[str, float] = {}
+    src = Path(onnx_in)
+    out = check_output_path(onnx_out, force=force)
+    if src.resolve() == out.resolve():
+        raise UsageError("the FP16 output must be a different file from the input")
+    if not threshold or not 0 < threshold <= FP16_MAX:
+        raise UsageError(f"--threshold must be in (0, {FP16_MAX:g}] (got {threshold})")
+
+    def step(name: str) -> None:
+        if progress:
+            progress(name)
+        steps[name] = time.perf_counter()
+
+    def done(name: str) -> None:
+        steps[name] = time.perf_counter() - steps[name]
+
+    step("load")
+    model = load_onnx(src)
+    spec = spec_from_model(model, origin=str(src))
+    if spec.precision != "fp32":
+        raise UsageError(f"{src} is already {spec.precision}; convert the FP32 export")
+    if any(i.data_location == TensorProto.EXTERNAL for i in model.graph.initializer) or model.ByteSize() >= 2**31 - 2**26:
+        raise UsageError(f"{src} is too large for an in-memory FP16 conversion (over 2 GB)")
+    done("load")
+
+    step("audit")
+    report = audit_fp16(model, threshold=threshold, calibration_shapes=calibration_shapes, extra_fp32_ops=extra_fp32_ops,
+                        spec=spec, progress=progress)
+    done("audit")
+    node_names = {n.name for n in model.graph.node}
+    forced = list(dict.fromkeys(force_fp16_nodes))
+    unknown = [n for n in forced + list(extra_fp32_nodes) if n not in node_names]
+    if unknown:
+        raise UsageError(f"no node named {unknown[0]!r} in {src}")
+    islands = [i for i in report.fp32_nodes if i.node not in set(forced)]
+    have = {i.node for i in islands}
+    by_name = {n.name: n for n in model.graph.node}
+    islands += [Fp32Island(n, by_name[n].op_type, "user", "requested in FP32") for n in extra_fp32_nodes if n not in have]
+
+    step("convert")
+    orig_opset = [(o.domain, o.version) for o in model.opset_import]
+    counts = convert_graph(model, [i.node for i in islands], keep_io_types=keep_io_types)
+    fp16_spec = ModelSpec.from_dict({**spec.to_dict(), "precision": "fp16"})
+    if not keep_io_types:
+        for t in fp16_spec.inputs + fp16_spec.outputs:
+            if t.dtype == "float32":
+                t.dtype = "float16"
+    try:
+        model = onnx.shape_inference.infer_shapes(model, strict_mode=True, data_prop=True)
+        onnx.checker.check_model(model, full_check=True)
+    except Exception as exc:  # noqa: BLE001 - a bug in the pass, reported as one line
+        raise AttnExportError(f"the FP16 model failed the ONNX checks: {str(exc).splitlines()[0]}", exit_code=1) from None
+    if [(o.domain, o.version) for o in model.opset_import] != orig_opset:
+        raise AttnExportError("the FP16 conversion changed the opset", exit_code=1)
+    embed_spec(model, fp16_spec)
+    attention = attention_dtypes(model)
+    done("convert")
+
+    check_result: dict[str, Any] | None = None
+    emulation: EmulationReport | None = None
+    with atomic_path(out, suffix=".onnx") as tmp:
+        onnx.save_model(model, str(tmp))
+        if check:
+            step("check against PyTorch")
+            check_result = _check_against_torch(tmp, check_shapes or default_check_shapes(spec))
+            done("check against PyTorch")
+            step("FP16 emulation")
+            largest = max(report.calibration_shapes, key=lambda s: s[0] * s[1] * s[2])
+            emulation = emulate_fp16(model, [largest], spec=fp16_spec)
+            done("FP16 emulation")
+            if not check_result["passed"]:
+                raise AttnExportError(f"FP16 model disagrees with PyTorch ({check_result['failures'][0]}); nothing was written",
+                                      exit_code=1)
+            if not emulation.ok:
+                f = emulation.first()
+                assert f is not None
+                raise AttnExportError(f"FP16 model overflows: {f.tensor} ({f.op_type}) is non-finite at "
+                                      f"{format_shape(f.shape)}; nothing was written", exit_code=1)
+    return Fp16Result(
+        path=out, source=src, spec=fp16_spec, audit=report, fp32_nodes=islands,
+        nodes_fp16=counts["nodes_fp16"], nodes_fp32=counts["nodes_fp32"], nodes_other=counts["nodes_other"],
+        casts_added=counts["casts_added"], initializers_fp16=counts["initializers_fp16"],
+        initializers_fp32=counts["initializers_fp32"], clamped_initializers=counts["clamped"], attention=attention,
+        size_bytes=out.stat().st_size, seconds=time.perf_counter() - t_start, check=check_result, emulation=emulation,
+        forced_fp16=forced, steps=steps,
+    )
+
+
+def _check_against_torch(path: Path, shapes: Sequence[Shape]) -> dict[str, Any]:
+    """Compare the FP16 file with PyTorch via :func:`attn_export.verify.verify` (FP16 default tolerances)."""
+    from ..verify import verify
+
+    r = verify(path, shapes=[tuple(s) for s in shapes])
+    per = [{"shape": list(s.shape), "max_abs_err": max(o.max_abs for o in s.outputs),
+            "mean_abs_err": max(o.mean_abs for o in s.outputs), "passed": s.passed} for s in r.shapes]
+    return {"passed": r.passed, "shapes": per, "max_abs_err": max(p["max_abs_err"] for p in per),
+            "tolerances": r.tolerances.describe(), "failures": r.failures()}
