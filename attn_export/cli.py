@@ -51,8 +51,15 @@ def _root(
     """Diffusion UNets with self-attention, from PyTorch to ONNX and TensorRT."""
 
 
+def _print_error(message: str, label: str = "error:") -> None:
+    """One line on stderr; the message is plain text (a '[trt]' in it is not rich markup)."""
+    from rich.text import Text
+
+    err_console.print(Text.assemble((label, "bold red"), " ", message), highlight=False, soft_wrap=True)
+
+
 def _fail(message: str, code: int) -> None:
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    _print_error(message)
     raise typer.Exit(code)
 
 
@@ -644,7 +651,7 @@ def fp16_cmd(
     except AttnExportError as exc:
         from rich.markup import escape
 
-        _fail(escape(str(exc)), exc.exit_code)  # escaped: messages hold things like attn-export[trt]
+        _fail(str(exc), exc.exit_code)
     _print_fp16(result)
     if report is not None:
         from .atomic import write_text_atomic
@@ -725,7 +732,7 @@ def trt_cmd(
     except AttnExportError as exc:
         from rich.markup import escape
 
-        _fail(escape(str(exc)), exc.exit_code)  # escaped: the install hint says attn-export[trt]
+        _fail(str(exc), exc.exit_code)
     console.print(f"engine written to {built.engine_path} ({_human_size(built.size_bytes)}, TensorRT {built.tensorrt_version}, "
                   f"{built.gpu.name}) with sidecar {built.sidecar_path} in {built.seconds:.1f} s", highlight=False)
     fusion = getattr(built.fusion, "summary", None)
@@ -741,7 +748,7 @@ def main() -> None:
     try:
         app()
     except AttnExportError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        _print_error(str(exc))
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         err_console.print("interrupted; no partial output was left behind")
@@ -750,8 +757,7 @@ def main() -> None:
         if os.environ.get("ATTN_EXPORT_DEBUG"):
             raise
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        err_console.print(f"[bold red]internal error:[/] {type(exc).__name__}: {first} (set ATTN_EXPORT_DEBUG=1 for the traceback)",
-                          highlight=False, soft_wrap=True)
+        _print_error(f"{type(exc).__name__}: {first} (set ATTN_EXPORT_DEBUG=1 for the traceback)", "internal error:")
         sys.exit(1)
 
 

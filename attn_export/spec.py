@@ -94,7 +94,7 @@ class ModelSpec:
         if (height // m) * (width // m) < self.min_deep_positions:
             raise ShapeError(
                 f"{height}x{width} leaves {(height // m) * (width // m)} position(s) at the deepest level; this model's "
-                f"instance norm needs at least {self.min_deep_positions} (e.g. {m}x{2 * m})"
+                f"instance norm needs at least {self.min_deep_positions} (e.g. {2 * m}x{2 * m})"
             )
 
     def make_inputs(self, batch: int, height: int, width: int, seed: int = 0) -> dict[str, np.ndarray]:

@@ -156,3 +156,20 @@ def test_version_and_help() -> None:
     assert proc.returncode == 0 and proc.stdout.startswith("attn-export ")
     proc = run_cli("onnx", "--help")
     assert proc.returncode == 0 and "--attention" in proc.stdout and "Examples" in proc.stdout
+
+
+def test_error_text_is_not_markup(tmp_path: Path) -> None:
+    # A message holding brackets (like the install hint attn-export[trt]) must come out verbatim.
+    proc = run_cli("onnx", "--config", "[bold]x[/].json", "-o", str(tmp_path / "m.onnx"))
+    assert_one_line_error(proc, "config file not found: [bold]x[/].json")
+
+
+def test_outputs_get_normal_permissions(tmp_path: Path) -> None:
+    from attn_export.atomic import write_text_atomic
+
+    old = os.umask(0o022)
+    try:
+        write_text_atomic(tmp_path / "a.txt", "x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o644

@@ -384,32 +384,17 @@ def test_engine_without_sidecar_refused(tmp_path: Path) -> None:
 # the other presets
 # ---------------------------------------------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_verify_passes_default_sweep_ddpm_cifar10(export_model, tmp_path: Path) -> None:
-    """About 30 s on 2 cores: a 10 s export and the five-shape sweep up to 64x64."""
+@pytest.mark.parametrize("attention", ["op", "decomposed"])
+@pytest.mark.parametrize("preset, largest", [("ddpm-cifar10", 64), ("ddpm-256", 128)])
+def test_verify_passes_default_sweep_large_presets(export_model, tmp_path: Path, preset: str, largest: int,
+                                                   attention: str) -> None:
+    """The default sweep on the big presets (exports of 10-30 s each on 2 cores, sweeps of 5-15 s)."""
     out = tmp_path / "r.json"
-    result = run("verify", export_model("ddpm-cifar10", "op"), "--report", out)
+    result = run("verify", export_model(preset, attention), "--report", out)
     assert result.exit_code == 0, result.output
     data = json.loads(out.read_text())
     assert data["passed"] and len(data["shapes"]) == 5
-    assert max(s["height"] for s in data["shapes"]) == 64
-
-
-@pytest.mark.slow
-def test_verify_passes_ddpm_256_small_shapes(export_model) -> None:
-    """The export alone takes about 26 s on 2 cores; two small shapes keep the test near 30 s."""
-    result = run("verify", export_model("ddpm-256", "op"), "--shapes", "1x32x64,2x32x32")
-    assert result.exit_code == 0, result.output
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(not os.environ.get("ATTN_EXPORT_HEAVY_TESTS"), reason="about 70 s on 2 cores; set ATTN_EXPORT_HEAVY_TESTS=1")
-def test_verify_passes_default_sweep_ddpm_256(export_model, tmp_path: Path) -> None:
-    out = tmp_path / "r.json"
-    result = run("verify", export_model("ddpm-256", "op"), "--report", out)
-    assert result.exit_code == 0, result.output
-    data = json.loads(out.read_text())
-    assert data["passed"] and len(data["shapes"]) == 5
-    assert max(s["height"] for s in data["shapes"]) == 128
+    assert max(s["height"] for s in data["shapes"]) == largest
 
 
 def test_fp16_artifact_uses_fp16_tolerances(tiny_onnx: Path, tmp_path: Path) -> None:

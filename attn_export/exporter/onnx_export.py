@@ -121,7 +121,23 @@ def _convert_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
     current = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
     if current == opset:
         return model
-    return onnx.version_converter.convert_version(model, opset)
+    # The converter copies the whole model through C++ several times; weights make that slow and the
+    # adapters never read them (only small shape/axes constants), so large initializers travel aside.
+    aside: dict[str, bytes] = {}
+    for init in model.graph.initializer:
+        if init.HasField("raw_data") and len(init.raw_data) > 4096:
+            aside[init.name] = init.raw_data
+            init.ClearField("raw_data")
+    try:
+        converted = onnx.version_converter.convert_version(model, opset)
+    finally:
+        for init in model.graph.initializer:
+            if init.name in aside:
+                init.raw_data = aside[init.name]
+    for init in converted.graph.initializer:
+        if init.name in aside:
+            init.raw_data = aside[init.name]
+    return converted
 
 
 def _initializer_bytes(model: onnx.ModelProto) -> int:
