@@ -38,3 +38,23 @@ def tiny_onnx(export_model) -> Path:
 def tiny_decomposed_onnx(export_model) -> Path:
     """The tiny preset exported with the decomposed MatMul/Softmax/MatMul chain."""
     return export_model("tiny", "decomposed")
+
+
+@pytest.fixture
+def wide_console():
+    """A wide console, so table cells are printed whole and can be matched against the JSON report."""
+    from attn_export import cli
+
+    old = cli.console._width
+    cli.console.width = 250
+    yield
+    cli.console._width = old
+
+
+def run_cli_in_process(*args: object):
+    """Invoke the CLI in this process (typer's CliRunner): faster than a subprocess."""
+    from typer.testing import CliRunner
+
+    from attn_export import cli
+
+    return CliRunner().invoke(cli.app, [str(a) for a in args])

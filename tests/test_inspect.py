@@ -9,25 +9,13 @@ import numpy as np
 import onnx
 import pytest
 from onnx import helper, numpy_helper
-from typer.testing import CliRunner
 
-from attn_export import cli
 from attn_export.errors import UsageError
 from attn_export.exporter.metadata import read_spec
 from attn_export.inspection import inspect_artifact
 
 
-@pytest.fixture
-def wide_console():
-    """A wide console, so table cells are printed whole."""
-    old = cli.console._width
-    cli.console.width = 250
-    yield
-    cli.console._width = old
-
-
-def run(*args: str):
-    return CliRunner().invoke(cli.app, [str(a) for a in args])
+from conftest import run_cli_in_process as run
 
 
 @pytest.mark.parametrize("fixture,form,description", [

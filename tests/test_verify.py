@@ -12,9 +12,7 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
-from typer.testing import CliRunner
 
-from attn_export import cli
 from attn_export.compare import Tolerances, compare_arrays, default_tolerances, resolve_tolerances
 from attn_export.errors import CheckpointError, ShapeError, UsageError
 from attn_export.exporter.metadata import read_spec
@@ -26,17 +24,7 @@ TABLE_KEYS = ("max_abs", "mean_abs", "max_rel", "p99_abs", "cosine", "nan_ref", 
               "min_atol", "min_rtol", "passed")
 
 
-@pytest.fixture
-def wide_console():
-    """A wide console, so table cells are printed whole and can be matched against the JSON report."""
-    old = cli.console._width
-    cli.console.width = 250
-    yield
-    cli.console._width = old
-
-
-def run(*args: str):
-    return CliRunner().invoke(cli.app, [str(a) for a in args])
+from conftest import run_cli_in_process as run
 
 
 def one_line_error(result, needle: str, code: int = 2) -> None:

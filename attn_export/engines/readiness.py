@@ -178,14 +178,10 @@ class ReadinessReport:
 def _load(model_or_path: onnx.ModelProto | str | Path) -> onnx.ModelProto:
     if isinstance(model_or_path, onnx.ModelProto):
         return model_or_path
-    p = Path(model_or_path)
-    if not p.is_file():
-        raise UsageError(f"ONNX file not found: {p}")
-    try:
-        # Weights are not needed for any check here; skip external data.
-        return onnx.load(str(p), load_external_data=False)
-    except Exception as exc:  # noqa: BLE001 - protobuf raises several unrelated types
-        raise UsageError(f"{p} is not a readable ONNX file: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    from ..exporter.metadata import load_onnx
+
+    # Weights are not needed for any check here; skip external data.
+    return load_onnx(model_or_path, load_external_data=False)
 
 
 def _spec_of(model: onnx.ModelProto) -> ModelSpec | None:
