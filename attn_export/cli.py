@@ -451,7 +451,7 @@ def _print_inspect_onnx(d: dict[str, Any]) -> None:
         table.add_row(f"input {escape(io['name'])}", f"{io['dtype']} {_dims(io['dims'])}")
     for io in d["outputs"]:
         table.add_row(f"output {escape(io['name'])}", f"{io['dtype']} {_dims(io['dims'])}")
-    table.add_row("nodes / parameters", f"{d['num_nodes']:,} / {d['num_parameters']:,}")
+    table.add_row("nodes / weight elements", f"{d['num_nodes']:,} / {d['num_parameters']:,}")
     spec = d.get("spec")
     if spec:
         src = spec.get("source") or {}
