@@ -1,3 +1,44 @@
-"""attn-export: diffusion UNets with self-attention from PyTorch to ONNX and TensorRT."""
+"""attn-export: diffusion UNets with self-attention from PyTorch to ONNX and TensorRT.
+
+Everything the CLI does is a function here (imported lazily, so ``import attn_export`` stays cheap):
+
+- :func:`export_onnx` (``attn-export onnx``), with :class:`ModelSource` naming the model
+- :func:`verify` (``attn-export verify``) and :func:`inspect_artifact` (``attn-export inspect``)
+- :func:`convert_fp16` (``attn-export fp16``) and :func:`build_engine` (``attn-export trt``)
+- :func:`check_trt_readiness` (``attn-export inspect --trt``)
+- :func:`run_bench` (``attn-export bench``) and :func:`write_model_repository` (``attn-export triton``)
+- runners: :class:`TorchRunner`, :class:`OrtRunner`, :class:`TrtRunner`
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
+
+_LAZY = {
+    "ModelSource": "attn_export.models.loader",
+    "load_model": "attn_export.models.loader",
+    "export_onnx": "attn_export.exporter.onnx_export",
+    "convert_fp16": "attn_export.exporter.fp16",
+    "audit_fp16": "attn_export.exporter.audit",
+    "verify": "attn_export.verify",
+    "inspect_artifact": "attn_export.inspection",
+    "check_trt_readiness": "attn_export.engines.readiness",
+    "build_engine": "attn_export.engines.trt_build",
+    "run_bench": "attn_export.bench",
+    "write_model_repository": "attn_export.triton",
+    "TorchRunner": "attn_export.engines.torch_runner",
+    "OrtRunner": "attn_export.engines.ort_runner",
+    "TrtRunner": "attn_export.engines.trt_runner",
+    "ModelSpec": "attn_export.spec",
+}
+
+__all__ = ["__version__", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'attn_export' has no attribute {name!r}")

@@ -156,3 +156,12 @@ def test_first_multiplier_other_than_one() -> None:
     model = UNet(UNetConfig(base_channels=8, channel_mults=(2,), attention_levels=(), num_groups=4)).eval()
     with torch.no_grad():
         assert model(torch.randn(2, 3, 6, 4), torch.tensor([1, 2])).shape == (2, 3, 6, 4)
+
+
+def test_top_level_api_names_resolve() -> None:
+    import attn_export
+
+    for name in attn_export.__all__:
+        assert getattr(attn_export, name) is not None, name
+    with pytest.raises(AttributeError):
+        attn_export.not_a_function  # noqa: B018
