@@ -52,7 +52,7 @@ TUNING_VARIANTS = [
     ("ORT op, no CPU memory arena", "ort", {"export": "op", "arena": False}),
 ]
 # warmup, iterations per size: enough for a stable median without spending the whole budget at 256 px.
-SCHEDULE = {32: (2, 10), 64: (1, 5), 128: (0, 2), 256: (0, 1)}
+SCHEDULE = {32: (2, 10), 64: (1, 5), 128: (1, 3), 256: (1, 3)}
 QUICK_SCHEDULE = {32: (1, 5), 64: (1, 2), 128: (0, 1), 256: (0, 1)}
 
 
@@ -368,8 +368,9 @@ def render(report: dict[str, Any]) -> str:
     L: list[str] = []
     a = L.append
     a("# Benchmarks: ddpm-cifar10 on CPU (PyTorch eager vs ONNX Runtime)\n")
-    a("Produced by `bench/run_benchmarks.py`; the numbers below are from one run on a shared, noisy 2-core "
-      "machine (other jobs were running), so treat differences under ~20 % as noise. "
+    a("Produced by `bench/run_benchmarks.py`; the numbers below are from one run on a shared 2-core machine "
+      "(the *load avg* column shows whether other jobs competed for the cores); treat differences under "
+      "~10-20 % as noise. "
       "Each cell is one subprocess: model build, warm-up, then timed calls through the Runner interface "
       "(numpy in, numpy out). Memory is the peak RSS growth during warm-up and timed calls "
       "(`/proc/self/clear_refs` + VmHWM), i.e. activations and workspace, not weights.\n")
