@@ -21,9 +21,10 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import onnx
-from onnx import helper, numpy_helper
+from onnx import helper
 
 from ..errors import UsageError
+from ..exporter.passes import GraphIndex, node_attr
 from ..spec import METADATA_KEY, ModelSpec
 from .profiles import FP16_MAX_KEYS, Profile, attention_levels, validate_profiles
 
@@ -194,7 +195,7 @@ def _spec_of(model: onnx.ModelProto) -> ModelSpec | None:
     return None
 
 
-class _Index:
+class _Index(GraphIndex):
     """Producers, consumers, tensor types and shapes of a (shape-inferred) graph."""
 
     def __init__(self, model: onnx.ModelProto) -> None:
@@ -202,15 +203,8 @@ class _Index:
             model = onnx.shape_inference.infer_shapes(model, data_prop=True)
         except Exception:  # noqa: BLE001 - inference is best effort; types stay partly unknown
             pass
+        super().__init__(model.graph)
         g = model.graph
-        self.graph = g
-        self.producer: dict[str, onnx.NodeProto] = {}
-        self.consumers: dict[str, list[onnx.NodeProto]] = {}
-        for node in g.node:
-            for o in node.output:
-                self.producer[o] = node
-            for i in node.input:
-                self.consumers.setdefault(i, []).append(node)
         self.types: dict[str, int] = {}
         self.shapes: dict[str, list[int | str | None]] = {}
         for vi in list(g.input) + list(g.value_info) + list(g.output):
@@ -221,7 +215,6 @@ class _Index:
                 self.shapes[vi.name] = [
                     d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim
                 ]
-        self.inits = {i.name: i for i in g.initializer}
         for name, init in self.inits.items():
             self.types[name] = init.data_type
             self.shapes[name] = list(init.dims)
@@ -235,20 +228,6 @@ class _Index:
         except Exception:  # noqa: BLE001 - e.g. bfloat16 without an exact numpy type
             return onnx.TensorProto.DataType.Name(t).lower()
 
-    def scalar(self, name: str) -> float | None:
-        arr = None
-        if name in self.inits:
-            arr = numpy_helper.to_array(self.inits[name])
-        else:
-            node = self.producer.get(name)
-            if node is not None and node.op_type == "Constant":
-                for a in node.attribute:
-                    if a.name == "value":
-                        arr = numpy_helper.to_array(a.t)
-        if arr is not None and arr.size == 1:
-            return float(arr.reshape(()))
-        return None
-
     def through_casts(self, name: str) -> str:
         """Walk back over Cast/Identity nodes, which do not change the pattern."""
         seen = 0
@@ -261,11 +240,7 @@ class _Index:
         return name
 
 
-def _attr(node: onnx.NodeProto, name: str, default: Any = None) -> Any:
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return default
+_attr = node_attr
 
 
 def _prefix(node_name: str) -> str:

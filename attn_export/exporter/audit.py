@@ -362,14 +362,14 @@ class _Site:
 
 def attention_sites(model: onnx.ModelProto) -> list[_Site]:
     """Attention blocks with their Q and K tensors (before any scale) and total scale (None: 1/sqrt(head size))."""
-    g = passes._Graph(model.graph)
+    g = passes.GraphIndex(model.graph)
     sites = []
     for node in model.graph.node:
         if node.op_type == "Attention" and node.domain in ("", "ai.onnx"):
-            scale = passes._attr(node, "scale")
+            scale = passes.node_attr(node, "scale")
             sites.append(_Site(passes._prefix(node.name), "op", node.input[0], node.input[1],
                                float(scale) if scale is not None else None, [node.name],
-                               passes._attr(node, "q_num_heads"), passes._attr(node, "kv_num_heads")))
+                               passes.node_attr(node, "q_num_heads"), passes.node_attr(node, "kv_num_heads")))
         elif node.op_type == "Softmax":
             m = passes._match_chain(g, node)
             if m is not None:
@@ -384,7 +384,7 @@ def attention_sites(model: onnx.ModelProto) -> list[_Site]:
 def structural_islands(model: onnx.ModelProto, types: dict[str, int], extra_fp32_ops: Iterable[str] = ()) -> list[Fp32Island]:
     """Nodes kept FP32 whatever their range: normalization, the time embedding, user op types."""
     extra = set(extra_fp32_ops)
-    g = passes._Graph(model.graph)
+    g = passes.GraphIndex(model.graph)
     islands: dict[str, Fp32Island] = {}
     for node in model.graph.node:
         if node.op_type in NORM_OPS:

@@ -29,8 +29,8 @@ class AttentionSite:
     nodes: list[str]
 
 
-class _Graph:
-    """Producer/consumer index over a GraphProto, with constant lookup."""
+class GraphIndex:
+    """Producer/consumer index over a GraphProto, with constant lookup (shared by the graph passes and checks)."""
 
     def __init__(self, graph: onnx.GraphProto) -> None:
         self.graph = graph
@@ -67,14 +67,15 @@ class _Graph:
         return None
 
 
-def _attr(node: onnx.NodeProto, name: str, default: object = None) -> object:
+def node_attr(node: onnx.NodeProto, name: str, default: object = None) -> object:
+    """The value of a node attribute, or ``default``."""
     for a in node.attribute:
         if a.name == name:
             return helper.get_attribute_value(a)
     return default
 
 
-def _strip_scale(g: _Graph, tensor: str) -> tuple[str, float, onnx.NodeProto | None]:
+def _strip_scale(g: GraphIndex, tensor: str) -> tuple[str, float, onnx.NodeProto | None]:
     """If ``tensor`` is Mul(x, c) or Div(x, c) with scalar c, return (x, c or 1/c, node)."""
     node = g.producer.get(tensor)
     if node is not None and node.op_type in ("Mul", "Div"):
@@ -88,7 +89,7 @@ def _strip_scale(g: _Graph, tensor: str) -> tuple[str, float, onnx.NodeProto | N
 def _is_last_two_transpose(node: onnx.NodeProto | None) -> bool:
     if node is None or node.op_type != "Transpose":
         return False
-    perm = list(_attr(node, "perm", []) or [])
+    perm = list(node_attr(node, "perm", []) or [])
     n = len(perm)
     return n >= 3 and perm[: n - 2] == list(range(n - 2)) and perm[n - 2:] == [n - 1, n - 2]
 
@@ -97,9 +98,9 @@ def _prefix(node_name: str) -> str:
     return node_name.rsplit("/", 1)[0] if "/" in node_name else node_name
 
 
-def _match_chain(g: _Graph, softmax: onnx.NodeProto) -> dict | None:
+def _match_chain(g: GraphIndex, softmax: onnx.NodeProto) -> dict | None:
     """Match [scale] MatMul(Q', K'^T) [scale] -> Softmax(-1) -> MatMul(., V)."""
-    if softmax.op_type != "Softmax" or _attr(softmax, "axis", -1) not in (-1, 3):
+    if softmax.op_type != "Softmax" or node_attr(softmax, "axis", -1) not in (-1, 3):
         return None
     logits, post_scale, post_node = _strip_scale(g, softmax.input[0])
     mm1 = g.producer.get(logits)
@@ -126,11 +127,11 @@ def _match_chain(g: _Graph, softmax: onnx.NodeProto) -> dict | None:
 
 def find_attention(model: onnx.ModelProto) -> list[AttentionSite]:
     """Attention sites in ``model``: ONNX Attention nodes and MatMul/Softmax/MatMul chains."""
-    g = _Graph(model.graph)
+    g = GraphIndex(model.graph)
     sites: list[AttentionSite] = []
     for node in model.graph.node:
         if node.op_type == "Attention" and node.domain in ("", "ai.onnx"):
-            scale = _attr(node, "scale")
+            scale = node_attr(node, "scale")
             sites.append(AttentionSite(_prefix(node.name), "op", True, float(scale) if scale is not None else None, [node.name]))
         elif node.op_type == "Softmax":
             m = _match_chain(g, node)
@@ -158,7 +159,7 @@ def fuse_attention(model: onnx.ModelProto) -> int:
     if opset < 23:
         raise ValueError(f"the ONNX Attention op needs opset 23 or later (model is at {opset})")
     inferred = onnx.shape_inference.infer_shapes(model)
-    g = _Graph(model.graph)
+    g = GraphIndex(model.graph)
     remove: set[int] = set()
     new_nodes: dict[int, onnx.NodeProto] = {}
     index = {id(n): i for i, n in enumerate(model.graph.node)}
