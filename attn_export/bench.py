@@ -24,10 +24,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from .engines.sidecar import is_engine_path
 from .errors import AttnExportError, UsageError
 from .spec import ModelSpec, format_shape
 
-ENGINE_SUFFIXES = (".plan", ".engine", ".trt")
 # Backend name -> attention formulation of the PyTorch model ("pytorch" uses --attention-impl).
 TORCH_BACKENDS = {"pytorch": None, "pytorch-reference": "reference", "pytorch-sdpa": "sdpa",
                   "pytorch-decomposed": "decomposed"}
@@ -158,16 +158,12 @@ class PeakDeviceMemory:
 # ---------------------------------------------------------------------------------------------------------------------
 # runners
 # ---------------------------------------------------------------------------------------------------------------------
-def is_engine(path: str | Path) -> bool:
-    return Path(path).suffix.lower() in ENGINE_SUFFIXES
-
-
 def artifact_spec(path: str | Path) -> ModelSpec:
     """The ModelSpec of an ONNX file or of a TensorRT engine (from its sidecar)."""
     p = Path(path)
     if not p.exists():
         raise UsageError(f"artifact not found: {p}")
-    if is_engine(p):
+    if is_engine_path(p):
         from .engines.sidecar import read_sidecar  # lazy: the engine side is optional
 
         return ModelSpec.from_dict(read_sidecar(p)["model"])
@@ -194,7 +190,7 @@ def parse_backends(text: str | Sequence[str]) -> list[str]:
 
 
 def default_backends(artifact: str | Path) -> list[str]:
-    return ["pytorch", "tensorrt"] if is_engine(artifact) else ["pytorch", "onnxruntime"]
+    return ["pytorch", "tensorrt"] if is_engine_path(artifact) else ["pytorch", "onnxruntime"]
 
 
 def make_runner(artifact: str | Path, backend: str, spec: ModelSpec, *, provider: str = "cpu",
@@ -215,7 +211,7 @@ def make_runner(artifact: str | Path, backend: str, spec: ModelSpec, *, provider
         return runner, {"device": device, "attention_impl": impl, "threads": torch.get_num_threads(),
                         "torch": torch.__version__}
     if backend == "onnxruntime":
-        if is_engine(artifact):
+        if is_engine_path(artifact):
             raise UsageError("the onnxruntime backend needs the ONNX file; pass the .onnx artifact instead of the engine")
         import onnxruntime as ort
 
@@ -235,7 +231,7 @@ def make_runner(artifact: str | Path, backend: str, spec: ModelSpec, *, provider
             "onnxruntime": ort.__version__,
         }
     if backend == "tensorrt":
-        if not is_engine(artifact):
+        if not is_engine_path(artifact):
             raise UsageError("the tensorrt backend needs an engine; build one with `attn-export trt ARTIFACT.onnx` "
                              "and bench the .plan")
         from .engines.trt_runner import TrtRunner  # lazy: raises MissingDependencyError without TensorRT

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .engines.sidecar import is_engine_path
 from .errors import UsageError
 
 DEFAULT_ONNX_MAX_BATCH = 8
@@ -41,7 +42,6 @@ ONNX_ELEM_TYPES = {
     "INT16": "int16", "INT32": "int32", "INT64": "int64", "FLOAT16": "float16", "FLOAT": "float32",
     "DOUBLE": "float64", "BFLOAT16": "bfloat16", "STRING": "str",
 }
-ENGINE_SUFFIXES = (".plan", ".engine", ".trt")
 
 
 @dataclass
@@ -221,7 +221,7 @@ def write_model_repository(artifact: str | Path, repo: str | Path, *, name: str 
         raise UsageError(f"--version must be a positive integer (got {version})")
     if instances < 1:
         raise UsageError(f"--instances must be at least 1 (got {instances})")
-    is_engine = src.suffix.lower() in ENGINE_SUFFIXES
+    is_engine = is_engine_path(src)
     header = [f"written by attn-export from {src.name}"]
     if is_engine:
         inputs, outputs, profile_max, sidecar = _engine_io(src)

@@ -38,12 +38,12 @@ import numpy as np
 
 from .compare import OutputComparison, Tolerances, compare_outputs, json_number, resolve_tolerances
 from .errors import CheckpointError, ShapeError, UsageError
+from .engines.sidecar import is_engine_path
 from .spec import ModelSpec, format_shape, parse_shapes
 
 Shape = tuple[int, int, int]
 ProgressFn = Callable[[int, int, str], None]
 
-ENGINE_SUFFIXES = (".plan", ".engine", ".trt")
 # Largest H/W of the default sweep, per preset (see the module doc for the measurements).
 LARGE_CAP = {"tiny": 64, "ddpm-cifar10": 64, "ddpm-256": 128}
 DEFAULT_LARGE_CAP = 128
@@ -241,12 +241,7 @@ def check_user_shapes(shapes: Sequence[Shape], spec: ModelSpec, profiles: Sequen
 # ---------------------------------------------------------------------------------------------------------------------
 def artifact_kind(path: str | Path) -> str:
     """'engine' for .plan/.engine/.trt files or anything with an engine sidecar, else 'onnx'."""
-    p = Path(path)
-    if p.suffix.lower() in ENGINE_SUFFIXES:
-        return "engine"
-    if p.suffix.lower() != ".onnx" and Path(str(p) + ".json").is_file():
-        return "engine"
-    return "onnx"
+    return "engine" if is_engine_path(path) else "onnx"
 
 
 def _checkpoint_info(spec: ModelSpec, source: Any) -> dict[str, Any] | None:

@@ -38,10 +38,21 @@ REQUIRED_KEYS = ("format", "engine_file", "tensorrt_version", "gpu", "profiles",
 REBUILD_HINT = "rebuild the engine with `attn-export trt`"
 
 
+ENGINE_SUFFIXES = (".plan", ".engine", ".trt")
+
+
 def sidecar_path(engine_path: str | os.PathLike[str]) -> Path:
     """The sidecar of ``model.engine`` is ``model.engine.json``."""
     p = Path(engine_path)
     return p.with_name(p.name + ".json")
+
+
+def is_engine_path(path: str | os.PathLike[str]) -> bool:
+    """True for .plan/.engine/.trt files, and for any non-ONNX file that has an engine sidecar."""
+    p = Path(path)
+    if p.suffix.lower() in ENGINE_SUFFIXES:
+        return True
+    return p.suffix.lower() != ".onnx" and sidecar_path(p).is_file()
 
 
 def file_sha256(path: str | os.PathLike[str]) -> str:
