@@ -30,8 +30,11 @@ class TorchRunner(Runner):
         self.device = device
         self.threads = threads
         self.loaded: LoadedModel | None = None
-        # The description is known without building the model when the artifact supplied it.
-        super().__init__(spec if spec is not None else load_model(source, attention_impl).spec)
+        if spec is None:
+            # The spec comes from the built model: keep it, so activate() does not build it a second time.
+            self.loaded = load_model(source, attention_impl)
+            spec = self.loaded.spec
+        super().__init__(spec)
 
     @classmethod
     def from_loaded(cls, loaded: LoadedModel, attention_impl: AttentionImpl = "reference") -> "TorchRunner":
