@@ -128,6 +128,7 @@ def onnx_cmd(
     opset: int = typer.Option(23, "--opset", help="ONNX opset. 23 is the first with the Attention op; TensorRT 10.14+/11 and ONNX Runtime >= 1.23 read it."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output file."),
     check: bool = typer.Option(True, "--check/--no-check", help="Compare with PyTorch in ONNX Runtime at an unseen shape before writing."),
+    allow_unfused: bool = typer.Option(False, "--allow-unfused", help="Write the file even when an attention site cannot be rewritten into the --attention form, and list each such site (default: exit 1 naming it)."),
 ) -> None:
     from .exporter.onnx_export import export_onnx
     from .models.loader import ModelSource
@@ -145,11 +146,13 @@ def onnx_cmd(
     with _spinner("exporting") as prog:
         task = prog.add_task("exporting", total=None)
         result = export_onnx(source, output, attention=attention, opset=opset, force=force, check=check,
+                             allow_unfused=allow_unfused,
                              progress=lambda step: prog.update(task, description=f"export: {step}"))
     _print_export_summary(result)
 
 
 def _print_export_summary(r: Any) -> None:
+    from rich.markup import escape
     from rich.table import Table
 
     table = Table(title="attn-export onnx", show_header=False, title_justify="left")
@@ -161,7 +164,10 @@ def _print_export_summary(r: Any) -> None:
         table.add_row(f"input {name}", f"{dtype} {_dims(dims)}")
     for name, dtype, dims in r.outputs:
         table.add_row(f"output {name}", f"{dtype} {_dims(dims)}")
-    table.add_row("attention", f"{r.attention_nodes} x {'Attention op' if r.attention == 'op' else 'MatMul/Softmax/MatMul (scale on q)'}")
+    table.add_row("attention", f"{r.attention_nodes} x {'Attention op' if r.attention == 'op' else 'MatMul/Softmax/MatMul (scale on q)'}"
+                  + (f", {len(r.unfused)} site(s) NOT rewritten" if r.unfused else ""))
+    for u in r.unfused:
+        table.add_row("[bold red]unfused[/]", escape(f"{u['site']} (Softmax {u['node']}): {u['reason']}"))
     table.add_row("H/W multiple", str(r.spec.hw_multiple))
     if r.check:
         s = r.check["shapes"][0]["shape"]
@@ -472,12 +478,16 @@ def _print_inspect_onnx(d: dict[str, Any]) -> None:
             f"{dt} {v['tensors']} tensors ({v['tensor_share']:.0%}), {v['element_share']:.1%} of elements" for dt, v in shares.items()))
     console.print(table, soft_wrap=True)
 
-    att = Table(title=f"attention: {d['attention_summary']['count']} block(s)", title_justify="left")
-    for col in ("block", "form", "scale on Q/K", "seq len", "head size", "dtype", "TensorRT fusion"):
+    att = Table(title=f"attention: {d['attention_summary']['count']} site(s)", title_justify="left")
+    for col in ("site", "form", "scale", "seq len", "heads x size", "dtype", "TensorRT fusion"):
         att.add_column(col, overflow="fold")  # fold rather than cut names on narrow terminals
     for a in d["attention"]:
-        att.add_row(escape(a["name"]), a["form_description"], "yes" if a["scale_before_product"] else "no (after Q·Kᵀ)",
-                    a["seq_len"] or "?", str(a["head_size"] or "?"), str(a["dtype"] or "?"), escape(a["trt_fusion"]))
+        scale = f"{a['scale']:.4g} on {a['scale_placement']}" if a["scale"] is not None else f"? on {a['scale_placement']}"
+        if a["scale_source"] == "shape":
+            scale += " (from the shape)"
+        att.add_row(escape(a["name"]), a["form_description"] + ("" if a["problem"] is None else " [red](cannot rewrite)[/]"),
+                    escape(scale), escape(str(a["seq_len"] or "?")), f"{a['heads'] or '?'} x {a['head_size'] or '?'}",
+                    str(a["dtype"] or "?"), escape(a["trt_fusion"]))
     console.print(att)
 
 
@@ -530,7 +540,9 @@ def _print_readiness(report: Any) -> None:
     for f in report.findings:
         table.add_row(f"[{colors.get(f.level, 'white')}]{f.level}[/]", f.code, escape(f.node or ""), escape(f.message))
     console.print(table)
-    console.print("[bold green]ready[/]" if report.ok else f"[bold red]not ready[/]: {len(report.errors)} error(s)")
+    verdict = report.verdict
+    color = "bold green" if verdict == "ready" else ("bold red" if report.errors else "bold yellow")
+    console.print(f"[{color}]{escape(verdict)}[/]")
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -32,3 +32,9 @@ class ShapeError(AttnExportError):
 
 class MissingDependencyError(AttnExportError):
     """An optional dependency (TensorRT, a GPU, ...) is not available."""
+
+
+class CheckFailed(AttnExportError):
+    """A check that ran and failed (an export that disagrees with PyTorch, attention left unfused): exit 1."""
+
+    exit_code = 1

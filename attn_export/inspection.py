@@ -24,28 +24,30 @@ import onnx
 from onnx import helper
 
 from .errors import UsageError
+from .graph import TypedIndex, find_attention
+from .graph.probe import DEFAULT_P, probe_index
 from .spec import METADATA_KEY, ModelSpec
-
-HEAD_SIZE_MIN, HEAD_SIZE_MAX, HEAD_SIZE_ALIGN = 16, 256, 8
-HALF = ("float16", "bfloat16")
-# H/W used for the concrete shape inference that finds each attention site's level and head size.
-_PROBE_HW = (64, 64)
 
 
 @dataclass
 class AttentionReport:
-    """One attention site as ``inspect`` reports it."""
+    """One attention site as ``inspect`` reports it (from the one attention analysis)."""
 
     name: str
-    form: str                     # "op" | "decomposed"
-    form_description: str         # "ONNX Attention op" | "MatMul/Softmax/MatMul"
+    form: str                     # "op" | "decomposed" | "einsum"
+    form_description: str         # "ONNX Attention op" | "MatMul/Softmax/MatMul" | "Einsum/Softmax/Einsum"
     scale_before_product: bool
     scale: float | None
+    scale_placement: str          # "q", "k", "q+k", "logits", "attribute", "default", "none"
+    scale_source: str             # "constant" | "shape" | "dynamic"
     level: int | None             # resolution level: the sequence is (H/2^level)*(W/2^level)
-    seq_len: str | None           # symbolic, e.g. "height*width/4"
+    seq_len: int | str | None     # symbolic, e.g. "(height/2)*(width/2)"
+    heads: int | None
     head_size: int | None
     dtype: str | None
-    trt_fusion: str               # "fusable" | "fusable once FP16" | "not fusable: <reason>" | "unknown: <reason>"
+    canonical: bool               # already the canonical decomposed chain
+    problem: str | None           # why it cannot be rewritten
+    trt_fusion: str               # "fusable" | "fusable once FP16" | "not fusable: <reason>"
     nodes: list[str] = field(default_factory=list)
 
 
@@ -103,105 +105,19 @@ def _spec_of(model: onnx.ModelProto) -> tuple[ModelSpec | None, dict[str, str]]:
     return spec, other
 
 
-def _concrete_shapes(model: onnx.ModelProto, spec: ModelSpec | None) -> tuple[dict[str, list[int]], tuple[int, int, int]]:
-    """Shapes of every tensor with the dynamic dims pinned to (batch 1, 64x64 or a valid multiple).
+def _attention(model: onnx.ModelProto, typed: TypedIndex, probed: TypedIndex | None, p: int) -> list[AttentionReport]:
+    from .engines.readiness import model_is_fp16, site_verdict
 
-    Symbolic inference leaves the attention sequence dim as an anonymous
-    'unk__N'; pinning H and W makes it a number, and the number gives the level.
-    """
-    m = spec.hw_multiple if spec else 1
-    # At least two positions per side at the deepest level, so every level's size is a clean power of 4 apart.
-    h = max(_PROBE_HW[0], 2 * m) // m * m
-    w = max(_PROBE_HW[1], 2 * m) // m * m
-    sizes = {"batch": 1, "height": h, "width": w}
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    del probe.graph.value_info[:]
-    for vi in probe.graph.input:
-        for k, d in enumerate(vi.type.tensor_type.shape.dim):
-            if d.HasField("dim_param"):
-                name = d.dim_param
-                # Unknown symbolic names: the image layout (B, C, H, W) tells which axis it is.
-                value = sizes.get(name) or {0: 1, 2: h, 3: w}.get(k, 1)
-                d.Clear()
-                d.dim_value = value
-    shapes: dict[str, list[int]] = {}
-    try:
-        inferred = onnx.shape_inference.infer_shapes(probe, data_prop=True)
-    except Exception:  # noqa: BLE001 - best effort: figures that need it are reported as unknown
-        return shapes, (1, h, w)
-    for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
-        tt = vi.type.tensor_type
-        if tt.HasField("shape") and all(d.HasField("dim_value") for d in tt.shape.dim):
-            shapes[vi.name] = [int(d.dim_value) for d in tt.shape.dim]
-    return shapes, (1, h, w)
-
-
-def _seq_expr(level: int) -> str:
-    return "height*width" if level == 0 else f"height*width/{4 ** level}"
-
-
-def _fusion_verdict(head: int | None, scale_before: bool, dtype: str | None) -> str:
-    try:  # the readiness checker owns the window; fall back to the documented numbers
-        from .engines.readiness import head_size_fusable
-
-        fits = head_size_fusable(head)
-    except ImportError:
-        fits = None if head is None else (HEAD_SIZE_MIN <= head <= HEAD_SIZE_MAX and head % HEAD_SIZE_ALIGN == 0)
-    if not scale_before:
-        return "not fusable: the scale is applied after Q·Kᵀ (TensorRT needs it on Q/K)"
-    if fits is False:
-        return f"not fusable: head size {head} is outside {HEAD_SIZE_MIN}..{HEAD_SIZE_MAX} (multiple of {HEAD_SIZE_ALIGN})"
-    if fits is None:
-        return "unknown: head size could not be inferred"
-    if dtype in HALF:
-        return "fusable"
-    return "fusable once FP16"
-
-
-def _typed(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Symbolic shape/type inference, best effort (the input model when it fails)."""
-    try:
-        return onnx.shape_inference.infer_shapes(model)
-    except Exception:  # noqa: BLE001 - types stay partly unknown
-        return model
-
-
-def _attention(model: onnx.ModelProto, typed: onnx.ModelProto, shapes: dict[str, list[int]],
-               probe: tuple[int, int, int]) -> list[AttentionReport]:
-    from .exporter.passes import find_attention
-
-    _, ph, pw = probe
-    by_name = {n.name: n for n in model.graph.node}
-    types: dict[str, int] = {}
-    for vi in list(typed.graph.value_info) + list(model.graph.input):
-        types[vi.name] = vi.type.tensor_type.elem_type
-    for init in model.graph.initializer:
-        types[init.name] = init.data_type
+    spec, _ = _spec_of(model)
+    fp16 = model_is_fp16(model, spec)
     out = []
-    for site in find_attention(model):
-        nodes = [by_name[n] for n in site.nodes if n in by_name]
-        if site.form == "op":
-            q = nodes[0].input[0] if nodes else None
-        else:
-            # The first MatMul of the chain takes the (scaled) Q.
-            mm = next((n for n in nodes if n.op_type == "MatMul"), None)
-            q = mm.input[0] if mm is not None else None
-        qshape = shapes.get(q) if q else None
-        head = qshape[-1] if qshape else None
-        level = None
-        if qshape and len(qshape) >= 2 and qshape[-2] > 0:
-            ratio = (ph * pw) / qshape[-2]
-            lvl = round(math.log(ratio, 4)) if ratio >= 1 else None
-            if lvl is not None and 4 ** lvl == ratio:
-                level = lvl
-        dtype = _np_name(types[q]) if q in types and types[q] else None
+    for site in find_attention(model, index=typed, probed=probed, p=p):
         out.append(AttentionReport(
-            name=site.name, form=site.form,
-            form_description="ONNX Attention op" if site.form == "op" else "MatMul/Softmax/MatMul",
-            scale_before_product=site.scale_before_product, scale=site.scale, level=level,
-            seq_len=_seq_expr(level) if level is not None else None, head_size=head, dtype=dtype,
-            trt_fusion=_fusion_verdict(head, site.scale_before_product, dtype), nodes=list(site.nodes),
+            name=site.name, form=site.form, form_description=site.form_description,
+            scale_before_product=site.scale_before_product, scale=site.scale, scale_placement=site.scale_placement,
+            scale_source=site.scale_source, level=site.level, seq_len=site.seq_len, heads=site.heads,
+            head_size=site.head_size, dtype=site.dtype, canonical=site.canonical, problem=site.problem,
+            trt_fusion=site_verdict(site, model_fp16=fp16), nodes=list(site.nodes),
         ))
     return out
 
@@ -216,7 +132,7 @@ def _share(counts: dict[str, list[int]]) -> dict[str, Any]:
     }
 
 
-def _precision(model: onnx.ModelProto, typed: onnx.ModelProto, shapes: dict[str, list[int]],
+def _precision(model: onnx.ModelProto, typed: TypedIndex, probed: TypedIndex | None,
                probe: tuple[int, int, int]) -> dict[str, Any]:
     inits: dict[str, list[int]] = {}
     for init in model.graph.initializer:
@@ -225,12 +141,14 @@ def _precision(model: onnx.ModelProto, typed: onnx.ModelProto, shapes: dict[str,
         entry[1] += math.prod(init.dims) if init.dims else 1
     acts: dict[str, list[int]] = {}
     init_names = {i.name for i in model.graph.initializer}
-    for vi in list(typed.graph.value_info) + list(typed.graph.input) + list(typed.graph.output):
-        if vi.name in init_names or not vi.type.tensor_type.elem_type:
+    shapes = probed.shapes if probed is not None else {}
+    for name, elem in typed.types.items():
+        if name in init_names or not elem:
             continue
-        entry = acts.setdefault(_np_name(vi.type.tensor_type.elem_type), [0, 0])
+        entry = acts.setdefault(_np_name(elem), [0, 0])
         entry[0] += 1
-        entry[1] += math.prod(shapes[vi.name]) if vi.name in shapes else 0
+        dims = shapes.get(name)
+        entry[1] += math.prod(dims) if dims and all(isinstance(d, int) for d in dims) else 0  # type: ignore[arg-type]
     return {
         "initializers": _share(inits),
         # Element counts of activations depend on the shape: counted at batch 1 and the probe H x W.
@@ -250,9 +168,13 @@ def inspect_onnx(path: str | Path) -> InspectReport:
     spec, other_meta = _spec_of(model)
     opset = {(o.domain or "ai.onnx"): o.version for o in model.opset_import}
     hist = Counter((n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}::{n.op_type}") for n in model.graph.node)
-    shapes, probe = _concrete_shapes(model, spec)
-    typed = _typed(model)
-    attention = _attention(model, typed, shapes, probe)
+    # One symbolic and one concrete-shape inference, shared by the attention analysis and the precision share.
+    m = spec.hw_multiple if spec else 1
+    side = max(DEFAULT_P, 2 * m) // m * m
+    typed = TypedIndex(model)
+    probed = probe_index(model, p=side)
+    probe = (1, 2 * side, side)
+    attention = _attention(model, typed, probed, side)
     init_names = {i.name for i in model.graph.initializer}
     data = {
         "opset": opset.get("ai.onnx"),
@@ -269,14 +191,14 @@ def inspect_onnx(path: str | Path) -> InspectReport:
         "op_histogram": dict(hist.most_common()),
         "attention": [asdict(a) for a in attention],
         "attention_summary": _attention_summary(attention),
-        "precision": _precision(model, typed, shapes, probe),
+        "precision": _precision(model, typed, probed, probe),
     }
     return InspectReport(path=str(p), kind="onnx", file_size=size, data=data)
 
 
 def _attention_summary(sites: list[AttentionReport]) -> dict[str, Any]:
     forms = Counter(s.form for s in sites)
-    return {"count": len(sites), "forms": dict(forms),
+    return {"count": len(sites), "forms": dict(forms), "rewritable": sum(s.problem is None for s in sites),
             "fusion": dict(Counter(s.trt_fusion for s in sites))}
 
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from attn_export.exporter import passes
+from attn_export.graph import find_attention
 from attn_export.exporter.metadata import read_spec
 from attn_export.exporter.onnx_export import example_shape, export_onnx
 from attn_export.models.loader import ModelSource, load_model, source_from_spec
@@ -90,9 +91,12 @@ def test_attention_forms(export_model, attention: str, n_attention_ops: int) -> 
     model = onnx.load(str(export_model("tiny", attention)))
     ops = Counter(n.op_type for n in model.graph.node)
     assert ops["Attention"] == n_attention_ops
-    sites = passes.find_attention(model)
+    sites = find_attention(model)
     assert len(sites) == 4
     assert {s.form for s in sites} == {attention}
+    assert all(s.problem is None for s in sites)
+    if attention == "decomposed":
+        assert all(s.canonical for s in sites)
     assert all(s.scale_before_product for s in sites)
     assert all(abs(s.scale - 32 ** -0.5) < 1e-6 for s in sites)  # tiny's attention has 32 channels
     if attention == "decomposed":

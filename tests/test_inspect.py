@@ -30,7 +30,9 @@ def test_tiny_attention_sites(request, fixture: str, form: str, description: str
     sites = d["attention"]
     assert [a["form_description"] for a in sites] == [description] * 4
     # tiny: attention at level 1 (down, two up blocks) and the middle block at level 2; C = 32 everywhere.
-    assert [a["seq_len"] for a in sites] == ["height*width/4", "height*width/16", "height*width/4", "height*width/4"]
+    assert [a["seq_len"] for a in sites] == ["(height/2)*(width/2)", "(height/4)*(width/4)", "(height/2)*(width/2)",
+                                             "(height/2)*(width/2)"]
+    assert [a["level"] for a in sites] == [1, 2, 1, 1] and all(a["heads"] == 1 for a in sites)
     assert all(a["head_size"] == 32 and a["scale_before_product"] and a["dtype"] == "float32" for a in sites)
     assert all(a["trt_fusion"] == "fusable once FP16" for a in sites)
     hist = d["op_histogram"]
@@ -88,7 +90,7 @@ def test_external_data_counts_in_size(tiny_onnx: Path, tmp_path: Path) -> None:
 def test_cli_table_and_json(tiny_decomposed_onnx: Path, wide_console) -> None:
     result = run("inspect", tiny_decomposed_onnx)
     assert result.exit_code == 0, result.output
-    for needle in ("opset", "input x", "attention: 4 block(s)", "MatMul/Softmax/MatMul", "fusable", "float32"):
+    for needle in ("opset", "input x", "attention: 4 site(s)", "MatMul/Softmax/MatMul", "fusable", "float32"):
         assert needle in result.stdout, needle
     result = run("inspect", tiny_decomposed_onnx, "--json")
     assert result.exit_code == 0
@@ -100,8 +102,10 @@ def test_trt_readiness_flag(tiny_onnx: Path, tmp_path: Path, wide_console) -> No
     result = run("inspect", tiny_onnx, "--trt", "--target", "10.14")
     assert result.exit_code == 0, result.output
     assert "readiness" in result.stdout and "attention-fp32" in result.stdout
+    # An FP32 file builds, but its attention will not fuse: never "ready".
+    assert "ready" not in result.stdout.split()[-30:] and "will not fuse until FP16" in result.stdout
     data = json.loads(run("inspect", tiny_onnx, "--trt", "--json").stdout)
-    assert data["trt_readiness"]["ok"] is True
+    assert data["trt_readiness"]["ok"] is True and data["trt_readiness"]["verdict"] != "ready"
     # The Attention op is unknown to TensorRT 10.12's parser: an error, exit 1.
     result = run("inspect", tiny_onnx, "--trt", "--target", "10.12")
     assert result.exit_code == 1, result.output
@@ -154,7 +158,8 @@ def test_errors_are_one_line(tmp_path: Path) -> None:
 @pytest.mark.parametrize("attention", ["op", "decomposed"])
 def test_ddpm_cifar10_has_six_sites(export_model, attention: str) -> None:
     d = inspect_artifact(export_model("ddpm-cifar10", attention)).to_dict()
-    assert d["attention_summary"] == {"count": 6, "forms": {attention: 6}, "fusion": {"fusable once FP16": 6}}
+    assert d["attention_summary"] == {"count": 6, "forms": {attention: 6}, "rewritable": 6,
+                                     "fusion": {"fusable once FP16": 6}}
     assert sorted(a["seq_len"] for a in d["attention"]) == ["height*width/4"] * 5 + ["height*width/64"]
     assert all(a["head_size"] == 256 for a in d["attention"])
 

@@ -27,7 +27,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
 
 from ..errors import UsageError
-from .readiness import HALF_TYPES, AttentionInfo, head_size_fusable
+from ..graph import AttentionSite
+from .readiness import HALF_TYPES, head_size_fusable
 
 _MHA = re.compile(r"mha|flash_?attn", re.IGNORECASE)
 _GEMM = re.compile(r"gemm|matmul|matrixmultiply|cublas", re.IGNORECASE)
@@ -193,14 +194,16 @@ def _is_half(dtype: str | None) -> bool:
     return dtype is not None and dtype.lower() in HALF_TYPES + ("fp16", "bf16", "half")
 
 
-def _not_fused_reason(block: AttentionInfo, related: list[LayerInfo]) -> str:
+def _not_fused_reason(block: AttentionSite, related: list[LayerInfo]) -> str:
     fits = head_size_fusable(block.head_size)
     if fits is False:
         return (f"head size {block.head_size} is outside TensorRT's fused window "
                 f"(16..256, multiple of 8)")
     if block.dtype is not None and not _is_half(block.dtype):
         return f"attention runs in {block.dtype}; fused kernels need FP16/BF16 Q/K/V"
-    if block.form == "decomposed" and not block.scale_before_product:
+    if block.problem:
+        return block.problem
+    if block.form != "op" and not block.scale_before_product:
         return "the scale is applied after Q·Kᵀ; TensorRT needs it on Q/K before the first MatMul"
     gemms = [layer for layer in related if layer.is_gemm()]
     if gemms and any(layer.is_softmax() for layer in related):
@@ -208,10 +211,10 @@ def _not_fused_reason(block: AttentionInfo, related: list[LayerInfo]) -> str:
     return "TensorRT chose not to fuse it (performance or other constraints)"
 
 
-def fusion_report(info: str | bytes | Mapping[str, Any], blocks: Sequence[AttentionInfo]) -> FusionReport:
+def fusion_report(info: str | bytes | Mapping[str, Any], blocks: Sequence[AttentionSite]) -> FusionReport:
     """Per-block fusion verdicts from inspector JSON and the ONNX attention blocks.
 
-    ``blocks`` comes from :func:`attn_export.engines.readiness.attention_blocks`.
+    ``blocks`` comes from :func:`attn_export.graph.find_attention` on the engine's ONNX.
     A block is fused when a layer attributed to it (by name, ONNX metadata or
     tensor names containing the block's module path) is an MHA / attention
     layer; not fused when its layers are present but none is; unknown when

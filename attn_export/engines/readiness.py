@@ -3,8 +3,9 @@
 :func:`check_trt_readiness` reads the graph and reports findings at three
 levels: ``error`` (the parser or builder will refuse it), ``warning`` (it
 builds, but attention will not fuse or FP16 may misbehave) and ``ok``.
-:func:`attention_blocks` lists the attention blocks of a model; the fusion
-report and ``attn-export inspect`` use it too.
+Attention sites come from :func:`attn_export.graph.find_attention`, the
+analysis that export, FP16, ``inspect`` and the fusion report share, so every
+command counts the same sites.
 
 The operator table is the ONNX-TensorRT parser's: ``docs/operators.md`` at
 tag ``release/10.1-GA`` (operators marked "Y"), plus the additions listed in
@@ -24,9 +25,13 @@ import onnx
 from onnx import helper
 
 from ..errors import UsageError
-from ..exporter.passes import GraphIndex, node_attr
+from ..graph import AttentionSite, TypedIndex, find_attention
 from ..spec import METADATA_KEY, ModelSpec
 from .profiles import FP16_MAX_KEYS, Profile, attention_levels, validate_profiles
+
+# Findings that mean an attention site will not be fused.
+WILL_NOT_FUSE = frozenset({"attention-form", "attention-scale", "head-size", "head-size-unknown", "attention-dtype",
+                           "attention-fp32"})
 
 # onnx-tensorrt docs/operators.md @ release/10.1-GA, rows marked "Y".
 _OPS_10_1 = frozenset("""
@@ -106,41 +111,12 @@ class Finding:
 
 
 @dataclass
-class AttentionInfo:
-    """One attention block as found in the ONNX graph.
-
-    ``name`` is the module-path prefix ("/downs.1/attention"); ``form`` is
-    "op" (one ONNX Attention node) or "decomposed" (MatMul/Softmax/MatMul);
-    ``head_size`` the last dim of Q (= C, single head) or None if unknown;
-    ``seq_len`` the query/key count of Q: an int for static inputs, else an
-    expression in the input dims such as "(height/2)*(width/2)" (or None);
-    ``level`` the matching resolution level; ``dtype`` the numpy name of Q's element
-    type; ``scale_before_product`` False when a Mul/Div sits between the
-    first MatMul and the Softmax (TensorRT will not fuse that);
-    ``nodes`` the node names that make up the block.
-    """
-
-    name: str
-    form: str
-    head_size: int | None
-    seq_len: int | str | None
-    dtype: str | None
-    scale_before_product: bool = True
-    nodes: list[str] = field(default_factory=list)
-    q: str | None = None
-    level: int | None = None  # resolution level: seq_len = (H/2**level)*(W/2**level)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@dataclass
 class ReadinessReport:
     """The result of :func:`check_trt_readiness`."""
 
     target: str
     findings: list[Finding]
-    attention: list[AttentionInfo]
+    attention: list[AttentionSite]
     spec: ModelSpec | None = None
 
     @property
@@ -155,6 +131,26 @@ class ReadinessReport:
     def ok(self) -> bool:
         """True when nothing would stop the build (warnings allowed)."""
         return not self.errors
+
+    @property
+    def unfused(self) -> list[Finding]:
+        """Warnings that some attention site will not be fused."""
+        return [f for f in self.findings if f.level == "warning" and f.code in WILL_NOT_FUSE]
+
+    @property
+    def verdict(self) -> str:
+        """One line: "ready" only when nothing stops the build and every attention site will fuse."""
+        if self.errors:
+            return f"not ready: {len(self.errors)} error(s)"
+        unfused = {f.node for f in self.unfused}
+        if not self.attention:
+            return "builds, but no attention site was found (nothing to fuse)"
+        if unfused:
+            if all(f.code == "attention-fp32" for f in self.unfused):
+                return (f"builds, but attention will not fuse until FP16: all {len(self.attention)} site(s) run in FP32 "
+                        "(convert with `attn-export fp16`, or build with `attn-export trt --fp16`)")
+            return f"builds, but {len(unfused)} of {len(self.attention)} attention site(s) will not fuse"
+        return "ready"
 
     def codes(self, level: str | None = None) -> list[str]:
         return [f.code for f in self.findings if level is None or f.level == level]
@@ -172,6 +168,7 @@ class ReadinessReport:
             "ok": self.ok,
             "findings": [asdict(f) for f in self.findings],
             "attention": [a.to_dict() for a in self.attention],
+            "verdict": self.verdict,
         }
 
 
@@ -195,180 +192,9 @@ def _spec_of(model: onnx.ModelProto) -> ModelSpec | None:
     return None
 
 
-class _Index(GraphIndex):
-    """Producers, consumers, tensor types and shapes of a (shape-inferred) graph."""
-
-    def __init__(self, model: onnx.ModelProto) -> None:
-        try:
-            model = onnx.shape_inference.infer_shapes(model, data_prop=True)
-        except Exception:  # noqa: BLE001 - inference is best effort; types stay partly unknown
-            pass
-        super().__init__(model.graph)
-        g = model.graph
-        self.types: dict[str, int] = {}
-        self.shapes: dict[str, list[int | str | None]] = {}
-        for vi in list(g.input) + list(g.value_info) + list(g.output):
-            tt = vi.type.tensor_type
-            if tt.elem_type:
-                self.types[vi.name] = tt.elem_type
-            if tt.HasField("shape"):
-                self.shapes[vi.name] = [
-                    d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim
-                ]
-        for name, init in self.inits.items():
-            self.types[name] = init.data_type
-            self.shapes[name] = list(init.dims)
-
-    def dtype(self, name: str) -> str | None:
-        t = self.types.get(name)
-        if not t:
-            return None
-        try:
-            return helper.tensor_dtype_to_np_dtype(t).name
-        except Exception:  # noqa: BLE001 - e.g. bfloat16 without an exact numpy type
-            return onnx.TensorProto.DataType.Name(t).lower()
-
-    def through_casts(self, name: str) -> str:
-        """Walk back over Cast/Identity nodes, which do not change the pattern."""
-        seen = 0
-        while seen < 8:
-            node = self.producer.get(name)
-            if node is None or node.op_type not in ("Cast", "Identity"):
-                return name
-            name = node.input[0]
-            seen += 1
-        return name
-
-
-_attr = node_attr
-
-
-def _prefix(node_name: str) -> str:
-    return node_name.rsplit("/", 1)[0] if "/" in node_name else node_name
-
-
-def _seq_len(shape: list[int | str | None] | None) -> int | str | None:
-    if not shape or len(shape) < 2:
-        return None
-    return shape[-2]
-
-
-def _head_size(shape: list[int | str | None] | None) -> int | None:
-    if not shape:
-        return None
-    last = shape[-1]
-    return int(last) if isinstance(last, int) and last > 0 else None
-
-
-def attention_blocks(model: onnx.ModelProto | str | Path) -> list[AttentionInfo]:
-    """The attention blocks of an ONNX model, in graph order.
-
-    Finds ONNX ``Attention`` nodes (form "op") and ``MatMul -> [Mul|Div] ->
-    Softmax(-1) -> MatMul`` chains (form "decomposed"; Cast nodes in between
-    are skipped). Head size and dtype come from ONNX shape inference on Q;
-    seq_len is Q's second-to-last dim as inferred (a number, a symbolic
-    expression, or None when inference could not tell). Public: used by the
-    fusion report and by ``attn-export inspect``.
-    """
-    m = _load(model)
-    idx = _Index(m)
-    blocks: list[AttentionInfo] = []
-    for node in idx.graph.node:
-        if node.op_type == "Attention" and node.domain in ("", "ai.onnx"):
-            q = node.input[0]
-            blocks.append(AttentionInfo(
-                name=_prefix(node.name), form="op", head_size=_head_size(idx.shapes.get(q)),
-                seq_len=_seq_len(idx.shapes.get(q)), dtype=idx.dtype(q), scale_before_product=True,
-                nodes=[node.name], q=q,
-            ))
-        elif node.op_type == "Softmax" and _attr(node, "axis", -1) in (-1, 3):
-            info = _match_chain(idx, node)
-            if info is not None:
-                blocks.append(info)
-    if any(not isinstance(b.seq_len, int) for b in blocks):
-        _probe_seq_lens(m, blocks)
-    return blocks
-
-
-def _probe_seq_lens(model: onnx.ModelProto, blocks: list[AttentionInfo]) -> None:
-    """Express each block's sequence length in height/width.
-
-    Symbolic inference loses the expression (it names the dim 'unk__N'), so
-    infer once more on a weightless copy with concrete inputs (batch 1,
-    H = 2P, W = P) and solve seq = H*W / 4**level.
-    """
-    spec = _spec_of(model)
-    p = max(64, 4 * (spec.hw_multiple if spec else 1))
-    light = onnx.ModelProto()
-    light.CopyFrom(model)
-    for init in light.graph.initializer:
-        # Float weights are not needed for shapes; dropping them keeps the copy small.
-        if init.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16) \
-                and (len(init.raw_data) > 64 or len(init.float_data) > 16):
-            init.ClearField("raw_data")
-            init.ClearField("float_data")
-            init.data_location = onnx.TensorProto.EXTERNAL
-            entry = init.external_data.add()
-            entry.key, entry.value = "location", "weights-not-loaded"
-    sizes = {"batch": 1, "height": 2 * p, "width": p}
-    for vi in light.graph.input:
-        dims = vi.type.tensor_type.shape.dim
-        for k, d in enumerate(dims):
-            if d.dim_param in sizes:
-                d.dim_value = sizes[d.dim_param]
-            elif not d.HasField("dim_value") and len(dims) == 4:
-                d.dim_value = (1, 0, 2 * p, p)[k] or 1
-    del light.graph.value_info[:]
-    try:
-        idx = _Index(light)
-    except Exception:  # noqa: BLE001 - best effort: keep the symbolic names
-        return
-    for b in blocks:
-        seq = _seq_len(idx.shapes.get(b.q or ""))
-        if not isinstance(seq, int) or seq <= 0 or (2 * p * p) % seq:
-            continue
-        factor = (2 * p * p) // seq
-        level = (factor.bit_length() - 1) // 2
-        if 4 ** level == factor:
-            b.level = level
-            b.seq_len = "height*width" if level == 0 else f"(height/{2 ** level})*(width/{2 ** level})"
-        else:
-            b.seq_len = f"height*width/{factor}"
-
-
-def _match_chain(idx: _Index, softmax: onnx.NodeProto) -> AttentionInfo | None:
-    """Match MatMul(q, kT) -> [Mul/Div by a scalar] -> Softmax -> MatMul(., v)."""
-    nodes = [softmax]
-    logits = idx.through_casts(softmax.input[0])
-    post = idx.producer.get(logits)
-    scale_before = True
-    if post is not None and post.op_type in ("Mul", "Div"):
-        # A scale applied to the product: TensorRT's MHA matcher wants it on Q/K instead.
-        other = [i for i in post.input if idx.scalar(i) is not None]
-        if other:
-            scale_before = False
-            nodes.append(post)
-            rest = [i for i in post.input if i not in other]
-            logits = idx.through_casts(rest[0]) if rest else logits
-    mm1 = idx.producer.get(logits)
-    if mm1 is None or mm1.op_type != "MatMul":
-        return None
-    users = [u for u in idx.consumers.get(softmax.output[0], [])]
-    mm2 = None
-    for u in users:
-        if u.op_type == "Cast":
-            users.extend(idx.consumers.get(u.output[0], []))
-        elif u.op_type == "MatMul":
-            mm2 = u
-    if mm2 is None:
-        return None
-    q = mm1.input[0]
-    nodes = [mm1] + nodes[::-1] + [mm2]
-    return AttentionInfo(
-        name=_prefix(mm1.name), form="decomposed", head_size=_head_size(idx.shapes.get(q)),
-        seq_len=_seq_len(idx.shapes.get(q)), dtype=idx.dtype(q), scale_before_product=scale_before,
-        nodes=[n.name for n in nodes], q=q,
-    )
+def attention_blocks(model: onnx.ModelProto | str | Path) -> list[AttentionSite]:
+    """The attention sites of an ONNX model or file, from the one attention analysis."""
+    return find_attention(_load(model))
 
 
 # --------------------------------------------------------------------------- the check
@@ -377,6 +203,62 @@ def head_size_fusable(head_size: int | None) -> bool | None:
     if head_size is None:
         return None
     return HEAD_SIZE_MIN <= head_size <= HEAD_SIZE_MAX and head_size % HEAD_SIZE_ALIGN == 0
+
+
+def model_is_fp16(model: onnx.ModelProto, spec: ModelSpec | None = None) -> bool:
+    """True for FP16/mixed models (by their description, or FP16/BF16 weights)."""
+    return (spec is not None and spec.precision in ("fp16", "mixed")) or any(
+        i.data_type in (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16) for i in model.graph.initializer
+    )
+
+
+def site_findings(b: AttentionSite, *, model_fp16: bool, version: tuple[int, int] | None = None) -> list[tuple[str, str, str]]:
+    """(level, code, message) for one attention site: will TensorRT fuse it, and if not, why."""
+    out: list[tuple[str, str, str]] = []
+    if b.form == "op" and version is not None and version < ATTENTION_OP_SINCE:
+        # Already an unsupported-op error; this line says what to do about it.
+        out.append(("error", "attention-op-version",
+                    f"the ONNX Attention op needs TensorRT 10.14 or later (target {version[0]}.{version[1]}); "
+                    "export with --attention decomposed or target a newer TensorRT"))
+    if b.problem is not None:
+        out.append(("warning", "attention-form", f"will not fuse: {b.problem}"))
+    elif b.form != "op" and not b.scale_before_product:
+        out.append(("warning", "attention-scale",
+                    "will not fuse: the softmax scale is applied after Q·Kᵀ; TensorRT needs it on Q (or √scale on Q and K) "
+                    "before the first MatMul; rewrite it with `attn-export onnx --attention op|decomposed`"))
+    elif b.form != "op" and not b.canonical:
+        layout = ", with layout changes" if (b.q and b.q.perm) or b.out_perm else ""
+        out.append(("warning", "attention-form",
+                    f"will not fuse reliably: {b.form_description} with the scale on {b.scale_placement}{layout}; "
+                    "TensorRT fuses the Attention op or Mul(q, scale) → MatMul → Softmax → MatMul; rewrite it with "
+                    "`attn-export onnx --attention op|decomposed`"))
+    fits = head_size_fusable(b.head_size)
+    if fits is False:
+        out.append(("warning", "head-size",
+                    f"will not fuse: head size {b.head_size} is outside TensorRT's fused-attention window "
+                    f"({HEAD_SIZE_MIN}..{HEAD_SIZE_MAX}, multiple of {HEAD_SIZE_ALIGN}); attention runs as separate GEMMs"))
+    elif fits is None and b.problem is None:
+        out.append(("warning", "head-size-unknown", "head size could not be inferred; fusion cannot be predicted"))
+    if model_fp16 and b.dtype is not None and b.dtype not in HALF_TYPES:
+        out.append(("warning", "attention-dtype",
+                    f"will not fuse: attention inputs are {b.dtype} in an FP16 model; fused kernels need FP16/BF16 Q/K/V"))
+    elif not model_fp16 and b.dtype == "float32":
+        out.append(("warning", "attention-fp32",
+                    "will not fuse: attention runs in FP32 (strongly typed builds keep ONNX types); export the FP16 variant"))
+    if not out:
+        out.append(("ok", "attention", f"{b.form} attention, head size {b.head_size}, {b.dtype}: in a fusable form"))
+    return out
+
+
+def site_verdict(b: AttentionSite, *, model_fp16: bool) -> str:
+    """"fusable", "fusable once FP16" or "not fusable: <reason>" (the same rule as the readiness check)."""
+    found = [f for f in site_findings(b, model_fp16=model_fp16) if f[1] in WILL_NOT_FUSE]
+    if not found:
+        return "fusable"
+    if all(f[1] == "attention-fp32" for f in found):
+        return "fusable once FP16"
+    first = next(f for f in found if f[1] != "attention-fp32")
+    return "not fusable: " + first[2].removeprefix("will not fuse reliably: ").removeprefix("will not fuse: ")
 
 
 def check_trt_readiness(
@@ -420,44 +302,14 @@ def check_trt_readiness(
     if not n_bad:
         add("ok", "ops", f"all {len(model.graph.node)} nodes use operators the TensorRT {target_s} parser imports")
 
-    # 2. attention blocks
-    blocks = attention_blocks(model)
+    # 2. attention sites
+    blocks = find_attention(model)
     if not blocks:
-        add("warning", "no-attention", "no attention block found (neither an Attention node nor a MatMul/Softmax/MatMul chain)")
-    model_fp16 = (spec is not None and spec.precision in ("fp16", "mixed")) or any(
-        i.data_type in (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16) for i in model.graph.initializer
-    )
+        add("warning", "no-attention", "no attention site found (no Attention node and no Softmax over a Q·Kᵀ product)")
+    model_fp16 = model_is_fp16(model, spec)
     for b in blocks:
-        problems = 0
-        if b.form == "op" and version < ATTENTION_OP_SINCE:
-            # Already an unsupported-op error; this line says what to do about it.
-            problems += 1
-            add("error", "attention-op-version",
-                f"the ONNX Attention op needs TensorRT 10.14 or later (target {target_s}); "
-                "export with --attention decomposed or target a newer TensorRT", b.name)
-        if b.form == "decomposed" and not b.scale_before_product:
-            problems += 1
-            add("warning", "attention-scale",
-                "will not fuse: the softmax scale is applied after Q·Kᵀ; TensorRT needs it on Q (or √scale on Q and K) "
-                "before the first MatMul", b.name)
-        fits = head_size_fusable(b.head_size)
-        if fits is False:
-            problems += 1
-            add("warning", "head-size",
-                f"will not fuse: head size {b.head_size} is outside TensorRT's fused-attention window "
-                f"({HEAD_SIZE_MIN}..{HEAD_SIZE_MAX}, multiple of {HEAD_SIZE_ALIGN}); attention runs as separate GEMMs", b.name)
-        elif fits is None:
-            add("warning", "head-size-unknown", "head size could not be inferred; fusion cannot be predicted", b.name)
-        if model_fp16 and b.dtype is not None and b.dtype not in HALF_TYPES:
-            problems += 1
-            add("warning", "attention-dtype",
-                f"will not fuse: attention inputs are {b.dtype} in an FP16 model; fused kernels need FP16/BF16 Q/K/V", b.name)
-        elif not model_fp16 and b.dtype == "float32":
-            problems += 1
-            add("warning", "attention-fp32",
-                "will not fuse: attention runs in FP32 (strongly typed builds keep ONNX types); export the FP16 variant", b.name)
-        if not problems:
-            add("ok", "attention", f"{b.form} attention, head size {b.head_size}, {b.dtype}: in a fusable form", b.name)
+        for level, code, message in site_findings(b, model_fp16=model_fp16, version=version):
+            add(level, code, message, b.name)
 
     # 3. dynamic dims on batch/height/width
     inputs = [i for i in model.graph.input if i.name not in {x.name for x in model.graph.initializer}]
@@ -502,7 +354,7 @@ def check_trt_readiness(
             "an FP16 engine was asked for but the model is pure FP32; strongly typed TensorRT keeps FP32 "
             "(export the FP16 variant)")
     if model_fp16:
-        idx = _Index(model)
+        idx = TypedIndex(model)
         for node in model.graph.node:
             if node.op_type in NORM_OPS and node.input:
                 dt = idx.dtype(node.input[0])

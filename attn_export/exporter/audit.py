@@ -11,7 +11,7 @@ tensor. From that it decides which nodes must stay FP32:
 
 * normalization layers (statistics over many elements: an FP16 sum of
   squares overflows or loses the variance; GroupNorm in FP16 is a known
-  source of wrong images, see shared/reference/onnx-and-ort.md section 6);
+  source of wrong images, e.g. huggingface/diffusers#371);
 * the sinusoidal time embedding (Sin/Cos and the float ops feeding them):
   arguments reach ~1000 rad, where FP16 spacing is 0.5, so sin/cos would be
   noise;
@@ -29,7 +29,8 @@ without sending ordinary activations (tens to hundreds) to FP32, which
 ModelOpt's default of 512 can do on trained diffusion UNets.
 
 ONNX Runtime on CPU runs FP16 ops in FP32 behind Casts and therefore hides
-FP16 overflow (reference section 3.2). :func:`emulate_fp16` exposes every
+FP16 overflow (its InsertCastTransformer wraps ops without an FP16 kernel in
+Casts). :func:`emulate_fp16` exposes every
 FP16 intermediate of a converted model as an output: an exposed FP16 output
 is rounded to FP16, so an overflow shows up as ``inf``.
 """
@@ -47,7 +48,7 @@ from onnx import TensorProto, helper
 
 from ..errors import UsageError
 from ..spec import ModelSpec, format_shape
-from . import passes
+from ..graph import GraphIndex, find_attention, node_attr
 from .metadata import load_onnx, spec_from_model
 
 Shape = tuple[int, int, int]
@@ -358,23 +359,29 @@ class _Site:
     nodes: list[str]
     q_heads: int | None = None
     kv_heads: int | None = None
+    q_perm: list[int] | None = None
+    k_perm: list[int] | None = None
+
+    def qk(self, values: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """Q and K in the [..., S, d] layout from the exposed tensors."""
+        q, k = values[self.q], values[self.k]
+        return (q if self.q_perm is None else q.transpose(self.q_perm),
+                k if self.k_perm is None else k.transpose(self.k_perm))
 
 
 def attention_sites(model: onnx.ModelProto) -> list[_Site]:
-    """Attention blocks with their Q and K tensors (before any scale) and total scale (None: 1/sqrt(head size))."""
-    g = passes.GraphIndex(model.graph)
+    """The sites of the one attention analysis that have Q and K, with their layouts and total scale."""
+    by_name = {n.name: n for n in model.graph.node}
     sites = []
-    for node in model.graph.node:
-        if node.op_type == "Attention" and node.domain in ("", "ai.onnx"):
-            scale = passes.node_attr(node, "scale")
-            sites.append(_Site(passes._prefix(node.name), "op", node.input[0], node.input[1],
-                               float(scale) if scale is not None else None, [node.name],
-                               passes.node_attr(node, "q_num_heads"), passes.node_attr(node, "kv_num_heads")))
-        elif node.op_type == "Softmax":
-            m = passes._match_chain(g, node)
-            if m is not None:
-                sites.append(_Site(passes._prefix(m["mm1"].name), "decomposed", m["q"], m["k"], float(m["scale"]),
-                                   [n.name for n in m["nodes"]]))
+    for s in find_attention(model, probe=False):
+        if s.q is None or s.k is None:
+            continue
+        q_heads = kv_heads = None
+        if s.form == "op" and s.anchor in by_name:
+            q_heads = node_attr(by_name[s.anchor], "q_num_heads")  # type: ignore[assignment]
+            kv_heads = node_attr(by_name[s.anchor], "kv_num_heads")  # type: ignore[assignment]
+        sites.append(_Site(s.name, s.form, s.q.tensor, s.k.tensor, s.scale, s.nodes, q_heads, kv_heads,
+                           s.q.perm, s.k.perm))
     return sites
 
 
@@ -384,7 +391,7 @@ def attention_sites(model: onnx.ModelProto) -> list[_Site]:
 def structural_islands(model: onnx.ModelProto, types: dict[str, int], extra_fp32_ops: Iterable[str] = ()) -> list[Fp32Island]:
     """Nodes kept FP32 whatever their range: normalization, the time embedding, user op types."""
     extra = set(extra_fp32_ops)
-    g = passes.GraphIndex(model.graph)
+    g = GraphIndex(model.graph)
     islands: dict[str, Fp32Island] = {}
     for node in model.graph.node:
         if node.op_type in NORM_OPS:
@@ -488,7 +495,7 @@ def audit_fp16(
                     best[n] = (a, shape)
             for s in sites:
                 if s.q in values and s.k in values:
-                    q, k = values[s.q], values[s.k]
+                    q, k = s.qk(values)
                     head = _to_heads(q, s.q_heads).shape[-1]
                     scale = s.scale if s.scale is not None else 1.0 / float(np.sqrt(head))
                     raw = qk_absmax(q, k, q_heads=s.q_heads, kv_heads=s.kv_heads)
@@ -628,7 +635,7 @@ def emulate_fp16(
                     top = max(top, float(np.abs(v).max()))
             for s in sites:
                 if s.q in values and s.k in values and s.name not in found:
-                    q, k = values[s.q], values[s.k]
+                    q, k = s.qk(values)
                     if not (np.isfinite(q).all() and np.isfinite(k).all()):
                         continue
                     head = _to_heads(q, s.q_heads).shape[-1]

@@ -1,7 +1,7 @@
 """FP16 conversion of an exported FP32 model, with FP32 islands chosen by an audit.
 
 TensorRT 11 removed the FP16 builder flag: precision must be in the ONNX
-graph (shared/reference/tensorrt.md section 1). :func:`convert_fp16` writes
+graph (TensorRT 11 release notes: "BuilderFlag.FP16 removed; strongly typed networks only"). :func:`convert_fp16` writes
 an FP16 ONNX with FP16 weights and compute, FP32 inputs/outputs by default,
 and FP32 islands for normalization, the time embedding and every node the
 range audit (:mod:`.audit`) flags.
@@ -310,21 +310,14 @@ def convert_graph(
 
 
 def attention_dtypes(model: onnx.ModelProto) -> list[dict[str, Any]]:
-    """Per attention block: name and the dtypes of the tensors entering it (Q, K, V)."""
-    from .audit import attention_sites
+    """Per attention site: name and the dtypes Q, K and V are computed in."""
+    from ..graph import find_attention
 
-    types = value_types(model)
-    names = {TensorProto.FLOAT: "float32", TensorProto.FLOAT16: "float16"}
-    by_name = {n.name: n for n in model.graph.node}
     out = []
-    for s in attention_sites(model):
-        node = by_name[s.nodes[0]] if s.form == "op" else None
-        qkv = list(node.input[:3]) if node is not None else []
-        if node is None:  # decomposed: the first MatMul's inputs and the second MatMul's V
-            mms = [by_name[n] for n in s.nodes if by_name[n].op_type == "MatMul"]
-            qkv = [mms[0].input[0], mms[0].input[1], mms[-1].input[1]]
-        out.append({"block": s.name, "form": s.form, "q": names.get(types.get(qkv[0], 0), "?"),
-                    "k": names.get(types.get(qkv[1], 0), "?"), "v": names.get(types.get(qkv[2], 0), "?")})
+    for s in find_attention(model, probe=False, run=False):
+        def dt(op: Any) -> str:
+            return (op.compute_dtype or op.dtype or "?") if op is not None else "?"
+        out.append({"block": s.name, "form": s.form, "q": dt(s.q), "k": dt(s.k), "v": dt(s.v)})
     return out
 
 

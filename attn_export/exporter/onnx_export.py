@@ -25,7 +25,8 @@ import onnx
 import torch
 
 from ..atomic import atomic_path, check_output_path
-from ..errors import UsageError
+from ..errors import CheckFailed, UsageError
+from ..graph import canonicalize_attention
 from ..models.loader import LoadedModel, ModelSource, load_model
 from ..spec import ModelSpec
 from . import passes
@@ -58,6 +59,7 @@ class ExportResult:
     spec: ModelSpec
     check: dict[str, Any] | None = None
     steps: dict[str, float] = field(default_factory=dict)
+    unfused: list[dict[str, str]] = field(default_factory=list)  # attention sites left as they were (see allow_unfused)
 
 
 def _max_opset() -> int:
@@ -198,13 +200,17 @@ def export_onnx(
     check: bool = True,
     progress: ProgressFn | None = None,
     external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
+    allow_unfused: bool = False,
 ) -> ExportResult:
     """Export the model described by ``source`` to an ONNX file at ``output``.
 
     ``attention``: "op" (one ONNX Attention node per block, opset >= 23) or
-    "decomposed" (Mul(q, scale), MatMul, Softmax, MatMul). ``check`` runs the
-    result in ONNX Runtime against PyTorch at an unseen shape before the file
-    is put in place.
+    "decomposed" (Mul(q, scale), MatMul, Softmax, MatMul): every attention site
+    the graph analysis finds is rewritten into that form, and a site it cannot
+    rewrite fails the export (:class:`CheckFailed`) unless ``allow_unfused``,
+    which writes the file and lists the site in ``ExportResult.unfused``.
+    ``check`` runs the result in ONNX Runtime against PyTorch at an unseen
+    shape before the file is put in place.
     """
     validate_export_options(attention, opset)
     out = check_output_path(output, force=force)
@@ -224,13 +230,16 @@ def export_onnx(
     with _step(steps, "convert opset", progress):
         model = _convert_opset(model, opset)
     with _step(steps, "fuse attention", progress):
-        if attention == "op":
-            passes.fuse_attention(model)
-        sites = passes.find_attention(model)
-        n_attention = len(sites)
-        forms = {s.form for s in sites}
-        if attention == "op" and "decomposed" in forms:
-            raise UsageError("some attention chains could not be fused into the Attention op; try --attention decomposed")
+        rewrite = canonicalize_attention(model, attention)
+        n_attention = rewrite.count
+        unfused = [{"site": s.name, "node": s.anchor, "reason": s.problem or "not recognized"} for s in rewrite.unfused]
+        if unfused and not allow_unfused:
+            first = unfused[0]
+            more = f" (and {len(unfused) - 1} more site(s))" if len(unfused) > 1 else ""
+            raise CheckFailed(
+                f"attention site {first['site']} (Softmax {first['node']}) could not be rewritten into the "
+                f"{attention!r} form: {first['reason']}{more}; nothing was written. Pass --allow-unfused to write "
+                "the file anyway and list the unfused sites")
     with _step(steps, "shape inference + check", progress):
         passes.name_dynamic_dims(model, {t.name: t.dims for t in spec.inputs + spec.outputs})
         del model.graph.value_info[:]
@@ -244,7 +253,7 @@ def export_onnx(
         with _step(steps, "check against PyTorch", progress):
             check_result = compare_with_torch(model.SerializeToString(), loaded, [check_shape_for(spec)])
             if not check_result["max_abs_err"] <= 1e-3:
-                raise UsageError(
+                raise CheckFailed(
                     f"exported model disagrees with PyTorch (max abs error {check_result['max_abs_err']:.3g} at "
                     f"{check_result['shapes'][0]['shape']}); nothing was written"
                 )
@@ -259,6 +268,6 @@ def export_onnx(
     return ExportResult(
         path=out, size_bytes=size, opset=opset, attention=attention, attention_nodes=n_attention,
         inputs=io(model.graph.input), outputs=io(model.graph.output), num_parameters=loaded.num_parameters,
-        seconds=seconds, external_data=data_path, spec=spec, check=check_result, steps=steps,
+        seconds=seconds, external_data=data_path, spec=spec, check=check_result, steps=steps, unfused=unfused,
     )
 

@@ -1,0 +1,597 @@
+"""The one attention finder: every attention site of an ONNX graph, described completely.
+
+A site is anchored on a ``Softmax`` whose input is a product of two
+activations (MatMul or Einsum: the Q·Kᵀ shape), or on an ONNX ``Attention``
+node. From the anchor the finder walks back over Casts and scalar Mul/Div
+(the scale, wherever it sits: on q, on k, on both as √scale, or on the
+logits; constant or computed from a static dim at run time) and Transposes
+on the K side, and forward to the second product with V. Each site records
+q, k and v as they enter it, the permutation that brings each into the
+[..., S, d] layout, the total scale and where it was applied, heads, head
+size, the sequence length, dtypes, and the nodes that make it up.
+
+A Softmax over a Q·Kᵀ-shaped product that cannot be described (a mask or
+bias added to the logits, an Einsum that is not a contraction over the
+channels, a scale that depends on H or W, ...) is still a site, with
+``problem`` saying why it cannot be rewritten: every command counts the same
+sites, and none is silently left unfused.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import onnx
+
+from .index import TypedIndex, dtype_name, node_attr
+from .probe import DEFAULT_P, eval_dim_expression, level_of, probe_index, run_probe, seq_expression
+from .scalar import eval_scalar
+
+PASS_THROUGH = ("Cast", "Identity")
+# How far back from a Softmax to look for a Q·Kᵀ product behind ops the finder does not understand.
+_LOOKBACK = 6
+
+
+@dataclass
+class Operand:
+    """One of q, k, v as it enters an attention site."""
+
+    tensor: str                      # the graph tensor (before any scale, Cast or layout change of the site)
+    perm: list[int] | None = None    # transpose that puts it in [..., S, d] (None: it already is)
+    dtype: str | None = None         # its element type
+    compute_dtype: str | None = None  # the element type the site's product computes in
+
+    @property
+    def needs_cast(self) -> bool:
+        return self.compute_dtype is not None and self.dtype is not None and self.dtype != self.compute_dtype
+
+
+@dataclass
+class Factor:
+    """One scalar multiplier of the site (Mul by c or Div by c), wherever it sits."""
+
+    placement: str           # "q" | "k" | "logits"
+    tensor: str              # the scalar operand
+    divides: bool            # Div(x, c): the factor is 1/c
+    value: float | None      # the factor (already inverted for Div); None while unknown
+    source: str              # "constant" | "shape" | "dynamic"
+
+    def at(self, placement: str) -> "Factor":
+        return Factor(placement, self.tensor, self.divides, self.value, self.source)
+
+
+DYNAMIC_SCALE = "the attention scale depends on a dynamic dim (it cannot be folded into a constant)"
+
+
+def finish_scale(site: "AttentionSite") -> None:
+    """Total scale, placement and source from the site's factors."""
+    factors = site.factors
+    places = [p for p in ("q", "k", "logits") if any(f.placement == p for f in factors)]
+    site.scale_placement = "+".join(places) if places else "none"
+    sources = {f.source for f in factors}
+    site.scale_source = "dynamic" if "dynamic" in sources else ("shape" if "shape" in sources else "constant")
+    if site.scale_source == "dynamic":
+        site.scale = None
+        if site.problem is None:
+            site.problem = DYNAMIC_SCALE
+        return
+    if site.problem == DYNAMIC_SCALE:
+        site.problem = None
+    site.scale = math.prod(float(f.value) for f in factors if f.value is not None) if factors else 1.0
+
+
+@dataclass
+class AttentionSite:
+    """One attention computation: softmax(scale · Q·Kᵀ)·V."""
+
+    name: str                       # module-path prefix, e.g. "/downs.1/attention"
+    form: str                       # "op" (ONNX Attention) | "decomposed" (MatMul/Softmax/MatMul) | "einsum"
+    anchor: str                     # the Softmax (or Attention) node
+    nodes: list[str] = field(default_factory=list)
+    q: Operand | None = None
+    k: Operand | None = None
+    v: Operand | None = None
+    out: str | None = None          # the tensor the site produces
+    out_perm: list[int] | None = None  # transpose from [..., S, dv] back to the layout of ``out``
+    out_dtype: str | None = None
+    rank: int | None = None         # 3 ([B, S, d]) or 4 ([B, heads, S, d]) after the layout change
+    scale: float | None = None      # the total scale (None: unknown)
+    scale_placement: str = "none"   # "q", "k", "q+k", "logits", combinations joined by "+", "attribute", "default"
+    scale_source: str = "constant"  # "constant" | "shape" (computed at run time from a static dim) | "dynamic"
+    heads: int | None = None
+    head_size: int | None = None
+    seq_len: int | str | None = None
+    level: int | None = None        # resolution level: seq_len = (H/2**level)*(W/2**level)
+    dtype: str | None = None        # element type of the Q·Kᵀ product
+    softmax_dtype: str | None = None
+    factors: list[Factor] = field(default_factory=list)
+    canonical: bool = False         # exactly Mul(q, scale) -> MatMul(., Kᵀ) -> Softmax(-1) -> MatMul(., v)
+    problem: str | None = None      # why the site cannot be rewritten (None: it can)
+
+    @property
+    def scale_before_product(self) -> bool:
+        """True when no scale sits on the logits (the placement TensorRT's pattern fusion needs)."""
+        return "logits" not in self.scale_placement.split("+")
+
+    @property
+    def form_description(self) -> str:
+        return {"op": "ONNX Attention op", "decomposed": "MatMul/Softmax/MatMul",
+                "einsum": "Einsum/Softmax/Einsum"}.get(self.form, self.form)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["scale_before_product"] = self.scale_before_product
+        return d
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+class _Finder:
+    def __init__(self, idx: TypedIndex) -> None:
+        self.idx = idx
+
+    # -- scalars ---------------------------------------------------------------------------------------------------
+    def _is_scalar_shaped(self, name: str) -> bool:
+        const = self.idx.const(name)
+        if const is not None:
+            return const.size == 1
+        shape = self.idx.shapes.get(name)
+        return shape is not None and all(d == 1 for d in shape)
+
+    def _scalar(self, name: str) -> tuple[float | None, str]:
+        """(value, source) of a scalar operand: source "constant", "shape" or "dynamic"."""
+        c = self.idx.scalar(name)
+        if c is not None:
+            return c, "constant"
+        v = eval_scalar(self.idx, name)
+        return (v, "shape") if v is not None else (None, "dynamic")
+
+    def _scale_factor(self, node: onnx.NodeProto) -> tuple[str, Factor] | None:
+        """For Mul/Div by a scalar: (the other input, the factor); None for anything else."""
+        if node.op_type == "Mul":
+            for i, j in ((1, 0), (0, 1)):
+                if self._is_scalar_shaped(node.input[i]) and not self._is_scalar_shaped(node.input[j]):
+                    value, source = self._scalar(node.input[i])
+                    return node.input[j], Factor("", node.input[i], False, value, source)
+        elif node.op_type == "Div" and self._is_scalar_shaped(node.input[1]):
+            value, source = self._scalar(node.input[1])
+            if value == 0:
+                return None
+            return node.input[0], Factor("", node.input[1], True, (1.0 / value if value is not None else None), source)
+        return None
+
+    # -- walks -----------------------------------------------------------------------------------------------------
+    def strip(self, tensor: str, *, transposes: bool = False) -> tuple[str, list[int] | None, list[Factor],
+                                                                       list[onnx.NodeProto], int]:
+        """Walk back over Casts, scalar Mul/Div and (optionally) Transposes.
+
+        Returns (tensor reached, composed permutation from it to ``tensor``,
+        scale factors, nodes walked, Casts walked).
+        """
+        perm: list[int] | None = None
+        factors: list[Factor] = []
+        nodes: list[onnx.NodeProto] = []
+        casts = 0
+        for _ in range(16):
+            node = self.idx.producer.get(tensor)
+            if node is None:
+                break
+            if node.op_type in PASS_THROUGH:
+                casts += node.op_type == "Cast"
+                nodes.append(node)
+                tensor = node.input[0]
+                continue
+            scaled = self._scale_factor(node)
+            if scaled is not None:
+                tensor, factor = scaled
+                factors.append(factor)
+                nodes.append(node)
+                continue
+            if transposes and node.op_type == "Transpose":
+                t = list(node_attr(node, "perm", []) or [])  # type: ignore[call-overload]
+                if not t:
+                    break
+                current = perm or list(range(len(t)))
+                if len(current) != len(t):
+                    break
+                perm = [t[i] for i in current]
+                nodes.append(node)
+                tensor = node.input[0]
+                n = len(perm)
+                if perm == list(range(n - 2)) + [n - 1, n - 2]:
+                    break  # Kᵀ reached: what lies behind is how the model makes K
+                continue
+            break
+        return tensor, perm, factors, nodes, casts
+
+    def _is_activation(self, name: str) -> bool:
+        return bool(name) and not self.idx.is_const(name)
+
+    def _product_behind(self, tensor: str) -> onnx.NodeProto | None:
+        """A MatMul/Einsum of two activations up to a few nodes behind ``tensor`` (masks, biases, odd ops)."""
+        frontier = [tensor]
+        for _ in range(_LOOKBACK):
+            nxt = []
+            for t in frontier:
+                node = self.idx.producer.get(t)
+                if node is None:
+                    continue
+                if node.op_type in ("MatMul", "Einsum") and len(node.input) == 2 and all(
+                        self._is_activation(i) for i in node.input):
+                    return node
+                nxt.extend(i for i in node.input if self._is_activation(i))
+            frontier = nxt
+        return None
+
+    # -- the match -------------------------------------------------------------------------------------------------
+    def softmax_site(self, softmax: onnx.NodeProto) -> AttentionSite | None:
+        idx = self.idx
+        logits_in = softmax.input[0]
+        pre, _, post_factors, post_nodes, post_casts = self.strip(logits_in)
+        product = idx.producer.get(pre)
+        is_product = product is not None and product.op_type in ("MatMul", "Einsum") and len(product.input) == 2 \
+            and all(self._is_activation(i) for i in product.input)
+        site = AttentionSite(name="", form="decomposed", anchor=softmax.name, softmax_dtype=idx.dtype(logits_in))
+        if not is_product:
+            behind = self._product_behind(logits_in)
+            if behind is None:
+                return None  # a Softmax that is not over a Q·Kᵀ product: not attention
+            site.name = _prefix(behind.name) or softmax.name
+            site.form = "einsum" if behind.op_type == "Einsum" else "decomposed"
+            between = idx.producer.get(pre)
+            what = between.op_type if between is not None else "an input"
+            site.problem = (f"{what} node {between.name if between is not None else ''} sits between Q·Kᵀ and the "
+                            "Softmax (a mask or bias); only a scalar scale and Casts may").replace("  ", " ")
+            site.nodes = [behind.name, softmax.name]
+            return site
+        assert product is not None
+        site.name = _prefix(product.name) or softmax.name
+        site.form = "einsum" if product.op_type == "Einsum" else "decomposed"
+        site.dtype = idx.dtype(product.output[0])
+        nodes: list[onnx.NodeProto] = [product] + post_nodes + [softmax]
+        rank_logits = idx.rank(product.output[0]) or idx.rank(logits_in)
+
+        # Softmax over the last axis (the keys).
+        default_axis = -1 if idx.opset >= 13 else 1
+        axis = int(node_attr(softmax, "axis", default_axis))  # type: ignore[call-overload]
+        if axis != -1 and (rank_logits is None or axis != rank_logits - 1):
+            site.problem = f"Softmax {softmax.name} runs over axis {axis}, not the key axis (the last)"
+            site.nodes = [n.name for n in nodes]
+            return site
+
+        # Forward: Casts, then the product with V.
+        p_tensor = softmax.output[0]
+        fwd: list[onnx.NodeProto] = []
+        second: onnx.NodeProto | None = None
+        for _ in range(8):
+            users = idx.users(p_tensor)
+            if len(users) != 1 or p_tensor in idx.outputs:
+                break
+            u = users[0]
+            if u.op_type in PASS_THROUGH:
+                fwd.append(u)
+                p_tensor = u.output[0]
+                continue
+            if u.op_type in ("MatMul", "Einsum") and len(u.input) == 2:
+                second = u
+            break
+        nodes += fwd
+        if second is None:
+            site.problem = (f"the output of Softmax {softmax.name} does not go (through Casts only) to a single "
+                            "MatMul or Einsum with V")
+            site.nodes = [n.name for n in nodes]
+            return site
+        nodes.append(second)
+        site.out = second.output[0]
+        site.out_dtype = idx.dtype(site.out)
+
+        if product.op_type == "MatMul":
+            if second.op_type != "MatMul" or second.input[0] != p_tensor:
+                site.problem = f"{second.op_type} {second.name} does not take the attention weights as its first input"
+                site.nodes = [n.name for n in nodes]
+                return site
+            ok = self._matmul_operands(site, product, second, nodes)
+        else:
+            ok = self._einsum_operands(site, product, second, nodes, p_tensor)
+        site.nodes = [n.name for n in _unique(nodes)]
+        if not ok:
+            return site
+
+        site.factors = self._factors + [f.at("logits") for f in post_factors]
+        finish_scale(site)
+        casts = post_casts + self._casts + sum(1 for n in fwd if n.op_type == "Cast")
+        if site.problem is None:
+            self._check_exclusive(site, _unique(nodes))
+        site.canonical = (site.problem is None and site.form == "decomposed" and casts == 0 and site.scale_placement == "q"
+                          and site.scale_source == "constant" and self._q_mul_only and site.q is not None
+                          and site.q.perm is None and site.v is not None and site.v.perm is None
+                          and site.out_perm is None and self._k_direct)
+        return site
+
+    # operands of a MatMul site ----------------------------------------------------------------------------------------
+    _factors: list[Factor]
+    _casts: int
+    _q_mul_only: bool
+    _k_direct: bool
+
+    def _matmul_operands(self, site: AttentionSite, mm1: onnx.NodeProto, mm2: onnx.NodeProto,
+                         nodes: list[onnx.NodeProto]) -> bool:
+        idx = self.idx
+        q, q_perm, q_f, q_nodes, q_casts = self.strip(mm1.input[0])
+        k, k_perm, k_f, k_nodes, k_casts = self.strip(mm1.input[1], transposes=True)
+        v, _, v_f, v_nodes, v_casts = self.strip(mm2.input[1])
+        nodes += q_nodes + k_nodes + v_nodes
+        rank = idx.rank(mm1.output[0]) or idx.rank(mm1.input[0])
+        ranks = {idx.rank(t) for t in (q, k, v)} - {None}
+        if rank is None:
+            site.problem = f"the rank of {mm1.name}'s output is unknown (shape inference could not tell)"
+            return False
+        if rank not in (3, 4) or (ranks and ranks != {rank}):
+            site.problem = f"Q·Kᵀ is {rank}-D with operands of rank {sorted(ranks)}; the Attention op takes 3-D or 4-D q, k, v"
+            return False
+        if v_f:
+            site.problem = f"V is scaled inside the attention ({mm2.name}); only q, k and the logits may be"
+            return False
+        swap = list(range(rank - 2)) + [rank - 1, rank - 2]
+        total = k_perm or list(range(rank))
+        if sorted(total) != list(range(rank)) or total[: rank - 2] != list(range(rank - 2)):
+            site.problem = f"K reaches {mm1.name} through a transpose that mixes batch and head axes"
+            return False
+        k_canon = [total[i] for i in swap]  # k -> [..., S, d]
+        site.rank = rank
+        site.q = Operand(q, None, idx.dtype(q), idx.dtype(mm1.input[0]))
+        site.k = Operand(k, None if k_canon == list(range(rank)) else k_canon, idx.dtype(k), idx.dtype(mm1.input[1]))
+        site.v = Operand(v, None, idx.dtype(v), idx.dtype(mm2.input[1]))
+        self._factors = [f.at("q") for f in q_f] + [f.at("k") for f in k_f]
+        self._casts = q_casts + k_casts + v_casts
+        q_muls = [n for n in q_nodes if n.op_type != "Cast"]
+        self._q_mul_only = len(q_muls) == 1 and q_muls[0].op_type == "Mul" and not k_f
+        # Canonical K side: MatMul takes k itself as Kᵀ, or one Transpose of the last two axes of k.
+        k_ops = [n.op_type for n in k_nodes]
+        self._k_direct = k_ops in ([], ["Transpose"])
+        return True
+
+    # operands of an Einsum site ---------------------------------------------------------------------------------------
+    def _einsum_operands(self, site: AttentionSite, e1: onnx.NodeProto, e2: onnx.NodeProto,
+                         nodes: list[onnx.NodeProto], p_tensor: str) -> bool:
+        idx = self.idx
+        if e2.op_type != "Einsum":
+            site.problem = f"{e1.name} is an Einsum but {e2.name} is a {e2.op_type}; both products must be Einsums"
+            return False
+        parsed1 = _parse_einsum(_equation(e1))
+        parsed2 = _parse_einsum(_equation(e2))
+        if parsed1 is None or parsed2 is None:
+            site.problem = f"Einsum equations {_equation(e1)!r} / {_equation(e2)!r} are not two-operand contractions without ellipsis"
+            return False
+        (x, y), z = parsed1
+        batch = z[:-2]
+        t, s = z[-2], z[-1]
+        cs = (set(x) & set(y)) - set(z)
+        if len(cs) != 1 or set(x) != set(batch) | {t} | cs or set(y) != set(batch) | {s} | cs or len(x) != len(z) or len(y) != len(z):
+            site.problem = f"Einsum {e1.name} ({_equation(e1)}) is not Q·Kᵀ over one channel axis"
+            return False
+        c = cs.pop()
+        # The attention weights enter the second Einsum in the logits' layout.
+        (a, b), o = parsed2
+        first = 0 if e2.input[0] == p_tensor else 1
+        pw, vw = (a, b) if first == 0 else (b, a)
+        if len(pw) != len(z):
+            site.problem = f"Einsum {e2.name} ({_equation(e2)}) does not read the weights in the logits' layout"
+            return False
+        batch2, t2, s2 = pw[:-2], pw[-2], pw[-1]
+        es = set(vw) - set(pw)
+        if len(es) != 1 or set(vw) != set(batch2) | {s2} | es or set(o) != set(batch2) | {t2} | es or len(o) != len(z):
+            site.problem = f"Einsum {e2.name} ({_equation(e2)}) is not weights·V over the key axis"
+            return False
+        e = es.pop()
+        rank = len(z)
+        if rank not in (3, 4):
+            site.problem = f"the Einsum attention is {rank}-D; the Attention op takes 3-D or 4-D q, k, v"
+            return False
+        q, _, q_f, q_nodes, q_casts = self.strip(e1.input[0])
+        k, _, k_f, k_nodes, k_casts = self.strip(e1.input[1])
+        v_in = e2.input[1 - first]
+        v, _, v_f, v_nodes, v_casts = self.strip(v_in)
+        nodes += q_nodes + k_nodes + v_nodes
+        if v_f:
+            site.problem = f"V is scaled inside the attention ({e2.name}); only q, k and the logits may be"
+            return False
+        ident = list(range(rank))
+        q_perm = [x.index(ch) for ch in batch + t + c]
+        k_perm = [y.index(ch) for ch in batch + s + c]
+        v_perm = [vw.index(ch) for ch in batch2 + s2 + e]
+        canon_out = batch2 + t2 + e
+        out_perm = [canon_out.index(ch) for ch in o]
+        site.rank = rank
+        site.q = Operand(q, None if q_perm == ident else q_perm, idx.dtype(q), idx.dtype(e1.input[0]))
+        site.k = Operand(k, None if k_perm == ident else k_perm, idx.dtype(k), idx.dtype(e1.input[1]))
+        site.v = Operand(v, None if v_perm == ident else v_perm, idx.dtype(v), idx.dtype(v_in))
+        site.out_perm = None if out_perm == ident else out_perm
+        self._factors = [f.at("q") for f in q_f] + [f.at("k") for f in k_f]
+        self._casts = q_casts + k_casts + v_casts
+        self._q_mul_only = False
+        self._k_direct = False
+        return True
+
+    # exclusivity ------------------------------------------------------------------------------------------------------
+    def _check_exclusive(self, site: AttentionSite, nodes: list[onnx.NodeProto]) -> None:
+        """Intermediate results used outside the site would be lost by a rewrite."""
+        inside = {id(n) for n in nodes}
+        for n in nodes:
+            for o in n.output:
+                if o == site.out:
+                    continue
+                if o in self.idx.outputs or any(id(u) not in inside for u in self.idx.users(o)):
+                    site.problem = f"{o} (from {n.name}) inside the attention is also used elsewhere"
+                    return
+
+    def op_site(self, node: onnx.NodeProto) -> AttentionSite:
+        idx = self.idx
+        q, k, v = (node.input[i] if len(node.input) > i else "" for i in range(3))
+        rank = idx.rank(q)
+        scale = node_attr(node, "scale")
+        site = AttentionSite(
+            name=_prefix(node.name) or node.name, form="op", anchor=node.name, nodes=[node.name],
+            q=Operand(q, None, idx.dtype(q), idx.dtype(q)), k=Operand(k, None, idx.dtype(k), idx.dtype(k)),
+            v=Operand(v, None, idx.dtype(v), idx.dtype(v)), out=node.output[0], out_dtype=idx.dtype(node.output[0]),
+            rank=rank, scale=float(scale) if scale is not None else None,  # type: ignore[arg-type]
+            scale_placement="attribute" if scale is not None else "default", dtype=idx.dtype(q),
+            softmax_dtype=dtype_name(int(node_attr(node, "softmax_precision", 0) or 0)) or idx.dtype(q),  # type: ignore[call-overload]
+        )
+        extras = [i for i in node.input[3:] if i]
+        if extras or len([o for o in node.output if o]) > 1 or node_attr(node, "is_causal", 0):
+            site.problem = "the Attention node has a mask, a KV cache, extra outputs or is causal"
+        return site
+
+
+def _unique(nodes: list[onnx.NodeProto]) -> list[onnx.NodeProto]:
+    seen: set[int] = set()
+    out = []
+    for n in nodes:
+        if id(n) not in seen:
+            seen.add(id(n))
+            out.append(n)
+    return out
+
+
+def _prefix(node_name: str) -> str:
+    return node_name.rsplit("/", 1)[0] if "/" in node_name else ""
+
+
+def _equation(node: onnx.NodeProto) -> str:
+    eq = node_attr(node, "equation", "")
+    return (eq.decode() if isinstance(eq, bytes) else str(eq or "")).replace(" ", "")
+
+
+def _parse_einsum(eq: str) -> tuple[tuple[str, str], str] | None:
+    if "->" not in eq or "." in eq:
+        return None
+    lhs, out = eq.split("->")
+    parts = lhs.split(",")
+    if len(parts) != 2 or not all(p.isalpha() for p in parts + [out]):
+        return None
+    return (parts[0], parts[1]), out
+
+
+def _fill_shapes(site: AttentionSite, idx: TypedIndex, probe: TypedIndex | None, p: int) -> None:
+    """Heads, head size, sequence length and level from symbolic shapes, then from the probe."""
+    if site.q is None or site.problem is not None and site.rank is None:
+        return
+
+    def canon(index: TypedIndex, op: Operand) -> list[Any] | None:
+        shape = index.shapes.get(op.tensor)
+        if shape is None:
+            return None
+        if op.perm is not None:
+            if len(op.perm) != len(shape):
+                return None
+            shape = [shape[i] for i in op.perm]
+        return shape
+
+    for index in (idx, probe):
+        if index is None:
+            continue
+        qs = canon(index, site.q)
+        if not qs or len(qs) < 3:
+            continue
+        if site.head_size is None and isinstance(qs[-1], int) and qs[-1] > 0:
+            site.head_size = qs[-1]
+        if site.heads is None:
+            if len(qs) == 4 and isinstance(qs[1], int) and qs[1] > 0:
+                site.heads = qs[1]
+            elif len(qs) == 3:
+                site.heads = int(node_attr(idx.producer.get(site.out or "") or onnx.NodeProto(), "q_num_heads", 0) or 0) or 1  # type: ignore[call-overload]
+        if index is idx:
+            site.seq_len = qs[-2] if isinstance(qs[-2], (int, str)) else None
+            if isinstance(site.seq_len, str):
+                # Exporters such as dynamo write the dim as an expression of the input dims' names.
+                level = level_of(eval_dim_expression(site.seq_len, {"batch": 1, "height": 2 * p, "width": p}), p)
+                if level is not None:
+                    site.level = level
+                    site.seq_len = seq_expression(level)
+        elif site.level is None:
+            level = level_of(qs[-2] if isinstance(qs[-2], int) else None, p)
+            if level is not None:
+                site.level = level
+                if not isinstance(site.seq_len, int):
+                    site.seq_len = seq_expression(level)
+    if site.form == "op" and site.scale is None and site.head_size:
+        site.scale = 1.0 / math.sqrt(site.head_size)
+
+
+def _resolve_by_running(model: onnx.ModelProto, sites: list[AttentionSite], p: int) -> None:
+    """Scales and head sizes that shape inference cannot tell, read from two ONNX Runtime runs.
+
+    A scale computed from the shape is accepted as a constant only when it is
+    the same at two different input sizes.
+    """
+    todo = [s for s in sites if s.q is not None and (s.head_size is None or any(f.source == "dynamic" for f in s.factors))]
+    if not todo:
+        return
+    scalars = [f.tensor for s in todo for f in s.factors if f.source == "dynamic"]
+    names = scalars + [s.q.tensor for s in todo if s.q is not None]
+    first = run_probe(model, names, height=2 * p, width=p)
+    if first is None:
+        return
+    second = run_probe(model, scalars, height=p, width=p) if scalars else {}
+    if second is None:
+        second = {}
+    for site in todo:
+        for f in site.factors:
+            if f.source != "dynamic" or f.tensor not in second:
+                continue
+            a, b = first[f.tensor], second[f.tensor]
+            if a.size == 1 and b.size == 1 and float(a.reshape(())) == float(b.reshape(())) and float(a.reshape(())) != 0:
+                value = float(a.reshape(()))
+                f.value, f.source = (1.0 / value if f.divides else value), "shape"
+        finish_scale(site)
+        assert site.q is not None
+        q = first.get(site.q.tensor)
+        if q is not None and site.head_size is None:
+            shape = list(q.shape)
+            if site.q.perm is not None and len(site.q.perm) == len(shape):
+                shape = [shape[i] for i in site.q.perm]
+            if len(shape) >= 3:
+                site.head_size = int(shape[-1])
+                if len(shape) == 4:
+                    site.heads = int(shape[1])
+                if site.level is None:
+                    site.level = level_of(int(shape[-2]), p)
+                    if site.level is not None and not isinstance(site.seq_len, int):
+                        site.seq_len = seq_expression(site.level)
+
+
+def find_attention(model: onnx.ModelProto, *, probe: bool = True, index: TypedIndex | None = None,
+                   probed: TypedIndex | None = None, p: int = DEFAULT_P, run: bool = True) -> list[AttentionSite]:
+    """Every attention site of ``model`` in graph order (see the module docstring).
+
+    ``probe`` also runs shape inference with concrete input dims, for the
+    sequence length as an expression in height/width and the level (pass
+    ``index``/``probed`` to reuse inferences already made). ``run``
+    lets ONNX Runtime run the model at two small sizes when a scale or head
+    size can be learned no other way (weights must be loaded).
+    """
+    idx = index or TypedIndex(model)
+    finder = _Finder(idx)
+    sites: list[AttentionSite] = []
+    for node in model.graph.node:
+        if node.op_type == "Attention" and node.domain in ("", "ai.onnx"):
+            sites.append(finder.op_site(node))
+        elif node.op_type == "Softmax" and node.domain in ("", "ai.onnx"):
+            site = finder.softmax_site(node)
+            if site is not None:
+                sites.append(site)
+    if probed is None and probe and sites:
+        probed = probe_index(model, p=p)
+    for i, site in enumerate(sites):
+        if not site.name:
+            site.name = site.anchor or f"attention_{i}"
+        _fill_shapes(site, idx, probed, p)
+    if run and sites:
+        _resolve_by_running(model, sites, p)
+    names = [s.name for s in sites]
+    for i, site in enumerate(sites):
+        if names.count(site.name) > 1:
+            site.name = f"{site.name}#{names[:i].count(site.name)}"
+    return sites

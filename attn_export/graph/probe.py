@@ -1,0 +1,148 @@
+"""Concrete-shape probe: shapes of every tensor with the dynamic input dims pinned to numbers.
+
+Symbolic shape inference loses the attention sequence length (it becomes an
+anonymous dim); pinning H = 2P and W = P turns it into a number, and
+S = H*W / 4**level then gives the resolution level and an expression in
+height and width.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import onnx
+
+from .index import TypedIndex, weightless_copy
+
+DEFAULT_P = 64
+
+
+def probe_index(model: onnx.ModelProto, *, p: int = DEFAULT_P, sizes: dict[str, int] | None = None) -> TypedIndex | None:
+    """A :class:`TypedIndex` of ``model`` with batch 1, height 2p, width p (None when inference fails).
+
+    ``sizes`` pins dims by name (e.g. {"batch": 2}); other dynamic dims of a
+    4-D input are read as (batch, channels, height, width), and of any other
+    input as 1.
+    """
+    named = {"batch": 1, "height": 2 * p, "width": p, **(sizes or {})}
+    light = weightless_copy(model)
+    inits = {i.name for i in light.graph.initializer}
+    for vi in light.graph.input:
+        if vi.name in inits:
+            continue
+        dims = vi.type.tensor_type.shape.dim
+        for k, d in enumerate(dims):
+            if d.HasField("dim_value"):
+                continue
+            value = named.get(d.dim_param) if d.dim_param else None
+            if value is None:
+                value = (1, 1, 2 * p, p)[k] if len(dims) == 4 else 1
+            d.Clear()
+            d.dim_value = value
+    del light.graph.value_info[:]
+    try:
+        inferred = onnx.shape_inference.infer_shapes(light, data_prop=True)
+    except Exception:  # noqa: BLE001 - best effort: figures that need it are reported as unknown
+        return None
+    return TypedIndex(inferred, infer=False)
+
+
+def level_of(seq: int | None, p: int = DEFAULT_P) -> int | None:
+    """The resolution level whose H*W/4**level equals ``seq`` at the probe size (None if none does)."""
+    if not isinstance(seq, int) or seq <= 0:
+        return None
+    full = 2 * p * p
+    if full % seq:
+        return None
+    factor = full // seq
+    level = (factor.bit_length() - 1) // 2
+    return level if 4 ** level == factor else None
+
+
+def seq_expression(level: int) -> str:
+    """The sequence length at ``level`` as an expression in the image's height and width."""
+    return "height*width" if level == 0 else f"(height/{2 ** level})*(width/{2 ** level})"
+
+
+def eval_dim_expression(expr: str, sizes: dict[str, int]) -> int | None:
+    """The value of a symbolic dim such as ``((width - 1)//2 + 1)*height`` (dynamo's names), or None.
+
+    Only integers, the names in ``sizes`` and + - * // are allowed: the text
+    comes from a file and is never handed to ``eval``.
+    """
+    import ast
+
+    try:
+        tree = ast.parse(expr, mode="eval")
+    except (SyntaxError, ValueError):
+        return None
+
+    def walk(node: ast.AST) -> int | None:
+        if isinstance(node, ast.Expression):
+            return walk(node.body)
+        if isinstance(node, ast.Constant) and isinstance(node.value, int):
+            return node.value
+        if isinstance(node, ast.Name):
+            return sizes.get(node.id)
+        if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Sub, ast.Mult, ast.FloorDiv)):
+            a, b = walk(node.left), walk(node.right)
+            if a is None or b is None or (isinstance(node.op, ast.FloorDiv) and b == 0):
+                return None
+            return {ast.Add: a + b, ast.Sub: a - b, ast.Mult: a * b}.get(type(node.op), a // b if b else 0)
+        return None
+
+    return walk(tree)
+
+
+def run_probe(model: onnx.ModelProto, names: list[str], *, height: int, width: int) -> dict[str, Any] | None:
+    """Run ``model`` once in ONNX Runtime (CPU) at batch 1 and height x width, returning the named tensors.
+
+    Inputs get deterministic data of their dtype (the image a normal sample,
+    other floats 0.5, integers 1); only used to learn shapes and run-time
+    scalars that shape inference cannot. None when the model cannot run here
+    (weights not loaded, an op ORT lacks, ...).
+    """
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    if any(i.data_location == TensorProto.EXTERNAL and not i.raw_data for i in model.graph.initializer):
+        return None
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    known = {o.name for o in probe.graph.output}
+    for name in dict.fromkeys(names):
+        if name not in known:
+            probe.graph.output.append(helper.make_empty_tensor_value_info(name))
+    inits = {i.name for i in model.graph.initializer}
+    feeds: dict[str, Any] = {}
+    rng = np.random.default_rng(0)
+    for vi in model.graph.input:
+        if vi.name in inits:
+            continue
+        dims = vi.type.tensor_type.shape.dim
+        shape = []
+        for k, d in enumerate(dims):
+            if d.HasField("dim_value"):
+                shape.append(int(d.dim_value))
+            elif d.dim_param in ("height", "width", "batch"):
+                shape.append({"height": height, "width": width, "batch": 1}[d.dim_param])
+            else:
+                shape.append((1, 1, height, width)[k] if len(dims) == 4 else 1)
+        dtype = helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type)
+        if np.issubdtype(dtype, np.floating):
+            value = rng.standard_normal(shape) if len(shape) == 4 else np.full(shape, 0.5)
+        elif dtype == np.bool_:
+            value = np.ones(shape, dtype=bool)
+        else:
+            value = np.ones(shape)
+        feeds[vi.name] = value.astype(dtype)
+    try:
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        sess = ort.InferenceSession(probe.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        wanted = list(dict.fromkeys(names))
+        return dict(zip(wanted, sess.run(wanted, feeds)))
+    except Exception:  # noqa: BLE001 - a probe that cannot run leaves the figures unknown
+        return None

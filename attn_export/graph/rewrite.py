@@ -1,0 +1,273 @@
+"""Rewrite every attention site into one canonical form.
+
+* ``"op"``: one ONNX ``Attention`` node (opset >= 23) carrying the site's total
+  scale as its ``scale`` attribute; 3-D sites are lifted to [B, 1, S, d].
+* ``"decomposed"``: Mul(q, scale) -> MatMul(., Kᵀ) -> Softmax(-1) -> MatMul(., v),
+  the chain TensorRT's MHA pattern fusion matches.
+
+Layout changes (an Einsum's channel-first operands, K given as [B, C, S])
+become Transposes around the site, and Casts keep each tensor's dtype, so the
+rewritten graph computes what the original did. The scale subgraph that only
+fed the old site (Shape -> Gather -> Cast -> Pow) is removed with it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from .attention import AttentionSite, Operand, find_attention
+from .index import TypedIndex, default_opset
+
+TARGET_FORMS = ("op", "decomposed")
+_ELEM = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16, "bfloat16": TensorProto.BFLOAT16,
+         "float64": TensorProto.DOUBLE}
+_NP = {TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np.float16, TensorProto.DOUBLE: np.float64}
+
+
+@dataclass
+class RewriteResult:
+    """What :func:`canonicalize_attention` did."""
+
+    form: str
+    sites: list[AttentionSite]                                   # the sites found before the rewrite
+    rewritten: list[str] = field(default_factory=list)           # site names rewritten
+    unchanged: list[str] = field(default_factory=list)           # already in the requested form
+    unfused: list[AttentionSite] = field(default_factory=list)   # sites that could not be rewritten (see .problem)
+
+    @property
+    def count(self) -> int:
+        return len(self.rewritten) + len(self.unchanged)
+
+
+class _Builder:
+    def __init__(self, model: onnx.ModelProto, site: AttentionSite) -> None:
+        self.model = model
+        self.site = site
+        self.nodes: list[onnx.NodeProto] = []
+        # New nodes keep the site's module path, so the site's name survives the rewrite.
+        self.prefix = (site.name or "attention").split("#")[0].rstrip("/")
+        self._names = _Names.of(model)
+
+    def _tensor(self, what: str) -> str:
+        return self._names.fresh(f"{self.prefix}/{what}")
+
+    def node(self, op: str, inputs: list[str], what: str, output: str | None = None, **attrs: object) -> str:
+        out = output or self._tensor(what)
+        self.nodes.append(helper.make_node(op, inputs, [out], name=self._names.fresh(f"{self.prefix}/{op}_{what}"),
+                                           **attrs))
+        return out
+
+    def const(self, value: np.ndarray, what: str) -> str:
+        name = self._tensor(what)
+        self.model.graph.initializer.append(numpy_helper.from_array(value, name))
+        return name
+
+    def operand(self, op: Operand, what: str, dtype: int, perm: list[int] | None) -> str:
+        t = op.tensor
+        if _ELEM.get(op.dtype or "", dtype) != dtype:
+            t = self.node("Cast", [t], f"{what}_cast", to=dtype)
+        if perm is not None and perm != list(range(len(perm))):
+            t = self.node("Transpose", [t], f"{what}_t", perm=perm)
+        return t
+
+
+class _Names:
+    """Fresh tensor and node names that collide with nothing in the model."""
+
+    def __init__(self, used: set[str]) -> None:
+        self.used = used
+
+    @classmethod
+    def of(cls, model: onnx.ModelProto) -> "_Names":
+        used = {i.name for i in model.graph.initializer} | {i.name for i in model.graph.input}
+        for n in model.graph.node:
+            used.add(n.name)
+            used.update(n.output)
+        return cls(used)
+
+    def fresh(self, base: str) -> str:
+        name, k = base, 1
+        while name in self.used:
+            k += 1
+            name = f"{base}_{k}"
+        self.used.add(name)
+        return name
+
+
+def _swap(rank: int) -> list[int]:
+    return list(range(rank - 2)) + [rank - 1, rank - 2]
+
+
+def _finish(b: _Builder, y: str, t_elem: int) -> None:
+    """Put the canonical [.., S, dv] result back in the site's layout and dtype, under its output name."""
+    site = b.site
+    assert site.out is not None
+    out_elem = _ELEM.get(site.out_dtype or "", t_elem)
+    steps: list[tuple[str, dict[str, object]]] = []
+    if site.out_perm is not None:
+        steps.append(("Transpose", {"perm": site.out_perm}))
+    if out_elem != t_elem:
+        steps.append(("Cast", {"to": out_elem}))
+    if not steps:
+        # Rename the last node's output to the site's output.
+        last = b.nodes[-1]
+        last.output[0] = site.out
+        return
+    for i, (op, attrs) in enumerate(steps):
+        y = b.node(op, [y], f"out_{op.lower()}", output=site.out if i == len(steps) - 1 else None, **attrs)
+
+
+def _build_op(model: onnx.ModelProto, site: AttentionSite) -> list[onnx.NodeProto]:
+    assert site.q and site.k and site.v and site.rank and site.scale is not None
+    b = _Builder(model, site)
+    t_elem = _ELEM.get(site.dtype or site.q.compute_dtype or "", TensorProto.FLOAT)
+    q = b.operand(site.q, "q", t_elem, site.q.perm)
+    k = b.operand(site.k, "k", t_elem, site.k.perm)
+    v = b.operand(site.v, "v", t_elem, site.v.perm)
+    if site.rank == 3:
+        axes = b.const(np.array([1], dtype=np.int64), "head_axis")
+        q, k, v = (b.node("Unsqueeze", [t, axes], f"{w}_4d") for t, w in ((q, "q"), (k, "k"), (v, "v")))
+    attrs: dict[str, object] = {"scale": float(site.scale)}
+    soft = _ELEM.get(site.softmax_dtype or "", t_elem)
+    if soft != t_elem:
+        attrs["softmax_precision"] = soft
+    y = b.node("Attention", [q, k, v], "y", **attrs)
+    if site.rank == 3:
+        y = b.node("Squeeze", [y, axes], "y_3d")
+    _finish(b, y, t_elem)
+    return b.nodes
+
+
+def _build_decomposed(model: onnx.ModelProto, site: AttentionSite) -> list[onnx.NodeProto]:
+    assert site.q and site.k and site.v and site.rank and site.scale is not None
+    b = _Builder(model, site)
+    rank = site.rank
+    t_elem = _ELEM.get(site.dtype or site.q.compute_dtype or "", TensorProto.FLOAT)
+    q = b.operand(site.q, "q", t_elem, site.q.perm)
+    # Kᵀ straight from k: the composition of k's layout change and the last-two-axes swap.
+    k_perm = site.k.perm or list(range(rank))
+    kt = b.operand(site.k, "k", t_elem, [k_perm[i] for i in _swap(rank)])
+    v = b.operand(site.v, "v", t_elem, site.v.perm)
+    scale = b.const(np.array(site.scale, dtype=_NP.get(t_elem, np.float32)), "scale")
+    qs = b.node("Mul", [q, scale], "q_scaled")
+    logits = b.node("MatMul", [qs, kt], "logits")
+    soft = _ELEM.get(site.softmax_dtype or "", t_elem)
+    if soft != t_elem:
+        logits = b.node("Cast", [logits], "logits_cast", to=soft)
+    p = b.node("Softmax", [logits], "weights", axis=-1)
+    if soft != t_elem:
+        p = b.node("Cast", [p], "weights_cast", to=t_elem)
+    y = b.node("MatMul", [p, v], "y")
+    _finish(b, y, t_elem)
+    return b.nodes
+
+
+def _op_to_decomposed_problem(site: AttentionSite) -> str | None:
+    if site.problem:
+        return site.problem
+    if site.rank != 4:
+        return "only 4-D Attention nodes are decomposed"
+    if site.scale is None:
+        return "the head size (hence the default scale) is unknown"
+    return None
+
+
+def remove_dead_nodes(model: onnx.ModelProto) -> int:
+    """Drop nodes whose outputs nothing reads, and initializers nothing reads; returns the nodes dropped."""
+    g = model.graph
+    outputs = {o.name for o in g.output}
+    dropped = 0
+    while True:
+        used = {i for n in g.node for i in n.input} | outputs
+        keep = [n for n in g.node if any(o in used for o in n.output if o)]
+        if len(keep) == len(g.node):
+            break
+        dropped += len(g.node) - len(keep)
+        del g.node[:]
+        g.node.extend(keep)
+    used = {i for n in g.node for i in n.input} | outputs
+    inits = [i for i in g.initializer if i.name in used]
+    if len(inits) != len(g.initializer):
+        del g.initializer[:]
+        g.initializer.extend(inits)
+    return dropped
+
+
+def canonicalize_attention(model: onnx.ModelProto, form: str = "op", *,
+                           sites: list[AttentionSite] | None = None, run: bool = True) -> RewriteResult:
+    """Rewrite every attention site of ``model`` (in place) into ``form``: "op" or "decomposed".
+
+    Sites that cannot be rewritten are left as they are and listed in
+    ``unfused`` with the reason; the caller decides whether that is an error.
+    """
+    if form not in TARGET_FORMS:
+        raise ValueError(f"form must be one of {TARGET_FORMS} (got {form!r})")
+    if form == "op" and default_opset(model) < 23:
+        raise ValueError(f"the ONNX Attention op needs opset 23 or later (model is at {default_opset(model)})")
+    ensure_node_names(model)
+    found = sites if sites is not None else find_attention(model, probe=False, index=TypedIndex(model), run=run)
+    result = RewriteResult(form=form, sites=found)
+    replace: dict[str, tuple[set[str], list[onnx.NodeProto]]] = {}
+    for site in found:
+        if form == "op" and site.form == "op":
+            result.unchanged.append(site.name)
+            continue
+        if form == "decomposed" and site.canonical:
+            result.unchanged.append(site.name)
+            continue
+        problem = _op_to_decomposed_problem(site) if site.form == "op" else site.problem
+        if problem is None and (site.scale is None or site.q is None or site.rank is None):
+            problem = "the site is not fully described"
+        if problem is not None:
+            site.problem = problem
+            result.unfused.append(site)
+            continue
+        built = _build_op(model, site) if form == "op" else _build_decomposed(model, site)
+        replace[site.anchor] = (set(site.nodes), built)
+        result.rewritten.append(site.name)
+    if replace:
+        _splice(model, list(replace.values()))
+        remove_dead_nodes(model)
+    return result
+
+
+def _splice(model: onnx.ModelProto, edits: list[tuple[set[str], list[onnx.NodeProto]]]) -> None:
+    """Remove each edit's nodes and insert its new nodes where the last removed node stood."""
+    g = model.graph
+    position: dict[int, list[onnx.NodeProto]] = {}
+    removed: set[int] = set()
+    for names, new in edits:
+        hits = [i for i, n in enumerate(g.node) if n.name in names]
+        removed.update(hits)
+        position[max(hits)] = new
+    nodes: list[onnx.NodeProto] = []
+    for i, n in enumerate(g.node):
+        if i in position:
+            nodes.extend(position[i])
+        elif i not in removed:
+            nodes.append(n)
+    del g.node[:]
+    g.node.extend(nodes)
+    # Stale value_info for removed tensors would contradict the new graph; shape inference restores it.
+    live = {o for n in g.node for o in n.output}
+    keep = [vi for vi in g.value_info if vi.name in live]
+    del g.value_info[:]
+    g.value_info.extend(keep)
+
+
+def ensure_node_names(model: onnx.ModelProto) -> None:
+    """Give every unnamed or duplicate-named node a unique name (rewrites address nodes by name)."""
+    seen: set[str] = set()
+    for i, n in enumerate(model.graph.node):
+        if not n.name or n.name in seen:
+            base = n.name or f"{n.op_type}_{i}"
+            name, k = base, 1
+            while name in seen:
+                k += 1
+                name = f"{base}_{k}"
+            n.name = name
+        seen.add(n.name)
