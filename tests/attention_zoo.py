@@ -198,3 +198,16 @@ def einsum_mh() -> Denoiser:
 
 def biased() -> Denoiser:
     return make("biased")
+
+
+def diffusers_ddpm_cifar10() -> nn.Module:
+    """diffusers' UNet2DModel in the DDPM CIFAR-10 layout (the google/ddpm-cifar10-32 config), seeded weights."""
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(0)
+    return UNet2DModel(
+        sample_size=32, in_channels=3, out_channels=3, block_out_channels=(128, 256, 256, 256), layers_per_block=2,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"), attention_head_dim=None,
+        norm_num_groups=32, flip_sin_to_cos=False, freq_shift=1, downsample_padding=0, act_fn="silu",
+    ).eval()

@@ -335,8 +335,8 @@ class _Finder:
             return False
         swap = list(range(rank - 2)) + [rank - 1, rank - 2]
         total = k_perm or list(range(rank))
-        if sorted(total) != list(range(rank)) or total[: rank - 2] != list(range(rank - 2)):
-            site.problem = f"K reaches {mm1.name} through a transpose that mixes batch and head axes"
+        if sorted(total) != list(range(rank)):
+            site.problem = f"K reaches {mm1.name} through a transpose of another rank"
             return False
         k_canon = [total[i] for i in swap]  # k -> [..., S, d]
         site.rank = rank
@@ -503,7 +503,9 @@ def _fill_shapes(site: AttentionSite, idx: TypedIndex, probe: TypedIndex | None,
             elif len(qs) == 3:
                 site.heads = int(node_attr(idx.producer.get(site.out or "") or onnx.NodeProto(), "q_num_heads", 0) or 0) or 1  # type: ignore[call-overload]
         if index is idx:
-            site.seq_len = qs[-2] if isinstance(qs[-2], (int, str)) else None
+            seq = qs[-2]
+            # Anonymous dims ("unk__12") say nothing; leave them to the probes.
+            site.seq_len = seq if isinstance(seq, int) or (isinstance(seq, str) and not seq.startswith("unk__")) else None
             if isinstance(site.seq_len, str):
                 # Exporters such as dynamo write the dim as an expression of the input dims' names.
                 level = level_of(eval_dim_expression(site.seq_len, {"batch": 1, "height": 2 * p, "width": p}), p)
@@ -526,7 +528,8 @@ def _resolve_by_running(model: onnx.ModelProto, sites: list[AttentionSite], p: i
     A scale computed from the shape is accepted as a constant only when it is
     the same at two different input sizes.
     """
-    todo = [s for s in sites if s.q is not None and (s.head_size is None or any(f.source == "dynamic" for f in s.factors))]
+    todo = [s for s in sites if s.q is not None and (s.head_size is None or s.level is None
+                                                       or any(f.source == "dynamic" for f in s.factors))]
     if not todo:
         return
     scalars = [f.tensor for s in todo for f in s.factors if f.source == "dynamic"]
@@ -545,17 +548,18 @@ def _resolve_by_running(model: onnx.ModelProto, sites: list[AttentionSite], p: i
             if a.size == 1 and b.size == 1 and float(a.reshape(())) == float(b.reshape(())) and float(a.reshape(())) != 0:
                 value = float(a.reshape(()))
                 f.value, f.source = (1.0 / value if f.divides else value), "shape"
-        finish_scale(site)
+        if site.form != "op":  # an Attention node's scale is its attribute, not a product of factors
+            finish_scale(site)
         assert site.q is not None
         q = first.get(site.q.tensor)
-        if q is not None and site.head_size is None:
+        if q is not None:
             shape = list(q.shape)
             if site.q.perm is not None and len(site.q.perm) == len(shape):
                 shape = [shape[i] for i in site.q.perm]
             if len(shape) >= 3:
-                site.head_size = int(shape[-1])
+                site.head_size = site.head_size or int(shape[-1])
                 if len(shape) == 4:
-                    site.heads = int(shape[1])
+                    site.heads = site.heads or int(shape[1])
                 if site.level is None:
                     site.level = level_of(int(shape[-2]), p)
                     if site.level is not None and not isinstance(site.seq_len, int):
