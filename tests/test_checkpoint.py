@@ -93,3 +93,46 @@ def test_missing_corrupt_and_unknown_files(tmp_path: Path) -> None:
     torch.save({"step": 3}, tmp_path / "nostate.pt")
     with pytest.raises(CheckpointError, match="checkpoint-key"):
         read_checkpoint(tmp_path / "nostate.pt")
+
+
+def _seed_layout(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our keys renamed as the seed article's reference UNet (abarankab/DDPM) names them: mids.* -> mid.*."""
+    return {("mid." + k[len("mids."):] if k.startswith("mids.") else k): v for k, v in sd.items()}
+
+
+def _outputs(module: torch.nn.Module) -> torch.Tensor:
+    torch.manual_seed(1)
+    x, t = torch.randn(2, 3, 16, 24), torch.tensor([3, 700])
+    with torch.no_grad():
+        return module(x, t)
+
+
+@pytest.mark.parametrize("wrapped", [False, True])
+def test_seed_reference_unet_checkpoints_load(tmp_path: Path, wrapped: bool) -> None:
+    """A UNet state dict from the seed's reference code, bare or inside its GaussianDiffusion wrapper."""
+    ema, train = _tiny_state(5), _tiny_state(6)
+    assert any(k.startswith("mids.") for k in ema)
+    if wrapped:
+        # The reference training script saves diffusion.state_dict(): model.*, ema_model.* and the schedule.
+        obj = {**{f"model.{k}": v for k, v in _seed_layout(train).items()},
+               **{f"ema_model.{k}": v for k, v in _seed_layout(ema).items()},
+               "betas": torch.linspace(1e-4, 0.02, 1000), "alphas_cumprod": torch.rand(1000)}
+    else:
+        obj = _seed_layout(ema)
+    torch.save(obj, tmp_path / "seed.pth")
+    loaded = load_model(ModelSource(preset="tiny", checkpoint=tmp_path / "seed.pth"))
+    assert _same(loaded.module.state_dict(), ema)  # the EMA weights, not the training ones
+    assert "abarankab/DDPM" in loaded.spec.checkpoint["layout"]
+    reference = UNet(preset_config("tiny"))
+    reference.load_state_dict(ema)
+    assert torch.allclose(_outputs(loaded.module), _outputs(reference.eval()), atol=1e-5)
+
+
+def test_wrong_layout_is_refused_in_one_line(tmp_path: Path) -> None:
+    sd = _seed_layout(_tiny_state())
+    sd["mid.0.extra.weight"] = torch.zeros(1)  # no known layout fits exactly: the strict report
+    torch.save(sd, tmp_path / "bad.pth")
+    with pytest.raises(CheckpointError) as err:
+        load_model(ModelSource(preset="tiny", checkpoint=tmp_path / "bad.pth"))
+    message = str(err.value)
+    assert "\n" not in message and "missing" in message and "unexpected" in message

@@ -160,7 +160,7 @@ def test_ddpm_cifar10_has_six_sites(export_model, attention: str) -> None:
     d = inspect_artifact(export_model("ddpm-cifar10", attention)).to_dict()
     assert d["attention_summary"] == {"count": 6, "forms": {attention: 6}, "rewritable": 6,
                                      "fusion": {"fusable once FP16": 6}}
-    assert sorted(a["seq_len"] for a in d["attention"]) == ["height*width/4"] * 5 + ["height*width/64"]
+    assert sorted(a["seq_len"] for a in d["attention"]) == ["(height/2)*(width/2)"] * 5 + ["(height/8)*(width/8)"]
     assert all(a["head_size"] == 256 for a in d["attention"])
 
 

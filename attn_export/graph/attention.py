@@ -522,13 +522,13 @@ def _fill_shapes(site: AttentionSite, idx: TypedIndex, probe: TypedIndex | None,
         site.scale = 1.0 / math.sqrt(site.head_size)
 
 
-def _resolve_by_running(model: onnx.ModelProto, sites: list[AttentionSite], p: int) -> None:
+def _resolve_by_running(model: onnx.ModelProto, sites: list[AttentionSite], p: int, want_level: bool) -> None:
     """Scales and head sizes that shape inference cannot tell, read from two ONNX Runtime runs.
 
     A scale computed from the shape is accepted as a constant only when it is
     the same at two different input sizes.
     """
-    todo = [s for s in sites if s.q is not None and (s.head_size is None or s.level is None
+    todo = [s for s in sites if s.q is not None and (s.head_size is None or (want_level and s.level is None)
                                                        or any(f.source == "dynamic" for f in s.factors))]
     if not todo:
         return
@@ -593,7 +593,7 @@ def find_attention(model: onnx.ModelProto, *, probe: bool = True, index: TypedIn
             site.name = site.anchor or f"attention_{i}"
         _fill_shapes(site, idx, probed, p)
     if run and sites:
-        _resolve_by_running(model, sites, p)
+        _resolve_by_running(model, sites, p, want_level=probe)
     names = [s.name for s in sites]
     for i, site in enumerate(sites):
         if names.count(site.name) > 1:

@@ -26,6 +26,7 @@ from ..errors import CheckpointError, UsageError
 from ..spec import ModelSpec, TensorSpec
 from .attention import AttentionImpl, set_attention_impl
 from .checkpoint import file_sha256, load_state_dict_strict, read_checkpoint
+from .key_maps import adapt_state_dict
 from .presets import PRESETS, preset_config
 from .unet import UNet, UNetConfig
 
@@ -206,11 +207,15 @@ def load_model(source: ModelSource, attention_impl: AttentionImpl = "reference")
     ckpt_info = None
     if source.checkpoint is not None:
         state, used_key = read_checkpoint(source.checkpoint, source.checkpoint_key)
+        layout = None
+        if config is not None:  # our UNet: state dicts of the same layout saved by other code map onto it
+            state, layout = adapt_state_dict(state, set(inner.state_dict()))
         load_state_dict_strict(inner, state, source=f"checkpoint {Path(source.checkpoint).name}")
         ckpt_info = {
             "path": str(Path(source.checkpoint).resolve()),
             "sha256": file_sha256(source.checkpoint),
             "key": used_key,
+            "layout": layout,
         }
     module.eval()
     set_attention_impl(module, attention_impl)
