@@ -4,6 +4,8 @@ Everything the CLI does is a function here (imported lazily, so ``import attn_ex
 
 - :func:`export_onnx` (``attn-export onnx``), with :class:`ModelSource` naming the model
 - :func:`verify` (``attn-export verify``) and :func:`inspect_artifact` (``attn-export inspect``)
+- :func:`optimize_onnx` (``attn-export optimize``), with :func:`find_attention` and
+  :func:`canonicalize_attention` (the one attention analysis)
 - :func:`convert_fp16` (``attn-export fp16``) and :func:`build_engine` (``attn-export trt``)
 - :func:`check_trt_readiness` (``attn-export inspect --trt``)
 - :func:`run_bench` (``attn-export bench``) and :func:`write_model_repository` (``attn-export triton``)
@@ -21,6 +23,9 @@ _LAZY = {
     "ModelSource": "attn_export.models.loader",
     "load_model": "attn_export.models.loader",
     "export_onnx": "attn_export.exporter.onnx_export",
+    "optimize_onnx": "attn_export.exporter.optimize",
+    "find_attention": "attn_export.graph",
+    "canonicalize_attention": "attn_export.graph",
     "convert_fp16": "attn_export.exporter.fp16",
     "audit_fp16": "attn_export.exporter.audit",
     "verify": "attn_export.verify",

@@ -100,6 +100,10 @@ def _dims(dims: list) -> str:
 # ---------------------------------------------------------------------------------------------------------------------
 # attn-export onnx
 # ---------------------------------------------------------------------------------------------------------------------
+INPUT_SHAPES_HELP = ("Shapes of every dynamic input, Polygraphy/trtexec style: x:1x3x64x64,sigma:1 "
+                     "(repeat the option for several shapes). For files this tool did not export.")
+INPUT_RANGE_HELP = ("Data range of an input, name:LOW:HIGH, e.g. sigma:0.002:80 (repeatable; default: image N(0,1), "
+                    "other floats [0,1], integers [0,1000)).")
 SOURCE_HELP = "Model source: one of --preset (tiny, ddpm-cifar10, ddpm-256), --config FILE.json, --model pkg.module:factory."
 
 
@@ -172,6 +176,59 @@ def _print_export_summary(r: Any) -> None:
     if r.check:
         s = r.check["shapes"][0]["shape"]
         table.add_row("check vs PyTorch", f"max abs err {r.check['max_abs_err']:.2e} at {s[0]}x{s[1]}x{s[2]} (ONNX Runtime CPU)")
+    table.add_row("time", f"{r.seconds:.1f} s")
+    console.print(table)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# attn-export optimize
+# ---------------------------------------------------------------------------------------------------------------------
+@app.command("optimize", help=(
+    "Rewrite the attention of an ONNX file (ours or exported elsewhere) into the form TensorRT fuses.\n\n"
+    "Every attention site the analysis finds (Einsum or MatMul forms, scale anywhere, FP16 with Casts, ...) "
+    "becomes one ONNX Attention node (--attention op, opset raised to 23) or the canonical "
+    "Mul(q, scale) -> MatMul -> Softmax -> MatMul (--attention decomposed). The result is compared with the input "
+    "in ONNX Runtime before it is written; external data is kept.\n\n"
+    "Examples:\n\n"
+    "  attn-export optimize unet.onnx -o unet.opt.onnx --input-shapes noisy:1x1x128x128,sigma:1\n\n"
+    "  attn-export optimize unet.onnx -o unet.dec.onnx --attention decomposed --input-shapes x:2x3x64x64,t:2\n\n"
+    "Exit status: 0 written, 1 a site could not be rewritten or the check failed (nothing written), 2 bad input."
+))
+def optimize_cmd(
+    model: Path = typer.Argument(..., help="ONNX file to optimize."),
+    output: Path = typer.Option(..., "-o", "--output", help="ONNX file to write (atomically)."),
+    attention: str = typer.Option("op", "--attention", help="op (ONNX Attention, opset 23) or decomposed (MatMul/Softmax/MatMul)."),
+    input_shapes: Optional[list[str]] = typer.Option(None, "--input-shapes", help=INPUT_SHAPES_HELP + " Used for the check."),
+    input_range: Optional[list[str]] = typer.Option(None, "--input-range", help=INPUT_RANGE_HELP),
+    allow_unfused: bool = typer.Option(False, "--allow-unfused", help="Write the file even when a site cannot be rewritten, listing it."),
+    check: bool = typer.Option(True, "--check/--no-check", help="Compare with the input in ONNX Runtime before writing."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output file."),
+) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
+    from .exporter.foreign import parse_input_ranges
+    from .exporter.optimize import optimize_onnx
+
+    try:
+        with _spinner("optimize") as prog:
+            task = prog.add_task("optimize", total=None)
+            r = optimize_onnx(model, output, attention=attention, force=force, allow_unfused=allow_unfused,
+                              input_shapes=input_shapes or None, input_ranges=parse_input_ranges(input_range), check=check,
+                              progress=lambda step: prog.update(task, description=f"optimize: {step}"))
+    except AttnExportError as exc:
+        _fail(str(exc), exc.exit_code)
+    table = Table(title="attn-export optimize", show_header=False, title_justify="left")
+    table.add_row("file", escape(str(r.path)) + (f" (+ {escape(r.external_data.name)})" if r.external_data else ""))
+    table.add_row("opset", f"{r.opset_before} -> {r.opset}" if r.opset != r.opset_before else str(r.opset))
+    table.add_row("attention", f"{r.sites} site(s): {len(r.rewritten)} rewritten, {len(r.unchanged)} already "
+                               f"{'Attention op' if r.attention == 'op' else 'canonical'}"
+                  + (f", {len(r.unfused)} NOT rewritten" if r.unfused else ""))
+    for u in r.unfused:
+        table.add_row("[bold red]unfused[/]", escape(f"{u['site']} ({u['node']}): {u['reason']}"))
+    for c in r.check:
+        table.add_row(f"check {'x'.join(map(str, c['shape']))}", f"{'pass' if c['passed'] else 'FAIL'}, max abs err "
+                                                                  f"{c['max_abs_err']:.2e} vs the input (ONNX Runtime CPU)")
     table.add_row("time", f"{r.seconds:.1f} s")
     console.print(table)
 
@@ -318,6 +375,7 @@ def _fmt_err(value: float) -> str:
     "  attn-export verify unet.onnx\n\n"
     "  attn-export verify unet.onnx --shapes 2x64x96,1x128x128 --report verify.json\n\n"
     "  attn-export verify unet.plan --stat quantile --quantile 0.99\n\n"
+    "  attn-export verify foreign.fp16.onnx --reference foreign.onnx --input-shapes noisy:1x1x128x128,sigma:1\n\n"
     "Exit status: 0 all shapes pass, 1 a comparison failed, 2 bad usage or input."
 ))
 def verify_cmd(
@@ -337,9 +395,13 @@ def verify_cmd(
     checkpoint_key: Optional[str] = typer.Option(None, "--checkpoint-key", help="Key of the state dict inside --checkpoint."),
     allow_checkpoint_mismatch: bool = typer.Option(False, "--allow-checkpoint-mismatch", help="Compare even if the checkpoint is not the one recorded at export."),
     provider: Optional[str] = typer.Option(None, "--provider", help="ONNX Runtime execution provider: cpu (default), cuda or tensorrt."),
+    reference: Optional[Path] = typer.Option(None, "--reference", help="Compare against this ONNX file in ONNX Runtime instead of PyTorch (needed for files this tool did not export)."),
+    input_shapes: Optional[list[str]] = typer.Option(None, "--input-shapes", help=INPUT_SHAPES_HELP),
+    input_range: Optional[list[str]] = typer.Option(None, "--input-range", help=INPUT_RANGE_HELP),
 ) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from .exporter.foreign import parse_input_ranges
     from .verify import verify
 
     try:
@@ -354,6 +416,7 @@ def verify_cmd(
                 checkpoint=checkpoint, checkpoint_key=checkpoint_key, allow_checkpoint_mismatch=allow_checkpoint_mismatch,
                 providers=[provider] if provider else None,
                 progress=lambda done, total, text: prog.update(task, completed=done, total=total, description=text),
+                reference=reference, input_shapes=input_shapes or None, input_ranges=parse_input_ranges(input_range),
             )
     except AttnExportError as exc:
         _fail(str(exc), exc.exit_code)
@@ -557,7 +620,8 @@ def _fp16_progress():  # noqa: ANN202 - rich Progress
 
 def _run_fp16(model: Path, out: Path, *, keep_io_types: bool = True, threshold: float = 4096.0,
               calibration_shapes: Optional[str] = None, fp32_ops: Optional[list[str]] = None, force: bool = False,
-              check: bool = True) -> Any:
+              check: bool = True, input_shapes: Optional[list[str]] = None, input_range: Optional[list[str]] = None) -> Any:
+    from .exporter.foreign import parse_input_ranges
     from .exporter.fp16 import convert_fp16
     from .spec import parse_shapes
 
@@ -566,6 +630,7 @@ def _run_fp16(model: Path, out: Path, *, keep_io_types: bool = True, threshold: 
         task = prog.add_task("fp16", total=None)
         return convert_fp16(model, out, keep_io_types=keep_io_types, threshold=threshold, calibration_shapes=shapes,
                             extra_fp32_ops=tuple(fp32_ops or ()), force=force, check=check,
+                            input_shapes=input_shapes or None, input_ranges=parse_input_ranges(input_range),
                             progress=lambda text: prog.update(task, description=f"fp16: {text}"))
 
 
@@ -624,7 +689,9 @@ def _print_fp16(r: Any) -> None:
         summary.add_row("forced FP16", escape(", ".join(r.forced_fp16)))
     if r.check:
         errs = ", ".join(f"{'x'.join(map(str, s['shape']))}: {s['max_abs_err']:.2e}" for s in r.check["shapes"])
-        summary.add_row("vs PyTorch", f"max abs err {errs} ({r.check['tolerances']}; ONNX Runtime CPU computes FP16 ops in FP32)")
+        from .exporter.foreign import is_foreign
+
+        summary.add_row("vs the FP32 file" if is_foreign(r.spec) else "vs PyTorch", f"max abs err {errs} ({r.check['tolerances']}; ONNX Runtime CPU computes FP16 ops in FP32)")
     if r.emulation is not None:
         e = r.emulation
         summary.add_row("FP16 emulation", ("[green]no overflow[/]" if e.ok else f"[red]{len(e.non_finite)} non-finite[/]")
@@ -645,7 +712,7 @@ def _print_fp16(r: Any) -> None:
     "Exit status: 0 written, 1 the FP16 model failed its checks (nothing written), 2 bad usage or input."
 ))
 def fp16_cmd(
-    model: Path = typer.Argument(..., help="FP32 ONNX file exported by `attn-export onnx`."),
+    model: Path = typer.Argument(..., help="FP32 ONNX file (exported by `attn-export onnx`, or from elsewhere with --input-shapes)."),
     output: Path = typer.Option(..., "-o", "--output", help="FP16 ONNX file to write (atomically)."),
     keep_io_types: bool = typer.Option(True, "--keep-io-types/--no-keep-io-types", help="Keep FP32 inputs and outputs (default) or make them FP16."),
     threshold: float = typer.Option(4096.0, "--threshold", help="Activation absmax above which nodes stay FP32 (FP16 max is 65504)."),
@@ -654,12 +721,15 @@ def fp16_cmd(
     check: bool = typer.Option(True, "--check/--no-check", help="Compare with PyTorch and run the FP16 overflow emulation before writing."),
     report: Optional[Path] = typer.Option(None, "--report", help="Also write the audit and conversion summary as JSON."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output file."),
+    input_shapes: Optional[list[str]] = typer.Option(None, "--input-shapes", help=INPUT_SHAPES_HELP + " Used as the calibration shapes."),
+    input_range: Optional[list[str]] = typer.Option(None, "--input-range", help=INPUT_RANGE_HELP),
 ) -> None:
     try:
         if report is not None and (not report.parent.exists() or report.is_dir()):
             raise UsageError(f"cannot write the report to {report}")
         result = _run_fp16(model, output, keep_io_types=keep_io_types, threshold=threshold,
-                           calibration_shapes=calibration_shapes, fp32_ops=fp32_op, force=force, check=check)
+                           calibration_shapes=calibration_shapes, fp32_ops=fp32_op, force=force, check=check,
+                           input_shapes=input_shapes, input_range=input_range)
     except AttnExportError as exc:
         from rich.markup import escape
 
@@ -705,11 +775,11 @@ def trt_cmd(
     from .atomic import check_output_path
     from .engines.profiles import default_profile, parse_profiles, validate_profiles
     from .engines.readiness import check_trt_readiness, parse_target
-    from .exporter.metadata import read_spec
+    from .exporter.foreign import spec_of_file
 
     try:
         # Cheap checks first: nothing is converted or built for a bad option.
-        spec = read_spec(model)
+        spec = spec_of_file(model)
         engine = check_output_path(output, force=force)
         if hardware_compat not in HARDWARE_COMPAT:
             raise UsageError(f"--hardware-compat must be one of {', '.join(HARDWARE_COMPAT)} (got {hardware_compat!r})")

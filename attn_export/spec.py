@@ -65,6 +65,8 @@ class ModelSpec:
     export_shape: list[int] = field(default_factory=lambda: [2, 32, 32])
     tool_version: str = ""
     format: int = SPEC_FORMAT
+    # Per-input data ranges [low, high] for make_inputs (files from elsewhere: sigma, conditioning scalars).
+    input_ranges: dict[str, list[float]] = field(default_factory=dict)
 
     # ---- shapes ---------------------------------------------------------
     def input(self, name: str) -> TensorSpec:
@@ -87,6 +89,10 @@ class ModelSpec:
         m = self.hw_multiple
         if batch < 1:
             raise ShapeError(f"batch must be at least 1 (got {batch})")
+        dims = self.image_input.dims
+        for value, dim, what in ((height, dims[2], "height"), (width, dims[3], "width")):
+            if isinstance(dim, int) and value != dim:
+                raise ShapeError(f"this model has a fixed {what} of {dim} (got {value})")
         if height < m or width < m or height % m or width % m:
             raise ShapeError(
                 f"H and W must be positive multiples of {m} for this model (got {height}x{width})"
@@ -98,14 +104,22 @@ class ModelSpec:
             )
 
     def make_inputs(self, batch: int, height: int, width: int, seed: int = 0) -> dict[str, np.ndarray]:
-        """Seeded, realistic denoiser inputs: x ~ N(0, 1), timesteps spread over the
-        training range, random class labels where the model has classes."""
+        """Seeded, realistic denoiser inputs: the image ~ N(0, 1), timesteps spread over the
+        training range, random class labels where the model has classes, other float inputs
+        uniform in [0, 1]; ``input_ranges`` overrides any input's range."""
         self.check_shape(batch, height, width)
         rng = np.random.default_rng(seed)
         feeds: dict[str, np.ndarray] = {}
-        for t in self.inputs:
+        for i, t in enumerate(self.inputs):
             shape = t.shape_for(batch, height, width)
-            if np.issubdtype(np.dtype(t.dtype), np.floating):
+            floating = np.issubdtype(np.dtype(t.dtype), np.floating)
+            if t.name in self.input_ranges:
+                low, high = self.input_ranges[t.name]
+                value = rng.uniform(low, high, size=shape)
+                feeds[t.name] = (value if floating else np.floor(value)).astype(t.dtype)
+            elif floating and i > 0:
+                feeds[t.name] = rng.uniform(0.0, 1.0, size=shape).astype(t.dtype)  # sigma, conditioning scalars
+            elif floating:
                 feeds[t.name] = rng.standard_normal(shape).astype(t.dtype)
             elif t.name == "y":
                 feeds[t.name] = rng.integers(0, self.num_classes or 1, size=shape).astype(t.dtype)

@@ -302,6 +302,9 @@ def verify(
     allow_checkpoint_mismatch: bool = False,
     providers: Sequence[str] | None = None,
     progress: ProgressFn | None = None,
+    reference: str | Path | None = None,
+    input_shapes: str | Sequence[str] | None = None,
+    input_ranges: dict[str, tuple[float, float]] | None = None,
 ) -> VerifyReport:
     """Compare ``artifact`` (ONNX file or TensorRT engine) with its PyTorch reference over a sweep of shapes.
 
@@ -311,6 +314,11 @@ def verify(
     MissingDependencyError (exit 2) for an engine where TensorRT is missing.
     A comparison that runs and fails is not an exception: check
     ``report.passed``.
+
+    ``reference``: compare against this ONNX file in ONNX Runtime instead of
+    PyTorch (the only reference for a file this tool did not export).
+    ``input_shapes``: Polygraphy-style shape sets (``x:1x3x64x64,sigma:1``),
+    one per sweep entry; ``input_ranges``: data ranges per input name.
     """
     path = Path(artifact)
     if not path.is_file():
@@ -327,10 +335,24 @@ def verify(
         profiles = sidecar_profiles(sidecar)
         precision = str(sidecar.get("precision") or spec.precision)
     else:
-        from .exporter.metadata import read_spec
+        from .exporter.foreign import spec_of_file
 
-        spec = read_spec(path)
+        spec = spec_of_file(path, input_ranges)
         precision = spec.precision
+    from .exporter.foreign import is_foreign, need_shapes, parse_input_shapes
+
+    foreign = is_foreign(spec)
+    if reference is None and foreign:
+        raise UsageError(f"{path} has no attn-export description, so there is no PyTorch model to compare it with; "
+                         "pass --reference model.onnx (for example the FP32 file it was made from)")
+    if reference is not None and not Path(reference).is_file():
+        raise UsageError(f"reference ONNX file not found: {reference}")
+    if input_shapes:
+        if shapes:
+            raise UsageError("give either --shapes or --input-shapes, not both")
+        shapes = parse_input_shapes(input_shapes, spec)
+    elif foreign and not shapes:
+        shapes = need_shapes(spec, "verify")
     tol = resolve_tolerances(precision, atol=atol, rtol=rtol, stat=stat, quantile=quantile)
 
     # Shapes are checked before anything expensive is built.
@@ -351,7 +373,9 @@ def verify(
 
     overrides = {k: v for k, v in dict(preset=preset, config=config, model=model, model_kwargs=model_kwargs,
                                        checkpoint=checkpoint, checkpoint_key=checkpoint_key).items() if v is not None}
-    source = _reference_source(spec, overrides, allow_checkpoint_mismatch)
+    if reference is not None and overrides:
+        raise UsageError("--reference replaces the PyTorch model; drop --preset/--config/--model/--checkpoint")
+    source = _reference_source(spec, overrides, allow_checkpoint_mismatch) if reference is None else None
     setup: dict[str, float] = {}
     total = len(sweep) + 2
     step = lambda i, text: progress(i, total, text) if progress else None  # noqa: E731
@@ -372,26 +396,42 @@ def verify(
     cand.activate()
     setup[cand.name] = time.perf_counter() - t0
 
-    step(1, "building the PyTorch reference")
     t0 = time.perf_counter()
-    from .engines.torch_runner import TorchRunner
-    from .models.loader import load_model
+    ref: Any
+    if reference is not None:
+        step(1, "loading the reference ONNX")
+        from .engines.ort_runner import OrtRunner
+        from .exporter.foreign import spec_of_file
 
-    loaded = load_model(source, attention_impl="reference")
-    _check_reference_fits(spec, loaded.spec)
-    ref = TorchRunner.from_loaded(loaded)
-    if kind == "engine":
-        import torch
+        ref = OrtRunner(reference, spec=spec_of_file(reference, input_ranges))
+        ref.name = "reference"
+        ref_desc = f"onnxruntime ({Path(reference).name}, {ref.provider})"
+        ref_inputs = {t.name for t in ref.spec.inputs}
+        missing = sorted({t.name for t in spec.inputs} ^ ref_inputs)
+        if missing:
+            raise UsageError(f"--reference {reference} does not take the same inputs (differing: {', '.join(missing)})")
+    else:
+        step(1, "building the PyTorch reference")
+        from .engines.torch_runner import TorchRunner
+        from .models.loader import load_model
 
-        if torch.cuda.is_available():
-            ref.device = "cuda"  # the engine's shapes can be large; the GPU is there anyway
+        assert source is not None
+        loaded = load_model(source, attention_impl="reference")
+        _check_reference_fits(spec, loaded.spec)
+        ref = TorchRunner.from_loaded(loaded)
+        if kind == "engine":
+            import torch
+
+            if torch.cuda.is_available():
+                ref.device = "cuda"  # the engine's shapes can be large; the GPU is there anyway
+        ref_desc = f"pytorch ({ref.device})"
     ref.activate()
     setup[ref.name] = time.perf_counter() - t0
 
     report = VerifyReport(
-        artifact=str(path), kind=kind, precision=precision, tolerances=tol, reference=f"pytorch ({ref.device})",
+        artifact=str(path), kind=kind, precision=precision, tolerances=tol, reference=ref_desc,
         candidate=cand_desc, seed=seed, shape_source=shape_source, setup_seconds=setup,
-        checkpoint=_checkpoint_info(spec, source), model=dict(spec.source or {}),
+        checkpoint=_checkpoint_info(spec, source) if source is not None else None, model=dict(spec.source or {}),
         timings={ref.name: 0.0, cand.name: 0.0},
     )
     out_names = [t.name for t in spec.outputs]
@@ -399,7 +439,7 @@ def verify(
         for i, shape in enumerate(sweep):
             step(2 + i, f"comparing at {format_shape(shape)}")
             feeds = spec.make_inputs(*shape, seed=seed + i)
-            ref_feeds = {t.name: np.asarray(feeds[t.name]).astype(t.dtype) for t in loaded.spec.inputs}
+            ref_feeds = {t.name: np.asarray(feeds[t.name]).astype(t.dtype) for t in ref.spec.inputs}
             seconds: dict[str, float] = {}
             t0 = time.perf_counter()
             ref_out = ref.infer(ref_feeds)

@@ -211,3 +211,45 @@ def diffusers_ddpm_cifar10() -> nn.Module:
         up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"), attention_head_dim=None,
         norm_num_groups=32, flip_sin_to_cos=False, freq_shift=1, downsample_padding=0, act_fn="silu",
     ).eval()
+
+
+class SigmaDenoiser(nn.Module):
+    """A denoiser fed (noisy, sigma, difficulty) as trained diffusion UNets from elsewhere are, with
+    guided-diffusion Einsum attention at two levels and one MatMul attention site."""
+
+    def __init__(self, ch: int = 32) -> None:
+        super().__init__()
+        self.inp = nn.Conv2d(1, ch, 3, padding=1)
+        self.cond = nn.Linear(2, ch)
+        self.att1 = EinsumChannelFirst(ch, 1)
+        self.down = nn.Conv2d(ch, ch, 3, stride=2, padding=1)
+        self.att2 = EinsumChannelFirst(ch, 2)
+        self.att3 = SqrtQK(ch, 1)
+        self.up = nn.Upsample(scale_factor=2, mode="nearest")
+        self.out = nn.Conv2d(ch, 1, 3, padding=1)
+
+    def forward(self, noisy: torch.Tensor, sigma: torch.Tensor, difficulty: torch.Tensor) -> torch.Tensor:
+        c = self.cond(torch.stack([torch.log(sigma + 1e-3), difficulty], dim=-1))
+        h = self.inp(noisy) + c[:, :, None, None]
+        h = self.att1(h)
+        h = self.att3(self.att2(self.down(h)))
+        return self.out(self.up(h))
+
+
+def foreign_onnx(path: str, opset: int = 18) -> SigmaDenoiser:
+    """Export a seeded SigmaDenoiser with plain torch.onnx.export (no attn-export metadata) to ``path``."""
+    import warnings
+
+    torch.manual_seed(0)
+    model = SigmaDenoiser().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    args = (torch.randn(2, 1, 16, 24), torch.tensor([0.5, 3.0]), torch.tensor([0.1, 0.9]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, args, path, dynamo=False, opset_version=opset,
+                          input_names=["noisy", "sigma", "difficulty"], output_names=["denoised"],
+                          dynamic_axes={"noisy": {0: "N", 2: "H", 3: "W"}, "sigma": {0: "N"}, "difficulty": {0: "N"},
+                                        "denoised": {0: "N", 2: "H", 3: "W"}})
+    return model

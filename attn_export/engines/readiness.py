@@ -225,7 +225,7 @@ def site_findings(b: AttentionSite, *, model_fp16: bool, version: tuple[int, int
     elif b.form != "op" and not b.scale_before_product:
         out.append(("warning", "attention-scale",
                     "will not fuse: the softmax scale is applied after Q·Kᵀ; TensorRT needs it on Q (or √scale on Q and K) "
-                    "before the first MatMul; rewrite it with `attn-export onnx --attention op|decomposed`"))
+                    "before the first MatMul; rewrite it with `attn-export optimize` (or export again with `attn-export onnx`)"))
     elif b.form != "op" and not b.canonical:
         layout = ", with layout changes" if (b.q and b.q.perm) or b.out_perm else ""
         out.append(("warning", "attention-form",

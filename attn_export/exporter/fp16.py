@@ -51,7 +51,8 @@ from ..errors import AttnExportError, UsageError
 from ..spec import ModelSpec, format_shape
 from .audit import (DEFAULT_THRESHOLD, FP16_MAX, AuditReport, EmulationReport, Fp32Island, audit_fp16,
                     emulate_fp16, value_types)
-from .metadata import embed_spec, load_onnx, spec_from_model
+from .foreign import is_foreign, need_shapes, parse_input_shapes, spec_of
+from .metadata import embed_spec, load_onnx
 
 Shape = tuple[int, int, int]
 ProgressFn = Callable[[str], None]
@@ -355,6 +356,8 @@ def convert_fp16(
     check: bool = True,
     check_shapes: Sequence[Shape] | None = None,
     progress: ProgressFn | None = None,
+    input_shapes: str | Sequence[str] | None = None,
+    input_ranges: dict[str, tuple[float, float]] | None = None,
 ) -> Fp16Result:
     """Convert an attn-export FP32 ONNX file to FP16 with audited FP32 islands; write ``onnx_out`` atomically.
 
@@ -365,6 +368,12 @@ def convert_fp16(
     result is compared with PyTorch (fp16 tolerances, :func:`attn_export.verify.verify`)
     and run through the FP16 emulation at the largest calibration shape
     before it is put in place; a failure leaves nothing behind (exit 1).
+
+    A file this tool did not export works too: its description is read off
+    the graph (:mod:`.foreign`), ``input_shapes`` (Polygraphy style,
+    ``x:1x3x64x64,sigma:1``) give the calibration and check shapes when H/W
+    are dynamic, and the check compares with the FP32 input file in ONNX
+    Runtime instead of PyTorch.
     """
     t_start = time.perf_counter()
     steps: dict[str, float] = {}
@@ -385,7 +394,16 @@ def convert_fp16(
 
     step("load")
     model = load_onnx(src)
-    spec = spec_from_model(model, origin=str(src))
+    spec = spec_of(model, origin=str(src), input_ranges=input_ranges)
+    foreign = is_foreign(spec)
+    if input_shapes:
+        if calibration_shapes:
+            raise UsageError("give either --calibration-shapes or --input-shapes, not both")
+        calibration_shapes = parse_input_shapes(input_shapes, spec)
+    elif foreign and not calibration_shapes:
+        calibration_shapes = need_shapes(spec, "the FP16 calibration")
+    if foreign and not check_shapes:
+        check_shapes = list(calibration_shapes)[:2]
     if spec.precision != "fp32":
         raise UsageError(f"{src} is already {spec.precision}; convert the FP32 export")
     if any(i.data_location == TensorProto.EXTERNAL for i in model.graph.initializer) or model.ByteSize() >= 2**31 - 2**26:
@@ -431,14 +449,16 @@ def convert_fp16(
         onnx.save_model(model, str(tmp))
         if check:
             step("check against PyTorch")
-            check_result = _check_against_torch(tmp, check_shapes or default_check_shapes(spec))
+            check_result = _check_against_reference(tmp, check_shapes or default_check_shapes(spec),
+                                                    reference=src if foreign else None, input_ranges=input_ranges)
             done("check against PyTorch")
             step("FP16 emulation")
             largest = max(report.calibration_shapes, key=lambda s: s[0] * s[1] * s[2])
             emulation = emulate_fp16(model, [largest], spec=fp16_spec)
             done("FP16 emulation")
             if not check_result["passed"]:
-                raise AttnExportError(f"FP16 model disagrees with PyTorch ({check_result['failures'][0]}); nothing was written",
+                against = "the FP32 file" if foreign else "PyTorch"
+                raise AttnExportError(f"FP16 model disagrees with {against} ({check_result['failures'][0]}); nothing was written",
                                       exit_code=1)
             if not emulation.ok:
                 f = emulation.first()
@@ -455,11 +475,12 @@ def convert_fp16(
     )
 
 
-def _check_against_torch(path: Path, shapes: Sequence[Shape]) -> dict[str, Any]:
-    """Compare the FP16 file with PyTorch via :func:`attn_export.verify.verify` (FP16 default tolerances)."""
+def _check_against_reference(path: Path, shapes: Sequence[Shape], *, reference: Path | None = None,
+                             input_ranges: dict[str, tuple[float, float]] | None = None) -> dict[str, Any]:
+    """Compare the FP16 file with PyTorch (or the FP32 ``reference`` file) via :func:`attn_export.verify.verify`."""
     from ..verify import verify
 
-    r = verify(path, shapes=[tuple(s) for s in shapes])
+    r = verify(path, shapes=[tuple(s) for s in shapes], reference=reference, input_ranges=input_ranges)
     per = [{"shape": list(s.shape), "max_abs_err": max(o.max_abs for o in s.outputs),
             "mean_abs_err": max(o.mean_abs for o in s.outputs), "passed": s.passed} for s in r.shapes]
     return {"passed": r.passed, "shapes": per, "max_abs_err": max(p["max_abs_err"] for p in per),

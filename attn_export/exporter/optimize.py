@@ -1,0 +1,173 @@
+"""``attn-export optimize``: canonicalize the attention of any ONNX file, ours or from elsewhere.
+
+Load the file (with its external data), raise the opset to 23 when the ONNX
+``Attention`` op is wanted, rewrite every attention site through the one
+attention analysis (:func:`attn_export.graph.canonicalize_attention`), infer
+shapes, run the ONNX checker, compare the result with the input file in ONNX
+Runtime under the FP32 pass rule, and only then put it in place (external data
+next to it when the input had some, or when it is over 2 GB).
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import onnx
+
+from ..atomic import check_output_path
+from ..compare import compare_outputs, resolve_tolerances
+from ..errors import CheckFailed, UsageError
+from ..graph import canonicalize_attention, find_attention
+from ..graph.index import default_opset
+from ..spec import METADATA_KEY, ModelSpec, format_shape
+from .foreign import is_foreign, need_shapes, parse_input_shapes, spec_of
+from .metadata import embed_spec, load_onnx
+
+Shape = tuple[int, int, int]
+
+
+@dataclass
+class OptimizeResult:
+    """What :func:`optimize_onnx` wrote and checked."""
+
+    path: Path
+    source: Path
+    attention: str
+    sites: int
+    rewritten: list[str]
+    unchanged: list[str]
+    unfused: list[dict[str, str]]
+    opset_before: int
+    opset: int
+    external_data: Path | None
+    check: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def _session(model_or_path: onnx.ModelProto | Path) -> Any:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    data = str(model_or_path) if isinstance(model_or_path, Path) else model_or_path.SerializeToString()
+    return ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
+
+
+def _check(src: Path, candidate: onnx.ModelProto | Path, spec: ModelSpec, shapes: Sequence[Shape]) -> list[dict[str, Any]]:
+    tol = resolve_tolerances(spec.precision)
+    ref, cand = _session(src), _session(candidate)
+    names = [o.name for o in ref.get_outputs()]
+    results = []
+    for i, shape in enumerate(shapes):
+        feeds = spec.make_inputs(*shape, seed=i)
+        try:
+            want = dict(zip(names, ref.run(None, feeds)))
+        except Exception as exc:  # noqa: BLE001 - the input model itself cannot run at this shape
+            raise UsageError(f"{src} does not run at {format_shape(shape)} in ONNX Runtime "
+                             f"({str(exc).splitlines()[0][:160]}); give shapes it serves with --input-shapes") from None
+        got = dict(zip(names, cand.run(None, feeds)))
+        outs = compare_outputs(want, {k: np.asarray(v) for k, v in got.items()}, tol, names)
+        results.append({"shape": list(shape), "passed": all(o.passed for o in outs),
+                        "max_abs_err": max(float(o.max_abs) for o in outs)})
+    return results
+
+
+def optimize_onnx(
+    onnx_in: str | Path,
+    output: str | Path,
+    *,
+    attention: str = "op",
+    force: bool = False,
+    allow_unfused: bool = False,
+    input_shapes: str | Sequence[str] | None = None,
+    input_ranges: dict[str, tuple[float, float]] | None = None,
+    check: bool = True,
+    progress: Callable[[str], None] | None = None,
+) -> OptimizeResult:
+    """Rewrite every attention site of ``onnx_in`` into ``attention`` ("op" or "decomposed") and write ``output``."""
+    from .onnx_export import EXTERNAL_DATA_THRESHOLD, _convert_opset, _initializer_bytes, _save
+
+    t0 = time.perf_counter()
+    if attention not in ("op", "decomposed"):
+        raise UsageError(f"--attention must be op or decomposed (got {attention!r})")
+    src = Path(onnx_in)
+    out = check_output_path(output, force=force)
+    if src.resolve() == out.resolve():
+        raise UsageError("the output must be a different file from the input")
+    say = progress or (lambda _text: None)
+    say("load")
+    had_external = any(i.data_location == onnx.TensorProto.EXTERNAL
+                       for i in load_onnx(src, load_external_data=False).graph.initializer)
+    model = load_onnx(src)
+    spec = spec_of(model, origin=str(src), input_ranges=input_ranges)
+    if input_shapes:
+        shapes = parse_input_shapes(input_shapes, spec)
+    elif is_foreign(spec):
+        shapes = need_shapes(spec, "the check against the input")
+    else:
+        from .onnx_export import check_shape_for
+
+        shapes = [check_shape_for(spec)]
+    for s in shapes:
+        spec.check_shape(*s)
+
+    before = default_opset(model)
+    if attention == "op" and before < 23:
+        say("convert opset")
+        try:
+            model = _convert_opset(model, 23)
+        except Exception as exc:  # noqa: BLE001 - the converter raises many types
+            raise UsageError(f"cannot convert {src} from opset {before} to 23 for the Attention op "
+                             f"({str(exc).splitlines()[0][:160]}); use --attention decomposed") from None
+    say("rewrite attention")
+    result = canonicalize_attention(model, attention)
+    unfused = [{"site": s.name, "node": s.anchor, "reason": s.problem or "not recognized"} for s in result.unfused]
+    if unfused and not allow_unfused:
+        first = unfused[0]
+        more = f" (and {len(unfused) - 1} more site(s))" if len(unfused) > 1 else ""
+        raise CheckFailed(f"attention site {first['site']} (node {first['node']}) could not be rewritten: "
+                          f"{first['reason']}{more}; nothing was written (--allow-unfused writes it anyway)")
+    say("shape inference + check")
+    del model.graph.value_info[:]
+    try:
+        model = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    except Exception:  # noqa: BLE001 - a foreign graph shape inference cannot follow still runs
+        pass
+    if any(p.key == METADATA_KEY for p in model.metadata_props) and not is_foreign(spec):
+        spec.attention, spec.opset = attention, default_opset(model)
+        embed_spec(model, spec)
+    external = had_external or _initializer_bytes(model) >= EXTERNAL_DATA_THRESHOLD
+    checks: list[dict[str, Any]] = []
+    if not external:
+        onnx.checker.check_model(model, full_check=False)
+        if check:
+            say("check against the input")
+            checks = _check(src, model, spec, shapes)
+    data_path: Path | None = None
+    if external:
+        # Large models are checked from a temporary folder next to the output, then moved in place.
+        with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmpdir:
+            staged = Path(tmpdir) / out.name
+            _save(model, staged, True)
+            if check:
+                say("check against the input")
+                checks = _check(src, staged, spec, shapes)
+            if all(c["passed"] for c in checks):
+                data_path = _save(model, out, True)
+    if checks and not all(c["passed"] for c in checks):
+        bad = next(c for c in checks if not c["passed"])
+        raise CheckFailed(f"the optimized model disagrees with {src} at {format_shape(bad['shape'])} "
+                          f"(max abs error {bad['max_abs_err']:.3g}); nothing was written")
+    if not external:
+        _save(model, out, False)
+    sites_after = len(find_attention(model, probe=False, run=False))
+    return OptimizeResult(
+        path=out, source=src, attention=attention, sites=sites_after, rewritten=result.rewritten,
+        unchanged=result.unchanged, unfused=unfused, opset_before=before, opset=default_opset(model),
+        external_data=data_path, check=checks, seconds=time.perf_counter() - t0,
+    )
