@@ -136,3 +136,52 @@ def test_wrong_layout_is_refused_in_one_line(tmp_path: Path) -> None:
         load_model(ModelSource(preset="tiny", checkpoint=tmp_path / "bad.pth"))
     message = str(err.value)
     assert "\n" not in message and "missing" in message and "unexpected" in message
+
+
+def _diffusers_unet(**overrides):
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(3)
+    kw = dict(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(16, 32, 32), layers_per_block=1,
+              down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
+              up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"), attention_head_dim=None, norm_num_groups=8,
+              flip_sin_to_cos=False, freq_shift=1, downsample_padding=0, act_fn="silu")
+    kw.update(overrides)
+    model = UNet2DModel(**kw).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return model
+
+
+@pytest.mark.parametrize("as_folder", [True, False])
+def test_diffusers_unet2d_weights_load(tmp_path: Path, as_folder: bool) -> None:
+    pytest.importorskip("diffusers")
+    src = _diffusers_unet()
+    src.save_pretrained(tmp_path / "unet")  # config.json + diffusion_pytorch_model.safetensors
+    ckpt = tmp_path / "unet" if as_folder else tmp_path / "unet" / "diffusion_pytorch_model.safetensors"
+    loaded = load_model(ModelSource(config=tmp_path / "unet" / "config.json", checkpoint=ckpt))
+    cfg = loaded.spec.source["config"]
+    assert cfg["attention_levels"] == [1] and cfg["freq_shift"] == 1 and cfg["downsample_padding"] == "asymmetric"
+    assert loaded.spec.checkpoint["layout"] == "diffusers UNet2DModel"
+    torch.manual_seed(1)
+    x, t = torch.randn(2, 3, 16, 24), torch.tensor([3, 700])
+    with torch.no_grad():
+        want = src(x, t).sample
+        got = loaded.module(x, t)
+    assert torch.allclose(got, want, atol=1e-5), float((got - want).abs().max())
+
+
+def test_diffusers_config_checked_against_the_preset(tmp_path: Path) -> None:
+    pytest.importorskip("diffusers")
+    # The layout of the tiny preset, trained with diffusers' switches: loads into the preset, switches taken along.
+    _diffusers_unet().save_pretrained(tmp_path / "unet")
+    loaded = load_model(ModelSource(preset="tiny", checkpoint=tmp_path / "unet"))
+    assert loaded.spec.source["config"]["freq_shift"] == 1
+    _diffusers_unet(block_out_channels=(16, 32, 64)).save_pretrained(tmp_path / "wide")
+    with pytest.raises(CheckpointError, match=r"does not fit preset tiny: channel_mults is \(1, 2, 4\) in its config.json") as err:
+        load_model(ModelSource(preset="tiny", checkpoint=tmp_path / "wide"))
+    assert "\n" not in str(err.value)
+    _diffusers_unet(attention_head_dim=8).save_pretrained(tmp_path / "mh")
+    with pytest.raises(CheckpointError, match="multi-head attention"):
+        load_model(ModelSource(config=tmp_path / "mh" / "config.json", checkpoint=tmp_path / "mh"))
