@@ -770,6 +770,7 @@ def trt_cmd(
     target: str = typer.Option("10.14", "--target", help="TensorRT version for the readiness check, e.g. 10.14 or 11.0."),
     threshold: float = typer.Option(4096.0, "--threshold", help="With --fp16: activation absmax above which nodes stay FP32."),
     calibration_shapes: Optional[str] = typer.Option(None, "--calibration-shapes", help="With --fp16: BxHxW shapes for the range audit."),
+    input_shapes: Optional[list[str]] = typer.Option(None, "--input-shapes", help="With --fp16: " + INPUT_SHAPES_HELP),
     force: bool = typer.Option(False, "--force", help="Replace existing output files (engine, sidecar, FP16 ONNX)."),
 ) -> None:
     from .atomic import check_output_path
@@ -795,7 +796,8 @@ def trt_cmd(
         if fp16 and spec.precision == "fp32":
             fp16_path = fp16_onnx or engine.with_name(engine.stem + ".fp16.onnx")
             check_output_path(fp16_path, force=force)
-            result = _run_fp16(model, fp16_path, threshold=threshold, calibration_shapes=calibration_shapes, force=force)
+            result = _run_fp16(model, fp16_path, threshold=threshold, calibration_shapes=calibration_shapes, force=force,
+                               input_shapes=input_shapes)
             _print_fp16(result)
             build_from = result.path
         elif fp16:

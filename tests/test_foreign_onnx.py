@@ -98,3 +98,18 @@ def test_foreign_needs_shapes_and_reference(foreign: Path, tmp_path: Path) -> No
     assert code == 2 and "--input-shapes" in out and not (tmp_path / "h.onnx").exists()
     code, out = _cli("optimize", foreign, "-o", tmp_path / "o.onnx", "--input-shapes", "noisy:1x1x8")
     assert code == 2 and "4-D" in out
+
+
+def test_optimize_keeps_external_data(foreign: Path, tmp_path: Path) -> None:
+    src = tmp_path / "ext.onnx"
+    model = onnx.load(str(foreign))
+    onnx.save_model(model, str(src), save_as_external_data=True, all_tensors_to_one_file=True, location="ext.onnx.data",
+                    size_threshold=256)
+    out = tmp_path / "out" / "ext.opt.onnx"
+    out.parent.mkdir()
+    code, text = _cli("optimize", src, "-o", out, "--attention", "decomposed", "--input-shapes", SHAPES[0])
+    assert code == 0, text
+    assert (out.parent / "ext.opt.onnx.data").is_file() and out.stat().st_size < 64 * 1024
+    assert sorted(p.name for p in out.parent.iterdir()) == ["ext.opt.onnx", "ext.opt.onnx.data"]
+    sites = find_attention(onnx.load(str(out)))
+    assert len(sites) == 3 and all(s.canonical for s in sites)

@@ -10,6 +10,7 @@ next to it when the input had some, or when it is over 2 GB).
 
 from __future__ import annotations
 
+import os
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -150,15 +151,20 @@ def optimize_onnx(
             checks = _check(src, model, spec, shapes)
     data_path: Path | None = None
     if external:
-        # Large models are checked from a temporary folder next to the output, then moved in place.
+        # Written and checked in a temporary folder next to the output; both files move in place only if it passes.
         with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmpdir:
             staged = Path(tmpdir) / out.name
-            _save(model, staged, True)
+            data_name = out.name + ".data"
+            onnx.save_model(model, str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=data_name, size_threshold=1024)
+            onnx.checker.check_model(str(staged), full_check=False)
             if check:
                 say("check against the input")
                 checks = _check(src, staged, spec, shapes)
             if all(c["passed"] for c in checks):
-                data_path = _save(model, out, True)
+                os.replace(Path(tmpdir) / data_name, out.parent / data_name)
+                os.replace(staged, out)
+                data_path = out.parent / data_name
     if checks and not all(c["passed"] for c in checks):
         bad = next(c for c in checks if not c["passed"])
         raise CheckFailed(f"the optimized model disagrees with {src} at {format_shape(bad['shape'])} "
