@@ -339,7 +339,7 @@ def verify(
 
         spec = spec_of_file(path, input_ranges)
         precision = spec.precision
-    from .exporter.foreign import is_foreign, need_shapes, parse_input_shapes
+    from .exporter.foreign import is_foreign, resolve_shapes
 
     foreign = is_foreign(spec)
     if reference is None and foreign:
@@ -347,12 +347,9 @@ def verify(
                          "pass --reference model.onnx (for example the FP32 file it was made from)")
     if reference is not None and not Path(reference).is_file():
         raise UsageError(f"reference ONNX file not found: {reference}")
-    if input_shapes:
-        if shapes:
-            raise UsageError("give either --shapes or --input-shapes, not both")
-        shapes = parse_input_shapes(input_shapes, spec)
-    elif foreign and not shapes:
-        shapes = need_shapes(spec, "verify")
+    if input_shapes or (foreign and not shapes):
+        shapes = resolve_shapes(spec, parse_shapes(shapes) if isinstance(shapes, str) else shapes,  # type: ignore[arg-type]
+                                input_shapes, what="verify", option="--shapes")
     tol = resolve_tolerances(precision, atol=atol, rtol=rtol, stat=stat, quantile=quantile)
 
     # Shapes are checked before anything expensive is built.

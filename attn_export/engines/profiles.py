@@ -17,8 +17,8 @@ from ..spec import ModelSpec, format_shape
 Triple = tuple[int, int, int]
 
 # Fused FP16 MHA kernels have returned NaN once the key count passed the
-# largest finite FP16 value (tier4/autoware-ml#95: 65,536 keys); see
-# shared/reference/tensorrt.md section 5.6.
+# largest finite FP16 value (reported in tier4/autoware-ml#95 with 65,536 keys;
+# switching to BF16 fixed it there).
 FP16_MAX_KEYS = 65504
 
 FIELDS = ("min", "opt", "max")

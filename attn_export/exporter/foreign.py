@@ -198,3 +198,18 @@ def need_shapes(spec: ModelSpec, what: str) -> list[Shape]:
                          f"width: give the shapes for {what} with --input-shapes "
                          f"{spec.image_input.name}:1x{spec.in_channels}x64x64 (repeatable)")
     return shapes
+
+
+def resolve_shapes(spec: ModelSpec, shapes: Sequence[Shape] | None, input_shapes: str | Sequence[str] | None, *,
+                   what: str, option: str) -> list[Shape] | None:
+    """The shapes to use: ``option``'s BxHxW list or ``--input-shapes`` (not both), else a foreign model's own.
+
+    None means "the caller's default" (an attn-export file knows its sizes).
+    """
+    if input_shapes:
+        if shapes:
+            raise UsageError(f"give either {option} or --input-shapes, not both")
+        return parse_input_shapes(input_shapes, spec)
+    if shapes:
+        return list(shapes)
+    return need_shapes(spec, what) if is_foreign(spec) else None

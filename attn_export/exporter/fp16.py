@@ -51,7 +51,7 @@ from ..errors import AttnExportError, UsageError
 from ..spec import ModelSpec, format_shape
 from .audit import (DEFAULT_THRESHOLD, FP16_MAX, AuditReport, EmulationReport, Fp32Island, audit_fp16,
                     emulate_fp16, value_types)
-from .foreign import is_foreign, need_shapes, parse_input_shapes, spec_of
+from .foreign import is_foreign, resolve_shapes, spec_of
 from .metadata import embed_spec, load_onnx
 
 Shape = tuple[int, int, int]
@@ -396,13 +396,9 @@ def convert_fp16(
     model = load_onnx(src)
     spec = spec_of(model, origin=str(src), input_ranges=input_ranges)
     foreign = is_foreign(spec)
-    if input_shapes:
-        if calibration_shapes:
-            raise UsageError("give either --calibration-shapes or --input-shapes, not both")
-        calibration_shapes = parse_input_shapes(input_shapes, spec)
-    elif foreign and not calibration_shapes:
-        calibration_shapes = need_shapes(spec, "the FP16 calibration")
-    if foreign and not check_shapes:
+    calibration_shapes = resolve_shapes(spec, calibration_shapes, input_shapes, what="the FP16 calibration",
+                                        option="--calibration-shapes")
+    if foreign and not check_shapes and calibration_shapes:
         check_shapes = list(calibration_shapes)[:2]
     if spec.precision != "fp32":
         raise UsageError(f"{src} is already {spec.precision}; convert the FP32 export")
