@@ -398,6 +398,7 @@ def verify_cmd(
     reference: Optional[Path] = typer.Option(None, "--reference", help="Compare against this ONNX file in ONNX Runtime instead of PyTorch (needed for files this tool did not export)."),
     input_shapes: Optional[list[str]] = typer.Option(None, "--input-shapes", help=INPUT_SHAPES_HELP),
     input_range: Optional[list[str]] = typer.Option(None, "--input-range", help=INPUT_RANGE_HELP),
+    trust_model: bool = typer.Option(False, "--trust-model", help="Import and run the model factory named inside the artifact (exported with --model). Default: refuse; name it with --model instead."),
 ) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -417,6 +418,7 @@ def verify_cmd(
                 providers=[provider] if provider else None,
                 progress=lambda done, total, text: prog.update(task, completed=done, total=total, description=text),
                 reference=reference, input_shapes=input_shapes or None, input_ranges=parse_input_ranges(input_range),
+                trust_model=trust_model,
             )
     except AttnExportError as exc:
         _fail(str(exc), exc.exit_code)

@@ -261,7 +261,8 @@ def _checkpoint_info(spec: ModelSpec, source: Any) -> dict[str, Any] | None:
     return info
 
 
-def _reference_source(spec: ModelSpec, overrides: dict[str, Any], allow_checkpoint_mismatch: bool) -> Any:
+def _reference_source(spec: ModelSpec, overrides: dict[str, Any], allow_checkpoint_mismatch: bool,
+                      trust_model: bool = False) -> Any:
     from .models.loader import source_from_spec
 
     checkpoint = overrides.get("checkpoint")
@@ -271,7 +272,8 @@ def _reference_source(spec: ModelSpec, overrides: dict[str, Any], allow_checkpoi
             f"the artifact was exported without a checkpoint (seeded initialization), so {checkpoint} is not "
             "the model it came from; pass --allow-checkpoint-mismatch to compare anyway"
         )
-    return source_from_spec(spec, allow_checkpoint_mismatch=allow_checkpoint_mismatch, **overrides)
+    return source_from_spec(spec, allow_checkpoint_mismatch=allow_checkpoint_mismatch, trust_model=trust_model,
+                            **overrides)
 
 
 def _check_reference_fits(spec: ModelSpec, ref_spec: ModelSpec) -> None:
@@ -305,6 +307,7 @@ def verify(
     reference: str | Path | None = None,
     input_shapes: str | Sequence[str] | None = None,
     input_ranges: dict[str, tuple[float, float]] | None = None,
+    trust_model: bool = False,
 ) -> VerifyReport:
     """Compare ``artifact`` (ONNX file or TensorRT engine) with its PyTorch reference over a sweep of shapes.
 
@@ -319,6 +322,8 @@ def verify(
     PyTorch (the only reference for a file this tool did not export).
     ``input_shapes``: Polygraphy-style shape sets (``x:1x3x64x64,sigma:1``),
     one per sweep entry; ``input_ranges``: data ranges per input name.
+    ``trust_model``: build a reference recorded as an import (``--model``) from
+    the factory the file names (otherwise the user must name it).
     """
     path = Path(artifact)
     if not path.is_file():
@@ -372,7 +377,7 @@ def verify(
                                        checkpoint=checkpoint, checkpoint_key=checkpoint_key).items() if v is not None}
     if reference is not None and overrides:
         raise UsageError("--reference replaces the PyTorch model; drop --preset/--config/--model/--checkpoint")
-    source = _reference_source(spec, overrides, allow_checkpoint_mismatch) if reference is None else None
+    source = _reference_source(spec, overrides, allow_checkpoint_mismatch, trust_model) if reference is None else None
     setup: dict[str, float] = {}
     total = len(sweep) + 2
     step = lambda i, text: progress(i, total, text) if progress else None  # noqa: E731

@@ -278,11 +278,15 @@ def source_from_spec(
     checkpoint: str | Path | None = None,
     checkpoint_key: str | None = None,
     allow_checkpoint_mismatch: bool = False,
+    trust_model: bool = False,
 ) -> ModelSource:
     """The ModelSource that rebuilds an artifact's reference model, with user overrides.
 
     A checkpoint whose SHA-256 differs from the one recorded at export is refused
-    unless ``allow_checkpoint_mismatch`` is set.
+    unless ``allow_checkpoint_mismatch`` is set. A model recorded as an import
+    (``--model pkg.mod:factory`` at export) is code named by a file: it is built
+    only when the user names the factory again (``model``) or passes
+    ``trust_model``; presets and configs are data and need neither.
     """
     src = spec.source or {}
     recorded = spec.checkpoint
@@ -291,6 +295,11 @@ def source_from_spec(
         source = ModelSource(preset=preset, config=config, model=model, model_kwargs=model_kwargs or {},
                              seed=int(src.get("seed", DEFAULT_SEED)))
     elif src.get("kind") == "import":
+        if not trust_model:
+            raise UsageError(
+                f"the artifact's reference model is the factory {str(src.get('model'))[:80]!r} named inside the file; "
+                "an artifact is data, so it is not imported: name it yourself with --model (and --model-kwargs), or "
+                "pass --trust-model to run what the file names")
         source = ModelSource(model=src["model"], model_kwargs=dict(src.get("model_kwargs") or {}),
                              seed=int(src.get("seed", DEFAULT_SEED)), num_classes=src.get("num_classes"),
                              hw_multiple=src.get("hw_multiple"))
