@@ -253,3 +253,23 @@ def foreign_onnx(path: str, opset: int = 18) -> SigmaDenoiser:
                           dynamic_axes={"noisy": {0: "N", 2: "H", 3: "W"}, "sigma": {0: "N"}, "difficulty": {0: "N"},
                                         "denoised": {0: "N", 2: "H", 3: "W"}})
     return model
+
+
+def diffusers_small_classic() -> nn.Module:
+    """A small diffusers UNet2DModel with the classic AttnProcessor (baddbmm, softmax, bmm), seeded weights."""
+    from diffusers import UNet2DModel
+    from diffusers.models.attention_processor import AttnProcessor
+
+    torch.manual_seed(3)
+    model = UNet2DModel(
+        sample_size=32, in_channels=3, out_channels=3, block_out_channels=(16, 32, 32), layers_per_block=1,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"), attention_head_dim=8, norm_num_groups=8,
+    ).eval()
+    for module in model.modules():
+        if hasattr(module, "set_processor"):
+            module.set_processor(AttnProcessor())
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model

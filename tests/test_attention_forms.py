@@ -308,3 +308,14 @@ def test_diffusers_unet2d_ddpm_cifar10(tmp_path: Path) -> None:
     assert _max_err_vs_torch(module, out) < 1e-4
     d = inspect_artifact(out).to_dict()
     assert d["attention_summary"]["count"] == 6 == len(check_trt_readiness(out).attention)
+
+
+def test_diffusers_classic_processor_baddbmm(tmp_path: Path) -> None:
+    """diffusers' classic AttnProcessor: baddbmm(empty, q, kᵀ, beta=0, alpha=scale), multi-head folded into the batch."""
+    pytest.importorskip("diffusers", reason="diffusers is part of the test extra")
+    out = tmp_path / "classic.onnx"
+    result = export_onnx(ModelSource(model="attention_zoo:diffusers_small_classic"), out)
+    assert result.attention_nodes == 4 and not result.unfused
+    sites = find_attention(onnx.load(str(out)))
+    assert all(s.head_size == 8 and s.scale == pytest.approx(8 ** -0.5) for s in sites)
+    assert _max_err_vs_torch(attention_zoo.diffusers_small_classic(), out) < 1e-4

@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import onnx
+from onnx import numpy_helper
 
 from .index import TypedIndex, dtype_name, node_attr
 from .probe import DEFAULT_P, eval_dim_expression, level_of, probe_index, run_probe, seq_expression
@@ -182,6 +183,14 @@ class _Finder:
                 nodes.append(node)
                 tensor = node.input[0]
                 continue
+            if node.op_type == "Add" and len(node.input) == 2:
+                # torch.baddbmm(empty, q, kᵀ, beta=0, alpha=scale), as diffusers' classic AttnProcessor
+                # writes attention, exports as Add(Mul(logits, alpha), Mul(ConstantOfShape(0), 0)).
+                zero = [i for i in node.input if self._is_zero(i)]
+                if len(zero) == 1:
+                    nodes.append(node)
+                    tensor = next(i for i in node.input if i != zero[0])
+                    continue
             scaled = self._scale_factor(node)
             if scaled is not None:
                 tensor, factor = scaled
@@ -204,6 +213,24 @@ class _Finder:
                 continue
             break
         return tensor, perm, factors, nodes, casts
+
+    def _is_zero(self, name: str, depth: int = 0) -> bool:
+        """True for a tensor that is zero by construction: a zero constant, ConstantOfShape(0), or x * 0 of those."""
+        const = self.idx.const(name)
+        if const is not None:
+            return const.size > 0 and not const.any()
+        node = self.idx.producer.get(name)
+        if node is None or depth > 3:
+            return False
+        if node.op_type == "ConstantOfShape":
+            value = node_attr(node, "value")
+            return value is None or not numpy_helper.to_array(value).any()  # type: ignore[arg-type]
+        if node.op_type == "Mul" and len(node.input) == 2:
+            a, b = node.input
+            finite = lambda t: self.idx.const(t) is not None or self._is_zero(t, depth + 1) or (  # noqa: E731
+                self.idx.producer.get(t) is not None and self.idx.producer[t].op_type == "ConstantOfShape")
+            return (self._is_zero(a, depth + 1) and finite(b)) or (self._is_zero(b, depth + 1) and finite(a))
+        return False
 
     def _is_activation(self, name: str) -> bool:
         return bool(name) and not self.idx.is_const(name)
