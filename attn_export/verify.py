@@ -396,6 +396,9 @@ def verify(
         cand = OrtRunner(path, providers=providers, spec=spec)
         cand_desc = f"onnxruntime ({cand.provider})"
     cand.activate()
+    if getattr(cand, "attention_rewritten", 0):
+        # What ran: the ONNX Runtime form of the file (attention as com.microsoft.MultiHeadAttention).
+        cand_desc = f"onnxruntime ({cand.provider}, {cand.attention_rewritten} x MultiHeadAttention)"
     setup[cand.name] = time.perf_counter() - t0
 
     t0 = time.perf_counter()

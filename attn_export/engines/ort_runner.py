@@ -39,8 +39,19 @@ def resolve_providers(providers: Sequence[str] | None) -> list[str]:
     return out
 
 
+# "onnxruntime": attention sites run as ONNX Runtime's contrib MultiHeadAttention; "as-is": the file's own graph.
+ATTENTION_FORMS = ("onnxruntime", "as-is")
+MHA_PROVIDERS = ("CPUExecutionProvider", "CUDAExecutionProvider")
+
+
 class OrtRunner(Runner):
     """ONNX Runtime behind the common Runner interface, built from an ONNX path.
+
+    ``attention="onnxruntime"`` (the default) serves every FP32 attention site
+    as ONNX Runtime's contrib ``MultiHeadAttention`` on the CPU and CUDA
+    providers: flash attention, memory linear in the sequence length. The file
+    itself, the artifact TensorRT reads, is never changed; ``"as-is"`` runs it
+    exactly as written.
 
     Thread safety: one runner may be called from several threads at once.
     ``InferenceSession.run`` is documented thread-safe and each call gets its own
@@ -51,7 +62,11 @@ class OrtRunner(Runner):
     name = "onnxruntime"
 
     def __init__(self, path: str | Path, *, providers: Sequence[str] | None = None, threads: int | None = None,
-                 spec: ModelSpec | None = None, graph_optimization: str = "all") -> None:
+                 spec: ModelSpec | None = None, graph_optimization: str = "all", attention: str = "onnxruntime") -> None:
+        if attention not in ATTENTION_FORMS:
+            raise UsageError(f"attention must be one of {', '.join(ATTENTION_FORMS)} (got {attention!r})")
+        self.attention = attention
+        self.attention_rewritten = 0
         self.path = Path(path)
         model = load_onnx(self.path, load_external_data=False)
         super().__init__(spec if spec is not None else spec_from_model(model, origin=str(self.path)))
@@ -88,7 +103,24 @@ class OrtRunner(Runner):
             "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
         }
         opts.graph_optimization_level = levels[self.graph_optimization]
-        self.session = ort.InferenceSession(str(self.path), opts, providers=self.providers)
+        self.session = ort.InferenceSession(self._model_for_session(), opts, providers=self.providers)
+
+    def _model_for_session(self) -> str | bytes:
+        """The file, or its ONNX Runtime form: attention as com.microsoft.MultiHeadAttention (flash attention).
+
+        Only for the CPU and CUDA providers (the TensorRT provider reads the
+        standard graph), and only when the model fits one protobuf.
+        """
+        if self.attention != "onnxruntime" or self.providers[0] not in MHA_PROVIDERS:
+            return str(self.path)
+        from ..graph import to_onnxruntime_form
+
+        model = load_onnx(self.path)
+        result = to_onnxruntime_form(model)
+        if not result.rewritten or model.ByteSize() >= 2**31 - 2**26:
+            return str(self.path)
+        self.attention_rewritten = len(result.rewritten)
+        return model.SerializeToString()
 
     def _deactivate(self) -> None:
         self.session = None

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from .attention import AttentionSite, Operand, find_attention
 from .index import GraphIndex, TypedIndex, node_attr
-from .rewrite import RewriteResult, canonicalize_attention
+from .rewrite import RewriteResult, canonicalize_attention, to_onnxruntime_form
 
 __all__ = [
     "AttentionSite", "GraphIndex", "Operand", "RewriteResult", "TypedIndex", "canonicalize_attention",
-    "find_attention", "node_attr",
+    "find_attention", "node_attr", "to_onnxruntime_form",
 ]

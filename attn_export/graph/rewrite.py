@@ -166,6 +166,82 @@ def _build_decomposed(model: onnx.ModelProto, site: AttentionSite) -> list[onnx.
     return b.nodes
 
 
+MS_DOMAIN = "com.microsoft"
+
+
+def _build_mha(model: onnx.ModelProto, site: AttentionSite) -> list[onnx.NodeProto]:
+    """ONNX Runtime's contrib MultiHeadAttention: q, k, v as [B, S, heads*d] (flash attention on CPU and CUDA)."""
+    assert site.q and site.k and site.v and site.rank and site.scale is not None and site.heads
+    b = _Builder(model, site)
+    t_elem = TensorProto.FLOAT
+    q = b.operand(site.q, "q", t_elem, site.q.perm)
+    k = b.operand(site.k, "k", t_elem, site.k.perm)
+    v = b.operand(site.v, "v", t_elem, site.v.perm)
+    heads = int(site.heads)
+    if site.rank == 4:
+        if heads == 1:
+            axes = b.const(np.array([1], dtype=np.int64), "head_axis")
+            q, k, v = (b.node("Squeeze", [t, axes], f"{w}_bsd") for t, w in ((q, "q"), (k, "k"), (v, "v")))
+        else:
+            flat = b.const(np.array([0, 0, -1], dtype=np.int64), "flat_heads")
+            q, k, v = (b.node("Reshape", [b.node("Transpose", [t], f"{w}_bshd", perm=[0, 2, 1, 3]), flat], f"{w}_bsd")
+                       for t, w in ((q, "q"), (k, "k"), (v, "v")))
+    y = b.node("MultiHeadAttention", [q, k, v], "y", domain=MS_DOMAIN, num_heads=heads, scale=float(site.scale))
+    if site.rank == 4:
+        if heads == 1:
+            y = b.node("Unsqueeze", [y, axes], "y_4d")
+        else:
+            split = b.const(np.array([0, 0, heads, -1], dtype=np.int64), "split_heads")
+            y = b.node("Transpose", [b.node("Reshape", [y, split], "y_bshd")], "y_4d", perm=[0, 2, 1, 3])
+    _finish(b, y, t_elem)
+    return b.nodes
+
+
+def _mha_problem(site: AttentionSite) -> str | None:
+    if site.problem:
+        return site.problem
+    if site.dtype not in ("float32", None) or (site.q is not None and site.q.compute_dtype not in ("float32", None)):
+        return f"ONNX Runtime's MultiHeadAttention CPU kernel takes float32 only (the site computes in {site.dtype})"
+    if site.rank not in (3, 4):
+        return "the rank of the attention is unknown"
+    if site.rank == 3 and (site.heads or 1) != 1:
+        return "3-D attention with several heads"
+    if not site.heads:
+        return "the head count is unknown"
+    if site.scale is None:
+        return "the scale is unknown"
+    return None
+
+
+def to_onnxruntime_form(model: onnx.ModelProto) -> RewriteResult:
+    """Rewrite (in place) every FP32 attention site into ``com.microsoft.MultiHeadAttention``.
+
+    The form ONNX Runtime serves fastest: its contrib kernel runs flash
+    attention on CPU and CUDA, in memory linear in the sequence length, where
+    MatMul/Softmax/MatMul and the ONNX ``Attention`` CPU kernel hold the whole
+    S x S matrix. TensorRT cannot parse it, so this is never written into the
+    standard artifact; runners apply it when they create a session.
+    """
+    ensure_node_names(model)
+    found = find_attention(model, probe=False, index=TypedIndex(model))
+    result = RewriteResult(form="onnxruntime", sites=found)
+    replace: dict[str, tuple[set[str], list[onnx.NodeProto]]] = {}
+    for site in found:
+        problem = _mha_problem(site)
+        if problem is not None:
+            site.problem = problem
+            result.unfused.append(site)
+            continue
+        replace[site.anchor] = (set(site.nodes), _build_mha(model, site))
+        result.rewritten.append(site.name)
+    if replace:
+        _splice(model, list(replace.values()))
+        remove_dead_nodes(model)
+        if not any(o.domain == MS_DOMAIN for o in model.opset_import):
+            model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+    return result
+
+
 def _op_to_decomposed_problem(site: AttentionSite) -> str | None:
     if site.problem:
         return site.problem
