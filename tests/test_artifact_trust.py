@@ -24,7 +24,7 @@ def _evil(src: Path, out: Path, marker: Path) -> Path:
 
 @pytest.mark.parametrize("command", [["verify"], ["bench", "--iterations", "1", "--backend", "pytorch"], ["fp16", "-o", "e16.onnx"]])
 def test_recorded_factory_is_not_imported(tiny_onnx: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                          command: list[str]) -> None:
+                                          command: list[str], wide_console) -> None:
     monkeypatch.chdir(tmp_path)
     marker = tmp_path / "PWNED"
     evil = _evil(tiny_onnx, tmp_path / "evil.onnx", marker)
