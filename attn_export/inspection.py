@@ -105,10 +105,10 @@ def _spec_of(model: onnx.ModelProto) -> tuple[ModelSpec | None, dict[str, str]]:
     return spec, other
 
 
-def _attention(model: onnx.ModelProto, typed: TypedIndex, probed: TypedIndex | None, p: int) -> list[AttentionReport]:
+def _attention(model: onnx.ModelProto, spec: ModelSpec | None, typed: TypedIndex, probed: TypedIndex | None,
+               p: int) -> list[AttentionReport]:
     from .engines.readiness import model_is_fp16, site_verdict
 
-    spec, _ = _spec_of(model)
     fp16 = model_is_fp16(model, spec)
     out = []
     for site in find_attention(model, index=typed, probed=probed, p=p):
@@ -174,7 +174,7 @@ def inspect_onnx(path: str | Path) -> InspectReport:
     typed = TypedIndex(model)
     probed = probe_index(model, p=side)
     probe = (1, 2 * side, side)
-    attention = _attention(model, typed, probed, side)
+    attention = _attention(model, spec, typed, probed, side)
     init_names = {i.name for i in model.graph.initializer}
     data = {
         "opset": opset.get("ai.onnx"),

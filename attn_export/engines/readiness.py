@@ -17,12 +17,11 @@ It is a static table: a newer parser may accept more.
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import onnx
-from onnx import helper
 
 from ..errors import UsageError
 from ..graph import AttentionSite, TypedIndex, find_attention
@@ -303,7 +302,8 @@ def check_trt_readiness(
         add("ok", "ops", f"all {len(model.graph.node)} nodes use operators the TensorRT {target_s} parser imports")
 
     # 2. attention sites
-    blocks = find_attention(model)
+    idx = TypedIndex(model)  # one shape inference for the attention analysis and the FP16 placement check
+    blocks = find_attention(model, index=idx)
     if not blocks:
         add("warning", "no-attention", "no attention site found (no Attention node and no Softmax over a Q·Kᵀ product)")
     model_fp16 = model_is_fp16(model, spec)
@@ -354,7 +354,6 @@ def check_trt_readiness(
             "an FP16 engine was asked for but the model is pure FP32; strongly typed TensorRT keeps FP32 "
             "(export the FP16 variant)")
     if model_fp16:
-        idx = TypedIndex(model)
         for node in model.graph.node:
             if node.op_type in NORM_OPS and node.input:
                 dt = idx.dtype(node.input[0])

@@ -14,13 +14,7 @@ from typing import Iterable
 
 import onnx
 
-
-def _drop_unused_initializers(model: onnx.ModelProto) -> None:
-    used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
-    keep = [init for init in model.graph.initializer if init.name in used]
-    if len(keep) != len(model.graph.initializer):
-        del model.graph.initializer[:]
-        model.graph.initializer.extend(keep)
+from ..graph.index import drop_unused_initializers
 
 
 def optimize(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -28,7 +22,7 @@ def optimize(model: onnx.ModelProto) -> onnx.ModelProto:
     import onnxscript.optimizer
 
     out = onnxscript.optimizer.optimize(model)
-    _drop_unused_initializers(out)
+    drop_unused_initializers(out)
     return out
 
 

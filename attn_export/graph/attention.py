@@ -21,12 +21,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, NamedTuple, Sequence
 
 import onnx
 from onnx import numpy_helper
 
-from .index import TypedIndex, dtype_name, node_attr
+from .index import TypedIndex, dtype_name, node_attr, swap_last_two
 from .probe import DEFAULT_P, eval_dim_expression, level_of, probe_index, run_probe, seq_expression
 from .scalar import eval_scalar
 
@@ -44,9 +44,15 @@ class Operand:
     dtype: str | None = None         # its element type
     compute_dtype: str | None = None  # the element type the site's product computes in
 
-    @property
-    def needs_cast(self) -> bool:
-        return self.compute_dtype is not None and self.dtype is not None and self.dtype != self.compute_dtype
+    def canonical_shape(self, shape: Sequence[Any] | None) -> list[Any] | None:
+        """``shape`` (of ``tensor``) in the [..., S, d] layout; None when unknown or of another rank."""
+        if shape is None:
+            return None
+        if self.perm is None:
+            return list(shape)
+        if len(self.perm) != len(shape):
+            return None
+        return [shape[i] for i in self.perm]
 
 
 @dataclass
@@ -125,6 +131,15 @@ class AttentionSite:
         d = asdict(self)
         d["scale_before_product"] = self.scale_before_product
         return d
+
+
+class _Operands(NamedTuple):
+    """What reading a site's operands learned besides q, k, v: its scale factors and how canonical it is."""
+
+    factors: list[Factor]
+    casts: int
+    q_mul_only: bool   # the scale is one Mul on q
+    k_direct: bool     # the product takes k as Kᵀ directly or through one Transpose
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -207,8 +222,7 @@ class _Finder:
                 perm = [t[i] for i in current]
                 nodes.append(node)
                 tensor = node.input[0]
-                n = len(perm)
-                if perm == list(range(n - 2)) + [n - 1, n - 2]:
+                if perm == swap_last_two(len(perm)):
                     break  # Kᵀ reached: what lies behind is how the model makes K
                 continue
             break
@@ -318,32 +332,27 @@ class _Finder:
                 site.problem = f"{second.op_type} {second.name} does not take the attention weights as its first input"
                 site.nodes = [n.name for n in nodes]
                 return site
-            ok = self._matmul_operands(site, product, second, nodes)
+            found = self._matmul_operands(site, product, second, nodes)
         else:
-            ok = self._einsum_operands(site, product, second, nodes, p_tensor)
+            found = self._einsum_operands(site, product, second, nodes, p_tensor)
         site.nodes = [n.name for n in _unique(nodes)]
-        if not ok:
+        if found is None:
             return site
 
-        site.factors = self._factors + [f.at("logits") for f in post_factors]
+        site.factors = found.factors + [f.at("logits") for f in post_factors]
         finish_scale(site)
-        casts = post_casts + self._casts + sum(1 for n in fwd if n.op_type == "Cast")
+        casts = post_casts + found.casts + sum(1 for n in fwd if n.op_type == "Cast")
         if site.problem is None:
             self._check_exclusive(site, _unique(nodes))
         site.canonical = (site.problem is None and site.form == "decomposed" and casts == 0 and site.scale_placement == "q"
-                          and site.scale_source == "constant" and self._q_mul_only and site.q is not None
+                          and site.scale_source == "constant" and found.q_mul_only and site.q is not None
                           and site.q.perm is None and site.v is not None and site.v.perm is None
-                          and site.out_perm is None and self._k_direct)
+                          and site.out_perm is None and found.k_direct)
         return site
 
     # operands of a MatMul site ----------------------------------------------------------------------------------------
-    _factors: list[Factor]
-    _casts: int
-    _q_mul_only: bool
-    _k_direct: bool
-
     def _matmul_operands(self, site: AttentionSite, mm1: onnx.NodeProto, mm2: onnx.NodeProto,
-                         nodes: list[onnx.NodeProto]) -> bool:
+                         nodes: list[onnx.NodeProto]) -> _Operands | None:
         idx = self.idx
         q, q_perm, q_f, q_nodes, q_casts = self.strip(mm1.input[0])
         k, k_perm, k_f, k_nodes, k_casts = self.strip(mm1.input[1], transposes=True)
@@ -353,51 +362,48 @@ class _Finder:
         ranks = {idx.rank(t) for t in (q, k, v)} - {None}
         if rank is None:
             site.problem = f"the rank of {mm1.name}'s output is unknown (shape inference could not tell)"
-            return False
+            return None
         if rank not in (3, 4) or (ranks and ranks != {rank}):
             site.problem = f"Q·Kᵀ is {rank}-D with operands of rank {sorted(ranks)}; the Attention op takes 3-D or 4-D q, k, v"
-            return False
+            return None
         if v_f:
             site.problem = f"V is scaled inside the attention ({mm2.name}); only q, k and the logits may be"
-            return False
-        swap = list(range(rank - 2)) + [rank - 1, rank - 2]
+            return None
+        swap = swap_last_two(rank)
         total = k_perm or list(range(rank))
         if sorted(total) != list(range(rank)):
             site.problem = f"K reaches {mm1.name} through a transpose of another rank"
-            return False
+            return None
         k_canon = [total[i] for i in swap]  # k -> [..., S, d]
         site.rank = rank
         site.q = Operand(q, None, idx.dtype(q), idx.dtype(mm1.input[0]))
         site.k = Operand(k, None if k_canon == list(range(rank)) else k_canon, idx.dtype(k), idx.dtype(mm1.input[1]))
         site.v = Operand(v, None, idx.dtype(v), idx.dtype(mm2.input[1]))
-        self._factors = [f.at("q") for f in q_f] + [f.at("k") for f in k_f]
-        self._casts = q_casts + k_casts + v_casts
         q_muls = [n for n in q_nodes if n.op_type != "Cast"]
-        self._q_mul_only = len(q_muls) == 1 and q_muls[0].op_type == "Mul" and not k_f
         # Canonical K side: MatMul takes k itself as Kᵀ, or one Transpose of the last two axes of k.
-        k_ops = [n.op_type for n in k_nodes]
-        self._k_direct = k_ops in ([], ["Transpose"])
-        return True
+        return _Operands(factors=[f.at("q") for f in q_f] + [f.at("k") for f in k_f], casts=q_casts + k_casts + v_casts,
+                         q_mul_only=len(q_muls) == 1 and q_muls[0].op_type == "Mul" and not k_f,
+                         k_direct=[n.op_type for n in k_nodes] in ([], ["Transpose"]))
 
     # operands of an Einsum site ---------------------------------------------------------------------------------------
     def _einsum_operands(self, site: AttentionSite, e1: onnx.NodeProto, e2: onnx.NodeProto,
-                         nodes: list[onnx.NodeProto], p_tensor: str) -> bool:
+                         nodes: list[onnx.NodeProto], p_tensor: str) -> _Operands | None:
         idx = self.idx
         if e2.op_type != "Einsum":
             site.problem = f"{e1.name} is an Einsum but {e2.name} is a {e2.op_type}; both products must be Einsums"
-            return False
+            return None
         parsed1 = _parse_einsum(_equation(e1))
         parsed2 = _parse_einsum(_equation(e2))
         if parsed1 is None or parsed2 is None:
             site.problem = f"Einsum equations {_equation(e1)!r} / {_equation(e2)!r} are not two-operand contractions without ellipsis"
-            return False
+            return None
         (x, y), z = parsed1
         batch = z[:-2]
         t, s = z[-2], z[-1]
         cs = (set(x) & set(y)) - set(z)
         if len(cs) != 1 or set(x) != set(batch) | {t} | cs or set(y) != set(batch) | {s} | cs or len(x) != len(z) or len(y) != len(z):
             site.problem = f"Einsum {e1.name} ({_equation(e1)}) is not Q·Kᵀ over one channel axis"
-            return False
+            return None
         c = cs.pop()
         # The attention weights enter the second Einsum in the logits' layout.
         (a, b), o = parsed2
@@ -405,17 +411,17 @@ class _Finder:
         pw, vw = (a, b) if first == 0 else (b, a)
         if len(pw) != len(z):
             site.problem = f"Einsum {e2.name} ({_equation(e2)}) does not read the weights in the logits' layout"
-            return False
+            return None
         batch2, t2, s2 = pw[:-2], pw[-2], pw[-1]
         es = set(vw) - set(pw)
         if len(es) != 1 or set(vw) != set(batch2) | {s2} | es or set(o) != set(batch2) | {t2} | es or len(o) != len(z):
             site.problem = f"Einsum {e2.name} ({_equation(e2)}) is not weights·V over the key axis"
-            return False
+            return None
         e = es.pop()
         rank = len(z)
         if rank not in (3, 4):
             site.problem = f"the Einsum attention is {rank}-D; the Attention op takes 3-D or 4-D q, k, v"
-            return False
+            return None
         q, _, q_f, q_nodes, q_casts = self.strip(e1.input[0])
         k, _, k_f, k_nodes, k_casts = self.strip(e1.input[1])
         v_in = e2.input[1 - first]
@@ -423,7 +429,7 @@ class _Finder:
         nodes += q_nodes + k_nodes + v_nodes
         if v_f:
             site.problem = f"V is scaled inside the attention ({e2.name}); only q, k and the logits may be"
-            return False
+            return None
         ident = list(range(rank))
         q_perm = [x.index(ch) for ch in batch + t + c]
         k_perm = [y.index(ch) for ch in batch + s + c]
@@ -435,11 +441,8 @@ class _Finder:
         site.k = Operand(k, None if k_perm == ident else k_perm, idx.dtype(k), idx.dtype(e1.input[1]))
         site.v = Operand(v, None if v_perm == ident else v_perm, idx.dtype(v), idx.dtype(v_in))
         site.out_perm = None if out_perm == ident else out_perm
-        self._factors = [f.at("q") for f in q_f] + [f.at("k") for f in k_f]
-        self._casts = q_casts + k_casts + v_casts
-        self._q_mul_only = False
-        self._k_direct = False
-        return True
+        return _Operands(factors=[f.at("q") for f in q_f] + [f.at("k") for f in k_f], casts=q_casts + k_casts + v_casts,
+                         q_mul_only=False, k_direct=False)
 
     # exclusivity ------------------------------------------------------------------------------------------------------
     def _check_exclusive(self, site: AttentionSite, nodes: list[onnx.NodeProto]) -> None:
@@ -506,20 +509,10 @@ def _fill_shapes(site: AttentionSite, idx: TypedIndex, probe: TypedIndex | None,
     if site.q is None or site.problem is not None and site.rank is None:
         return
 
-    def canon(index: TypedIndex, op: Operand) -> list[Any] | None:
-        shape = index.shapes.get(op.tensor)
-        if shape is None:
-            return None
-        if op.perm is not None:
-            if len(op.perm) != len(shape):
-                return None
-            shape = [shape[i] for i in op.perm]
-        return shape
-
     for index in (idx, probe):
         if index is None:
             continue
-        qs = canon(index, site.q)
+        qs = site.q.canonical_shape(index.shapes.get(site.q.tensor))
         if not qs or len(qs) < 3:
             continue
         if site.head_size is None and isinstance(qs[-1], int) and qs[-1] > 0:
@@ -545,8 +538,6 @@ def _fill_shapes(site: AttentionSite, idx: TypedIndex, probe: TypedIndex | None,
                 site.level = level
                 if not isinstance(site.seq_len, int):
                     site.seq_len = seq_expression(level)
-    if site.form == "op" and site.scale is None and site.head_size:
-        site.scale = 1.0 / math.sqrt(site.head_size)
 
 
 def _resolve_by_running(model: onnx.ModelProto, sites: list[AttentionSite], p: int, want_level: bool) -> None:
@@ -579,18 +570,15 @@ def _resolve_by_running(model: onnx.ModelProto, sites: list[AttentionSite], p: i
             finish_scale(site)
         assert site.q is not None
         q = first.get(site.q.tensor)
-        if q is not None:
-            shape = list(q.shape)
-            if site.q.perm is not None and len(site.q.perm) == len(shape):
-                shape = [shape[i] for i in site.q.perm]
-            if len(shape) >= 3:
-                site.head_size = site.head_size or int(shape[-1])
-                if len(shape) == 4:
-                    site.heads = site.heads or int(shape[1])
-                if site.level is None:
-                    site.level = level_of(int(shape[-2]), p)
-                    if site.level is not None and not isinstance(site.seq_len, int):
-                        site.seq_len = seq_expression(site.level)
+        shape = site.q.canonical_shape(q.shape) if q is not None else None
+        if shape is not None and len(shape) >= 3:
+            site.head_size = site.head_size or int(shape[-1])
+            if len(shape) == 4:
+                site.heads = site.heads or int(shape[1])
+            if site.level is None:
+                site.level = level_of(int(shape[-2]), p)
+                if site.level is not None and not isinstance(site.seq_len, int):
+                    site.seq_len = seq_expression(site.level)
 
 
 def find_attention(model: onnx.ModelProto, *, probe: bool = True, index: TypedIndex | None = None,
@@ -621,6 +609,9 @@ def find_attention(model: onnx.ModelProto, *, probe: bool = True, index: TypedIn
         _fill_shapes(site, idx, probed, p)
     if run and sites:
         _resolve_by_running(model, sites, p, want_level=probe)
+    for site in sites:
+        if site.form == "op" and site.scale is None and site.head_size:
+            site.scale = 1.0 / math.sqrt(site.head_size)  # the Attention op's default
     names = [s.name for s in sites]
     for i, site in enumerate(sites):
         if names.count(site.name) > 1:

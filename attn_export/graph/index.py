@@ -29,6 +29,21 @@ def dtype_name(elem_type: int | None) -> str | None:
         return TensorProto.DataType.Name(elem_type).lower()
 
 
+def swap_last_two(rank: int) -> list[int]:
+    """The permutation that transposes the last two axes of a rank-``rank`` tensor."""
+    return list(range(rank - 2)) + [rank - 1, rank - 2]
+
+
+def drop_unused_initializers(model: onnx.ModelProto) -> None:
+    """Remove initializers no node and no graph output reads."""
+    g = model.graph
+    used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
+    keep = [init for init in g.initializer if init.name in used]
+    if len(keep) != len(g.initializer):
+        del g.initializer[:]
+        g.initializer.extend(keep)
+
+
 def default_opset(model: onnx.ModelProto) -> int:
     """The model's ai.onnx opset version (0 when it imports none)."""
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)

@@ -17,6 +17,22 @@ from .index import TypedIndex, weightless_copy
 DEFAULT_P = 64
 
 
+def pinned_shape(vi: onnx.ValueInfoProto, *, height: int, width: int, sizes: dict[str, int] | None = None) -> list[int]:
+    """A graph input's dims with the dynamic ones pinned: by name (``batch`` 1, ``height``, ``width``, or
+    ``sizes``), else by position for a 4-D input read as (batch, channels, height, width), else 1."""
+    named = {"batch": 1, "height": height, "width": width, **(sizes or {})}
+    dims = vi.type.tensor_type.shape.dim
+    out = []
+    for k, d in enumerate(dims):
+        if d.HasField("dim_value"):
+            out.append(int(d.dim_value))
+        elif d.dim_param in named:
+            out.append(named[d.dim_param])
+        else:
+            out.append((1, 1, height, width)[k] if len(dims) == 4 else 1)
+    return out
+
+
 def probe_index(model: onnx.ModelProto, *, p: int = DEFAULT_P, sizes: dict[str, int] | None = None) -> TypedIndex | None:
     """A :class:`TypedIndex` of ``model`` with batch 1, height 2p, width p (None when inference fails).
 
@@ -24,19 +40,13 @@ def probe_index(model: onnx.ModelProto, *, p: int = DEFAULT_P, sizes: dict[str, 
     4-D input are read as (batch, channels, height, width), and of any other
     input as 1.
     """
-    named = {"batch": 1, "height": 2 * p, "width": p, **(sizes or {})}
     light = weightless_copy(model)
     inits = {i.name for i in light.graph.initializer}
     for vi in light.graph.input:
         if vi.name in inits:
             continue
-        dims = vi.type.tensor_type.shape.dim
-        for k, d in enumerate(dims):
-            if d.HasField("dim_value"):
-                continue
-            value = named.get(d.dim_param) if d.dim_param else None
-            if value is None:
-                value = (1, 1, 2 * p, p)[k] if len(dims) == 4 else 1
+        shape = pinned_shape(vi, height=2 * p, width=p, sizes=sizes)
+        for d, value in zip(vi.type.tensor_type.shape.dim, shape):
             d.Clear()
             d.dim_value = value
     del light.graph.value_info[:]
@@ -120,15 +130,7 @@ def run_probe(model: onnx.ModelProto, names: list[str], *, height: int, width: i
     for vi in model.graph.input:
         if vi.name in inits:
             continue
-        dims = vi.type.tensor_type.shape.dim
-        shape = []
-        for k, d in enumerate(dims):
-            if d.HasField("dim_value"):
-                shape.append(int(d.dim_value))
-            elif d.dim_param in ("height", "width", "batch"):
-                shape.append({"height": height, "width": width, "batch": 1}[d.dim_param])
-            else:
-                shape.append((1, 1, height, width)[k] if len(dims) == 4 else 1)
+        shape = pinned_shape(vi, height=height, width=width)
         dtype = helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type)
         if np.issubdtype(dtype, np.floating):
             value = rng.standard_normal(shape) if len(shape) == 4 else np.full(shape, 0.5)

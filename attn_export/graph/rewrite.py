@@ -14,13 +14,14 @@ fed the old site (Shape -> Gather -> Cast -> Pow) is removed with it.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from .attention import AttentionSite, Operand, find_attention
-from .index import TypedIndex, default_opset
+from .index import TypedIndex, default_opset, drop_unused_initializers, swap_last_two
 
 TARGET_FORMS = ("op", "decomposed")
 _ELEM = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16, "bfloat16": TensorProto.BFLOAT16,
@@ -44,13 +45,13 @@ class RewriteResult:
 
 
 class _Builder:
-    def __init__(self, model: onnx.ModelProto, site: AttentionSite) -> None:
+    def __init__(self, model: onnx.ModelProto, site: AttentionSite, names: "_Names") -> None:
         self.model = model
         self.site = site
         self.nodes: list[onnx.NodeProto] = []
         # New nodes keep the site's module path, so the site's name survives the rewrite.
         self.prefix = (site.name or "attention").split("#")[0].rstrip("/")
-        self._names = _Names.of(model)
+        self._names = names
 
     def _tensor(self, what: str) -> str:
         return self._names.fresh(f"{self.prefix}/{what}")
@@ -98,10 +99,6 @@ class _Names:
         return name
 
 
-def _swap(rank: int) -> list[int]:
-    return list(range(rank - 2)) + [rank - 1, rank - 2]
-
-
 def _finish(b: _Builder, y: str, t_elem: int) -> None:
     """Put the canonical [.., S, dv] result back in the site's layout and dtype, under its output name."""
     site = b.site
@@ -121,9 +118,9 @@ def _finish(b: _Builder, y: str, t_elem: int) -> None:
         y = b.node(op, [y], f"out_{op.lower()}", output=site.out if i == len(steps) - 1 else None, **attrs)
 
 
-def _build_op(model: onnx.ModelProto, site: AttentionSite) -> list[onnx.NodeProto]:
+def _build_op(model: onnx.ModelProto, site: AttentionSite, names: _Names) -> list[onnx.NodeProto]:
     assert site.q and site.k and site.v and site.rank and site.scale is not None
-    b = _Builder(model, site)
+    b = _Builder(model, site, names)
     t_elem = _ELEM.get(site.dtype or site.q.compute_dtype or "", TensorProto.FLOAT)
     q = b.operand(site.q, "q", t_elem, site.q.perm)
     k = b.operand(site.k, "k", t_elem, site.k.perm)
@@ -142,15 +139,15 @@ def _build_op(model: onnx.ModelProto, site: AttentionSite) -> list[onnx.NodeProt
     return b.nodes
 
 
-def _build_decomposed(model: onnx.ModelProto, site: AttentionSite) -> list[onnx.NodeProto]:
+def _build_decomposed(model: onnx.ModelProto, site: AttentionSite, names: _Names) -> list[onnx.NodeProto]:
     assert site.q and site.k and site.v and site.rank and site.scale is not None
-    b = _Builder(model, site)
+    b = _Builder(model, site, names)
     rank = site.rank
     t_elem = _ELEM.get(site.dtype or site.q.compute_dtype or "", TensorProto.FLOAT)
     q = b.operand(site.q, "q", t_elem, site.q.perm)
     # Kᵀ straight from k: the composition of k's layout change and the last-two-axes swap.
     k_perm = site.k.perm or list(range(rank))
-    kt = b.operand(site.k, "k", t_elem, [k_perm[i] for i in _swap(rank)])
+    kt = b.operand(site.k, "k", t_elem, [k_perm[i] for i in swap_last_two(rank)])
     v = b.operand(site.v, "v", t_elem, site.v.perm)
     scale = b.const(np.array(site.scale, dtype=_NP.get(t_elem, np.float32)), "scale")
     qs = b.node("Mul", [q, scale], "q_scaled")
@@ -169,10 +166,10 @@ def _build_decomposed(model: onnx.ModelProto, site: AttentionSite) -> list[onnx.
 MS_DOMAIN = "com.microsoft"
 
 
-def _build_mha(model: onnx.ModelProto, site: AttentionSite) -> list[onnx.NodeProto]:
+def _build_mha(model: onnx.ModelProto, site: AttentionSite, names: _Names) -> list[onnx.NodeProto]:
     """ONNX Runtime's contrib MultiHeadAttention: q, k, v as [B, S, heads*d] (flash attention on CPU and CUDA)."""
     assert site.q and site.k and site.v and site.rank and site.scale is not None and site.heads
-    b = _Builder(model, site)
+    b = _Builder(model, site, names)
     t_elem = TensorProto.FLOAT
     q = b.operand(site.q, "q", t_elem, site.q.perm)
     k = b.operand(site.k, "k", t_elem, site.k.perm)
@@ -223,22 +220,10 @@ def to_onnxruntime_form(model: onnx.ModelProto) -> RewriteResult:
     standard artifact; runners apply it when they create a session.
     """
     ensure_node_names(model)
-    found = find_attention(model, probe=False, index=TypedIndex(model))
-    result = RewriteResult(form="onnxruntime", sites=found)
-    replace: dict[str, tuple[set[str], list[onnx.NodeProto]]] = {}
-    for site in found:
-        problem = _mha_problem(site)
-        if problem is not None:
-            site.problem = problem
-            result.unfused.append(site)
-            continue
-        replace[site.anchor] = (set(site.nodes), _build_mha(model, site))
-        result.rewritten.append(site.name)
-    if replace:
-        _splice(model, list(replace.values()))
-        remove_dead_nodes(model)
-        if not any(o.domain == MS_DOMAIN for o in model.opset_import):
-            model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+    result = _rewrite(model, "onnxruntime", _build_mha, _mha_problem, lambda site: False,
+                      find_attention(model, probe=False, index=TypedIndex(model)))
+    if result.rewritten and not any(o.domain == MS_DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
     return result
 
 
@@ -265,11 +250,7 @@ def remove_dead_nodes(model: onnx.ModelProto) -> int:
         dropped += len(g.node) - len(keep)
         del g.node[:]
         g.node.extend(keep)
-    used = {i for n in g.node for i in n.input} | outputs
-    inits = [i for i in g.initializer if i.name in used]
-    if len(inits) != len(g.initializer):
-        del g.initializer[:]
-        g.initializer.extend(inits)
+    drop_unused_initializers(model)
     return dropped
 
 
@@ -286,27 +267,44 @@ def canonicalize_attention(model: onnx.ModelProto, form: str = "op", *,
         raise ValueError(f"the ONNX Attention op needs opset 23 or later (model is at {default_opset(model)})")
     ensure_node_names(model)
     found = sites if sites is not None else find_attention(model, probe=False, index=TypedIndex(model), run=run)
+
+    def problem(site: AttentionSite) -> str | None:
+        p = _op_to_decomposed_problem(site) if site.form == "op" else site.problem
+        if p is None and (site.scale is None or site.q is None or site.rank is None):
+            p = "the site is not fully described"
+        return p
+
+    def unchanged(site: AttentionSite) -> bool:
+        return site.form == "op" if form == "op" else site.canonical
+
+    return _rewrite(model, form, _build_op if form == "op" else _build_decomposed, problem, unchanged, found)
+
+
+Build = Callable[[onnx.ModelProto, AttentionSite, "_Names"], list[onnx.NodeProto]]
+
+
+def _rewrite(model: onnx.ModelProto, form: str, build: Build, problem: Callable[[AttentionSite], str | None],
+             unchanged: Callable[[AttentionSite], bool], found: list[AttentionSite]) -> RewriteResult:
+    """The loop every target shares: skip what is already in form, record what cannot be rewritten, splice the rest.
+
+    ``found`` must come from ``model`` after :func:`ensure_node_names`: edits address nodes by name.
+    """
+    names = _Names.of(model)
     result = RewriteResult(form=form, sites=found)
-    replace: dict[str, tuple[set[str], list[onnx.NodeProto]]] = {}
+    edits: list[tuple[set[str], list[onnx.NodeProto]]] = []
     for site in found:
-        if form == "op" and site.form == "op":
+        if unchanged(site):
             result.unchanged.append(site.name)
             continue
-        if form == "decomposed" and site.canonical:
-            result.unchanged.append(site.name)
-            continue
-        problem = _op_to_decomposed_problem(site) if site.form == "op" else site.problem
-        if problem is None and (site.scale is None or site.q is None or site.rank is None):
-            problem = "the site is not fully described"
-        if problem is not None:
-            site.problem = problem
+        reason = problem(site)
+        if reason is not None:
+            site.problem = reason
             result.unfused.append(site)
             continue
-        built = _build_op(model, site) if form == "op" else _build_decomposed(model, site)
-        replace[site.anchor] = (set(site.nodes), built)
+        edits.append((set(site.nodes), build(model, site, names)))
         result.rewritten.append(site.name)
-    if replace:
-        _splice(model, list(replace.values()))
+    if edits:
+        _splice(model, edits)
         remove_dead_nodes(model)
     return result
 
@@ -314,12 +312,14 @@ def canonicalize_attention(model: onnx.ModelProto, form: str = "op", *,
 def _splice(model: onnx.ModelProto, edits: list[tuple[set[str], list[onnx.NodeProto]]]) -> None:
     """Remove each edit's nodes and insert its new nodes where the last removed node stood."""
     g = model.graph
-    position: dict[int, list[onnx.NodeProto]] = {}
+    owner = {name: k for k, (names, _) in enumerate(edits) for name in names}
+    last: dict[int, int] = {}
     removed: set[int] = set()
-    for names, new in edits:
-        hits = [i for i, n in enumerate(g.node) if n.name in names]
-        removed.update(hits)
-        position[max(hits)] = new
+    for i, n in enumerate(g.node):
+        if n.name in owner:
+            removed.add(i)
+            last[owner[n.name]] = i
+    position = {i: edits[k][1] for k, i in last.items()}
     nodes: list[onnx.NodeProto] = []
     for i, n in enumerate(g.node):
         if i in position:
