@@ -19,6 +19,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import onnx
+import onnx.external_data_helper
 
 from ..atomic import check_output_path
 from ..compare import compare_outputs, resolve_tolerances
@@ -102,9 +103,11 @@ def optimize_onnx(
         raise UsageError("the output must be a different file from the input")
     say = progress or (lambda _text: None)
     say("load")
-    had_external = any(i.data_location == onnx.TensorProto.EXTERNAL
-                       for i in load_onnx(src, load_external_data=False).graph.initializer)
-    model = load_onnx(src)
+    model = load_onnx(src, load_external_data=False)
+    had_external = any(i.data_location == onnx.TensorProto.EXTERNAL for i in model.graph.initializer)
+    if had_external:
+        # The same reader onnx.load uses: locations must stay inside the model's folder.
+        onnx.external_data_helper.load_external_data_for_model(model, str(src.parent))
     spec = spec_of(model, origin=str(src), input_ranges=input_ranges)
     if input_shapes:
         shapes = parse_input_shapes(input_shapes, spec)

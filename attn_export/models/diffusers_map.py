@@ -31,6 +31,7 @@ refused in one line naming it.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -44,8 +45,17 @@ WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.
 BEHAVIOUR_FIELDS = ("freq_shift", "flip_sin_to_cos", "downsample_padding", "norm_eps", "activation")
 
 
-def find_diffusers(path: str | Path) -> tuple[Path, Path] | None:
-    """(config.json, weights) when ``path`` is a diffusers UNet2DModel folder or its weights file; else None."""
+@dataclass
+class DiffusersCheckpoint:
+    """A diffusers UNet2DModel checkpoint: its config.json (path and parsed content) and its weights file."""
+
+    config_path: Path
+    weights: Path
+    config: dict[str, Any]
+
+
+def find_diffusers(path: str | Path) -> DiffusersCheckpoint | None:
+    """The checkpoint when ``path`` is a diffusers UNet2DModel folder or a file next to its config.json; else None."""
     p = Path(path)
     folder = p if p.is_dir() else p.parent
     config = folder / "config.json"
@@ -61,8 +71,8 @@ def find_diffusers(path: str | Path) -> tuple[Path, Path] | None:
         weights = next((folder / n for n in WEIGHT_NAMES if (folder / n).is_file()), None)
         if weights is None:
             raise CheckpointError(f"{folder} has a UNet2DModel config.json but no {' or '.join(WEIGHT_NAMES)}")
-        return config, weights
-    return config, p
+        return DiffusersCheckpoint(config, weights, data)
+    return DiffusersCheckpoint(config, p, data)
 
 
 def config_from_diffusers(data: Mapping[str, Any], origin: str = "config.json") -> UNetConfig:
@@ -164,15 +174,13 @@ def map_state_dict(state: Mapping[str, torch.Tensor], config: UNetConfig) -> dic
         part, _, leaf = rest.partition(".")
         out[f"{prefix}.{resnet.get(part, part)}.{leaf}"] = value
 
-    simple = {"time_embedding.linear_1": "time_mlp.1", "time_embedding.linear_2": "time_mlp.3", "conv_in": "init_conv",
-              "conv_norm_out": "out_norm", "conv_out": "out_conv"}
+    simple = {"time_embedding.linear_1.": "time_mlp.1.", "time_embedding.linear_2.": "time_mlp.3.",
+              "conv_in.": "init_conv.", "conv_norm_out.": "out_norm.", "conv_out.": "out_conv."}
     for key, value in state.items():
         parts = key.split(".")
-        head = ".".join(parts[:2])
-        if head in simple:
-            out[simple[head] + "." + ".".join(parts[2:])] = value
-        elif parts[0] == "conv_in" or parts[0] == "conv_out" or parts[0] == "conv_norm_out":
-            out[simple[parts[0]] + "." + ".".join(parts[1:])] = value
+        prefix = next((p for p in simple if key.startswith(p)), None)
+        if prefix is not None:
+            out[simple[prefix] + key[len(prefix):]] = value
         elif parts[0] in ("down_blocks", "up_blocks") and len(parts) > 4:
             i, group, j, rest = int(parts[1]), parts[2], int(parts[3]), ".".join(parts[4:])
             down = parts[0] == "down_blocks"

@@ -26,7 +26,7 @@ from ..errors import CheckpointError, UsageError
 from ..spec import ModelSpec, TensorSpec
 from .attention import AttentionImpl, set_attention_impl
 from .checkpoint import file_sha256, load_state_dict_strict, read_checkpoint
-from .diffusers_map import checked_against, config_from_diffusers, find_diffusers, map_state_dict
+from .diffusers_map import DiffusersCheckpoint, checked_against, config_from_diffusers, find_diffusers, map_state_dict
 from .key_maps import adapt_state_dict
 from .presets import PRESETS, preset_config
 from .unet import UNet, UNetConfig
@@ -175,7 +175,7 @@ def load_model(source: ModelSource, attention_impl: AttentionImpl = "reference")
     """Build the model described by ``source`` in eval mode, with its checkpoint loaded."""
     description: dict[str, Any]
     config: UNetConfig | None = None
-    diffusers: tuple[Path, Path] | None = None
+    diffusers: DiffusersCheckpoint | None = None
     torch.manual_seed(source.seed)
     if source.model is not None:
         factory = _import_factory(source.model)
@@ -198,8 +198,8 @@ def load_model(source: ModelSource, attention_impl: AttentionImpl = "reference")
             cfg = source.config
             if isinstance(cfg, dict):
                 config = UNetConfig.from_dict({**cfg, **source.overrides})
-            elif find_diffusers(Path(str(cfg))) is not None:
-                config = config_from_diffusers(json.loads(Path(str(cfg)).read_text()), origin=str(cfg))
+            elif (theirs := find_diffusers(Path(str(cfg)))) is not None:
+                config = config_from_diffusers(theirs.config, origin=str(cfg))
                 if source.overrides:
                     config = dataclasses.replace(config, **source.overrides)
             else:
@@ -210,8 +210,8 @@ def load_model(source: ModelSource, attention_impl: AttentionImpl = "reference")
         diffusers = find_diffusers(source.checkpoint) if source.checkpoint is not None else None
         if diffusers is not None:
             # The weights' own config decides how they were trained; the preset or config decides the shape.
-            theirs = config_from_diffusers(json.loads(diffusers[0].read_text()), origin=str(diffusers[0]))
-            config = checked_against(config, theirs, source.preset or "of --config")
+            config = checked_against(config, config_from_diffusers(diffusers.config, origin=str(diffusers.config_path)),
+                                     source.preset or "of --config")
         description["config"] = config.to_dict()
         module = UNet(config)
         inner = module
@@ -219,14 +219,14 @@ def load_model(source: ModelSource, attention_impl: AttentionImpl = "reference")
     if source.checkpoint is not None:
         layout = None
         if config is not None and diffusers is not None:
-            state, used_key = read_checkpoint(diffusers[1], source.checkpoint_key)
+            state, used_key = read_checkpoint(diffusers.weights, source.checkpoint_key)
             state, layout = map_state_dict(state, config), "diffusers UNet2DModel"
         else:
             state, used_key = read_checkpoint(source.checkpoint, source.checkpoint_key)
         if config is not None and layout is None:  # our UNet: state dicts of the same layout saved by other code
             state, layout = adapt_state_dict(state, set(inner.state_dict()))
         load_state_dict_strict(inner, state, source=f"checkpoint {Path(source.checkpoint).name}")
-        weights = diffusers[1] if diffusers is not None else Path(source.checkpoint)
+        weights = diffusers.weights if diffusers is not None else Path(source.checkpoint)
         ckpt_info = {
             "path": str(weights.resolve()),
             "sha256": file_sha256(weights),
