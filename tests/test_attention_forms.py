@@ -297,7 +297,6 @@ def test_same_count_from_every_command(zoo_exports, tmp_path: Path, form: str) -
 
 @pytest.mark.slow
 def test_diffusers_unet2d_ddpm_cifar10(tmp_path: Path) -> None:
-    pytest.importorskip("diffusers", reason="diffusers is part of the test extra")
     out = tmp_path / "diffusers.onnx"
     result = export_onnx(ModelSource(model="attention_zoo:diffusers_ddpm_cifar10"), out)
     assert result.attention_nodes == 6 and not result.unfused
@@ -312,7 +311,6 @@ def test_diffusers_unet2d_ddpm_cifar10(tmp_path: Path) -> None:
 
 def test_diffusers_classic_processor_baddbmm(tmp_path: Path) -> None:
     """diffusers' classic AttnProcessor: baddbmm(empty, q, kᵀ, beta=0, alpha=scale), multi-head folded into the batch."""
-    pytest.importorskip("diffusers", reason="diffusers is part of the test extra")
     out = tmp_path / "classic.onnx"
     result = export_onnx(ModelSource(model="attention_zoo:diffusers_small_classic"), out)
     assert result.attention_nodes == 4 and not result.unfused

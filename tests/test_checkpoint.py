@@ -156,7 +156,6 @@ def _diffusers_unet(**overrides):
 
 @pytest.mark.parametrize("as_folder", [True, False])
 def test_diffusers_unet2d_weights_load(tmp_path: Path, as_folder: bool) -> None:
-    pytest.importorskip("diffusers")
     src = _diffusers_unet()
     src.save_pretrained(tmp_path / "unet")  # config.json + diffusion_pytorch_model.safetensors
     ckpt = tmp_path / "unet" if as_folder else tmp_path / "unet" / "diffusion_pytorch_model.safetensors"
@@ -173,7 +172,6 @@ def test_diffusers_unet2d_weights_load(tmp_path: Path, as_folder: bool) -> None:
 
 
 def test_diffusers_config_checked_against_the_preset(tmp_path: Path) -> None:
-    pytest.importorskip("diffusers")
     # The layout of the tiny preset, trained with diffusers' switches: loads into the preset, switches taken along.
     _diffusers_unet().save_pretrained(tmp_path / "unet")
     loaded = load_model(ModelSource(preset="tiny", checkpoint=tmp_path / "unet"))
