@@ -138,20 +138,38 @@ class ModelSpec:
         return json.dumps(self.to_dict(), sort_keys=True)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ModelSpec":
-        data = dict(data)
-        if data.get("format", SPEC_FORMAT) > SPEC_FORMAT:
+    def from_dict(cls, data: Any) -> "ModelSpec":
+        """Build from a dict read from an artifact, after checking it against the schema (SchemaError)."""
+        from .schema import SchemaError, model_spec
+
+        if not isinstance(data, dict):
+            raise SchemaError(f"description must be a JSON object (got {type(data).__name__})")
+        fmt = data.get("format", SPEC_FORMAT)
+        if isinstance(fmt, int) and not isinstance(fmt, bool) and fmt > SPEC_FORMAT:
             raise UsageError(
-                f"artifact description format {data['format']} is newer than this attn-export understands; upgrade attn-export"
+                f"artifact description format {fmt} is newer than this attn-export understands; upgrade attn-export"
             )
-        data["inputs"] = [TensorSpec(**t) for t in data.get("inputs", [])]
-        data["outputs"] = [TensorSpec(**t) for t in data.get("outputs", [])]
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        model_spec(SPEC_FORMAT)(data, "description")
+        data = dict(data)
+        data["inputs"] = [TensorSpec(**t) for t in data["inputs"]]
+        data["outputs"] = [TensorSpec(**t) for t in data["outputs"]]
+        data["input_ranges"] = {k: [float(v[0]), float(v[1])] for k, v in (data.get("input_ranges") or {}).items()}
+        spec = cls(**data)
+        unknown = sorted(set(spec.input_ranges) - {t.name for t in spec.inputs})
+        if unknown:
+            raise SchemaError(f"description.input_ranges names {', '.join(unknown)[:80]}, which are not inputs")
+        return spec
 
     @classmethod
     def from_json(cls, text: str) -> "ModelSpec":
-        return cls.from_dict(json.loads(text))
+        """Parse and check a description stored as JSON (UsageError for bad JSON or a bad schema)."""
+        if len(text) > 16 << 20:
+            raise UsageError(f"description is {len(text) >> 20} MiB of JSON; a real one is a few KiB")
+        try:
+            data = json.loads(text)
+        except (json.JSONDecodeError, RecursionError) as exc:
+            raise UsageError(f"description is not valid JSON ({str(exc).splitlines()[0][:80]})") from None
+        return cls.from_dict(data)
 
 
 def parse_shape(text: str) -> tuple[int, int, int]:

@@ -23,11 +23,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Sequence
 
 from ..atomic import write_text_atomic
 from ..errors import UsageError
+from ..schema import DTYPES, MAX_DIM, SHA256_RE, integer, items, json_value, mapping, optional, record, text
 from ..spec import ModelSpec
 from .profiles import Profile, tensor_shapes
 
@@ -39,6 +41,27 @@ REBUILD_HINT = "rebuild the engine with `attn-export trt`"
 
 
 ENGINE_SUFFIXES = (".plan", ".engine", ".trt")
+
+_TRIPLE = items(integer(1, MAX_DIM), 3, 3)
+SIDECAR_SCHEMA = record({
+    "format": text(choices=(SIDECAR_FORMAT,)),
+    "engine_file": text(re.compile(r"^[^/\\\x00]{1,255}$")),
+    "engine_sha256": optional(text(SHA256_RE)),
+    "tensorrt_version": text(re.compile(r"^\d+(\.\d+){0,3}[\w.+-]*$")),
+    "gpu": record({"name": text(), "compute_capability": text(re.compile(r"^\d{1,2}\.\d{1,2}$"))},
+                  ("compute_capability",)),
+    "hardware_compatibility": text(choices=HARDWARE_COMPATIBILITY),
+    "precision": text(choices=PRECISIONS),
+    "profiles": items(record({"min": _TRIPLE, "opt": _TRIPLE, "max": _TRIPLE,
+                              "shapes": mapping(items(items(integer(0, MAX_DIM), 0, 8), 3, 3))},
+                             ("min", "opt", "max")), 1, 64),
+    "io": items(record({"name": text(), "mode": text(choices=("input", "output")), "dtype": text(choices=DTYPES),
+                        "shape": items(integer(-1, MAX_DIM), 0, 8)}, ("name", "dtype", "shape")), 1),
+    "onnx": record({"path": optional(text()), "sha256": optional(text(SHA256_RE))}),
+    "model": lambda v, w: None,  # checked by ModelSpec.from_dict
+    "fusion": json_value,
+    "build": json_value,
+}, REQUIRED_KEYS)
 
 
 def sidecar_path(engine_path: str | os.PathLike[str]) -> Path:
@@ -132,26 +155,24 @@ def read_sidecar(engine_path: str | os.PathLike[str]) -> dict[str, Any]:
     path = sidecar_path(engine)
     if not path.is_file():
         raise UsageError(f"engine description {path} not found; it is written next to the engine by `attn-export trt` ({REBUILD_HINT})")
+    if path.stat().st_size > 16 << 20:
+        raise UsageError(f"engine description {path} is {path.stat().st_size >> 20} MiB; a real one is a few KiB")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise UsageError(f"engine description {path} is not valid JSON ({str(exc).splitlines()[0]}); {REBUILD_HINT}") from None
     if not isinstance(data, dict):
         raise UsageError(f"engine description {path} is not a JSON object; {REBUILD_HINT}")
     fmt = data.get("format")
     if fmt != SIDECAR_FORMAT:
         raise UsageError(f"engine description {path} has format {fmt!r}, expected {SIDECAR_FORMAT!r}; {REBUILD_HINT}")
-    missing = [k for k in REQUIRED_KEYS if k not in data]
-    if missing:
-        raise UsageError(f"engine description {path} lacks {', '.join(missing)}; {REBUILD_HINT}")
     try:
+        SIDECAR_SCHEMA(data, "sidecar")
         ModelSpec.from_dict(data["model"])
-        [Profile.from_dict(p) for p in data["profiles"]]
-        data["gpu"]["compute_capability"]
-    except UsageError:
-        raise
-    except (KeyError, TypeError, ValueError) as exc:
-        raise UsageError(f"engine description {path} is malformed ({type(exc).__name__}: {exc}); {REBUILD_HINT}") from None
+        for p in data["profiles"]:
+            Profile.from_dict(p)
+    except UsageError as exc:
+        raise UsageError(f"engine description {path} is invalid: {exc}; {REBUILD_HINT}") from None
     return data
 
 

@@ -29,8 +29,8 @@ def spec_from_model(model: onnx.ModelProto, origin: str = "model") -> ModelSpec:
         if p.key == METADATA_KEY:
             try:
                 return ModelSpec.from_json(p.value)
-            except (ValueError, TypeError, KeyError) as exc:
-                raise UsageError(f"{origin}: its attn-export description is unreadable ({exc})") from None
+            except UsageError as exc:
+                raise UsageError(f"{origin}: its attn-export {exc}") from None
     raise UsageError(f"{origin} carries no attn-export description; export it with `attn-export onnx`")
 
 
