@@ -38,6 +38,7 @@ _LAZY = {
     "OrtRunner": "attn_export.engines.ort_runner",
     "TrtRunner": "attn_export.engines.trt_runner",
     "ModelSpec": "attn_export.spec",
+    "ReferenceOptions": "attn_export.spec",
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -26,7 +26,7 @@ import numpy as np
 
 from .engines.sidecar import is_engine_path
 from .errors import AttnExportError, UsageError
-from .spec import ModelSpec, format_shape
+from .spec import ModelSpec, ReferenceOptions, format_shape
 
 # Backend name -> attention formulation of the PyTorch model ("pytorch" uses --attention-impl).
 TORCH_BACKENDS = {"pytorch": None, "pytorch-reference": "reference", "pytorch-sdpa": "sdpa",
@@ -195,7 +195,8 @@ def default_backends(artifact: str | Path) -> list[str]:
 
 def make_runner(artifact: str | Path, backend: str, spec: ModelSpec, *, provider: str = "cpu",
                 threads: int | None = None, attention_impl: str = "reference",
-                graph_optimization: str = "all") -> tuple[Any, dict[str, Any]]:
+                graph_optimization: str = "all",
+                reference_model: ReferenceOptions | None = None) -> tuple[Any, dict[str, Any]]:
     """Build the runner for ``backend`` and the settings to report with its results."""
     if backend in TORCH_BACKENDS:
         import torch
@@ -206,7 +207,7 @@ def make_runner(artifact: str | Path, backend: str, spec: ModelSpec, *, provider
         impl = TORCH_BACKENDS[backend] or attention_impl
         device = "cuda" if provider in ("cuda", "tensorrt") and torch.cuda.is_available() else "cpu"
         # spec given, so the model is built once (in activate), not also to learn its description.
-        runner = TorchRunner(source_from_spec(spec), attention_impl=impl, device=device, spec=spec, threads=threads)
+        runner = TorchRunner(source_from_spec(spec, reference_model), attention_impl=impl, device=device, spec=spec, threads=threads)
         runner.activate()
         return runner, {"device": device, "attention_impl": impl, "threads": torch.get_num_threads(),
                         "torch": torch.__version__}
@@ -304,7 +305,7 @@ def run_bench(artifact: str | Path, *, backends: Sequence[str] | None = None,
               shapes: Sequence[tuple[int, int, int]] | None = None, warmup: int = 2, iterations: int | None = None,
               time_budget: float | None = None, threads: int | None = None, provider: str = "cpu",
               attention_impl: str = "reference", graph_optimization: str = "all", seed: int = 0,
-              progress: Any = None) -> dict[str, Any]:
+              progress: Any = None, reference_model: ReferenceOptions | None = None) -> dict[str, Any]:
     """Benchmark ``artifact`` on each backend at each shape; returns the JSON-ready report.
 
     A backend that cannot run here (TensorRT without a GPU, say) is reported
@@ -319,6 +320,8 @@ def run_bench(artifact: str | Path, *, backends: Sequence[str] | None = None,
     spec = artifact_spec(artifact)
     backends = list(backends) if backends else default_backends(artifact)
     if not shapes:
+        if len(spec.export_shape) != 3:
+            raise UsageError(f"{artifact} records no export size; pass --shapes")
         shapes = [(1, int(spec.export_shape[1]), int(spec.export_shape[2]))]
     for b, h, w in shapes:
         spec.check_shape(b, h, w)
@@ -326,7 +329,8 @@ def run_bench(artifact: str | Path, *, backends: Sequence[str] | None = None,
     for backend in backends:
         try:
             runner, settings = make_runner(artifact, backend, spec, provider=provider, threads=threads,
-                                           attention_impl=attention_impl, graph_optimization=graph_optimization)
+                                           attention_impl=attention_impl, graph_optimization=graph_optimization,
+                                           reference_model=reference_model)
         except (AttnExportError, ImportError) as exc:
             for shape in shapes:
                 rows.append(BenchRow(backend, list(shape), status="unavailable", error=str(exc).splitlines()[0]))

@@ -106,6 +106,29 @@ INPUT_RANGE_HELP = ("Data range of an input, name:LOW:HIGH, e.g. sigma:0.002:80 
                     "other floats [0,1], integers [0,1000)).")
 SOURCE_HELP = "Model source: one of --preset (tiny, ddpm-cifar10, ddpm-256), --config FILE.json, --model pkg.module:factory."
 
+# The reference-model options, declared once for every command that rebuilds an artifact's PyTorch model.
+REF_PRESET = typer.Option(None, "--preset", help="Reference model: a built-in preset (default: the one the artifact records).")
+REF_CONFIG = typer.Option(None, "--config", help="Reference model: a UNet config JSON.")
+REF_MODEL = typer.Option(None, "--model", help="Reference model: your factory, package.module:function (imported: it is your code).")
+REF_MODEL_KWARGS = typer.Option(None, "--model-kwargs", help="JSON object of keyword arguments for --model.")
+REF_CHECKPOINT = typer.Option(None, "--checkpoint", help="Reference checkpoint; its sha256 must be the one recorded at export.")
+REF_CHECKPOINT_KEY = typer.Option(None, "--checkpoint-key", help="Key of the state dict inside --checkpoint.")
+REF_ALLOW_MISMATCH = typer.Option(False, "--allow-checkpoint-mismatch", help="Compare even if the checkpoint is not the one recorded at export.")
+REF_TRUST = typer.Option(False, "--trust-artifact", "--trust-model", help=(
+    "Use what the artifact records about its reference: import the factory it names (exported with --model) and "
+    "read the checkpoint path it records. Default: refuse both; name them with --model/--checkpoint instead."))
+
+
+def _reference_options(preset: Optional[str], config: Optional[Path], model: Optional[str], model_kwargs: Optional[str],
+                       checkpoint: Optional[Path], checkpoint_key: Optional[str], allow_checkpoint_mismatch: bool,
+                       trust_artifact: bool) -> Any:
+    from .spec import ReferenceOptions
+
+    return ReferenceOptions(preset=preset, config=config, model=model,
+                            model_kwargs=_json_option(model_kwargs, "--model-kwargs") or None, checkpoint=checkpoint,
+                            checkpoint_key=checkpoint_key, allow_checkpoint_mismatch=allow_checkpoint_mismatch,
+                            trust_artifact=trust_artifact)
+
 
 @app.command("onnx", help=(
     "Export a UNet to ONNX with dynamic batch, height and width.\n\n"
@@ -257,6 +280,14 @@ def bench_cmd(
     attention_impl: str = typer.Option("reference", "--attention-impl", help="Attention formulation of the 'pytorch' backend: reference, sdpa or decomposed."),
     graph_optimization: str = typer.Option("all", "--graph-optimization", help="ONNX Runtime graph optimization level: disable, basic, extended, all."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the full report as JSON (atomically)."),
+    preset: Optional[str] = REF_PRESET,
+    config: Optional[Path] = REF_CONFIG,
+    model: Optional[str] = REF_MODEL,
+    model_kwargs: Optional[str] = REF_MODEL_KWARGS,
+    checkpoint: Optional[Path] = REF_CHECKPOINT,
+    checkpoint_key: Optional[str] = REF_CHECKPOINT_KEY,
+    allow_checkpoint_mismatch: bool = REF_ALLOW_MISMATCH,
+    trust_artifact: bool = REF_TRUST,
 ) -> None:
     from .bench import parse_backends, run_bench, write_json
     from .models.attention import ATTENTION_IMPLS
@@ -275,6 +306,8 @@ def bench_cmd(
             shapes=parse_shapes(shapes) if shapes else None, warmup=warmup, iterations=iterations,
             time_budget=time_budget, threads=threads, provider=provider.lower(), attention_impl=attention_impl,
             graph_optimization=graph_optimization, progress=lambda what: prog.update(task, description=f"bench: {what}"),
+            reference_model=_reference_options(preset, config, model, model_kwargs, checkpoint, checkpoint_key,
+                                               allow_checkpoint_mismatch, trust_artifact),
         )
     _print_bench(report)
     if json_out is not None:
@@ -387,18 +420,18 @@ def verify_cmd(
     quantile: float = typer.Option(0.99, "--quantile", help="Quantile level for --stat quantile."),
     seed: int = typer.Option(0, "--seed", help="Seed of the random inputs."),
     report: Optional[Path] = typer.Option(None, "--report", help="Write every figure as JSON to this file (atomically)."),
-    preset: Optional[str] = typer.Option(None, "--preset", help="Override the reference: a built-in preset."),
-    config: Optional[Path] = typer.Option(None, "--config", help="Override the reference: a UNet config JSON."),
-    model: Optional[str] = typer.Option(None, "--model", help="Override the reference: package.module:factory."),
-    model_kwargs: Optional[str] = typer.Option(None, "--model-kwargs", help="JSON object of keyword arguments for --model."),
-    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Reference checkpoint (default: the one recorded at export, sha256-checked)."),
-    checkpoint_key: Optional[str] = typer.Option(None, "--checkpoint-key", help="Key of the state dict inside --checkpoint."),
-    allow_checkpoint_mismatch: bool = typer.Option(False, "--allow-checkpoint-mismatch", help="Compare even if the checkpoint is not the one recorded at export."),
+    preset: Optional[str] = REF_PRESET,
+    config: Optional[Path] = REF_CONFIG,
+    model: Optional[str] = REF_MODEL,
+    model_kwargs: Optional[str] = REF_MODEL_KWARGS,
+    checkpoint: Optional[Path] = REF_CHECKPOINT,
+    checkpoint_key: Optional[str] = REF_CHECKPOINT_KEY,
+    allow_checkpoint_mismatch: bool = REF_ALLOW_MISMATCH,
+    trust_artifact: bool = REF_TRUST,
     provider: Optional[str] = typer.Option(None, "--provider", help="ONNX Runtime execution provider: cpu (default), cuda or tensorrt."),
     reference: Optional[Path] = typer.Option(None, "--reference", help="Compare against this ONNX file in ONNX Runtime instead of PyTorch (needed for files this tool did not export)."),
     input_shapes: Optional[list[str]] = typer.Option(None, "--input-shapes", help=INPUT_SHAPES_HELP),
     input_range: Optional[list[str]] = typer.Option(None, "--input-range", help=INPUT_RANGE_HELP),
-    trust_model: bool = typer.Option(False, "--trust-model", help="Import and run the model factory named inside the artifact (exported with --model). Default: refuse; name it with --model instead."),
 ) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -413,12 +446,11 @@ def verify_cmd(
             task = prog.add_task("verify", total=None)
             result = verify(
                 artifact, shapes=shapes, atol=atol, rtol=rtol, stat=stat, quantile=quantile, seed=seed,
-                preset=preset, config=config, model=model, model_kwargs=_json_option(model_kwargs, "--model-kwargs") or None,
-                checkpoint=checkpoint, checkpoint_key=checkpoint_key, allow_checkpoint_mismatch=allow_checkpoint_mismatch,
+                reference_model=_reference_options(preset, config, model, model_kwargs, checkpoint, checkpoint_key,
+                                                   allow_checkpoint_mismatch, trust_artifact),
                 providers=[provider] if provider else None,
                 progress=lambda done, total, text: prog.update(task, completed=done, total=total, description=text),
                 reference=reference, input_shapes=input_shapes or None, input_ranges=parse_input_ranges(input_range),
-                trust_model=trust_model,
             )
     except AttnExportError as exc:
         _fail(str(exc), exc.exit_code)
@@ -622,7 +654,8 @@ def _fp16_progress():  # noqa: ANN202 - rich Progress
 
 def _run_fp16(model: Path, out: Path, *, keep_io_types: bool = True, threshold: float = 4096.0,
               calibration_shapes: Optional[str] = None, fp32_ops: Optional[list[str]] = None, force: bool = False,
-              check: bool = True, input_shapes: Optional[list[str]] = None, input_range: Optional[list[str]] = None) -> Any:
+              check: bool = True, input_shapes: Optional[list[str]] = None, input_range: Optional[list[str]] = None,
+              reference_model: Any = None) -> Any:
     from .exporter.foreign import parse_input_ranges
     from .exporter.fp16 import convert_fp16
     from .spec import parse_shapes
@@ -633,6 +666,7 @@ def _run_fp16(model: Path, out: Path, *, keep_io_types: bool = True, threshold: 
         return convert_fp16(model, out, keep_io_types=keep_io_types, threshold=threshold, calibration_shapes=shapes,
                             extra_fp32_ops=tuple(fp32_ops or ()), force=force, check=check,
                             input_shapes=input_shapes or None, input_ranges=parse_input_ranges(input_range),
+                            reference_model=reference_model,
                             progress=lambda text: prog.update(task, description=f"fp16: {text}"))
 
 
@@ -725,13 +759,23 @@ def fp16_cmd(
     force: bool = typer.Option(False, "--force", help="Replace an existing output file."),
     input_shapes: Optional[list[str]] = typer.Option(None, "--input-shapes", help=INPUT_SHAPES_HELP + " Used as the calibration shapes."),
     input_range: Optional[list[str]] = typer.Option(None, "--input-range", help=INPUT_RANGE_HELP),
+    preset: Optional[str] = REF_PRESET,
+    config: Optional[Path] = REF_CONFIG,
+    ref_model: Optional[str] = REF_MODEL,
+    model_kwargs: Optional[str] = REF_MODEL_KWARGS,
+    checkpoint: Optional[Path] = REF_CHECKPOINT,
+    checkpoint_key: Optional[str] = REF_CHECKPOINT_KEY,
+    allow_checkpoint_mismatch: bool = REF_ALLOW_MISMATCH,
+    trust_artifact: bool = REF_TRUST,
 ) -> None:
     try:
         if report is not None and (not report.parent.exists() or report.is_dir()):
             raise UsageError(f"cannot write the report to {report}")
         result = _run_fp16(model, output, keep_io_types=keep_io_types, threshold=threshold,
                            calibration_shapes=calibration_shapes, fp32_ops=fp32_op, force=force, check=check,
-                           input_shapes=input_shapes, input_range=input_range)
+                           input_shapes=input_shapes, input_range=input_range,
+                           reference_model=_reference_options(preset, config, ref_model, model_kwargs, checkpoint,
+                                                              checkpoint_key, allow_checkpoint_mismatch, trust_artifact))
     except AttnExportError as exc:
         from rich.markup import escape
 
@@ -774,6 +818,14 @@ def trt_cmd(
     calibration_shapes: Optional[str] = typer.Option(None, "--calibration-shapes", help="With --fp16: BxHxW shapes for the range audit."),
     input_shapes: Optional[list[str]] = typer.Option(None, "--input-shapes", help="With --fp16: " + INPUT_SHAPES_HELP),
     force: bool = typer.Option(False, "--force", help="Replace existing output files (engine, sidecar, FP16 ONNX)."),
+    preset: Optional[str] = REF_PRESET,
+    config: Optional[Path] = REF_CONFIG,
+    ref_model: Optional[str] = REF_MODEL,
+    model_kwargs: Optional[str] = REF_MODEL_KWARGS,
+    checkpoint: Optional[Path] = REF_CHECKPOINT,
+    checkpoint_key: Optional[str] = REF_CHECKPOINT_KEY,
+    allow_checkpoint_mismatch: bool = REF_ALLOW_MISMATCH,
+    trust_artifact: bool = REF_TRUST,
 ) -> None:
     from .atomic import check_output_path
     from .engines.profiles import default_profile, parse_profiles, validate_profiles
@@ -799,7 +851,9 @@ def trt_cmd(
             fp16_path = fp16_onnx or engine.with_name(engine.stem + ".fp16.onnx")
             check_output_path(fp16_path, force=force)
             result = _run_fp16(model, fp16_path, threshold=threshold, calibration_shapes=calibration_shapes, force=force,
-                               input_shapes=input_shapes)
+                               input_shapes=input_shapes,
+                               reference_model=_reference_options(preset, config, ref_model, model_kwargs, checkpoint,
+                                                                  checkpoint_key, allow_checkpoint_mismatch, trust_artifact))
             _print_fp16(result)
             build_from = result.path
         elif fp16:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
@@ -170,6 +171,34 @@ class ModelSpec:
         except (json.JSONDecodeError, RecursionError) as exc:
             raise UsageError(f"description is not valid JSON ({str(exc).splitlines()[0][:80]})") from None
         return cls.from_dict(data)
+
+
+TRUST_FLAG = "--trust-artifact"
+
+
+@dataclass(frozen=True)
+class ReferenceOptions:
+    """What the user said on the command line about an artifact's PyTorch reference model.
+
+    Everything here is trusted (it came from the user); what the artifact
+    records about its reference is data, used only as far as these allow:
+    a factory or a checkpoint path named inside a file is imported or read
+    only with ``trust_artifact``.
+    """
+
+    preset: str | None = None
+    config: str | Path | None = None
+    model: str | None = None
+    model_kwargs: dict[str, Any] | None = None
+    checkpoint: str | Path | None = None
+    checkpoint_key: str | None = None
+    allow_checkpoint_mismatch: bool = False
+    trust_artifact: bool = False
+
+    @property
+    def names_model(self) -> bool:
+        """True when the user named the reference model (preset, config, factory or checkpoint)."""
+        return any(v is not None for v in (self.preset, self.config, self.model, self.checkpoint))
 
 
 def parse_shape(text: str) -> tuple[int, int, int]:

@@ -39,7 +39,7 @@ import numpy as np
 from .compare import OutputComparison, Tolerances, compare_outputs, json_number, resolve_tolerances
 from .errors import CheckpointError, ShapeError, UsageError
 from .engines.sidecar import is_engine_path
-from .spec import ModelSpec, format_shape, parse_shapes
+from .spec import ModelSpec, ReferenceOptions, format_shape, parse_shapes
 
 Shape = tuple[int, int, int]
 ProgressFn = Callable[[int, int, str], None]
@@ -261,19 +261,16 @@ def _checkpoint_info(spec: ModelSpec, source: Any) -> dict[str, Any] | None:
     return info
 
 
-def _reference_source(spec: ModelSpec, overrides: dict[str, Any], allow_checkpoint_mismatch: bool,
-                      trust_model: bool = False) -> Any:
+def _reference_source(spec: ModelSpec, options: ReferenceOptions) -> Any:
     from .models.loader import source_from_spec
 
-    checkpoint = overrides.get("checkpoint")
-    if checkpoint is not None and not spec.checkpoint and not allow_checkpoint_mismatch:
+    if options.checkpoint is not None and not spec.checkpoint and not options.allow_checkpoint_mismatch:
         # The artifact was made from seeded random weights: any checkpoint is a different model.
         raise CheckpointError(
-            f"the artifact was exported without a checkpoint (seeded initialization), so {checkpoint} is not "
+            f"the artifact was exported without a checkpoint (seeded initialization), so {options.checkpoint} is not "
             "the model it came from; pass --allow-checkpoint-mismatch to compare anyway"
         )
-    return source_from_spec(spec, allow_checkpoint_mismatch=allow_checkpoint_mismatch, trust_model=trust_model,
-                            **overrides)
+    return source_from_spec(spec, options)
 
 
 def _check_reference_fits(spec: ModelSpec, ref_spec: ModelSpec) -> None:
@@ -295,19 +292,12 @@ def verify(
     stat: str | None = None,
     quantile: float = 0.99,
     seed: int = 0,
-    preset: str | None = None,
-    config: str | Path | None = None,
-    model: str | None = None,
-    model_kwargs: dict[str, Any] | None = None,
-    checkpoint: str | Path | None = None,
-    checkpoint_key: str | None = None,
-    allow_checkpoint_mismatch: bool = False,
+    reference_model: ReferenceOptions | None = None,
     providers: Sequence[str] | None = None,
     progress: ProgressFn | None = None,
     reference: str | Path | None = None,
     input_shapes: str | Sequence[str] | None = None,
     input_ranges: dict[str, tuple[float, float]] | None = None,
-    trust_model: bool = False,
 ) -> VerifyReport:
     """Compare ``artifact`` (ONNX file or TensorRT engine) with its PyTorch reference over a sweep of shapes.
 
@@ -322,8 +312,9 @@ def verify(
     PyTorch (the only reference for a file this tool did not export).
     ``input_shapes``: Polygraphy-style shape sets (``x:1x3x64x64,sigma:1``),
     one per sweep entry; ``input_ranges``: data ranges per input name.
-    ``trust_model``: build a reference recorded as an import (``--model``) from
-    the factory the file names (otherwise the user must name it).
+    ``reference_model``: the user's choice of PyTorch reference (preset,
+    config, factory, checkpoint) and whether to trust what the artifact
+    records about it (:class:`attn_export.models.loader.ReferenceOptions`).
     """
     path = Path(artifact)
     if not path.is_file():
@@ -373,11 +364,10 @@ def verify(
         if not sweep:
             raise UsageError("no shape of the default sweep fits this artifact; pass --shapes")
 
-    overrides = {k: v for k, v in dict(preset=preset, config=config, model=model, model_kwargs=model_kwargs,
-                                       checkpoint=checkpoint, checkpoint_key=checkpoint_key).items() if v is not None}
-    if reference is not None and overrides:
+    options = reference_model or ReferenceOptions()
+    if reference is not None and options.names_model:
         raise UsageError("--reference replaces the PyTorch model; drop --preset/--config/--model/--checkpoint")
-    source = _reference_source(spec, overrides, allow_checkpoint_mismatch, trust_model) if reference is None else None
+    source = _reference_source(spec, options) if reference is None else None
     setup: dict[str, float] = {}
     total = len(sweep) + 2
     step = lambda i, text: progress(i, total, text) if progress else None  # noqa: E731

@@ -33,5 +33,5 @@ def test_recorded_factory_is_not_imported(tiny_onnx: Path, tmp_path: Path, monke
     text = result.output + str(result.exception or "")
     if command[0] != "bench":  # bench reports the backend it could not build and goes on
         assert result.exit_code == 2, text
-    assert "os:system" in text and "--trust-model" in text
+    assert "os:system" in text and "--trust-artifact" in text
     assert not (tmp_path / "e16.onnx").exists()

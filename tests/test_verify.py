@@ -18,6 +18,7 @@ from attn_export.errors import CheckpointError, ShapeError, UsageError
 from attn_export.exporter.metadata import read_spec
 from attn_export.exporter.onnx_export import export_onnx
 from attn_export.models.loader import ModelSource, load_model
+from attn_export.spec import ReferenceOptions
 from attn_export.verify import default_shapes, engine_shapes, verify
 
 TABLE_KEYS = ("max_abs", "mean_abs", "max_rel", "p99_abs", "cosine", "nan_ref", "inf_ref", "nan_cand", "inf_cand",
@@ -271,9 +272,15 @@ def ckpt_export(checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathF
 
 
 def test_checkpoint_export_verifies(ckpt_export: Path, checkpoints: dict[str, Path]) -> None:
-    assert run("verify", ckpt_export, "--shapes", "1x8x8").exit_code == 0
-    # Naming the recorded checkpoint explicitly is fine too.
     assert run("verify", ckpt_export, "--shapes", "1x8x8", "--checkpoint", checkpoints["a"]).exit_code == 0
+    # The recorded path is data: read only with the opt-in.
+    assert run("verify", ckpt_export, "--shapes", "1x8x8", "--trust-artifact").exit_code == 0
+
+
+def test_recorded_checkpoint_path_not_read_without_opt_in(ckpt_export: Path, checkpoints: dict[str, Path]) -> None:
+    result = run("verify", ckpt_export, "--shapes", "1x8x8")
+    one_line_error(result, "a path inside a file is data")
+    assert str(checkpoints["a"].resolve()) in result.output and "--checkpoint" in result.output
 
 
 def test_different_checkpoint_refused_unless_forced(ckpt_export: Path, checkpoints: dict[str, Path], tmp_path: Path) -> None:
@@ -289,7 +296,7 @@ def test_different_checkpoint_refused_unless_forced(ckpt_export: Path, checkpoin
 
 def test_checkpoint_without_recorded_one_refused(tiny_onnx: Path, checkpoints: dict[str, Path]) -> None:
     with pytest.raises(CheckpointError, match="without a checkpoint"):
-        verify(tiny_onnx, shapes="1x8x8", checkpoint=checkpoints["a"])
+        verify(tiny_onnx, shapes="1x8x8", reference_model=ReferenceOptions(checkpoint=checkpoints["a"]))
 
 
 def test_swapped_checkpoint_file(checkpoints: dict[str, Path], tmp_path: Path) -> None:
@@ -297,10 +304,10 @@ def test_swapped_checkpoint_file(checkpoints: dict[str, Path], tmp_path: Path) -
     shutil.copy(checkpoints["a"], ckpt)
     path = tmp_path / "m.onnx"
     export_onnx(ModelSource(preset="tiny", checkpoint=ckpt), path, check=False)
-    assert run("verify", path, "--shapes", "1x8x8").exit_code == 0
+    assert run("verify", path, "--shapes", "1x8x8", "--trust-artifact").exit_code == 0
     shutil.copy(checkpoints["b"], ckpt)  # same keys and shapes, other weights
-    one_line_error(run("verify", path, "--shapes", "1x8x8"), "changed since export")
-    result = run("verify", path, "--shapes", "1x8x8,1x12x8", "--allow-checkpoint-mismatch")
+    one_line_error(run("verify", path, "--shapes", "1x8x8", "--trust-artifact"), "changed since export")
+    result = run("verify", path, "--shapes", "1x8x8,1x12x8", "--allow-checkpoint-mismatch", "--trust-artifact")
     assert result.exit_code == 1, result.output
     assert "FAILED" in result.stdout
 

@@ -65,11 +65,3 @@ class TorchRunner(Runner):
         out = self.loaded.module(*args)
         return {self.spec.outputs[0].name: out.detach().cpu().numpy()}
 
-
-def torch_runner_for_artifact(spec: ModelSpec, **overrides: Any) -> TorchRunner:
-    """The reference runner for an artifact's spec; ``overrides`` go to source_from_spec."""
-    from ..models.loader import source_from_spec
-
-    attention_impl = overrides.pop("attention_impl", "reference")
-    source = source_from_spec(spec, **overrides)
-    return TorchRunner(source, attention_impl=attention_impl, spec=None)

@@ -48,7 +48,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from ..atomic import atomic_path, check_output_path
 from ..errors import AttnExportError, UsageError
-from ..spec import ModelSpec, format_shape
+from ..spec import ModelSpec, ReferenceOptions, format_shape
 from .audit import (DEFAULT_THRESHOLD, FP16_MAX, AuditReport, EmulationReport, Fp32Island, audit_fp16,
                     emulate_fp16, value_types)
 from .foreign import is_foreign, resolve_shapes, spec_of
@@ -358,6 +358,7 @@ def convert_fp16(
     progress: ProgressFn | None = None,
     input_shapes: str | Sequence[str] | None = None,
     input_ranges: dict[str, tuple[float, float]] | None = None,
+    reference_model: ReferenceOptions | None = None,
 ) -> Fp16Result:
     """Convert an attn-export FP32 ONNX file to FP16 with audited FP32 islands; write ``onnx_out`` atomically.
 
@@ -373,7 +374,8 @@ def convert_fp16(
     the graph (:mod:`.foreign`), ``input_shapes`` (Polygraphy style,
     ``x:1x3x64x64,sigma:1``) give the calibration and check shapes when H/W
     are dynamic, and the check compares with the FP32 input file in ONNX
-    Runtime instead of PyTorch.
+    Runtime instead of PyTorch. ``reference_model``: the user's choice of
+    PyTorch reference for the check (see :func:`attn_export.verify.verify`).
     """
     t_start = time.perf_counter()
     steps: dict[str, float] = {}
@@ -404,6 +406,10 @@ def convert_fp16(
         raise UsageError(f"{src} is already {spec.precision}; convert the FP32 export")
     if any(i.data_location == TensorProto.EXTERNAL for i in model.graph.initializer) or model.ByteSize() >= 2**31 - 2**26:
         raise UsageError(f"{src} is too large for an in-memory FP16 conversion (over 2 GB)")
+    if check and not foreign:
+        from ..models.loader import source_from_spec
+
+        source_from_spec(spec, reference_model)  # an unusable reference is refused before the audit, not after it
     done("load")
 
     step("audit")
@@ -446,7 +452,8 @@ def convert_fp16(
         if check:
             step("check against PyTorch")
             check_result = _check_against_reference(tmp, check_shapes or default_check_shapes(spec),
-                                                    reference=src if foreign else None, input_ranges=input_ranges)
+                                                    reference=src if foreign else None, input_ranges=input_ranges,
+                                                    reference_model=reference_model)
             done("check against PyTorch")
             step("FP16 emulation")
             largest = max(report.calibration_shapes, key=lambda s: s[0] * s[1] * s[2])
@@ -472,11 +479,13 @@ def convert_fp16(
 
 
 def _check_against_reference(path: Path, shapes: Sequence[Shape], *, reference: Path | None = None,
-                             input_ranges: dict[str, tuple[float, float]] | None = None) -> dict[str, Any]:
+                             input_ranges: dict[str, tuple[float, float]] | None = None,
+                             reference_model: ReferenceOptions | None = None) -> dict[str, Any]:
     """Compare the FP16 file with PyTorch (or the FP32 ``reference`` file) via :func:`attn_export.verify.verify`."""
     from ..verify import verify
 
-    r = verify(path, shapes=[tuple(s) for s in shapes], reference=reference, input_ranges=input_ranges)
+    r = verify(path, shapes=[tuple(s) for s in shapes], reference=reference, input_ranges=input_ranges,
+               reference_model=None if reference is not None else reference_model)
     per = [{"shape": list(s.shape), "max_abs_err": max(o.max_abs for o in s.outputs),
             "mean_abs_err": max(o.mean_abs for o in s.outputs), "passed": s.passed} for s in r.shapes]
     return {"passed": r.passed, "shapes": per, "max_abs_err": max(p["max_abs_err"] for p in per),

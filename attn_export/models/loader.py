@@ -23,7 +23,7 @@ from torch import nn
 
 from .. import __version__
 from ..errors import CheckpointError, UsageError
-from ..spec import ModelSpec, TensorSpec
+from ..spec import TRUST_FLAG, ModelSpec, ReferenceOptions, TensorSpec
 from .attention import AttentionImpl, set_attention_impl
 from .checkpoint import file_sha256, load_state_dict_strict, read_checkpoint
 from .diffusers_map import DiffusersCheckpoint, checked_against, config_from_diffusers, find_diffusers, map_state_dict
@@ -268,51 +268,42 @@ def load_model(source: ModelSource, attention_impl: AttentionImpl = "reference")
     return LoadedModel(module=module, spec=spec, config=config)
 
 
-def source_from_spec(
-    spec: ModelSpec,
-    *,
-    preset: str | None = None,
-    config: str | Path | None = None,
-    model: str | None = None,
-    model_kwargs: dict[str, Any] | None = None,
-    checkpoint: str | Path | None = None,
-    checkpoint_key: str | None = None,
-    allow_checkpoint_mismatch: bool = False,
-    trust_model: bool = False,
-) -> ModelSource:
-    """The ModelSource that rebuilds an artifact's reference model, with user overrides.
+def source_from_spec(spec: ModelSpec, options: ReferenceOptions | None = None) -> ModelSource:
+    """The ModelSource that rebuilds an artifact's reference model, with the user's choices applied.
 
     A checkpoint whose SHA-256 differs from the one recorded at export is refused
-    unless ``allow_checkpoint_mismatch`` is set. A model recorded as an import
-    (``--model pkg.mod:factory`` at export) is code named by a file: it is built
-    only when the user names the factory again (``model``) or passes
-    ``trust_model``; presets and configs are data and need neither.
+    unless ``allow_checkpoint_mismatch`` is set. What the artifact names is data:
+    a factory recorded as an import (``--model pkg.mod:factory`` at export), its
+    keyword arguments and a recorded checkpoint path are used only when the
+    user names them again (``model``, ``checkpoint``) or passes
+    ``trust_artifact``; presets and configs are data and need neither.
     """
+    o = options or ReferenceOptions()
     src = spec.source or {}
     recorded = spec.checkpoint
-    overridden = preset is not None or config is not None or model is not None
-    if overridden:
-        source = ModelSource(preset=preset, config=config, model=model, model_kwargs=model_kwargs or {},
-                             seed=int(src.get("seed", DEFAULT_SEED)))
+    seed = int(src.get("seed", DEFAULT_SEED))
+    if o.preset is not None or o.config is not None or o.model is not None:
+        source = ModelSource(preset=o.preset, config=o.config, model=o.model, model_kwargs=o.model_kwargs or {},
+                             seed=seed)
     elif src.get("kind") == "import":
-        if not trust_model:
+        if not o.trust_artifact:
             raise UsageError(
                 f"the artifact's reference model is the factory {str(src.get('model'))[:80]!r} named inside the file; "
                 "an artifact is data, so it is not imported: name it yourself with --model (and --model-kwargs), or "
-                "pass --trust-model to run what the file names")
-        source = ModelSource(model=src["model"], model_kwargs=dict(src.get("model_kwargs") or {}),
-                             seed=int(src.get("seed", DEFAULT_SEED)), num_classes=src.get("num_classes"),
-                             hw_multiple=src.get("hw_multiple"))
+                f"pass {TRUST_FLAG} to run what the file names")
+        source = ModelSource(model=src["model"], model_kwargs=dict(src.get("model_kwargs") or {}), seed=seed,
+                             num_classes=src.get("num_classes"), hw_multiple=src.get("hw_multiple"))
     elif src.get("kind") in ("preset", "config") and "config" in src:
         # The full config is recorded, so a preset changed in a later version still rebuilds the same model.
-        source = ModelSource(config=dict(src["config"]), seed=int(src.get("seed", DEFAULT_SEED)))
+        source = ModelSource(config=dict(src["config"]), seed=seed)
     else:
         raise UsageError("the artifact does not say how to rebuild its PyTorch model; pass --preset, --config or --model")
 
-    if checkpoint is not None:
+    if o.checkpoint is not None:
+        checkpoint = o.checkpoint
         source.checkpoint = checkpoint
-        source.checkpoint_key = checkpoint_key
-        if recorded and not allow_checkpoint_mismatch:
+        source.checkpoint_key = o.checkpoint_key
+        if recorded and not o.allow_checkpoint_mismatch:
             actual = file_sha256(checkpoint) if Path(checkpoint).is_file() else None
             if actual is not None and actual != recorded.get("sha256"):
                 raise CheckpointError(
@@ -320,7 +311,13 @@ def source_from_spec(
                     f"(sha256 {str(recorded.get('sha256'))[:12]}); pass --allow-checkpoint-mismatch to compare anyway"
                 )
     elif recorded:
-        path = Path(recorded["path"])
+        if not o.trust_artifact:
+            raise UsageError(
+                f"the artifact was exported from checkpoint {str(recorded.get('path'))[:160]} (sha256 "
+                f"{str(recorded.get('sha256'))[:12]}); a path inside a file is data, so it is not read: pass "
+                f"--checkpoint PATH (checked against that sha256), or {TRUST_FLAG} to read the recorded path")
+        allow_checkpoint_mismatch = o.allow_checkpoint_mismatch
+        path = Path(str(recorded.get("path")))
         if not path.is_file():
             raise CheckpointError(f"the artifact was exported from checkpoint {path}, which is not there; pass --checkpoint")
         actual = file_sha256(path)
