@@ -7,16 +7,18 @@ unless ATTN_EXPORT_DEBUG=1.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import signal
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import typer
 from rich.console import Console
 
-from .errors import AttnExportError, UsageError
+from .errors import AttnExportError, Terminated, UsageError
 
 app = typer.Typer(
     name="attn-export",
@@ -61,6 +63,31 @@ def _print_error(message: str, label: str = "error:") -> None:
 def _fail(message: str, code: int) -> None:
     _print_error(message)
     raise typer.Exit(code)
+
+
+def command(name: str, **settings: Any) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """Register a command; the one place where library errors become one line and an exit code.
+
+    2 for input the user must change (UsageError and its kin), 1 for a check
+    that ran and failed (CheckFailed, an engine that failed to build or run),
+    130 on Ctrl-C and 143 on SIGTERM: outputs are written through temporary
+    files, so an interrupted command leaves none behind.
+    """
+    def register(fn: Callable[..., None]) -> Callable[..., None]:
+        @functools.wraps(fn)
+        def run(*args: Any, **kwargs: Any) -> None:
+            try:
+                fn(*args, **kwargs)
+            except AttnExportError as exc:
+                _fail(str(exc), exc.exit_code)
+            except KeyboardInterrupt as exc:
+                err_console.print("interrupted; no partial output was left behind")
+                raise typer.Exit(143 if isinstance(exc, Terminated) else 130) from None
+
+        app.command(name, **settings)(run)
+        return run
+
+    return register
 
 
 def _json_option(text: Optional[str], option: str) -> dict[str, Any]:
@@ -130,7 +157,7 @@ def _reference_options(preset: Optional[str], config: Optional[Path], model: Opt
                             trust_artifact=trust_artifact)
 
 
-@app.command("onnx", help=(
+@command("onnx", help=(
     "Export a UNet to ONNX with dynamic batch, height and width.\n\n"
     "Examples:\n\n"
     "  attn-export onnx --preset ddpm-cifar10 -o unet.onnx\n\n"
@@ -206,7 +233,7 @@ def _print_export_summary(r: Any) -> None:
 # ---------------------------------------------------------------------------------------------------------------------
 # attn-export optimize
 # ---------------------------------------------------------------------------------------------------------------------
-@app.command("optimize", help=(
+@command("optimize", help=(
     "Rewrite the attention of an ONNX file (ours or exported elsewhere) into the form TensorRT fuses.\n\n"
     "Every attention site the analysis finds (Einsum or MatMul forms, scale anywhere, FP16 with Casts, ...) "
     "becomes one ONNX Attention node (--attention op, opset raised to 23) or the canonical "
@@ -233,14 +260,11 @@ def optimize_cmd(
     from .exporter.foreign import parse_input_ranges
     from .exporter.optimize import optimize_onnx
 
-    try:
-        with _spinner("optimize") as prog:
-            task = prog.add_task("optimize", total=None)
-            r = optimize_onnx(model, output, attention=attention, force=force, allow_unfused=allow_unfused,
-                              input_shapes=input_shapes or None, input_ranges=parse_input_ranges(input_range), check=check,
-                              progress=lambda step: prog.update(task, description=f"optimize: {step}"))
-    except AttnExportError as exc:
-        _fail(str(exc), exc.exit_code)
+    with _spinner("optimize") as prog:
+        task = prog.add_task("optimize", total=None)
+        r = optimize_onnx(model, output, attention=attention, force=force, allow_unfused=allow_unfused,
+                          input_shapes=input_shapes or None, input_ranges=parse_input_ranges(input_range), check=check,
+                          progress=lambda step: prog.update(task, description=f"optimize: {step}"))
     table = Table(title="attn-export optimize", show_header=False, title_justify="left")
     table.add_row("file", escape(str(r.path)) + (f" (+ {escape(r.external_data.name)})" if r.external_data else ""))
     table.add_row("opset", f"{r.opset_before} -> {r.opset}" if r.opset != r.opset_before else str(r.opset))
@@ -259,7 +283,7 @@ def optimize_cmd(
 # ---------------------------------------------------------------------------------------------------------------------
 # attn-export bench
 # ---------------------------------------------------------------------------------------------------------------------
-@app.command("bench", help=(
+@command("bench", help=(
     "Measure latency, throughput and peak memory of an artifact on several backends.\n\n"
     "Examples:\n\n"
     "  attn-export bench unet.onnx --shapes 1x32x32,8x32x32 --iterations 20\n\n"
@@ -352,7 +376,7 @@ def _print_bench(report: dict[str, Any]) -> None:
 # ---------------------------------------------------------------------------------------------------------------------
 # attn-export triton
 # ---------------------------------------------------------------------------------------------------------------------
-@app.command("triton", help=(
+@command("triton", help=(
     "Write a Triton Inference Server model repository entry for an ONNX file or a TensorRT engine.\n\n"
     "Examples:\n\n"
     "  attn-export triton unet.plan --repo models --name ddpm --instances 2\n\n"
@@ -397,7 +421,7 @@ def _fmt_err(value: float) -> str:
     return f"{value:.2e}"
 
 
-@app.command("verify", help=(
+@command("verify", help=(
     "Compare an artifact with the PyTorch model it was exported from, over a sweep of shapes.\n\n"
     "ARTIFACT is an ONNX file (run in ONNX Runtime) or a TensorRT engine (.plan/.engine with its .json sidecar). "
     "The reference model, seed and checkpoint come from the artifact; a checkpoint whose sha256 changed is refused.\n\n"
@@ -438,22 +462,19 @@ def verify_cmd(
     from .exporter.foreign import parse_input_ranges
     from .verify import verify
 
-    try:
-        if report is not None and (not report.parent.exists() or report.is_dir()):
-            raise UsageError(f"cannot write the report to {report}: " + ("it is a folder" if report.is_dir() else f"folder {report.parent} does not exist"))
-        with Progress(TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                      TimeElapsedColumn(), console=err_console, transient=True, disable=not err_console.is_terminal) as prog:
-            task = prog.add_task("verify", total=None)
-            result = verify(
-                artifact, shapes=shapes, atol=atol, rtol=rtol, stat=stat, quantile=quantile, seed=seed,
-                reference_model=_reference_options(preset, config, model, model_kwargs, checkpoint, checkpoint_key,
-                                                   allow_checkpoint_mismatch, trust_artifact),
-                providers=[provider] if provider else None,
-                progress=lambda done, total, text: prog.update(task, completed=done, total=total, description=text),
-                reference=reference, input_shapes=input_shapes or None, input_ranges=parse_input_ranges(input_range),
-            )
-    except AttnExportError as exc:
-        _fail(str(exc), exc.exit_code)
+    if report is not None and (not report.parent.exists() or report.is_dir()):
+        raise UsageError(f"cannot write the report to {report}: " + ("it is a folder" if report.is_dir() else f"folder {report.parent} does not exist"))
+    with Progress(TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=err_console, transient=True, disable=not err_console.is_terminal) as prog:
+        task = prog.add_task("verify", total=None)
+        result = verify(
+            artifact, shapes=shapes, atol=atol, rtol=rtol, stat=stat, quantile=quantile, seed=seed,
+            reference_model=_reference_options(preset, config, model, model_kwargs, checkpoint, checkpoint_key,
+                                               allow_checkpoint_mismatch, trust_artifact),
+            providers=[provider] if provider else None,
+            progress=lambda done, total, text: prog.update(task, completed=done, total=total, description=text),
+            reference=reference, input_shapes=input_shapes or None, input_ranges=parse_input_ranges(input_range),
+        )
     _print_verify(result)
     if report is not None:
         from .atomic import write_text_atomic
@@ -501,7 +522,7 @@ def _print_verify(r: Any) -> None:
 # ---------------------------------------------------------------------------------------------------------------------
 # attn-export inspect
 # ---------------------------------------------------------------------------------------------------------------------
-@app.command("inspect", help=(
+@command("inspect", help=(
     "Show what is inside an ONNX file or a TensorRT engine.\n\n"
     "ONNX: inputs/outputs and their dims, opset, size, the embedded model description, op types, the attention "
     "blocks (form, scale placement, sequence length, head size, whether TensorRT can fuse them) and the FP16/FP32 share. "
@@ -519,17 +540,14 @@ def inspect_cmd(
 ) -> None:
     from .inspection import inspect_artifact
 
-    try:
-        result = inspect_artifact(artifact)
-        readiness = None
-        if trt:
-            if result.kind != "onnx":
-                raise UsageError("--trt checks an ONNX file; an engine is already built")
-            from .engines.readiness import check_trt_readiness
+    result = inspect_artifact(artifact)
+    readiness = None
+    if trt:
+        if result.kind != "onnx":
+            raise UsageError("--trt checks an ONNX file; an engine is already built")
+        from .engines.readiness import check_trt_readiness
 
-            readiness = check_trt_readiness(artifact, target)
-    except AttnExportError as exc:
-        _fail(str(exc), exc.exit_code)
+        readiness = check_trt_readiness(artifact, target)
     if as_json:
         data = result.to_dict()
         if readiness is not None:
@@ -736,7 +754,7 @@ def _print_fp16(r: Any) -> None:
     console.print(summary)
 
 
-@app.command("fp16", help=(
+@command("fp16", help=(
     "Convert an exported FP32 ONNX file to FP16, keeping FP32 islands where FP16 is unsafe.\n\n"
     "An FP16 range audit runs the model in ONNX Runtime on realistic inputs at several shapes and measures every "
     "activation and attention logit. Normalization layers, the sinusoidal time embedding and every node whose "
@@ -768,18 +786,13 @@ def fp16_cmd(
     allow_checkpoint_mismatch: bool = REF_ALLOW_MISMATCH,
     trust_artifact: bool = REF_TRUST,
 ) -> None:
-    try:
-        if report is not None and (not report.parent.exists() or report.is_dir()):
-            raise UsageError(f"cannot write the report to {report}")
-        result = _run_fp16(model, output, keep_io_types=keep_io_types, threshold=threshold,
-                           calibration_shapes=calibration_shapes, fp32_ops=fp32_op, force=force, check=check,
-                           input_shapes=input_shapes, input_range=input_range,
-                           reference_model=_reference_options(preset, config, ref_model, model_kwargs, checkpoint,
-                                                              checkpoint_key, allow_checkpoint_mismatch, trust_artifact))
-    except AttnExportError as exc:
-        from rich.markup import escape
-
-        _fail(str(exc), exc.exit_code)
+    if report is not None and (not report.parent.exists() or report.is_dir()):
+        raise UsageError(f"cannot write the report to {report}")
+    result = _run_fp16(model, output, keep_io_types=keep_io_types, threshold=threshold,
+                       calibration_shapes=calibration_shapes, fp32_ops=fp32_op, force=force, check=check,
+                       input_shapes=input_shapes, input_range=input_range,
+                       reference_model=_reference_options(preset, config, ref_model, model_kwargs, checkpoint,
+                                                          checkpoint_key, allow_checkpoint_mismatch, trust_artifact))
     _print_fp16(result)
     if report is not None:
         from .atomic import write_text_atomic
@@ -791,7 +804,7 @@ def fp16_cmd(
 HARDWARE_COMPAT = {"none": "none", "ampere+": "ampere_plus", "same-cc": "same_compute_capability"}
 
 
-@app.command("trt", help=(
+@command("trt", help=(
     "Build a TensorRT engine (plus its .json sidecar) from an exported ONNX file.\n\n"
     "With --fp16 the FP32 ONNX is first converted to FP16 (see `attn-export fp16`; saved as <engine stem>.fp16.onnx "
     "or --fp16-onnx) and the engine is built strongly typed from it: TensorRT 11 has no FP16 builder flag.\n\n"
@@ -832,47 +845,42 @@ def trt_cmd(
     from .engines.readiness import check_trt_readiness, parse_target
     from .exporter.foreign import spec_of_file
 
-    try:
-        # Cheap checks first: nothing is converted or built for a bad option.
-        spec = spec_of_file(model)
-        engine = check_output_path(output, force=force)
-        if hardware_compat not in HARDWARE_COMPAT:
-            raise UsageError(f"--hardware-compat must be one of {', '.join(HARDWARE_COMPAT)} (got {hardware_compat!r})")
-        if not 0 <= opt_level <= 5:
-            raise UsageError(f"--opt-level must be 0..5 (got {opt_level})")
-        if workspace is not None and workspace <= 0:
-            raise UsageError(f"--workspace must be a positive number of MiB (got {workspace})")
-        parse_target(target)
-        profiles = parse_profiles(mins or [], opts or [], maxs or []) or [default_profile(spec)]
-        for w in validate_profiles(profiles, spec):
-            err_console.print(f"[yellow]warning:[/] {w}", highlight=False, soft_wrap=True)
-        build_from = model
-        if fp16 and spec.precision == "fp32":
-            fp16_path = fp16_onnx or engine.with_name(engine.stem + ".fp16.onnx")
-            check_output_path(fp16_path, force=force)
-            result = _run_fp16(model, fp16_path, threshold=threshold, calibration_shapes=calibration_shapes, force=force,
-                               input_shapes=input_shapes,
-                               reference_model=_reference_options(preset, config, ref_model, model_kwargs, checkpoint,
-                                                                  checkpoint_key, allow_checkpoint_mismatch, trust_artifact))
-            _print_fp16(result)
-            build_from = result.path
-        elif fp16:
-            console.print(f"{model} is already {spec.precision}; building from it as is", highlight=False)
-        else:
-            console.print("[yellow]note:[/] no --fp16: the engine keeps the ONNX's FP32 types (strongly typed build)", highlight=False)
-        readiness = check_trt_readiness(build_from, target, profiles, fp16=fp16)
-        _print_readiness(readiness)
-        readiness.raise_for_errors()
-        from .engines.trt_build import build_engine
+    # Cheap checks first: nothing is converted or built for a bad option.
+    spec = spec_of_file(model)
+    engine = check_output_path(output, force=force)
+    if hardware_compat not in HARDWARE_COMPAT:
+        raise UsageError(f"--hardware-compat must be one of {', '.join(HARDWARE_COMPAT)} (got {hardware_compat!r})")
+    if not 0 <= opt_level <= 5:
+        raise UsageError(f"--opt-level must be 0..5 (got {opt_level})")
+    if workspace is not None and workspace <= 0:
+        raise UsageError(f"--workspace must be a positive number of MiB (got {workspace})")
+    parse_target(target)
+    profiles = parse_profiles(mins or [], opts or [], maxs or []) or [default_profile(spec)]
+    for w in validate_profiles(profiles, spec):
+        err_console.print(f"[yellow]warning:[/] {w}", highlight=False, soft_wrap=True)
+    build_from = model
+    if fp16 and spec.precision == "fp32":
+        fp16_path = fp16_onnx or engine.with_name(engine.stem + ".fp16.onnx")
+        check_output_path(fp16_path, force=force)
+        result = _run_fp16(model, fp16_path, threshold=threshold, calibration_shapes=calibration_shapes, force=force,
+                           input_shapes=input_shapes,
+                           reference_model=_reference_options(preset, config, ref_model, model_kwargs, checkpoint,
+                                                              checkpoint_key, allow_checkpoint_mismatch, trust_artifact))
+        _print_fp16(result)
+        build_from = result.path
+    elif fp16:
+        console.print(f"{model} is already {spec.precision}; building from it as is", highlight=False)
+    else:
+        console.print("[yellow]note:[/] no --fp16: the engine keeps the ONNX's FP32 types (strongly typed build)", highlight=False)
+    readiness = check_trt_readiness(build_from, target, profiles, fp16=fp16)
+    _print_readiness(readiness)
+    readiness.raise_for_errors()
+    from .engines.trt_build import build_engine
 
-        built = build_engine(build_from, engine, profiles, workspace=workspace * (1 << 20) if workspace else None,
-                             opt_level=opt_level, timing_cache=timing_cache,
-                             hardware_compatibility=HARDWARE_COMPAT[hardware_compat], force=force,
-                             progress=err_console.is_terminal)
-    except AttnExportError as exc:
-        from rich.markup import escape
-
-        _fail(str(exc), exc.exit_code)
+    built = build_engine(build_from, engine, profiles, workspace=workspace * (1 << 20) if workspace else None,
+                         opt_level=opt_level, timing_cache=timing_cache,
+                         hardware_compatibility=HARDWARE_COMPAT[hardware_compat], force=force,
+                         progress=err_console.is_terminal)
     console.print(f"engine written to {built.engine_path} ({_human_size(built.size_bytes)}, TensorRT {built.tensorrt_version}, "
                   f"{built.gpu.name}) with sidecar {built.sidecar_path} in {built.seconds:.1f} s", highlight=False)
     fusion = getattr(built.fusion, "summary", None)
@@ -883,16 +891,22 @@ def trt_cmd(
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
 def main() -> None:
     """Console entry point: run the app, turning library errors into one line and an exit code."""
+    # SIGTERM unwinds like Ctrl-C, so every temporary output is removed on the way out.
+    signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         app()
     except AttnExportError as exc:
         _print_error(str(exc))
         sys.exit(exc.exit_code)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         err_console.print("interrupted; no partial output was left behind")
-        sys.exit(130)
+        sys.exit(143 if isinstance(exc, Terminated) else 130)
     except Exception as exc:  # noqa: BLE001 - last resort: keep the one-line promise
         if os.environ.get("ATTN_EXPORT_DEBUG"):
             raise

@@ -38,3 +38,11 @@ class CheckFailed(AttnExportError):
     """A check that ran and failed (an export that disagrees with PyTorch, attention left unfused): exit 1."""
 
     exit_code = 1
+
+
+class EngineFailed(CheckFailed):
+    """TensorRT could not build or run an engine from valid input: exit 1."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that temporary outputs are cleaned up on the way out (exit 143)."""

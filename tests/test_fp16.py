@@ -20,6 +20,7 @@ from attn_export.exporter.fp16 import convert_fp16
 from attn_export.exporter.metadata import read_spec
 from attn_export.exporter.onnx_export import export_onnx
 from attn_export.models.loader import ModelSource, load_model
+from attn_export.spec import ReferenceOptions
 from attn_export.verify import verify
 
 CLI = [sys.executable, "-m", "attn_export.cli"]
@@ -226,14 +227,15 @@ def test_planted_overflow_audit(planted_onnx: Path) -> None:
 
 def test_planted_overflow_convert_and_force(planted_onnx: Path, tmp_path: Path) -> None:
     safe = tmp_path / "safe.onnx"
-    r = convert_fp16(planted_onnx, safe)  # checks: verify vs PyTorch + emulation at the largest calibration shape
+    ref = ReferenceOptions(checkpoint=planted_onnx.with_name("planted.safetensors"))
+    r = convert_fp16(planted_onnx, safe, reference_model=ref)  # checks: verify vs PyTorch + emulation at the largest calibration shape
     assert PLANTED in {i.node for i in r.fp32_nodes}
     assert r.emulation is not None and r.emulation.ok
     _, types = _types(safe)
     assert types[PLANTED + "_output_0"] == TensorProto.FLOAT
     emu = emulate_fp16(safe, [(1, 64, 64), (2, 32, 32)])
     assert emu.ok, emu.to_dict()
-    rep = verify(safe, shapes=[(1, 64, 64), (2, 32, 48)])
+    rep = verify(safe, shapes=[(1, 64, 64), (2, 32, 48)], reference_model=ref)
     assert rep.passed, rep.failures()
     assert all(o.nan_cand == 0 and o.inf_cand == 0 for s in rep.shapes for o in s.outputs)
 
@@ -251,7 +253,7 @@ def test_planted_overflow_convert_and_force(planted_onnx: Path, tmp_path: Path) 
 
     with pytest.raises(AttnExportError, match="overflows"):
         convert_fp16(planted_onnx, tmp_path / "refused.onnx", force_fp16_nodes=[PLANTED],
-                     calibration_shapes=[(1, 8, 8), (1, 64, 64)])
+                     calibration_shapes=[(1, 8, 8), (1, 64, 64)], reference_model=ref)
     assert not (tmp_path / "refused.onnx").exists()
 
 

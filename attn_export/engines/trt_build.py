@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from ..atomic import check_output_path, write_bytes_atomic
-from ..errors import MissingDependencyError, UsageError
+from ..errors import EngineFailed, MissingDependencyError, UsageError
 from ..spec import ModelSpec
 from .fusion import FusionReport, fusion_report
 from .profiles import Profile, default_profile, tensor_shapes, validate_profiles
@@ -193,7 +193,7 @@ def _parse_network(trt: Any, onnx_path: Path, strongly_typed: bool) -> tuple[Any
             lines.append(f"{node}{desc}".replace("\n", " "))
         first = lines[0] if lines else "unknown parser error"
         more = f" (and {len(lines) - 1} more)" if len(lines) > 1 else ""
-        raise UsageError(f"TensorRT could not parse {onnx_path.name}: {first}{more}")
+        raise EngineFailed(f"TensorRT could not parse {onnx_path.name}: {first}{more}")
     return builder, network, parser
 
 
@@ -315,7 +315,7 @@ def build_engine(
             engine = loader()
         except Exception as exc:  # noqa: BLE001 - Polygraphy raises PolygraphyException on build failure
             msg = str(exc).strip().splitlines()
-            raise UsageError(
+            raise EngineFailed(
                 f"TensorRT could not build {onnx_path.name}: {msg[-1] if msg else type(exc).__name__} "
                 "(an out-of-memory build often reports 'Could not find any implementation'; try a smaller max profile or a larger workspace)"
             ) from None

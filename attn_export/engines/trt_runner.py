@@ -19,7 +19,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from ..errors import MissingDependencyError, ShapeError, UsageError
+from ..errors import EngineFailed, MissingDependencyError, ShapeError, UsageError
 from ..spec import format_shape
 from .base import Runner
 from .profiles import describe_profiles, find_profile
@@ -217,7 +217,7 @@ class TrtRunner(Runner):
                 else:
                     outs = self._prepare(inputs)
                     if not self.context.execute_async_v3(stream.cuda_stream):
-                        raise UsageError("TensorRT execution failed (execute_async_v3 returned False)")
+                        raise EngineFailed("TensorRT execution failed (execute_async_v3 returned False)")
                     self._seen.add(key)
             if stream is not caller:
                 caller.wait_stream(stream)  # results are ready for the caller's next op
@@ -235,11 +235,11 @@ class TrtRunner(Runner):
             self.context.set_tensor_address(n, v.data_ptr())
         # One plain run so TensorRT finishes any shape-dependent setup before capture.
         if not self.context.execute_async_v3(stream.cuda_stream):
-            raise UsageError("TensorRT execution failed (execute_async_v3 returned False)")
+            raise EngineFailed("TensorRT execution failed (execute_async_v3 returned False)")
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, stream=stream):
             if not self.context.execute_async_v3(stream.cuda_stream):
-                raise UsageError("TensorRT execution failed during CUDA graph capture")
+                raise EngineFailed("TensorRT execution failed during CUDA graph capture")
         graph.replay()
         self._graphs[key] = (graph, static_in, outs)
         return outs

@@ -47,7 +47,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ..atomic import atomic_path, check_output_path
-from ..errors import AttnExportError, UsageError
+from ..errors import AttnExportError, CheckFailed, UsageError
 from ..spec import ModelSpec, ReferenceOptions, format_shape
 from .audit import (DEFAULT_THRESHOLD, FP16_MAX, AuditReport, EmulationReport, Fp32Island, audit_fp16,
                     emulate_fp16, value_types)
@@ -438,9 +438,9 @@ def convert_fp16(
         model = onnx.shape_inference.infer_shapes(model, strict_mode=True, data_prop=True)
         onnx.checker.check_model(model, full_check=True)
     except Exception as exc:  # noqa: BLE001 - a bug in the pass, reported as one line
-        raise AttnExportError(f"the FP16 model failed the ONNX checks: {str(exc).splitlines()[0]}", exit_code=1) from None
+        raise CheckFailed(f"the FP16 model failed the ONNX checks: {str(exc).splitlines()[0]}") from None
     if [(o.domain, o.version) for o in model.opset_import] != orig_opset:
-        raise AttnExportError("the FP16 conversion changed the opset", exit_code=1)
+        raise CheckFailed("the FP16 conversion changed the opset")
     embed_spec(model, fp16_spec)
     attention = attention_dtypes(model)
     done("convert")
@@ -461,13 +461,12 @@ def convert_fp16(
             done("FP16 emulation")
             if not check_result["passed"]:
                 against = "the FP32 file" if foreign else "PyTorch"
-                raise AttnExportError(f"FP16 model disagrees with {against} ({check_result['failures'][0]}); nothing was written",
-                                      exit_code=1)
+                raise CheckFailed(f"FP16 model disagrees with {against} ({check_result['failures'][0]}); nothing was written")
             if not emulation.ok:
                 f = emulation.first()
                 assert f is not None
-                raise AttnExportError(f"FP16 model overflows: {f.tensor} ({f.op_type}) is non-finite at "
-                                      f"{format_shape(f.shape)}; nothing was written", exit_code=1)
+                raise CheckFailed(f"FP16 model overflows: {f.tensor} ({f.op_type}) is non-finite at "
+                                      f"{format_shape(f.shape)}; nothing was written")
     return Fp16Result(
         path=out, source=src, spec=fp16_spec, audit=report, fp32_nodes=islands,
         nodes_fp16=counts["nodes_fp16"], nodes_fp32=counts["nodes_fp32"], nodes_other=counts["nodes_other"],
