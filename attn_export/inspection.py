@@ -81,28 +81,17 @@ def _io(vis: Any) -> list[dict[str, Any]]:
     return [{"name": vi.name, "dtype": _np_name(vi.type.tensor_type.elem_type), "dims": dims_of(vi)} for vi in vis]
 
 
-def _external_files(model: onnx.ModelProto, folder: Path) -> list[Path]:
-    files: set[Path] = set()
-    for init in model.graph.initializer:
-        if init.data_location == onnx.TensorProto.EXTERNAL:
-            for kv in init.external_data:
-                if kv.key == "location":
-                    files.add(folder / kv.value)
-    return sorted(files)
+def _external_files(model: onnx.ModelProto, p: Path) -> list[Path]:
+    from .exporter.metadata import external_data_locations
+
+    return sorted({p.parent / loc for loc in external_data_locations(model, p)})
 
 
-def _spec_of(model: onnx.ModelProto) -> tuple[ModelSpec | None, dict[str, str]]:
-    spec = None
-    other: dict[str, str] = {}
-    for p in model.metadata_props:
-        if p.key == METADATA_KEY:
-            try:
-                spec = ModelSpec.from_json(p.value)
-            except Exception:  # noqa: BLE001 - an unreadable description is reported, not fatal
-                other[p.key] = p.value
-        else:
-            other[p.key] = p.value
-    return spec, other
+def _spec_of(model: onnx.ModelProto, origin: Path) -> tuple[ModelSpec | None, dict[str, str]]:
+    """The embedded description (checked: a corrupt or hostile one is a UsageError) and the other metadata."""
+    from .exporter.metadata import find_spec
+
+    return find_spec(model, origin), {p.key: p.value for p in model.metadata_props if p.key != METADATA_KEY}
 
 
 def _attention(model: onnx.ModelProto, spec: ModelSpec | None, typed: TypedIndex, probed: TypedIndex | None,
@@ -163,9 +152,9 @@ def inspect_onnx(path: str | Path) -> InspectReport:
 
     p = Path(path)
     model = load_onnx(p, load_external_data=False)
-    externals = _external_files(model, p.parent)
+    externals = _external_files(model, p)
     size = p.stat().st_size + sum(f.stat().st_size for f in externals if f.is_file())
-    spec, other_meta = _spec_of(model)
+    spec, other_meta = _spec_of(model, p)
     opset = {(o.domain or "ai.onnx"): o.version for o in model.opset_import}
     hist = Counter((n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}::{n.op_type}") for n in model.graph.node)
     # One symbolic and one concrete-shape inference, shared by the attention analysis and the precision share.

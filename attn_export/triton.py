@@ -77,7 +77,7 @@ def _onnx_io(path: Path) -> tuple[list[TensorConfig], list[TensorConfig], list[s
     """Inputs, outputs and external data files (relative locations) of an ONNX file, weights not loaded."""
     import onnx
 
-    from .exporter.metadata import load_onnx
+    from .exporter.metadata import external_data_locations, load_onnx
 
     model = load_onnx(path, load_external_data=False)
 
@@ -92,13 +92,7 @@ def _onnx_io(path: Path) -> tuple[list[TensorConfig], list[TensorConfig], list[s
 
     init_names = {i.name for i in model.graph.initializer}
     inputs = [vi for vi in model.graph.input if vi.name not in init_names]
-    locations: list[str] = []
-    for init in model.graph.initializer:
-        if init.data_location == onnx.TensorProto.EXTERNAL:
-            for entry in init.external_data:
-                if entry.key == "location" and entry.value not in locations:
-                    locations.append(entry.value)
-    return tensors(inputs), tensors(model.graph.output), locations
+    return tensors(inputs), tensors(model.graph.output), external_data_locations(model, path)
 
 
 def _engine_io(path: Path) -> tuple[list[TensorConfig], list[TensorConfig], int, dict[str, Any]]:

@@ -25,7 +25,7 @@ import onnx
 
 from ..errors import UsageError
 from ..graph import AttentionSite, TypedIndex, find_attention
-from ..spec import METADATA_KEY, ModelSpec
+from ..spec import ModelSpec
 from .profiles import FP16_MAX_KEYS, Profile, attention_levels, validate_profiles
 
 # Findings that mean an attention site will not be fused.
@@ -181,16 +181,6 @@ def _load(model_or_path: onnx.ModelProto | str | Path) -> onnx.ModelProto:
     return load_onnx(model_or_path, load_external_data=False)
 
 
-def _spec_of(model: onnx.ModelProto) -> ModelSpec | None:
-    for p in model.metadata_props:
-        if p.key == METADATA_KEY:
-            try:
-                return ModelSpec.from_json(p.value)
-            except (ValueError, TypeError, KeyError):
-                return None
-    return None
-
-
 def attention_blocks(model: onnx.ModelProto | str | Path) -> list[AttentionSite]:
     """The attention sites of an ONNX model or file, from the one attention analysis."""
     return find_attention(_load(model))
@@ -280,7 +270,9 @@ def check_trt_readiness(
     target_s = f"{version[0]}.{version[1]}"
     findings: list[Finding] = []
     add = lambda level, code, msg, node=None: findings.append(Finding(level, code, msg, node))  # noqa: E731
-    spec = _spec_of(model)
+    from ..exporter.metadata import find_spec
+
+    spec = find_spec(model, onnx_path_or_model if isinstance(onnx_path_or_model, (str, Path)) else "model")
 
     if version < MIN_TARGET:
         add("error", "target", f"TensorRT {target_s} is older than {MIN_TARGET[0]}.{MIN_TARGET[1]}, the oldest attn-export builds for")

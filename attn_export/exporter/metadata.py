@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import onnx
 
@@ -23,26 +23,78 @@ def embed_spec(model: onnx.ModelProto, spec: ModelSpec) -> None:
     model.producer_version = __version__
 
 
-def spec_from_model(model: onnx.ModelProto, origin: str = "model") -> ModelSpec:
-    """The ModelSpec stored in ``model``; UsageError if it has none."""
+def find_spec(model: onnx.ModelProto, origin: str | Path = "model") -> ModelSpec | None:
+    """The ModelSpec stored in ``model``, None if it has none; UsageError if it breaks the schema."""
     for p in model.metadata_props:
         if p.key == METADATA_KEY:
             try:
                 return ModelSpec.from_json(p.value)
             except UsageError as exc:
                 raise UsageError(f"{origin}: its attn-export {exc}") from None
-    raise UsageError(f"{origin} carries no attn-export description; export it with `attn-export onnx`")
+    return None
+
+
+def spec_from_model(model: onnx.ModelProto, origin: str | Path = "model") -> ModelSpec:
+    """The ModelSpec stored in ``model``; UsageError if it has none."""
+    spec = find_spec(model, origin)
+    if spec is None:
+        raise UsageError(f"{origin} carries no attn-export description; export it with `attn-export onnx`")
+    return spec
+
+
+def external_data_locations(model: onnx.ModelProto, origin: str | Path = "model") -> list[str]:
+    """The external data files a model names, each checked to be a plain relative path.
+
+    A location is data from the file: an absolute path or one with ``..``
+    would make a command read (or a Triton repository copy) a file outside
+    the model's folder, so it is refused (UsageError).
+    """
+    out: list[str] = []
+    for init in model.graph.initializer:
+        if init.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        for entry in init.external_data:
+            if entry.key != "location" or entry.value in out:
+                continue
+            loc = entry.value
+            parts = PurePosixPath(loc.replace("\\", "/")).parts
+            if not loc or PurePosixPath(loc).is_absolute() or PureWindowsPath(loc).is_absolute() or ":" in loc \
+                    or ".." in parts or "\x00" in loc:
+                raise UsageError(f"{origin}: initializer {init.name[:60]} names external data {loc[:80]!r}, outside the "
+                                 "model's folder; refusing to read it")
+            out.append(loc)
+    return out
 
 
 def load_onnx(path: str | Path, load_external_data: bool = True) -> onnx.ModelProto:
-    """Load an ONNX file with a one-line error for missing or corrupt files."""
+    """Load an ONNX file with a one-line error for missing, empty, corrupt or graph-less files.
+
+    External data locations are checked before any is read.
+    """
     p = Path(path)
     if not p.is_file():
         raise UsageError(f"ONNX file not found: {p}")
+    if p.stat().st_size == 0:
+        raise UsageError(f"{p} is not an ONNX model (the file is empty)")
     try:
-        return onnx.load(str(p), load_external_data=load_external_data)
+        model = onnx.load(str(p), load_external_data=False)
     except Exception as exc:  # noqa: BLE001 - protobuf raises several unrelated types
         raise UsageError(f"{p} is not a readable ONNX file: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    # Protobuf parses many byte strings as an empty message: a model has an IR version, an opset and a graph with output.
+    if model.ir_version < 1 or not model.opset_import or not model.graph.output or not model.graph.node:
+        raise UsageError(f"{p} is not an ONNX model (no graph with nodes and outputs in it)")
+    locations = external_data_locations(model, p)
+    if load_external_data and locations:
+        missing = [loc for loc in locations if not (p.parent / loc).is_file()]
+        if missing:
+            raise UsageError(f"{p} keeps its weights in {missing[0]}, which is not next to it")
+        try:
+            from onnx.external_data_helper import load_external_data_for_model
+
+            load_external_data_for_model(model, str(p.parent))
+        except Exception as exc:  # noqa: BLE001 - truncated or unreadable data files
+            raise UsageError(f"{p}: its external data cannot be read ({str(exc).splitlines()[0][:120]})") from None
+    return model
 
 
 def read_spec(path: str | Path) -> ModelSpec:

@@ -28,7 +28,7 @@ from ..graph import canonicalize_attention, find_attention
 from ..graph.index import default_opset
 from ..spec import METADATA_KEY, ModelSpec, format_shape
 from .foreign import is_foreign, need_shapes, parse_input_shapes, spec_of
-from .metadata import embed_spec, load_onnx
+from .metadata import embed_spec, external_data_locations, load_onnx
 
 Shape = tuple[int, int, int]
 
@@ -103,11 +103,8 @@ def optimize_onnx(
         raise UsageError("the output must be a different file from the input")
     say = progress or (lambda _text: None)
     say("load")
-    model = load_onnx(src, load_external_data=False)
-    had_external = any(i.data_location == onnx.TensorProto.EXTERNAL for i in model.graph.initializer)
-    if had_external:
-        # The same reader onnx.load uses: locations must stay inside the model's folder.
-        onnx.external_data_helper.load_external_data_for_model(model, str(src.parent))
+    had_external = bool(external_data_locations(load_onnx(src, load_external_data=False), src))
+    model = load_onnx(src)
     spec = spec_of(model, origin=str(src), input_ranges=input_ranges)
     if input_shapes:
         shapes = parse_input_shapes(input_shapes, spec)
