@@ -20,6 +20,8 @@ def check_output_path(path: str | os.PathLike[str], *, force: bool) -> Path:
         raise UsageError(f"output path is a folder: {out}")
     if out.exists() and not force:
         raise UsageError(f"output file exists: {out} (use --force to replace it)")
+    if not os.access(out.parent, os.W_OK):
+        raise UsageError(f"cannot write in {out.parent}: permission denied")
     return out
 
 
@@ -31,7 +33,10 @@ def atomic_path(path: str | os.PathLike[str], suffix: str = "") -> Iterator[Path
     so an interrupted run never leaves a half-written output behind.
     """
     target = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix + ".tmp", dir=target.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix + ".tmp", dir=target.parent)
+    except OSError as exc:
+        raise UsageError(f"cannot write in {target.parent}: {exc.strerror or exc}") from None
     os.close(fd)
     tmp_path = Path(tmp)
     # mkstemp creates 0600; outputs should get the permissions any new file gets (0666 less the umask).

@@ -305,7 +305,8 @@ def run_bench(artifact: str | Path, *, backends: Sequence[str] | None = None,
               shapes: Sequence[tuple[int, int, int]] | None = None, warmup: int = 2, iterations: int | None = None,
               time_budget: float | None = None, threads: int | None = None, provider: str = "cpu",
               attention_impl: str = "reference", graph_optimization: str = "all", seed: int = 0,
-              progress: Any = None, reference_model: ReferenceOptions | None = None) -> dict[str, Any]:
+              progress: Any = None, reference_model: ReferenceOptions | None = None,
+              max_memory: int | None = None) -> dict[str, Any]:
     """Benchmark ``artifact`` on each backend at each shape; returns the JSON-ready report.
 
     A backend that cannot run here (TensorRT without a GPU, say) is reported
@@ -325,6 +326,11 @@ def run_bench(artifact: str | Path, *, backends: Sequence[str] | None = None,
         shapes = [(1, int(spec.export_shape[1]), int(spec.export_shape[2]))]
     for b, h, w in shapes:
         spec.check_shape(b, h, w)
+    if not is_engine_path(artifact):
+        from .exporter.metadata import load_onnx
+        from .graph.memory import check_shapes_fit
+
+        check_shapes_fit(load_onnx(artifact, load_external_data=False), spec, shapes, max_memory)
     rows: list[BenchRow] = []
     for backend in backends:
         try:

@@ -80,6 +80,11 @@ def command(name: str, **settings: Any) -> Callable[[Callable[..., None]], Calla
                 fn(*args, **kwargs)
             except AttnExportError as exc:
                 _fail(str(exc), exc.exit_code)
+            except OSError as exc:
+                # A file the OS refuses (full disk, permissions, a folder where a file was expected): the
+                # user's environment, so exit 2. Partial outputs are temporary files, removed on the way out.
+                where = f"{exc.filename}: " if exc.filename else ""
+                _fail(f"{where}{exc.strerror or exc}", 2)
             except KeyboardInterrupt as exc:
                 err_console.print("interrupted; no partial output was left behind")
                 raise typer.Exit(143 if isinstance(exc, Terminated) else 130) from None
@@ -144,6 +149,17 @@ REF_ALLOW_MISMATCH = typer.Option(False, "--allow-checkpoint-mismatch", help="Co
 REF_TRUST = typer.Option(False, "--trust-artifact", "--trust-model", help=(
     "Use what the artifact records about its reference: import the factory it names (exported with --model) and "
     "read the checkpoint path it records. Default: refuse both; name them with --model/--checkpoint instead."))
+
+
+MAX_MEMORY = typer.Option(None, "--max-memory", help=(
+    "Refuse shapes whose estimated memory (activations, attention scores, weights) exceeds this, e.g. 16GiB; "
+    "default: this machine's memory; 0: no limit."))
+
+
+def _max_memory(text: Optional[str]) -> Optional[int]:
+    from .graph.memory import parse_memory
+
+    return None if text is None else parse_memory(text)
 
 
 def _reference_options(preset: Optional[str], config: Optional[Path], model: Optional[str], model_kwargs: Optional[str],
@@ -312,6 +328,7 @@ def bench_cmd(
     checkpoint_key: Optional[str] = REF_CHECKPOINT_KEY,
     allow_checkpoint_mismatch: bool = REF_ALLOW_MISMATCH,
     trust_artifact: bool = REF_TRUST,
+    max_memory: Optional[str] = MAX_MEMORY,
 ) -> None:
     from .bench import parse_backends, run_bench, write_json
     from .models.attention import ATTENTION_IMPLS
@@ -332,6 +349,7 @@ def bench_cmd(
             graph_optimization=graph_optimization, progress=lambda what: prog.update(task, description=f"bench: {what}"),
             reference_model=_reference_options(preset, config, model, model_kwargs, checkpoint, checkpoint_key,
                                                allow_checkpoint_mismatch, trust_artifact),
+            max_memory=_max_memory(max_memory),
         )
     _print_bench(report)
     if json_out is not None:
@@ -456,6 +474,7 @@ def verify_cmd(
     reference: Optional[Path] = typer.Option(None, "--reference", help="Compare against this ONNX file in ONNX Runtime instead of PyTorch (needed for files this tool did not export)."),
     input_shapes: Optional[list[str]] = typer.Option(None, "--input-shapes", help=INPUT_SHAPES_HELP),
     input_range: Optional[list[str]] = typer.Option(None, "--input-range", help=INPUT_RANGE_HELP),
+    max_memory: Optional[str] = MAX_MEMORY,
 ) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -474,6 +493,7 @@ def verify_cmd(
             providers=[provider] if provider else None,
             progress=lambda done, total, text: prog.update(task, completed=done, total=total, description=text),
             reference=reference, input_shapes=input_shapes or None, input_ranges=parse_input_ranges(input_range),
+            max_memory=_max_memory(max_memory),
         )
     _print_verify(result)
     if report is not None:
@@ -673,7 +693,7 @@ def _fp16_progress():  # noqa: ANN202 - rich Progress
 def _run_fp16(model: Path, out: Path, *, keep_io_types: bool = True, threshold: float = 4096.0,
               calibration_shapes: Optional[str] = None, fp32_ops: Optional[list[str]] = None, force: bool = False,
               check: bool = True, input_shapes: Optional[list[str]] = None, input_range: Optional[list[str]] = None,
-              reference_model: Any = None) -> Any:
+              reference_model: Any = None, max_memory: Optional[str] = None) -> Any:
     from .exporter.foreign import parse_input_ranges
     from .exporter.fp16 import convert_fp16
     from .spec import parse_shapes
@@ -684,7 +704,7 @@ def _run_fp16(model: Path, out: Path, *, keep_io_types: bool = True, threshold: 
         return convert_fp16(model, out, keep_io_types=keep_io_types, threshold=threshold, calibration_shapes=shapes,
                             extra_fp32_ops=tuple(fp32_ops or ()), force=force, check=check,
                             input_shapes=input_shapes or None, input_ranges=parse_input_ranges(input_range),
-                            reference_model=reference_model,
+                            reference_model=reference_model, max_memory=_max_memory(max_memory),
                             progress=lambda text: prog.update(task, description=f"fp16: {text}"))
 
 
@@ -785,6 +805,7 @@ def fp16_cmd(
     checkpoint_key: Optional[str] = REF_CHECKPOINT_KEY,
     allow_checkpoint_mismatch: bool = REF_ALLOW_MISMATCH,
     trust_artifact: bool = REF_TRUST,
+    max_memory: Optional[str] = MAX_MEMORY,
 ) -> None:
     if report is not None and (not report.parent.exists() or report.is_dir()):
         raise UsageError(f"cannot write the report to {report}")
@@ -792,7 +813,8 @@ def fp16_cmd(
                        calibration_shapes=calibration_shapes, fp32_ops=fp32_op, force=force, check=check,
                        input_shapes=input_shapes, input_range=input_range,
                        reference_model=_reference_options(preset, config, ref_model, model_kwargs, checkpoint,
-                                                          checkpoint_key, allow_checkpoint_mismatch, trust_artifact))
+                                                          checkpoint_key, allow_checkpoint_mismatch, trust_artifact),
+                       max_memory=max_memory)
     _print_fp16(result)
     if report is not None:
         from .atomic import write_text_atomic
@@ -839,6 +861,7 @@ def trt_cmd(
     checkpoint_key: Optional[str] = REF_CHECKPOINT_KEY,
     allow_checkpoint_mismatch: bool = REF_ALLOW_MISMATCH,
     trust_artifact: bool = REF_TRUST,
+    max_memory: Optional[str] = MAX_MEMORY,
 ) -> None:
     from .atomic import check_output_path
     from .engines.profiles import default_profile, parse_profiles, validate_profiles
@@ -865,7 +888,8 @@ def trt_cmd(
         result = _run_fp16(model, fp16_path, threshold=threshold, calibration_shapes=calibration_shapes, force=force,
                            input_shapes=input_shapes,
                            reference_model=_reference_options(preset, config, ref_model, model_kwargs, checkpoint,
-                                                              checkpoint_key, allow_checkpoint_mismatch, trust_artifact))
+                                                              checkpoint_key, allow_checkpoint_mismatch, trust_artifact),
+                           max_memory=max_memory)
         _print_fp16(result)
         build_from = result.path
     elif fp16:

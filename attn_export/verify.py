@@ -298,6 +298,7 @@ def verify(
     reference: str | Path | None = None,
     input_shapes: str | Sequence[str] | None = None,
     input_ranges: dict[str, tuple[float, float]] | None = None,
+    max_memory: int | None = None,
 ) -> VerifyReport:
     """Compare ``artifact`` (ONNX file or TensorRT engine) with its PyTorch reference over a sweep of shapes.
 
@@ -314,7 +315,9 @@ def verify(
     one per sweep entry; ``input_ranges``: data ranges per input name.
     ``reference_model``: the user's choice of PyTorch reference (preset,
     config, factory, checkpoint) and whether to trust what the artifact
-    records about it (:class:`attn_export.models.loader.ReferenceOptions`).
+    records about it (:class:`attn_export.spec.ReferenceOptions`).
+    ``max_memory``: bytes a shape may need (estimated before anything runs;
+    None: this machine's memory, 0: no limit); larger shapes are refused.
     """
     path = Path(artifact)
     if not path.is_file():
@@ -363,6 +366,11 @@ def verify(
         shape_source = "default"
         if not sweep:
             raise UsageError("no shape of the default sweep fits this artifact; pass --shapes")
+    if kind == "onnx":
+        from .exporter.metadata import load_onnx
+        from .graph.memory import check_shapes_fit
+
+        check_shapes_fit(load_onnx(path, load_external_data=False), spec, sweep, max_memory)  # type: ignore[arg-type]
 
     options = reference_model or ReferenceOptions()
     if reference is not None and options.names_model:

@@ -50,7 +50,7 @@ from ..atomic import atomic_path, check_output_path
 from ..errors import AttnExportError, CheckFailed, UsageError
 from ..spec import ModelSpec, ReferenceOptions, format_shape
 from .audit import (DEFAULT_THRESHOLD, FP16_MAX, AuditReport, EmulationReport, Fp32Island, audit_fp16,
-                    emulate_fp16, value_types)
+                    default_calibration_shapes, emulate_fp16, value_types)
 from .foreign import is_foreign, resolve_shapes, spec_of
 from .metadata import embed_spec, load_onnx
 
@@ -359,6 +359,7 @@ def convert_fp16(
     input_shapes: str | Sequence[str] | None = None,
     input_ranges: dict[str, tuple[float, float]] | None = None,
     reference_model: ReferenceOptions | None = None,
+    max_memory: int | None = None,
 ) -> Fp16Result:
     """Convert an attn-export FP32 ONNX file to FP16 with audited FP32 islands; write ``onnx_out`` atomically.
 
@@ -376,6 +377,8 @@ def convert_fp16(
     are dynamic, and the check compares with the FP32 input file in ONNX
     Runtime instead of PyTorch. ``reference_model``: the user's choice of
     PyTorch reference for the check (see :func:`attn_export.verify.verify`).
+    ``max_memory``: bytes a calibration shape may need (None: this
+    machine's memory, 0: no limit); larger shapes are refused up front.
     """
     t_start = time.perf_counter()
     steps: dict[str, float] = {}
@@ -406,6 +409,13 @@ def convert_fp16(
         raise UsageError(f"{src} is already {spec.precision}; convert the FP32 export")
     if any(i.data_location == TensorProto.EXTERNAL for i in model.graph.initializer) or model.ByteSize() >= 2**31 - 2**26:
         raise UsageError(f"{src} is too large for an in-memory FP16 conversion (over 2 GB)")
+    from ..graph.memory import check_shapes_fit
+
+    # The audit reads every activation of a run at once: all of them count, not the live peak.
+    check_shapes_fit(model, spec, list(calibration_shapes or default_calibration_shapes(spec)), max_memory,
+                     what="calibration shape", keep_all=True)
+    if check_shapes:
+        check_shapes_fit(model, spec, list(check_shapes), max_memory, what="check shape")
     if check and not foreign:
         from ..models.loader import source_from_spec
 

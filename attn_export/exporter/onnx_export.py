@@ -214,6 +214,9 @@ def export_onnx(
     """
     validate_export_options(attention, opset)
     out = check_output_path(output, force=force)
+    for given in (source.checkpoint, source.config if not isinstance(source.config, dict) else None):
+        if given is not None and Path(given).exists() and Path(given).resolve() == out.resolve():
+            raise UsageError(f"the output {out} is the model's own input file; write the ONNX file elsewhere")
     steps: dict[str, float] = {}
     t_start = time.perf_counter()
     with _step(steps, "build model", progress):

@@ -1,0 +1,177 @@
+"""How much host memory one forward pass needs at a given shape, estimated before anything runs.
+
+Shape inference with the inputs pinned to the requested shape gives every
+tensor's size; walking the nodes in order and freeing each tensor after its
+last reader gives the peak of live activations (what an executor without
+in-place reuse holds). The ONNX ``Attention`` op keeps its score matrix
+inside the node, so for each one the logits and probabilities
+(batch x heads x S x S, two of them) are added while it runs. The estimate
+is a floor for the PyTorch reference and ONNX Runtime, which keep some more,
+and it is what decides whether a shape is refused up front.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from ..errors import ShapeError, UsageError
+from ..spec import ModelSpec
+from .index import TypedIndex, weightless_copy
+
+UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1000, "kib": 1 << 10, "m": 1 << 20, "mb": 10**6, "mib": 1 << 20,
+         "g": 1 << 30, "gb": 10**9, "gib": 1 << 30, "t": 1 << 40, "tb": 10**12, "tib": 1 << 40}
+
+
+@dataclass
+class MemoryEstimate:
+    """Bytes one forward pass needs at ``shape`` (batch, height, width)."""
+
+    shape: tuple[int, ...]
+    activations: int      # peak of live intermediate tensors, graph inputs and outputs included
+    attention: int        # score matrices held inside Attention ops on top of that
+    weights: int
+    complete: bool        # False when some tensor's shape could not be inferred (then it is a lower bound)
+
+    @property
+    def total(self) -> int:
+        return self.activations + self.attention + self.weights
+
+
+def human_bytes(n: float) -> str:
+    """1536 -> '1.5 KiB'."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if abs(n) < 1024 or unit == "PiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} PiB"
+
+
+def parse_memory(text: str) -> int:
+    """'24GiB', '512M', '0' (no limit) -> bytes; UsageError for anything else."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(text))
+    if not m or m.group(2).lower() not in UNITS:
+        raise UsageError(f"--max-memory must be a size such as 16GiB, 512MiB or 0 for no limit (got {text!r})")
+    return int(float(m.group(1)) * UNITS[m.group(2).lower()])
+
+
+def default_memory_limit() -> int:
+    """This machine's physical memory (the bound when the user sets none)."""
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return 1 << 40
+
+
+def _itemsize(elem_type: int | None) -> int:
+    try:
+        return int(np.dtype(helper.tensor_dtype_to_np_dtype(elem_type or onnx.TensorProto.FLOAT)).itemsize)
+    except (KeyError, TypeError, ValueError):
+        return 4
+
+
+def _pinned_index(model: onnx.ModelProto, input_shapes: dict[str, Sequence[int]]) -> TypedIndex | None:
+    light = weightless_copy(model)
+    for vi in light.graph.input:
+        if vi.name in input_shapes:
+            dims = vi.type.tensor_type.shape.dim
+            del dims[:]
+            for value in input_shapes[vi.name]:
+                dims.add().dim_value = int(value)
+    del light.graph.value_info[:]
+    try:
+        inferred = onnx.shape_inference.infer_shapes(light, data_prop=True)
+    except Exception:  # noqa: BLE001 - shape inference is best effort on files from elsewhere
+        return None
+    return TypedIndex(inferred, infer=False)
+
+
+def estimate_memory(model: onnx.ModelProto, input_shapes: dict[str, Sequence[int]],
+                    shape: tuple[int, ...] = (), *, keep_all: bool = False) -> MemoryEstimate:
+    """Estimate the host memory of one forward pass of ``model`` with its inputs at ``input_shapes``.
+
+    ``keep_all``: every intermediate stays alive (a run that reads them all, like the FP16 range audit).
+    """
+    weights = sum(int(np.prod(i.dims, dtype=np.int64)) * _itemsize(i.data_type) for i in model.graph.initializer)
+    index = _pinned_index(model, input_shapes)
+    if index is None:
+        return MemoryEstimate(tuple(shape), 0, 0, weights, complete=False)
+    complete = True
+
+    def size(name: str) -> int:
+        nonlocal complete
+        dims = index.shapes.get(name)
+        if dims is None or any(not isinstance(d, int) or d < 0 for d in dims):
+            complete = False
+            return 0
+        return int(np.prod(dims, dtype=np.float64)) * _itemsize(index.types.get(name))
+
+    inits = {i.name for i in model.graph.initializer}
+    nodes = list(model.graph.node)
+    last_use: dict[str, int] = {}
+    for i, node in enumerate(nodes):
+        for name in node.input:
+            if name:
+                last_use[name] = i
+    keep = {o.name for o in model.graph.output}
+    live: dict[str, int] = {vi.name: size(vi.name) for vi in model.graph.input if vi.name not in inits}
+    current = sum(live.values())
+    peak, peak_scores = current, 0
+    for i, node in enumerate(nodes):
+        for name in node.output:
+            if name and name not in live:
+                live[name] = size(name)
+                current += live[name]
+        scores = _attention_scores(node, index) if node.op_type == "Attention" and node.domain in ("", "ai.onnx") else 0
+        if current + scores > peak + peak_scores:
+            peak, peak_scores = current, scores
+        for name in list(node.input) + list(node.output):
+            if name in live and last_use.get(name, -1) <= i and name not in keep and not keep_all:
+                current -= live.pop(name)
+    return MemoryEstimate(tuple(shape), int(peak), int(peak_scores), weights, complete)
+
+
+def _attention_scores(node: onnx.NodeProto, index: TypedIndex) -> int:
+    """Bytes of the logits and probabilities an ONNX Attention node materializes (two fp32 matrices)."""
+    q = index.shapes.get(node.input[0]) if node.input else None
+    k = index.shapes.get(node.input[1]) if len(node.input) > 1 else None
+    if not q or not k or any(not isinstance(d, int) for d in list(q) + list(k)):
+        return 0
+    if len(q) == 4:
+        batch, heads, sq, sk = q[0], q[1], q[2], k[2]
+    else:
+        heads = next((a.i for a in node.attribute if a.name == "q_num_heads"), 1)
+        batch, sq, sk = q[0], q[1], k[1]
+    return 2 * 4 * int(batch) * int(heads) * int(sq) * int(sk)
+
+
+def check_memory(model: onnx.ModelProto, shapes: Sequence[tuple[int, ...]], input_shapes: Sequence[dict[str, Sequence[int]]],
+                 limit: int | None, *, what: str = "this shape", keep_all: bool = False) -> list[MemoryEstimate]:
+    """Refuse (ShapeError, exit 2) any shape whose estimate exceeds ``limit`` bytes (None: this machine's memory, 0: no limit)."""
+    bound = default_memory_limit() if limit is None else limit
+    estimates = [estimate_memory(model, feeds, shape, keep_all=keep_all) for shape, feeds in zip(shapes, input_shapes)]
+    if not bound:
+        return estimates
+    for e in estimates:
+        if e.total > bound:
+            parts = f"activations {human_bytes(e.activations)}"
+            if e.attention:
+                parts += f", attention scores {human_bytes(e.attention)}"
+            parts += f", weights {human_bytes(e.weights)}"
+            raise ShapeError(
+                f"{what} {'x'.join(map(str, e.shape))} needs about {human_bytes(e.total)} ({parts}), over the "
+                f"{human_bytes(bound)} limit; use smaller shapes or raise --max-memory (0 for no limit)")
+    return estimates
+
+
+def check_shapes_fit(model: onnx.ModelProto, spec: ModelSpec, shapes: Sequence[tuple[int, int, int]],
+                     limit: int | None, *, what: str = "shape", keep_all: bool = False) -> list[MemoryEstimate]:
+    """:func:`check_memory` for (batch, height, width) shapes of a model described by ``spec``."""
+    feeds = [{t.name: t.shape_for(*s) for t in spec.inputs} for s in shapes]
+    return check_memory(model, shapes, feeds, limit, what=what, keep_all=keep_all)
