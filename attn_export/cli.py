@@ -95,6 +95,34 @@ def command(name: str, **settings: Any) -> Callable[[Callable[..., None]], Calla
     return register
 
 
+# Signals received while a command runs. Native code (the TorchScript tracer among it) can swallow the
+# exception a handler raises, so every progress report raises it again: the command stops at its next step,
+# before anything is put in place.
+_SIGNALS: list[int] = []
+
+
+def _on_signal(signum: int, frame: Any) -> None:
+    _SIGNALS.append(signum)
+    raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+
+def _raise_if_signalled() -> None:
+    if _SIGNALS:
+        raise Terminated() if signal.SIGTERM in _SIGNALS else KeyboardInterrupt()
+
+
+def _progress_type() -> type:
+    """rich's Progress whose every update first re-raises a signal that native code swallowed."""
+    from rich.progress import Progress
+
+    class SignalAwareProgress(Progress):
+        def update(self, *args: Any, **kwargs: Any) -> None:
+            _raise_if_signalled()
+            super().update(*args, **kwargs)
+
+    return SignalAwareProgress
+
+
 def _json_option(text: Optional[str], option: str) -> dict[str, Any]:
     if not text:
         return {}
@@ -108,9 +136,9 @@ def _json_option(text: Optional[str], option: str) -> dict[str, Any]:
 
 
 def _spinner(description: str):  # noqa: ANN202 - rich Progress
-    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+    from rich.progress import SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    return Progress(SpinnerColumn(), TextColumn("[progress.description]{task.description}"), TimeElapsedColumn(),
+    return _progress_type()(SpinnerColumn(), TextColumn("[progress.description]{task.description}"), TimeElapsedColumn(),
                     console=err_console, transient=True, disable=not err_console.is_terminal)
 
 
@@ -476,14 +504,14 @@ def verify_cmd(
     input_range: Optional[list[str]] = typer.Option(None, "--input-range", help=INPUT_RANGE_HELP),
     max_memory: Optional[str] = MAX_MEMORY,
 ) -> None:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 
     from .exporter.foreign import parse_input_ranges
     from .verify import verify
 
     if report is not None and (not report.parent.exists() or report.is_dir()):
         raise UsageError(f"cannot write the report to {report}: " + ("it is a folder" if report.is_dir() else f"folder {report.parent} does not exist"))
-    with Progress(TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
+    with _progress_type()(TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), console=err_console, transient=True, disable=not err_console.is_terminal) as prog:
         task = prog.add_task("verify", total=None)
         result = verify(
@@ -684,9 +712,9 @@ def _print_readiness(report: Any) -> None:
 # attn-export fp16 / attn-export trt
 # ---------------------------------------------------------------------------------------------------------------------
 def _fp16_progress():  # noqa: ANN202 - rich Progress
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import BarColumn, TextColumn, TimeElapsedColumn
 
-    return Progress(TextColumn("[progress.description]{task.description}"), BarColumn(), TimeElapsedColumn(),
+    return _progress_type()(TextColumn("[progress.description]{task.description}"), BarColumn(), TimeElapsedColumn(),
                     console=err_console, transient=True, disable=not err_console.is_terminal)
 
 
@@ -915,14 +943,12 @@ def trt_cmd(
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-def _on_sigterm(signum: int, frame: Any) -> None:
-    raise Terminated()
-
-
 def main() -> None:
     """Console entry point: run the app, turning library errors into one line and an exit code."""
     # SIGTERM unwinds like Ctrl-C, so every temporary output is removed on the way out.
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    # SIGINT is set too: a parent that ignores it (a CI runner, nohup) would pass that on to us.
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
     try:
         app()
     except AttnExportError as exc:

@@ -77,9 +77,10 @@ def _onnx_io(path: Path) -> tuple[list[TensorConfig], list[TensorConfig], list[s
     """Inputs, outputs and external data files (relative locations) of an ONNX file, weights not loaded."""
     import onnx
 
-    from .exporter.metadata import external_data_locations, load_onnx
+    from .exporter.metadata import external_data_locations, find_spec, load_onnx
 
     model = load_onnx(path, load_external_data=False)
+    find_spec(model, path)  # a description that breaks its schema is refused here as everywhere else
 
     def tensors(values: Any) -> list[TensorConfig]:
         out = []
