@@ -114,7 +114,9 @@ def run_measured(cmd: list[str], *, limit_bytes: int, env: dict[str, str]) -> di
     wall = time.perf_counter() - t0
     rec: dict[str, Any] = {"cmd": shlex.join(cmd), "rc": proc.returncode, "killed_over_limit": killed,
                            "guard_peak_bytes": guard_peak, "wall_s": wall}
-    if use_time and not killed:
+    if killed:
+        rec["peak_rss_bytes"] = guard_peak  # getrusage would report an earlier, larger child
+    elif use_time:
         rec.update(_parse_time_v(stderr))
     else:
         import resource
