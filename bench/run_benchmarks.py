@@ -29,10 +29,6 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-# GMAC per image for ddpm-cifar10 (shared/reference/ddpm-unet.md §3; conv, linear and attention matmuls).
-GMAC = {32: 6.22, 64: 26.9, 128: 139.8, 256: 1075.0}
-GMAC_ATTENTION = {32: 0.168, 64: 2.69, 128: 43.0, 256: 688.0}
-ATTN_CHANNELS = 256
 # Attention of ddpm-cifar10 sits at level 1: the feature map is (H/2) x (W/2).
 ATTN_DOWNSAMPLE = 2
 
@@ -266,6 +262,16 @@ def matmul_peak(threads: int, n: int = 2048, runs: int = 15) -> dict[str, Any]:
             "gflops_median": flops / statistics.median(times) / 1e9, "gflops_best": flops / min(times) / 1e9}
 
 
+def mac_counts(onnx_path: str, sizes: list[int]) -> dict[str, dict[str, Any]]:
+    """MACs per image (batch 1) at each size, counted from the exported graph (attn_export.graph.flops)."""
+    import onnx
+
+    from attn_export.graph.flops import count_macs
+
+    model = onnx.load(onnx_path, load_external_data=False)
+    return {str(s): count_macs(model, 1, s, s).to_dict() for s in sizes}
+
+
 def run_all(args: argparse.Namespace) -> dict[str, Any]:
     import onnxruntime
     import torch
@@ -294,6 +300,7 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
     print(f"  matmul peak {report['matmul_peak']['gflops_median']:.1f} GFLOP/s", flush=True)
     onnx_paths = {a: report["export"][a]["path"] for a in ("op", "decomposed")}
     spec = read_spec(onnx_paths["op"]).to_dict()
+    report["macs"] = mac_counts(onnx_paths["op"], [int(v) for v in args.sizes.split(",")])
     guard = min(args.guard_gib, 0.8 * _mem_available_gib())
     report["memory_guard_gib"] = guard
     schedule = QUICK_SCHEDULE if args.quick else SCHEDULE
@@ -365,6 +372,10 @@ def render(report: dict[str, Any]) -> str:
              f"ORT intra_op_num_threads={th} unless stated · batch 1, fp32, inputs from ModelSpec.make_inputs(seed=0).")
     rows = report.get("rows", [])
     peak = report["matmul_peak"]
+    sizes_all = sorted({r["size"] for r in rows})
+    if "macs" not in report:  # a report saved before the counts were recorded: count from its export
+        report["macs"] = mac_counts(report["export"]["op"]["path"], sizes_all)
+    gmac = {int(s): c["gmac"] for s, c in report["macs"].items()}
     L: list[str] = []
     a = L.append
     a("# Benchmarks: ddpm-cifar10 on CPU (PyTorch eager vs ONNX Runtime)\n")
@@ -390,7 +401,7 @@ def render(report: dict[str, Any]) -> str:
             a(f"| {s}×{s} | {r['label']} | {r.get('error', r['status'])} | | | | | | | | {_fmt(r.get('load_max'))} |")
             continue
         lat = r["latency_ms"]
-        gflops = 2 * GMAC[s] / (lat["median"] / 1e3)
+        gflops = 2 * gmac[s] / (lat["median"] / 1e3)
         ratio = lat["median"] / ref_med[s] if ref_med.get(s) else None
         a(f"| {s}×{s} | {r['label']} | {lat['median']:.1f} | {lat['mean']:.1f} | {lat['p90']:.1f} | {r['iterations']} | "
           f"{_fmt(ratio, '.2f', '×')} | {gflops:.1f} | {100 * gflops / peak['gflops_median']:.0f} % | "
@@ -398,13 +409,15 @@ def render(report: dict[str, Any]) -> str:
     a("")
     a("*load avg (max)*: the highest 1-minute load average seen during the cell (2 CPUs; the measurement itself "
       "contributes about 2). Values well above 2 mean other jobs competed for the cores.\n")
-    a(f"GFLOP per image = 2 × GMAC from `shared/reference/ddpm-unet.md` §3 ({', '.join(f'{s}: {2 * GMAC[s]:.1f}' for s in sorted(GMAC))}). "
+    a("GFLOP per image = 2 × the multiply-accumulates of Conv, Gemm and attention (Q·Kᵀ, P·V) counted from the "
+      "exported graph at each size by `attn_export.graph.flops.count_macs` (`python bench/flops.py FILE.onnx`) "
+      f"({', '.join(f'{s}: {2 * gmac[s]:.1f}' for s in sorted(gmac))}). "
       f"Matmul peak of this machine: torch.matmul {peak['n']}×{peak['n']} fp32 on {peak['threads']} threads, median of "
       f"{peak['runs']} runs: **{peak['gflops_median']:.1f} GFLOP/s** (best run {peak['gflops_best']:.1f}).\n")
 
     # Goal check.
     a("## Goal check\n")
-    a("Goal from the issue: ONNX Runtime at most 0.8× PyTorch eager latency at every size; attention memory that "
+    a("Goal: ONNX Runtime at most 0.8× PyTorch eager latency at every size; attention memory that "
       "does not grow with the square of H·W at 256 px.\n")
     a("| size | best ORT median ms | PyTorch reference median ms | ratio | ≤ 0.8×? | best PyTorch (any formulation) | ratio to that |")
     a("|---|---|---|---|---|---|---|")

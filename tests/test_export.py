@@ -156,6 +156,42 @@ def test_external_data_for_large_models(tmp_path) -> None:
     assert max(_compare(out, [(1, 2, 3)])) < 1e-4
 
 
+@pytest.mark.parametrize("threshold", [1024, None])
+@pytest.mark.parametrize("interrupt", [False, True])
+def test_failed_check_leaves_nothing_behind(tmp_path, monkeypatch, threshold, interrupt) -> None:
+    # The comparison runs on the staged files, before anything is moved into place, on both save paths.
+    from attn_export.errors import CheckFailed
+    from attn_export.exporter import onnx_export
+
+    def disagree(path, reference):
+        assert Path(path).parent != tmp_path  # the check reads the staged copy, not the output
+        if interrupt:
+            raise KeyboardInterrupt
+        return {"shapes": [{"shape": list(reference[0][0]), "max_abs_err": 0.5}], "max_abs_err": 0.5}
+
+    monkeypatch.setattr(onnx_export, "compare_with_reference", disagree)
+    kwargs = {"external_data_threshold": threshold} if threshold else {}
+    with pytest.raises(KeyboardInterrupt if interrupt else CheckFailed) as info:
+        export_onnx(ModelSource(preset="tiny"), tmp_path / "m.onnx", **kwargs)
+    if not interrupt:
+        assert info.value.exit_code == 1 and "nothing was written" in str(info.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_export_is_the_same_model_on_both_save_paths(tmp_path) -> None:
+    inline = export_onnx(ModelSource(preset="tiny"), tmp_path / "a.onnx", check=False)
+    ext = export_onnx(ModelSource(preset="tiny"), tmp_path / "b.onnx", check=False, external_data_threshold=1024)
+    assert inline.external_data is None and ext.external_data is not None
+    a, b = onnx.load(str(inline.path)), onnx.load(str(ext.path))
+    for init in b.graph.initializer:  # loaded external tensors keep their (now empty) location fields
+        init.ClearField("data_location")
+        init.ClearField("external_data")
+    assert a == b
+    # Exactly the tensors the graph uses, each once: the data file holds no dropped initializer.
+    ext_bytes = sum(len(i.raw_data) for i in b.graph.initializer if len(i.raw_data) > 1024)
+    assert ext.external_data.stat().st_size == ext_bytes
+
+
 def test_existing_output_needs_force(tmp_path) -> None:
     out = tmp_path / "m.onnx"
     out.write_bytes(b"keep me")

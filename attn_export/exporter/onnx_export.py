@@ -12,6 +12,7 @@ the result with PyTorch in ONNX Runtime at a shape the trace never saw.
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import tempfile
 import time
@@ -29,7 +30,7 @@ from ..errors import CheckFailed, UsageError
 from ..graph import canonicalize_attention
 from ..models.loader import LoadedModel, ModelSource, load_model
 from ..spec import ModelSpec
-from . import passes
+from . import passes, weights
 from .metadata import embed_spec
 
 ATTENTION_FORMS = ("op", "decomposed")
@@ -102,21 +103,69 @@ def _torch_feeds(spec: ModelSpec, batch: int, h: int, w: int, seed: int = 0) -> 
     return {k: torch.from_numpy(v) for k, v in spec.make_inputs(batch, h, w, seed=seed).items()}
 
 
-def _trace(loaded: LoadedModel, opset: int, workdir: Path) -> onnx.ModelProto:
+def _export_kwargs(loaded: LoadedModel, opset: int) -> tuple[tuple[torch.Tensor, ...], dict[str, Any]]:
     spec = loaded.spec
     b, h, w = example_shape(spec)
     feeds = _torch_feeds(spec, b, h, w)
     args = tuple(feeds[t.name] for t in spec.inputs)
+    kwargs = dict(dynamo=False, opset_version=min(opset, TORCHSCRIPT_MAX_OPSET),
+                  input_names=[t.name for t in spec.inputs], output_names=[t.name for t in spec.outputs],
+                  dynamic_axes=_dynamic_axes(spec), do_constant_folding=True)
+    return args, kwargs
+
+
+def _trace(loaded: LoadedModel, opset: int, workdir: Path) -> onnx.ModelProto:
+    """The traced graph with its weights inside (TorchScript exporter)."""
+    args, kwargs = _export_kwargs(loaded, opset)
     path = workdir / "traced.onnx"
     with warnings.catch_warnings(), torch.no_grad():
         # Tracer warnings about Python-side shape checks are expected: those checks are skipped while tracing.
         warnings.simplefilter("ignore")
-        torch.onnx.export(
-            loaded.module, args, str(path), dynamo=False, opset_version=min(opset, TORCHSCRIPT_MAX_OPSET),
-            input_names=[t.name for t in spec.inputs], output_names=[t.name for t in spec.outputs],
-            dynamic_axes=_dynamic_axes(spec), do_constant_folding=True,
-        )
+        torch.onnx.export(loaded.module, args, str(path), **kwargs)
     return onnx.load(str(path))
+
+
+# The TorchScript exporter hands its final name -> tensor table (module parameters and constant-folded
+# results, deduplicated) to this pass; wrapping it is the one way to get that table without the exporter
+# also copying every weight into a protobuf, serializing it and returning the bytes (about 3 copies).
+_PARAMS_PASS = "_jit_pass_onnx_deduplicate_initializers"
+
+
+def _trace_weightless(loaded: LoadedModel, opset: int, workdir: Path) -> tuple[onnx.ModelProto, dict[str, torch.Tensor]] | None:
+    """The traced graph without weights, and the tensors its extra graph inputs stand for.
+
+    Same trace as :func:`_trace` (``export_params=False`` changes only where
+    the weights go: the nodes are the same). None when this torch build does
+    not expose the table, or it misses an input: the caller then traces with
+    the weights inside.
+    """
+    original = getattr(torch._C, _PARAMS_PASS, None)
+    if original is None:
+        return None
+    captured: dict[str, torch.Tensor] = {}
+
+    def capture(*a: Any, **kw: Any) -> Any:
+        table = original(*a, **kw)
+        captured.clear()
+        captured.update(table)
+        return table
+
+    args, kwargs = _export_kwargs(loaded, opset)
+    path = workdir / "traced.onnx"
+    setattr(torch._C, _PARAMS_PASS, capture)
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(loaded.module, args, str(path), export_params=False, **kwargs)
+    finally:
+        setattr(torch._C, _PARAMS_PASS, original)
+    model = onnx.load(str(path))
+    path.unlink()
+    user = {t.name for t in loaded.spec.inputs}
+    extra = [vi.name for vi in model.graph.input if vi.name not in user]
+    if any(name not in captured for name in extra):
+        return None
+    return model, {name: captured[name] for name in extra}
 
 
 def _convert_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
@@ -164,21 +213,37 @@ def _save(model: onnx.ModelProto, out: Path, external: bool) -> Path | None:
     return out.parent / data_name
 
 
-def compare_with_torch(model_bytes_or_path: bytes | str, loaded: LoadedModel, shapes: list[tuple[int, int, int]]) -> dict[str, Any]:
-    """Max abs error between ONNX Runtime (CPU) and PyTorch at each shape."""
+Reference = list[tuple[tuple[int, int, int], dict[str, np.ndarray], np.ndarray]]
+
+
+def torch_reference(loaded: LoadedModel, shapes: list[tuple[int, int, int]]) -> Reference:
+    """PyTorch's output at each shape, with the inputs it was given (seed 1)."""
+    out = []
+    for b, h, w in shapes:
+        feeds = loaded.spec.make_inputs(b, h, w, seed=1)
+        with torch.no_grad():
+            ref = loaded.module(*[torch.from_numpy(feeds[t.name]) for t in loaded.spec.inputs]).numpy()
+        out.append(((b, h, w), feeds, ref))
+    return out
+
+
+def compare_with_reference(model_bytes_or_path: bytes | str, reference: Reference) -> dict[str, Any]:
+    """Max abs error between ONNX Runtime (CPU) and a :func:`torch_reference` at each of its shapes."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     sess = ort.InferenceSession(model_bytes_or_path, opts, providers=["CPUExecutionProvider"])
     results = []
-    for b, h, w in shapes:
-        feeds = loaded.spec.make_inputs(b, h, w, seed=1)
+    for shape, feeds, ref in reference:
         got = sess.run(None, feeds)[0]
-        with torch.no_grad():
-            ref = loaded.module(*[torch.from_numpy(feeds[t.name]) for t in loaded.spec.inputs]).numpy()
-        results.append({"shape": [b, h, w], "max_abs_err": float(np.abs(got.astype(np.float64) - ref).max())})
+        results.append({"shape": list(shape), "max_abs_err": float(np.abs(got.astype(np.float64) - ref).max())})
     return {"shapes": results, "max_abs_err": max(r["max_abs_err"] for r in results)}
+
+
+def compare_with_torch(model_bytes_or_path: bytes | str, loaded: LoadedModel, shapes: list[tuple[int, int, int]]) -> dict[str, Any]:
+    """Max abs error between ONNX Runtime (CPU) and PyTorch at each shape."""
+    return compare_with_reference(model_bytes_or_path, torch_reference(loaded, shapes))
 
 
 @contextlib.contextmanager
@@ -225,52 +290,97 @@ def export_onnx(
     spec.attention = attention
     spec.opset = opset
     spec.export_shape = list(example_shape(spec))
-    with tempfile.TemporaryDirectory(prefix="attn-export-") as tmp:
+    num_parameters = loaded.num_parameters
+    reference: Reference | None = None
+    if check:
+        # PyTorch's answer is taken now, so the model can be freed before the graph work starts.
+        with _step(steps, "PyTorch reference", progress):
+            reference = torch_reference(loaded, [check_shape_for(spec)])
+    data_name = out.name + ".data"
+    # Everything is written in a hidden folder next to the output: the weights go there once, straight from
+    # PyTorch, and the graph passes run on the weightless graph. Only a checked result is moved into place;
+    # on failure or interruption the folder goes, and nothing is left behind.
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmpdir:
+        stage = Path(tmpdir)
+        raw = stage / "traced.data"
         with _step(steps, "trace", progress):
-            model = _trace(loaded, opset, Path(tmp))
-    with _step(steps, "optimize", progress):
-        model = passes.optimize(model)
-    with _step(steps, "convert opset", progress):
-        model = _convert_opset(model, opset)
-    with _step(steps, "fuse attention", progress):
-        rewrite = canonicalize_attention(model, attention)
-        n_attention = rewrite.count
-        unfused = [{"site": s.name, "node": s.anchor, "reason": s.problem or "not recognized"} for s in rewrite.unfused]
-        if unfused and not allow_unfused:
-            first = unfused[0]
-            more = f" (and {len(unfused) - 1} more site(s))" if len(unfused) > 1 else ""
-            raise CheckFailed(
-                f"attention site {first['site']} (Softmax {first['node']}) could not be rewritten into the "
-                f"{attention!r} form: {first['reason']}{more}; nothing was written. Pass --allow-unfused to write "
-                "the file anyway and list the unfused sites")
-    with _step(steps, "shape inference + check", progress):
-        passes.name_dynamic_dims(model, {t.name: t.dims for t in spec.inputs + spec.outputs})
-        del model.graph.value_info[:]
-        external = _initializer_bytes(model) >= external_data_threshold
-        model = onnx.shape_inference.infer_shapes(model, strict_mode=True, data_prop=True)
-        embed_spec(model, spec)
-        if not external:
-            onnx.checker.check_model(model, full_check=True)
-    check_result = None
-    if check and not external:
-        with _step(steps, "check against PyTorch", progress):
-            check_result = compare_with_torch(model.SerializeToString(), loaded, [check_shape_for(spec)])
-            if not check_result["max_abs_err"] <= 1e-3:
+            traced = _trace_weightless(loaded, opset, stage)
+            if traced is not None:
+                model, params = traced
+                weights.attach_external(model, params, raw)
+                del traced, params
+            else:
+                model = _trace(loaded, opset, stage)
+                weights.detach_inline(model, raw)
+        # The PyTorch model is not needed any more (its reference output is kept): free its weights.
+        loaded.module = None  # type: ignore[assignment]
+        gc.collect()
+        with _step(steps, "optimize", progress):
+            model = passes.optimize(model)
+        with _step(steps, "convert opset", progress):
+            model = _convert_opset(model, opset)
+        with _step(steps, "fuse attention", progress):
+            rewrite = canonicalize_attention(model, attention)
+            n_attention = rewrite.count
+            unfused = [{"site": s.name, "node": s.anchor, "reason": s.problem or "not recognized"} for s in rewrite.unfused]
+            if unfused and not allow_unfused:
+                first = unfused[0]
+                more = f" (and {len(unfused) - 1} more site(s))" if len(unfused) > 1 else ""
                 raise CheckFailed(
-                    f"exported model disagrees with PyTorch (max abs error {check_result['max_abs_err']:.3g} at "
-                    f"{check_result['shapes'][0]['shape']}); nothing was written"
-                )
-    with _step(steps, "save", progress):
-        data_path = _save(model, out, external)
-    if check and external:
-        with _step(steps, "check against PyTorch", progress):
-            check_result = compare_with_torch(str(out), loaded, [check_shape_for(spec)])
+                    f"attention site {first['site']} (Softmax {first['node']}) could not be rewritten into the "
+                    f"{attention!r} form: {first['reason']}{more}; nothing was written. Pass --allow-unfused to write "
+                    "the file anyway and list the unfused sites")
+        with _step(steps, "shape inference + check", progress):
+            passes.name_dynamic_dims(model, {t.name: t.dims for t in spec.inputs + spec.outputs})
+            del model.graph.value_info[:]
+            model = onnx.shape_inference.infer_shapes(model, strict_mode=True, data_prop=True)
+            embed_spec(model, spec)
+            external = weights.external_bytes(model) >= external_data_threshold
+            # Only the tensors the final graph uses, in graph order, under the output's data file name.
+            # An external-data output keeps only tensors up to 1 KiB inside the .onnx, as onnx.save_model does.
+            weights.compact_external(model, stage, raw.name, data_name, move_inline_over=1024 if external else None)
+            raw.unlink()
+            staged = stage / out.name
+            onnx.save_model(model, str(staged))
+            # The path form of the checker reads the data file's references itself: weights never in memory.
+            onnx.checker.check_model(str(staged), full_check=True)
+        check_result = None
+        if reference is not None:
+            with _step(steps, "check against PyTorch", progress):
+                # ONNX Runtime reads the staged file with its weights in the data file: the same tensors the
+                # output holds, at about 1.6x their size where the single-file form costs 2.5x.
+                check_result = compare_with_reference(str(staged), reference)
+                if not check_result["max_abs_err"] <= 1e-3:
+                    raise CheckFailed(
+                        f"exported model disagrees with PyTorch (max abs error {check_result['max_abs_err']:.3g} at "
+                        f"{check_result['shapes'][0]['shape']}); nothing was written"
+                    )
+        with _step(steps, "save", progress):
+            if not external:
+                # Weights back inside the .onnx, streamed one tensor at a time (see weights.write_inline).
+                inline = stage / f"inline.{out.name}"
+                weights.write_inline(model, stage, inline)
+                os.replace(inline, staged)
+                (stage / data_name).unlink()
+            _publish(staged, out, stage / data_name if external else None)
+    data_path = out.parent / data_name if external else None
     seconds = time.perf_counter() - t_start
     size = out.stat().st_size + (data_path.stat().st_size if data_path else 0)
     io = lambda vis: [(vi.name, onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type).name, passes.dims_of(vi)) for vi in vis]  # noqa: E731
     return ExportResult(
         path=out, size_bytes=size, opset=opset, attention=attention, attention_nodes=n_attention,
-        inputs=io(model.graph.input), outputs=io(model.graph.output), num_parameters=loaded.num_parameters,
+        inputs=io(model.graph.input), outputs=io(model.graph.output), num_parameters=num_parameters,
         seconds=seconds, external_data=data_path, spec=spec, check=check_result, steps=steps, unfused=unfused,
     )
 
+
+def _publish(staged: Path, out: Path, data: Path | None) -> None:
+    """Move a checked export into place: the data file first, so the model never points at a missing file."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for p in (staged, data):
+        if p is not None:
+            os.chmod(p, 0o666 & ~umask)
+    if data is not None:
+        os.replace(data, out.parent / data.name)
+    os.replace(staged, out)

@@ -1,0 +1,177 @@
+"""Weights kept out of the in-memory graph: written once to an external data file, streamed back when needed.
+
+An export holds the weights in PyTorch and nowhere else: the traced graph
+carries none (:func:`attach_external`), every graph pass works on the
+weightless graph, and the bytes move from the data file to the final file
+one tensor at a time (:func:`compact_external`, :func:`write_inline`). Peak
+memory stays near the model's own size instead of several copies of it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, BinaryIO, Mapping
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+# Tensors up to this many elements stay inside the graph: scales, shapes and small biases that graph passes
+# read (the onnxscript constant folder reads inputs up to 8192 elements), at a few KiB each.
+INLINE_MAX_ELEMENTS = 8192
+_CHUNK = 64 << 20
+
+
+def _set_external(init: TensorProto, location: str, offset: int, length: int) -> None:
+    del init.external_data[:]
+    init.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        entry = init.external_data.add()
+        entry.key, entry.value = key, value
+
+
+def _external_info(init: TensorProto) -> tuple[str, int, int]:
+    info = {e.key: e.value for e in init.external_data}
+    return info["location"], int(info.get("offset", 0)), int(info["length"])
+
+
+def attach_external(model: onnx.ModelProto, params: Mapping[str, Any], data_path: Path) -> int:
+    """Turn the graph inputs named in ``params`` (torch tensors) into initializers; returns the bytes written.
+
+    Large tensors are written to ``data_path`` (referenced by its file name,
+    relative to the model's folder) straight from the tensor's memory; small
+    ones become ordinary initializers.
+    """
+    g = model.graph
+    keep_inputs = [vi for vi in g.input if vi.name not in params]
+    written = 0
+    with open(data_path, "ab") as f:
+        written = f.tell()
+        start = written
+        for vi in g.input:
+            if vi.name not in params:
+                continue
+            arr = params[vi.name].detach().cpu().contiguous().numpy()
+            if arr.size <= INLINE_MAX_ELEMENTS:
+                g.initializer.append(numpy_helper.from_array(arr, vi.name))
+                continue
+            init = g.initializer.add()
+            init.name = vi.name
+            init.data_type = helper.np_dtype_to_tensor_dtype(arr.dtype)
+            init.dims.extend(arr.shape)
+            # raw_data is little-endian by the ONNX spec; numpy's native order on the platforms torch ships for.
+            f.write(memoryview(np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<"))).cast("B"))
+            _set_external(init, data_path.name, written, arr.nbytes)
+            written += arr.nbytes
+        written -= start
+    del g.input[:]
+    g.input.extend(keep_inputs)
+    return written
+
+
+def detach_inline(model: onnx.ModelProto, data_path: Path) -> None:
+    """Move the large inline initializers of ``model`` to ``data_path``, one at a time (each freed once written)."""
+    with open(data_path, "ab") as f:
+        for init in model.graph.initializer:
+            if init.data_location == TensorProto.EXTERNAL or int(np.prod(init.dims)) <= INLINE_MAX_ELEMENTS:
+                continue
+            if not init.HasField("raw_data"):
+                continue  # typed fields (float_data, ...): rare for weights, left inline
+            offset = f.tell()
+            f.write(init.raw_data)
+            length = len(init.raw_data)
+            init.ClearField("raw_data")
+            _set_external(init, data_path.name, offset, length)
+
+
+def external_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of every initializer, external or inline."""
+    total = 0
+    for init in model.graph.initializer:
+        if init.data_location == TensorProto.EXTERNAL:
+            total += _external_info(init)[2]
+        elif init.HasField("raw_data"):
+            total += len(init.raw_data)
+        else:
+            total += int(np.prod(init.dims)) * 4
+    return total
+
+
+def _copy_range(src: BinaryIO, dst: BinaryIO, offset: int, length: int) -> None:
+    src.seek(offset)
+    while length > 0:
+        block = src.read(min(_CHUNK, length))
+        if not block:
+            raise OSError("external data file is shorter than its references")
+        dst.write(block)
+        length -= len(block)
+
+
+def compact_external(model: onnx.ModelProto, folder: Path, location: str, new_location: str,
+                     move_inline_over: int | None = None) -> None:
+    """Copy only the tensors the graph still uses, in graph order, from ``location`` to ``new_location``.
+
+    Graph passes drop initializers (folded, deduplicated, rewritten away);
+    their bytes would otherwise stay in the data file. ``move_inline_over``:
+    inline tensors with more raw bytes than this move to the data file too.
+    """
+    with open(folder / location, "rb") as src, open(folder / new_location, "wb") as dst:
+        for init in model.graph.initializer:
+            if init.data_location != TensorProto.EXTERNAL:
+                if move_inline_over is not None and init.HasField("raw_data") and len(init.raw_data) > move_inline_over:
+                    start = dst.tell()
+                    dst.write(init.raw_data)
+                    length = len(init.raw_data)
+                    init.ClearField("raw_data")
+                    _set_external(init, new_location, start, length)
+                continue
+            loc, offset, length = _external_info(init)
+            if loc != location:
+                raise ValueError(f"initializer {init.name} refers to {loc}, not {location}")
+            start = dst.tell()
+            _copy_range(src, dst, offset, length)
+            _set_external(init, new_location, start, length)
+        dst.flush()
+        os.fsync(dst.fileno())
+
+
+def write_inline(model: onnx.ModelProto, folder: Path, out: Path) -> None:
+    """Write ``model`` as one self-contained file, its external tensors read from ``folder`` one at a time.
+
+    A protobuf parser merges repeated occurrences of a message field, so the
+    file is the model without initializers followed by one
+    ``ModelProto{graph{initializer}}`` record per initializer, in order:
+    parsed, it is exactly the model with its weights inline, and no copy of
+    all the weights (nor the serialized whole) is ever held in memory.
+    """
+    # The model is weightless here (large tensors are external), so copying it costs little.
+    head = onnx.ModelProto()
+    head.CopyFrom(model)
+    del head.graph.initializer[:]
+    header = head.SerializeToString()
+    del head
+    files: dict[str, BinaryIO] = {}
+    try:
+        with open(out, "wb") as f:
+            f.write(header)
+            for init in model.graph.initializer:
+                rec = onnx.ModelProto()
+                t = rec.graph.initializer.add()
+                if init.data_location == TensorProto.EXTERNAL:
+                    loc, offset, length = _external_info(init)
+                    src = files.get(loc) or files.setdefault(loc, open(folder / loc, "rb"))
+                    src.seek(offset)
+                    t.CopyFrom(init)
+                    t.ClearField("external_data")
+                    t.ClearField("data_location")
+                    t.raw_data = src.read(length)
+                else:
+                    t.CopyFrom(init)
+                f.write(rec.SerializeToString())
+                del rec
+            f.flush()
+            os.fsync(f.fileno())
+    finally:
+        for fh in files.values():
+            fh.close()
