@@ -69,8 +69,18 @@ _LINK_LOCK = threading.Lock()
 
 
 def _key(path: Path) -> str:
-    """A stable short name for a checked path (work folders and mypy caches are kept per path)."""
-    return hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]
+    """A short name for the exact contents of the Python files of a checked path.
+
+    mypy caches are kept per key: mypy trusts a cached module whose mtime and
+    size look unchanged, and a shared cache once passed a broken copy of a
+    module as the clean original. A new key, a fresh cache: never a stale one.
+    """
+    # Contents and relative names only: the same broken copy in another tmp folder reuses its cache.
+    h = hashlib.sha256()
+    base = path.parent if path.is_file() else path
+    for f in ([path] if path.is_file() else sorted(path.rglob("*.py"))):
+        h.update(str(f.relative_to(base)).encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()[:16]
 
 
 class IndexUnreachable(RuntimeError):
@@ -201,9 +211,9 @@ def forbidden_ignores(modules: list[Path]) -> list[str]:
 def run_mypy(modules: list[Path], stub_dir: Path, work: Path, cache: Path) -> list[str]:
     """mypy over ``modules`` (+ the canary) against ``stub_dir``; errors in those files, or a canary failure.
 
-    ``cache``: mypy's cache folder. One per TensorRT version and test worker
-    (mypy does not support concurrent runs on one cache), shared by every
-    checked path, so a broken copy re-checks only its own modules.
+    ``cache``: mypy's cache folder, one per TensorRT version, checked
+    contents (see :func:`_key`) and test worker (mypy does not support
+    concurrent runs on one cache).
     """
     work.mkdir(parents=True, exist_ok=True)
     canary = work / "trt_api_canary.py"
@@ -235,16 +245,18 @@ def run_mypy(modules: list[Path], stub_dir: Path, work: Path, cache: Path) -> li
     lines = [ln for ln in (proc.stdout + proc.stderr).splitlines() if ln.strip()]
     if proc.returncode not in (0, 1):
         return [f"mypy crashed (exit {proc.returncode}): " + " | ".join(lines[-5:])]
-    resolved = {str(Path(m).resolve()) for m in modules}
+    # Match on the path below the package root: errors replayed from a content-keyed cache (see _key)
+    # carry the path of the copy that filled it, which may have been another tmp folder.
+    resolved = {str(Path(m).resolve().relative_to(package_root(m))) for m in modules}
     errors, canary_hits = [], set()
     for ln in lines:
         m = re.match(r"(.+?):(\d+):(?:\d+:)? (error|note): (.*)", ln)
         if not m or m.group(3) != "error":
             continue
-        file = str((work / m.group(1)).resolve())  # absolute paths stay as they are
-        if Path(file).name == canary.name:
+        file = (work / m.group(1)).resolve()  # absolute paths stay as they are
+        if file.name == canary.name:
             canary_hits |= {c for c in CANARY_ERRORS if c in m.group(4)}
-        elif file in resolved:
+        elif any(str(file).endswith("/" + r) for r in resolved):
             errors.append(ln)
     missing = [c for c in CANARY_ERRORS if c not in canary_hits]
     if missing:
@@ -286,8 +298,9 @@ def check_version(version: str, path: Path = PACKAGE) -> VersionResult:
         result.probe_errors.append("no stubs were generated")
         return result
     worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+    key = _key(path)
     result.mypy_errors = forbidden_ignores(modules) + run_mypy(
-        modules, stub_dir, where / f"mypy-{_key(path)}", where / f"mypy-cache-{worker}")
+        modules, stub_dir, where / f"mypy-{key}", where / f"mypy-{key}" / f"cache-{worker}")
     result.seconds = time.perf_counter() - t0
     return result
 
