@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= out/demo
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo test test-fast test-gpu bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,10 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -n 2 -q -m "not slow" -p no:cacheprovider
+
+# On a machine with an NVIDIA GPU and TensorRT: the gpu-marked tests and the end-to-end run, one JSON report.
+test-gpu: $(STAMP)
+	$(PY) tests/gpu_e2e.py --out out/gpu-report.json
 
 bench: $(STAMP)
 	$(PY) bench/run_benchmarks.py

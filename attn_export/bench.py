@@ -20,13 +20,16 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence, cast
 
 import numpy as np
 
 from .engines.sidecar import is_engine_path
 from .errors import AttnExportError, UsageError
 from .spec import ModelSpec, ReferenceOptions, format_shape
+
+if TYPE_CHECKING:
+    from .models.attention import AttentionImpl
 
 # Backend name -> attention formulation of the PyTorch model ("pytorch" uses --attention-impl).
 TORCH_BACKENDS = {"pytorch": None, "pytorch-reference": "reference", "pytorch-sdpa": "sdpa",
@@ -207,9 +210,10 @@ def make_runner(artifact: str | Path, backend: str, spec: ModelSpec, *, provider
         impl = TORCH_BACKENDS[backend] or attention_impl
         device = "cuda" if provider in ("cuda", "tensorrt") and torch.cuda.is_available() else "cpu"
         # spec given, so the model is built once (in activate), not also to learn its description.
-        runner = TorchRunner(source_from_spec(spec, reference_model), attention_impl=impl, device=device, spec=spec, threads=threads)
-        runner.activate()
-        return runner, {"device": device, "attention_impl": impl, "threads": torch.get_num_threads(),
+        torch_runner = TorchRunner(source_from_spec(spec, reference_model), attention_impl=cast("AttentionImpl", impl), device=device,
+                                   spec=spec, threads=threads)
+        torch_runner.activate()
+        return torch_runner, {"device": device, "attention_impl": impl, "threads": torch.get_num_threads(),
                         "torch": torch.__version__}
     if backend == "onnxruntime":
         if is_engine_path(artifact):
@@ -218,13 +222,13 @@ def make_runner(artifact: str | Path, backend: str, spec: ModelSpec, *, provider
 
         from .engines.ort_runner import OrtRunner
 
-        runner = OrtRunner(artifact, providers=[provider], threads=threads, spec=spec,
-                           graph_optimization=graph_optimization)
-        runner.activate()
-        opts = runner.session.get_session_options()
-        return runner, {
-            "providers": runner.session.get_providers(),
-            "provider_options": runner.session.get_provider_options(),
+        ort_runner = OrtRunner(artifact, providers=[provider], threads=threads, spec=spec,
+                               graph_optimization=graph_optimization)
+        ort_runner.activate()
+        opts = ort_runner.session.get_session_options()
+        return ort_runner, {
+            "providers": ort_runner.session.get_providers(),
+            "provider_options": ort_runner.session.get_provider_options(),
             # 0 means ORT's default: one thread per physical core.
             "threads": opts.intra_op_num_threads or f"default ({os.cpu_count()} cpus)",
             "graph_optimization": graph_optimization,
@@ -237,9 +241,9 @@ def make_runner(artifact: str | Path, backend: str, spec: ModelSpec, *, provider
                              "and bench the .plan")
         from .engines.trt_runner import TrtRunner  # lazy: raises MissingDependencyError without TensorRT
 
-        runner = TrtRunner(artifact)
-        runner.activate()
-        return runner, {"precision": getattr(runner, "precision", None), "device": "cuda"}
+        trt_runner = TrtRunner(artifact)
+        trt_runner.activate()
+        return trt_runner, {"precision": trt_runner.precision, "device": "cuda"}
     raise UsageError(f"unknown backend {backend!r}")
 
 
@@ -398,7 +402,7 @@ def host_info() -> dict[str, Any]:
 
         info["onnxruntime"] = onnxruntime.__version__
     with contextlib.suppress(Exception):
-        import tensorrt  # type: ignore[import-not-found]
+        import tensorrt
 
         info["tensorrt"] = tensorrt.__version__
     return info

@@ -160,6 +160,9 @@ def _dims(dims: list) -> str:
 # ---------------------------------------------------------------------------------------------------------------------
 # attn-export onnx
 # ---------------------------------------------------------------------------------------------------------------------
+# readiness.supported_range(), spelled out so --help needs no onnx import (a test keeps the two equal).
+SUPPORTED_TRT = "10.12-10.16, 11.0-11.4"
+TARGETS_HELP = f"one of {SUPPORTED_TRT}, e.g. 10.14 or 11.0 (the releases whose Python API the conformance check covers)"
 INPUT_SHAPES_HELP = ("Shapes of every dynamic input, Polygraphy/trtexec style: x:1x3x64x64,sigma:1 "
                      "(repeat the option for several shapes). For files this tool did not export.")
 INPUT_RANGE_HELP = ("Data range of an input, name:LOW:HIGH, e.g. sigma:0.002:80 (repeatable; default: image N(0,1), "
@@ -584,7 +587,7 @@ def inspect_cmd(
     artifact: Path = typer.Argument(..., help="ONNX file or TensorRT engine (.plan/.engine, with its sidecar)."),
     as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON only."),
     trt: bool = typer.Option(False, "--trt", help="ONNX only: check TensorRT readiness (ops, attention fusion, dims); exit 1 on errors."),
-    target: str = typer.Option("10.14", "--target", help="TensorRT version for --trt, e.g. 10.14 or 11.0."),
+    target: str = typer.Option("10.14", "--target", help=f"TensorRT version for --trt: {TARGETS_HELP}."),
 ) -> None:
     from .inspection import inspect_artifact
 
@@ -593,8 +596,9 @@ def inspect_cmd(
     if trt:
         if result.kind != "onnx":
             raise UsageError("--trt checks an ONNX file; an engine is already built")
-        from .engines.readiness import check_trt_readiness
+        from .engines.readiness import check_target, check_trt_readiness
 
+        check_target(target)
         readiness = check_trt_readiness(artifact, target)
     if as_json:
         data = result.to_dict()
@@ -862,7 +866,10 @@ HARDWARE_COMPAT = {"none": "none", "ampere+": "ampere_plus", "same-cc": "same_co
     "  attn-export trt unet.onnx --fp16 -o unet.plan\n\n"
     "  attn-export trt unet.onnx --fp16 -o unet.plan --min 1x32x32 --opt 4x64x64 --max 8x128x128 --timing-cache tc.bin\n\n"
     "Profiles are validated before the conversion and the build. Needs TensorRT and an NVIDIA GPU for the build "
-    "(exit 2 with the missing piece named otherwise)."
+    "(exit 2 with the missing piece named otherwise).\n\n"
+    f"Supported TensorRT: {SUPPORTED_TRT}. Only the Python API is checked, on CPU, against the real bindings of "
+    "those releases (names, enum members, signatures); that check builds and runs nothing. No engine has been built "
+    "or run on a GPU by this project yet: `make test-gpu` does that on a machine with one."
 ))
 def trt_cmd(
     model: Path = typer.Argument(..., help="ONNX file exported by `attn-export onnx` (FP32, or FP16 from `attn-export fp16`)."),
@@ -876,7 +883,7 @@ def trt_cmd(
     opt_level: int = typer.Option(3, "--opt-level", help="Builder optimization level 0-5."),
     timing_cache: Optional[Path] = typer.Option(None, "--timing-cache", help="Timing cache file: loaded if present, saved after the build."),
     hardware_compat: str = typer.Option("none", "--hardware-compat", help="Hardware compatibility: none, ampere+ or same-cc."),
-    target: str = typer.Option("10.14", "--target", help="TensorRT version for the readiness check, e.g. 10.14 or 11.0."),
+    target: str = typer.Option("10.14", "--target", help=f"TensorRT version for the readiness check: {TARGETS_HELP}."),
     threshold: float = typer.Option(4096.0, "--threshold", help="With --fp16: activation absmax above which nodes stay FP32."),
     calibration_shapes: Optional[str] = typer.Option(None, "--calibration-shapes", help="With --fp16: BxHxW shapes for the range audit."),
     input_shapes: Optional[list[str]] = typer.Option(None, "--input-shapes", help="With --fp16: " + INPUT_SHAPES_HELP),
@@ -893,7 +900,7 @@ def trt_cmd(
 ) -> None:
     from .atomic import check_output_path
     from .engines.profiles import default_profile, parse_profiles, validate_profiles
-    from .engines.readiness import check_trt_readiness, parse_target
+    from .engines.readiness import check_target, check_trt_readiness
     from .exporter.foreign import spec_of_file
 
     # Cheap checks first: nothing is converted or built for a bad option.
@@ -905,7 +912,7 @@ def trt_cmd(
         raise UsageError(f"--opt-level must be 0..5 (got {opt_level})")
     if workspace is not None and workspace <= 0:
         raise UsageError(f"--workspace must be a positive number of MiB (got {workspace})")
-    parse_target(target)
+    check_target(target)
     profiles = parse_profiles(mins or [], opts or [], maxs or []) or [default_profile(spec)]
     for w in validate_profiles(profiles, spec):
         err_console.print(f"[yellow]warning:[/] {w}", highlight=False, soft_wrap=True)

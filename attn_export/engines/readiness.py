@@ -58,6 +58,9 @@ _OPS_ADDED: list[tuple[tuple[int, int], frozenset[str]]] = [
 ]
 
 MIN_TARGET = (10, 12)  # the oldest TensorRT attn-export builds for (strong typing, progress monitor)
+MAX_TARGET = (11, 4)   # the newest TensorRT whose Python API the conformance check (tests/trt_api) covers
+# Every TensorRT release from MIN_TARGET to MAX_TARGET: the supported range, and `--target`'s choices.
+SUPPORTED_TARGETS = tuple(f"10.{m}" for m in range(12, 17)) + tuple(f"11.{m}" for m in range(0, MAX_TARGET[1] + 1))
 ATTENTION_OP_SINCE = (10, 14)
 HEAD_SIZE_MIN, HEAD_SIZE_MAX, HEAD_SIZE_ALIGN = 16, 256, 8
 NORM_OPS = ("InstanceNormalization", "GroupNormalization", "LayerNormalization", "BatchNormalization",
@@ -74,6 +77,21 @@ def parse_target(target: str | Sequence[int]) -> tuple[int, int]:
     if not m:
         raise UsageError(f"bad TensorRT version {target!r}: expected MAJOR.MINOR such as 10.14 or 11.0")
     return int(m.group(1)), int(m.group(2) or 0)
+
+
+def supported_range() -> str:
+    """'10.12-10.16, 11.0-11.4': the supported TensorRT releases, for messages and help texts."""
+    tens = [t for t in SUPPORTED_TARGETS if t.startswith("10.")]
+    elevens = [t for t in SUPPORTED_TARGETS if t.startswith("11.")]
+    return f"{tens[0]}-{tens[-1]}, {elevens[0]}-{elevens[-1]}"
+
+
+def check_target(target: str) -> tuple[int, int]:
+    """parse_target, then UsageError unless the release is one of SUPPORTED_TARGETS (`--target`'s choices)."""
+    version = parse_target(target)
+    if f"{version[0]}.{version[1]}" not in SUPPORTED_TARGETS:
+        raise UsageError(f"TensorRT {version[0]}.{version[1]} is not a supported target; use one of {supported_range()}")
+    return version
 
 
 def supported_ops(target: str | Sequence[int]) -> frozenset[str]:
@@ -276,6 +294,10 @@ def check_trt_readiness(
 
     if version < MIN_TARGET:
         add("error", "target", f"TensorRT {target_s} is older than {MIN_TARGET[0]}.{MIN_TARGET[1]}, the oldest attn-export builds for")
+    elif target_s not in SUPPORTED_TARGETS:
+        # A newer installed TensorRT may well work; its API has not been checked, so say so rather than refuse.
+        add("warning", "target", f"TensorRT {target_s} is outside the supported range {supported_range()}; "
+                                 "its Python API has not been checked against attn-export's code")
 
     # 1. operators
     ops = supported_ops(version)

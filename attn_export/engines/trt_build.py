@@ -8,6 +8,11 @@ The build is strongly typed: precision comes from the ONNX's own types (the
 FP16 export variant), never from ``BuilderFlag.FP16``, which TensorRT 11
 removed. On 10.12-10.x the network is created with the STRONGLY_TYPED flag;
 on 11.x strong typing is the only mode.
+
+TensorRT objects carry their real types (``tensorrt`` is imported for the type
+checker only), so ``tests/trt_api`` can check every call here against the
+real bindings of each supported version. That check proves API conformance
+only; it does not build or run an engine.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import importlib.util
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence, SupportsInt
 
 from ..atomic import check_output_path, write_bytes_atomic
 from ..errors import EngineFailed, MissingDependencyError, UsageError
@@ -28,12 +33,22 @@ from .profiles import Profile, default_profile, tensor_shapes, validate_profiles
 from .readiness import ReadinessReport, check_trt_readiness
 from .sidecar import file_sha256, make_sidecar, sidecar_path, write_sidecar
 
+if TYPE_CHECKING:  # the real import stays inside the functions: this module imports without TensorRT
+    import numpy as np
+    import tensorrt as trt
+    from polygraphy.backend.trt import CreateConfig, EngineFromNetwork
+    from polygraphy.backend.trt import Profile as PolyProfile
+    from rich.progress import Progress, TaskID
+
 INSTALL_HINT = (
     'install it with `pip install "attn-export[trt]"` (the tensorrt wheel must match the CUDA major '
     "version: tensorrt-cu12 or tensorrt-cu13) on a machine with an NVIDIA GPU and its driver"
 )
-HARDWARE_LEVELS = {"none": "NONE", "ampere_plus": "AMPERE_PLUS", "same_compute_capability": "SAME_COMPUTE_CAPABILITY"}
-VERBOSITY = {"detailed": "DETAILED", "layer_names_only": "LAYER_NAMES_ONLY", "none": "NONE"}
+HARDWARE_LEVELS = ("none", "ampere_plus", "same_compute_capability")
+VERBOSITY = ("detailed", "layer_names_only", "none")
+# TensorRT data types an attn-export engine can have at its I/O (FP32 images, int64/int32/FP32 timesteps,
+# FP16 I/O from foreign ONNX files); each must map to a numpy (and torch) dtype.
+IO_DTYPE_NAMES = ("float32", "float16", "int32", "int64", "bool")
 
 
 @dataclass
@@ -115,12 +130,81 @@ def require_tensorrt(what: str = "building a TensorRT engine") -> GpuInfo:
     raise MissingDependencyError(f"{what} needs TensorRT and an NVIDIA GPU: {missing}; {INSTALL_HINT}")
 
 
-def _trt_major(trt: Any) -> int:
-    return int(str(trt.__version__).split(".")[0])
+def trt_version() -> tuple[int, int]:
+    """(major, minor) of the installed TensorRT, e.g. (10, 14)."""
+    import tensorrt as trt
+
+    major, minor = str(trt.__version__).split(".")[:2]
+    return int(major), int(minor)
+
+
+# --------------------------------------------------------------------------- API names
+# Each enum member is named literally (never getattr with a string), so the type
+# checker sees every member against the real bindings.
+def hardware_level(name: str) -> trt.HardwareCompatibilityLevel:
+    """The TensorRT hardware-compatibility level for ``--hardware-compatibility NAME``."""
+    import tensorrt as trt
+
+    levels = {
+        "none": trt.HardwareCompatibilityLevel.NONE,
+        "ampere_plus": trt.HardwareCompatibilityLevel.AMPERE_PLUS,
+        "same_compute_capability": trt.HardwareCompatibilityLevel.SAME_COMPUTE_CAPABILITY,
+    }
+    return levels[name]
+
+
+def profiling_verbosity(name: str) -> trt.ProfilingVerbosity:
+    """The TensorRT profiling verbosity for ``detailed`` / ``layer_names_only`` / ``none``."""
+    import tensorrt as trt
+
+    levels = {
+        "detailed": trt.ProfilingVerbosity.DETAILED,
+        "layer_names_only": trt.ProfilingVerbosity.LAYER_NAMES_ONLY,
+        "none": trt.ProfilingVerbosity.NONE,
+    }
+    return levels[name]
+
+
+def network_flags(strongly_typed: bool) -> int:
+    """``create_network`` flags: STRONGLY_TYPED on 10.x; 0 on 11.x, where strong typing is the only mode."""
+    import tensorrt as trt
+
+    if trt_version() < (11, 0) and strongly_typed:
+        # 10.x: weak typing is the default (deprecated since 10.12); ask for strong typing.
+        return 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    return 0
+
+
+def io_dtypes() -> list[trt.DataType]:
+    """The TensorRT data types of IO_DTYPE_NAMES."""
+    import tensorrt as trt
+
+    table = {"float32": trt.float32, "float16": trt.float16, "int32": trt.int32, "int64": trt.int64, "bool": trt.bool}
+    return [table[n] for n in IO_DTYPE_NAMES]
+
+
+def numpy_dtype(dtype: trt.DataType) -> np.dtype[Any]:
+    """The numpy dtype of an engine I/O tensor's TensorRT data type."""
+    import numpy as np
+    import tensorrt as trt
+
+    return np.dtype(trt.nptype(dtype))
+
+
+def dims_list(dims: trt.Dims) -> list[int]:
+    """A ``trt.Dims`` as a list of ints (indexed: the bindings declare no ``__iter__``)."""
+    return [int(dims[i]) for i in range(len(dims))]
+
+
+def is_input(engine: trt.ICudaEngine, name: str) -> bool:
+    """Whether I/O tensor ``name`` of ``engine`` is an input."""
+    import tensorrt as trt
+
+    return engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT
 
 
 # --------------------------------------------------------------------------- progress
-def make_progress_monitor(progress: Any) -> Any:
+def make_progress_monitor(progress: Progress) -> trt.IProgressMonitor:
     """A ``trt.IProgressMonitor`` driving a rich ``Progress``: one task per build phase.
 
     Defined lazily because the base class lives in ``tensorrt``. A
@@ -129,24 +213,25 @@ def make_progress_monitor(progress: Any) -> Any:
     """
     import tensorrt as trt
 
-    class RichProgressMonitor(trt.IProgressMonitor):  # type: ignore[misc, name-defined]
+    class RichProgressMonitor(trt.IProgressMonitor):
         def __init__(self) -> None:
             trt.IProgressMonitor.__init__(self)
-            self.tasks: dict[str, Any] = {}
+            self.tasks: dict[str, TaskID] = {}
             self.cancelled = False
 
-        def phase_start(self, phase_name: str, parent_phase: str | None, num_steps: int) -> None:
+        # Parameter types as wide as the bindings' (SupportsInt), so the overrides are valid subclass methods.
+        def phase_start(self, phase_name: str, parent_phase: str | None, num_steps: SupportsInt) -> None:
             try:
                 depth = 1 if parent_phase else 0  # indent sub-phases under their parent
-                self.tasks[phase_name] = progress.add_task("  " * depth + phase_name, total=max(num_steps, 1))
+                self.tasks[phase_name] = progress.add_task("  " * depth + phase_name, total=max(int(num_steps), 1))
             except KeyboardInterrupt:
                 self.cancelled = True
 
-        def step_complete(self, phase_name: str, step: int) -> bool:
+        def step_complete(self, phase_name: str, step: SupportsInt) -> bool:
             try:
                 task = self.tasks.get(phase_name)
                 if task is not None:
-                    progress.update(task, completed=step + 1)
+                    progress.update(task, completed=int(step) + 1)
             except KeyboardInterrupt:
                 self.cancelled = True
             return not self.cancelled
@@ -162,8 +247,50 @@ def make_progress_monitor(progress: Any) -> Any:
     return RichProgressMonitor()
 
 
+# --------------------------------------------------------------------------- Polygraphy
+# Construction only (Polygraphy builds when the loader is called), so tests/trt_api runs these
+# against Polygraphy's real signatures without TensorRT's libraries.
+def polygraphy_profiles(shapes: Sequence[Mapping[str, tuple[Sequence[int], Sequence[int], Sequence[int]]]]) -> list[PolyProfile]:
+    """One Polygraphy Profile per {input name: (min, opt, max)} mapping."""
+    from polygraphy.backend.trt import Profile as PolyProfile
+
+    out = []
+    for table in shapes:
+        pp = PolyProfile()
+        for name, (lo, op, hi) in table.items():
+            pp.add(name, min=lo, opt=op, max=hi)
+        out.append(pp)
+    return out
+
+
+def polygraphy_config(profiles: list[PolyProfile], *, opt_level: int, hardware_compatibility: str, verbosity: str,
+                      workspace: int | None, timing_cache: str | Path | None,
+                      monitor: trt.IProgressMonitor | None) -> CreateConfig:
+    """Polygraphy's CreateConfig for a strongly typed build (no precision flags)."""
+    import tensorrt as trt
+    from polygraphy.backend.trt import CreateConfig
+
+    return CreateConfig(
+        profiles=profiles,
+        builder_optimization_level=int(opt_level),
+        hardware_compatibility_level=hardware_level(hardware_compatibility),
+        profiling_verbosity=profiling_verbosity(verbosity),
+        memory_pool_limits={trt.MemoryPoolType.WORKSPACE: int(workspace)} if workspace else None,
+        load_timing_cache=str(timing_cache) if timing_cache and Path(timing_cache).is_file() else None,
+        progress_monitor=monitor,
+    )
+
+
+def polygraphy_loader(network: tuple[trt.Builder, trt.INetworkDefinition, trt.OnnxParser], config: CreateConfig,
+                      timing_cache: str | Path | None) -> EngineFromNetwork:
+    """Polygraphy's EngineFromNetwork; calling it builds the engine."""
+    from polygraphy.backend.trt import EngineFromNetwork
+
+    return EngineFromNetwork(network, config=config, save_timing_cache=str(timing_cache) if timing_cache else None)
+
+
 # --------------------------------------------------------------------------- build steps
-def _parse_network(trt: Any, onnx_path: Path, strongly_typed: bool) -> tuple[Any, Any, Any]:
+def _parse_network(onnx_path: Path, strongly_typed: bool) -> tuple[trt.Builder, trt.INetworkDefinition, trt.OnnxParser]:
     """Builder, network and parser for the ONNX; UsageError listing parser errors with node names.
 
     Parsed here rather than with Polygraphy's ``NetworkFromOnnxPath`` so that
@@ -171,13 +298,11 @@ def _parse_network(trt: Any, onnx_path: Path, strongly_typed: bool) -> tuple[Any
     (Polygraphy only logs them); the tuple is then handed to Polygraphy's
     ``EngineFromNetwork``, which accepts (builder, network, parser).
     """
+    import tensorrt as trt
+
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    flags = 0
-    if _trt_major(trt) < 11 and strongly_typed:
-        # 10.x: weak typing is the default (deprecated since 10.12); ask for strong typing.
-        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
-    network = builder.create_network(flags)
+    network = builder.create_network(network_flags(strongly_typed))
     parser = trt.OnnxParser(network, logger)
     ok = parser.parse_from_file(str(onnx_path))
     if not ok or parser.num_errors:
@@ -197,15 +322,13 @@ def _parse_network(trt: Any, onnx_path: Path, strongly_typed: bool) -> tuple[Any
     return builder, network, parser
 
 
-def _io_table(trt: Any, engine: Any) -> list[dict[str, Any]]:
-    import numpy as np
-
+def _io_table(engine: trt.ICudaEngine) -> list[dict[str, Any]]:
     out = []
     for i in range(engine.num_io_tensors):
         name = engine.get_tensor_name(i)
-        mode = "input" if engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT else "output"
-        dtype = np.dtype(trt.nptype(engine.get_tensor_dtype(name))).name
-        out.append({"name": name, "mode": mode, "dtype": dtype, "shape": [int(d) for d in engine.get_tensor_shape(name)]})
+        mode = "input" if is_input(engine, name) else "output"
+        dtype = numpy_dtype(engine.get_tensor_dtype(name)).name
+        out.append({"name": name, "mode": mode, "dtype": dtype, "shape": dims_list(engine.get_tensor_shape(name))})
     return out
 
 
@@ -224,7 +347,7 @@ def _precision(model_path: Path, spec: ModelSpec) -> str:
 
 
 @contextlib.contextmanager
-def _progress_bar(enabled: bool) -> Iterator[Any]:
+def _progress_bar(enabled: bool) -> Iterator[Progress | None]:
     if not enabled:
         yield None
         return
@@ -274,8 +397,6 @@ def build_engine(
         raise MissingDependencyError(f"building a TensorRT engine needs Polygraphy: {INSTALL_HINT}")
 
     import tensorrt as trt
-    from polygraphy.backend.trt import CreateConfig, EngineFromNetwork
-    from polygraphy.backend.trt import Profile as PolyProfile
 
     readiness = check_trt_readiness(onnx_path, target=".".join(str(trt.__version__).split(".")[:2]), profiles=profiles)
     readiness.raise_for_errors()
@@ -287,32 +408,16 @@ def build_engine(
     warnings = validate_profiles(profiles, spec)
     warnings += [str(f) for f in readiness.warnings]
 
-    poly_profiles = []
-    for p in profiles:
-        pp = PolyProfile()
-        for name, (lo, op, hi) in tensor_shapes(p, spec).items():
-            pp.add(name, min=lo, opt=op, max=hi)
-        poly_profiles.append(pp)
+    poly_profiles = polygraphy_profiles([tensor_shapes(p, spec) for p in profiles])
 
     t0 = time.perf_counter()
     with _progress_bar(progress) as bar:
-        config_kwargs: dict[str, Any] = dict(
-            profiles=poly_profiles,
-            builder_optimization_level=int(opt_level),
-            hardware_compatibility_level=getattr(trt.HardwareCompatibilityLevel, HARDWARE_LEVELS[hardware_compatibility]),
-            profiling_verbosity=getattr(trt.ProfilingVerbosity, VERBOSITY[verbosity]),
-        )
-        if workspace:
-            config_kwargs["memory_pool_limits"] = {trt.MemoryPoolType.WORKSPACE: int(workspace)}
-        if timing_cache and Path(timing_cache).is_file():
-            config_kwargs["load_timing_cache"] = str(timing_cache)
-        if bar is not None:
-            config_kwargs["progress_monitor"] = make_progress_monitor(bar)
-        network = _parse_network(trt, onnx_path, strongly_typed)
-        loader = EngineFromNetwork(network, config=CreateConfig(**config_kwargs),
-                                   save_timing_cache=str(timing_cache) if timing_cache else None)
+        config = polygraphy_config(poly_profiles, opt_level=opt_level, hardware_compatibility=hardware_compatibility,
+                                   verbosity=verbosity, workspace=workspace, timing_cache=timing_cache,
+                                   monitor=make_progress_monitor(bar) if bar is not None else None)
+        loader = polygraphy_loader(_parse_network(onnx_path, strongly_typed), config, timing_cache)
         try:
-            engine = loader()
+            engine: trt.ICudaEngine = loader()
         except Exception as exc:  # noqa: BLE001 - Polygraphy raises PolygraphyException on build failure
             msg = str(exc).strip().splitlines()
             raise EngineFailed(
@@ -331,7 +436,7 @@ def build_engine(
     sidecar = make_sidecar(
         engine_path=out, engine_sha256=file_sha256(out), tensorrt_version=str(trt.__version__),
         gpu_name=gpu.name, compute_capability=gpu.compute_capability, profiles=profiles, spec=spec,
-        io=_io_table(trt, engine), onnx_path=onnx_path.resolve(), onnx_sha256=file_sha256(onnx_path),
+        io=_io_table(engine), onnx_path=onnx_path.resolve(), onnx_sha256=file_sha256(onnx_path),
         precision=_precision(onnx_path, spec), fusion=report.to_dict(), hardware_compatibility=hardware_compatibility,
         build={
             "seconds": round(seconds, 3), "builder_optimization_level": int(opt_level), "workspace_bytes": workspace,

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
 
@@ -24,7 +24,10 @@ from ..spec import format_shape
 from .base import Runner
 from .profiles import describe_profiles, find_profile
 from .sidecar import check_compatible, read_sidecar, sidecar_profiles, sidecar_spec
-from .trt_build import require_tensorrt
+from .trt_build import dims_list, is_input, numpy_dtype, require_tensorrt
+
+if TYPE_CHECKING:  # the real import stays in _activate: this module imports without TensorRT
+    import tensorrt as trt
 
 
 class TrtRunner(Runner):
@@ -65,9 +68,9 @@ class TrtRunner(Runner):
         self._reset_state()
 
     def _reset_state(self) -> None:
-        self.engine: Any = None
-        self.context: Any = None
-        self._runtime: Any = None
+        self.engine: trt.ICudaEngine | None = None
+        self.context: trt.IExecutionContext | None = None
+        self._runtime: trt.Runtime | None = None
         self._stream: Any = None
         self._profile: int | None = None
         self._outputs: dict[tuple[str, tuple[int, ...]], Any] = {}
@@ -80,12 +83,18 @@ class TrtRunner(Runner):
     # -- shapes ---------------------------------------------------------------
     def check_shape(self, batch: int, height: int, width: int) -> None:
         """The model's rule (H/W multiple), then: the shape must fall inside one of the engine's profiles."""
+        self._profile_index(batch, height, width)
+
+    def _profile_index(self, batch: int, height: int, width: int) -> int:
+        """The index of the first profile covering the shape; ShapeError (as check_shape) if none does."""
         self.spec.check_shape(batch, height, width)
-        if find_profile(self.profiles, batch, height, width) is None:
+        index = find_profile(self.profiles, batch, height, width)
+        if index is None:
             raise ShapeError(
                 f"shape {format_shape((batch, height, width))} is outside this engine's optimization profiles "
                 f"({describe_profiles(self.profiles)}); rebuild the engine with a profile that covers it"
             )
+        return index
 
     # -- lifecycle ------------------------------------------------------------
     def _activate(self) -> None:
@@ -100,22 +109,20 @@ class TrtRunner(Runner):
         check_compatible(self.sidecar, str(trt.__version__), gpu.name, gpu.compute_capability)
         torch.cuda.set_device(self.device)
         logger = trt.Logger(trt.Logger.WARNING)
-        self._runtime = trt.Runtime(logger)
+        runtime = self._runtime = trt.Runtime(logger)
         if self.sidecar.get("hardware_compatibility", "none") != "none":
             # Hardware-compatible plans carry host code TensorRT must be allowed to run.
-            try:
-                self._runtime.engine_host_code_allowed = True
-            except AttributeError:
-                pass
-        self.engine = self._runtime.deserialize_cuda_engine(self.path.read_bytes())
-        if self.engine is None:
+            runtime.engine_host_code_allowed = True
+        # The bindings return None when deserialization fails (their stubs say ICudaEngine).
+        engine: trt.ICudaEngine | None = runtime.deserialize_cuda_engine(self.path.read_bytes())
+        if engine is None:
             raise UsageError(f"TensorRT could not load {self.path.name}; rebuild the engine with `attn-export trt`")
-        self.context = self.engine.create_execution_context()
-        for i in range(self.engine.num_io_tensors):
-            name = self.engine.get_tensor_name(i)
-            np_dtype = np.dtype(trt.nptype(self.engine.get_tensor_dtype(name)))
-            self._dtypes[name] = getattr(torch, np_dtype.name)
-            if self.engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT:
+        self.engine = engine
+        self.context = engine.create_execution_context()
+        for i in range(engine.num_io_tensors):
+            name = engine.get_tensor_name(i)
+            self._dtypes[name] = getattr(torch, numpy_dtype(engine.get_tensor_dtype(name)).name)
+            if is_input(engine, name):
                 self._input_names.append(name)
             else:
                 self._output_names.append(name)
@@ -131,6 +138,12 @@ class TrtRunner(Runner):
             self.context = None
             self.engine = None
             self._reset_state()
+
+    def _context(self) -> trt.IExecutionContext:
+        """The execution context of an active runner."""
+        if self.context is None:
+            raise UsageError("the TensorRT runner is not active; call activate() first")
+        return self.context
 
     # -- inference ------------------------------------------------------------
     def _infer(self, feeds: Mapping[str, Any]) -> dict[str, Any]:
@@ -166,16 +179,17 @@ class TrtRunner(Runner):
 
     def _prepare(self, inputs: Mapping[str, Any]) -> dict[str, Any]:
         """Set shapes and addresses for one call; return the output tensors."""
+        context = self._context()
         for name in self._input_names:
             t = inputs[name]
-            if not self.context.set_input_shape(name, tuple(t.shape)):
+            if not context.set_input_shape(name, tuple(t.shape)):
                 raise ShapeError(f"TensorRT refused shape {tuple(t.shape)} for input {name}")
-            self.context.set_tensor_address(name, t.data_ptr())
+            context.set_tensor_address(name, t.data_ptr())
         outs = {}
         for name in self._output_names:
-            shape = tuple(int(d) for d in self.context.get_tensor_shape(name))
+            shape = tuple(dims_list(context.get_tensor_shape(name)))
             buf = self._output_buffer(name, shape)
-            self.context.set_tensor_address(name, buf.data_ptr())
+            context.set_tensor_address(name, buf.data_ptr())
             outs[name] = buf
         return outs
 
@@ -186,9 +200,10 @@ class TrtRunner(Runner):
         b, h, w = int(x.shape[0]), int(x.shape[2]), int(x.shape[3])
         profile = find_profile(self.profiles, b, h, w)
         if profile is None:
-            self.check_shape(b, h, w)  # raises with the profile ranges
+            profile = self._profile_index(b, h, w)  # raises with the profile ranges
         dev = torch.device("cuda", self.device)
         with self._lock:
+            context = self._context()
             stream = self._stream
             caller = torch.cuda.current_stream(dev)
             if stream is not caller:
@@ -203,7 +218,7 @@ class TrtRunner(Runner):
                         t.record_stream(stream)
                     inputs[name] = t
                 if profile != self._profile:
-                    self.context.set_optimization_profile_async(profile, stream.cuda_stream)
+                    context.set_optimization_profile_async(profile, stream.cuda_stream)
                     self._profile = profile
                     self._graphs.clear()  # captured graphs belong to the previous profile's setup
                 key = (profile,) + tuple((n, tuple(inputs[n].shape)) for n in self._input_names)
@@ -216,7 +231,7 @@ class TrtRunner(Runner):
                     outs = self._capture(key, inputs, stream)
                 else:
                     outs = self._prepare(inputs)
-                    if not self.context.execute_async_v3(stream.cuda_stream):
+                    if not context.execute_async_v3(stream.cuda_stream):
                         raise EngineFailed("TensorRT execution failed (execute_async_v3 returned False)")
                     self._seen.add(key)
             if stream is not caller:
@@ -227,18 +242,19 @@ class TrtRunner(Runner):
         """Capture one enqueue at this shape into a CUDA graph (after a warm-up call), then replay it."""
         import torch
 
+        context = self._context()
         static_in = {n: t.clone() for n, t in inputs.items()}
         # Graph outputs must stay put: give them their own buffers, not the shared per-shape ones.
         outs = self._prepare(static_in)
         outs = {n: torch.empty_like(v) for n, v in outs.items()}
         for n, v in outs.items():
-            self.context.set_tensor_address(n, v.data_ptr())
+            context.set_tensor_address(n, v.data_ptr())
         # One plain run so TensorRT finishes any shape-dependent setup before capture.
-        if not self.context.execute_async_v3(stream.cuda_stream):
+        if not context.execute_async_v3(stream.cuda_stream):
             raise EngineFailed("TensorRT execution failed (execute_async_v3 returned False)")
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, stream=stream):
-            if not self.context.execute_async_v3(stream.cuda_stream):
+            if not context.execute_async_v3(stream.cuda_stream):
                 raise EngineFailed("TensorRT execution failed during CUDA graph capture")
         graph.replay()
         self._graphs[key] = (graph, static_in, outs)
