@@ -442,15 +442,21 @@ def triton_cmd(
     kind: Optional[str] = typer.Option(None, "--kind", help="gpu or cpu (default: gpu for engines, cpu for ONNX)."),
     max_batch: Optional[int] = typer.Option(None, "--max-batch", help="max_batch_size (default: the engine profile's max batch; 8 for ONNX). 0 disables batching."),
     force: bool = typer.Option(False, "--force", help="Replace an existing model folder."),
+    attention: str = typer.Option("onnxruntime", "--attention", help=(
+        "ONNX files: onnxruntime (default) writes attention as ONNX Runtime's MultiHeadAttention, flash attention "
+        "on CPU and CUDA with memory linear in the sequence; as-is copies the file unchanged.")),
 ) -> None:
     from rich.markup import escape
 
     from .triton import write_model_repository
 
     m = write_model_repository(artifact, repo, name=name, version=version, instances=instances, kind=kind,
-                               max_batch=max_batch, force=force)
+                               max_batch=max_batch, force=force, attention=attention)
     console.print(f"wrote Triton model [bold]{escape(m.name)}[/] ({m.platform}, max_batch_size {m.max_batch_size}) "
                   f"in {escape(str(m.model_dir))}", highlight=False)
+    if m.attention_rewritten:
+        console.print(f"  attention: {m.attention_rewritten} site(s) as MultiHeadAttention (ONNX Runtime's flash attention)",
+                      highlight=False)
     console.print(f"  {escape(str(m.config_path))}", highlight=False)
     for p in [m.model_file, *m.copied]:
         console.print(f"  {escape(str(p))}", highlight=False)

@@ -68,6 +68,7 @@ class TritonModel:
     outputs: list[TensorConfig]
     copied: list[Path] = field(default_factory=list)
     validated: bool = False
+    attention_rewritten: int = 0  # attention sites served as ONNX Runtime's MultiHeadAttention
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -107,6 +108,24 @@ def _engine_io(path: Path) -> tuple[list[TensorConfig], list[TensorConfig], int,
         (ins if t.get("mode", "input") == "input" else outs).append(cfg)
     max_batch = max(int(p["max"][0]) for p in data["profiles"]) if data["profiles"] else 0
     return ins, outs, max_batch, data
+
+
+def _onnxruntime_form(path: Path) -> tuple[Any, int] | None:
+    """The file with its attention in ONNX Runtime's form and the number of sites rewritten (None: nothing to do).
+
+    Weights are not loaded: the rewrite changes nodes only, and tensors stored
+    outside keep pointing at their data file.
+    """
+    from .exporter.metadata import load_onnx
+    from .graph import to_onnxruntime_form
+
+    model = load_onnx(path, load_external_data=False)
+    result = to_onnxruntime_form(model)
+    if not result.rewritten:
+        return None
+    if model.ByteSize() >= 2**31 - 2**26:
+        raise UsageError(f"{path.name} in ONNX Runtime's form would exceed 2 GB in one file; pass --attention as-is")
+    return model, len(result.rewritten)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -197,8 +216,14 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 def write_model_repository(artifact: str | Path, repo: str | Path, *, name: str | None = None, version: int = 1,
                            instances: int = 1, kind: str | None = None, max_batch: int | None = None,
-                           force: bool = False) -> TritonModel:
+                           force: bool = False, attention: str = "onnxruntime") -> TritonModel:
     """Write ``repo/name/`` for an ONNX file or an engine; refuses an existing model folder unless ``force``.
+
+    ``attention="onnxruntime"`` (the default) writes the ONNX Runtime form of an
+    ONNX file: every FP32 attention site as ``com.microsoft.MultiHeadAttention``,
+    which Triton's ONNX Runtime backend runs as flash attention on CPU and CUDA
+    (memory linear in the sequence length), the same form ``verify`` and
+    ``bench`` run. ``"as-is"`` copies the file unchanged.
 
     The folder is assembled next to its final place and renamed into it, so an
     interrupted run leaves either the old model or the new one, never a mix.
@@ -216,7 +241,10 @@ def write_model_repository(artifact: str | Path, repo: str | Path, *, name: str 
         raise UsageError(f"--version must be a positive integer (got {version})")
     if instances < 1:
         raise UsageError(f"--instances must be at least 1 (got {instances})")
+    if attention not in ("onnxruntime", "as-is"):
+        raise UsageError(f"--attention must be onnxruntime or as-is (got {attention!r})")
     is_engine = is_engine_path(src)
+    served: tuple[Any, int] | None = None
     header = [f"written by attn-export from {src.name}"]
     if is_engine:
         inputs, outputs, profile_max, sidecar = _engine_io(src)
@@ -239,6 +267,10 @@ def write_model_repository(artifact: str | Path, repo: str | Path, *, name: str 
         if max_batch is None:
             max_batch = DEFAULT_ONNX_MAX_BATCH
         platform, file_name = "onnxruntime_onnx", "model.onnx"
+        served = _onnxruntime_form(src) if attention == "onnxruntime" else None
+        if served is not None:
+            header.append(f"attention: {served[1]} site(s) as com.microsoft.MultiHeadAttention (ONNX Runtime's flash "
+                          f"attention); {src.name} itself keeps the standard form TensorRT reads")
     if kind not in ("gpu", "cpu"):
         raise UsageError(f"--kind must be gpu or cpu (got {kind!r})")
     if max_batch < 0:
@@ -268,7 +300,13 @@ def write_model_repository(artifact: str | Path, repo: str | Path, *, name: str 
     try:
         vdir = tmp / str(version)
         vdir.mkdir()
-        shutil.copyfile(src, vdir / file_name)
+        if served is not None:
+            import onnx
+
+            # Initializers kept outside still name their data file, copied unchanged below.
+            onnx.save_model(served[0], str(vdir / file_name))
+        else:
+            shutil.copyfile(src, vdir / file_name)
         for loc in extra:
             data = src.parent / loc
             if not data.is_file():
@@ -291,4 +329,4 @@ def write_model_repository(artifact: str | Path, repo: str | Path, *, name: str 
     return TritonModel(name=name, platform=platform, model_dir=model_dir,
                        model_file=model_dir / str(version) / file_name, config_path=model_dir / "config.pbtxt",
                        config_text=text, max_batch_size=max_batch, inputs=inputs, outputs=outputs, copied=copied,
-                       validated=validated)
+                       validated=validated, attention_rewritten=served[1] if served else 0)

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 from typer.testing import CliRunner
 
@@ -40,7 +41,11 @@ def _io(cfg) -> dict[str, tuple[int, list[int], list[int] | None]]:
 def test_onnx_repository(tiny_onnx: Path, tmp_path: Path) -> None:
     m = write_model_repository(tiny_onnx, tmp_path / "repo", name="ddpm_tiny", instances=2)
     assert m.validated
-    assert (tmp_path / "repo" / "ddpm_tiny" / "1" / "model.onnx").read_bytes() == tiny_onnx.read_bytes()
+    served = onnx.load(str(tmp_path / "repo" / "ddpm_tiny" / "1" / "model.onnx"))
+    assert m.attention_rewritten == sum(n.op_type == "Attention" for n in onnx.load(str(tiny_onnx)).graph.node) > 0
+    assert sum(n.op_type == "MultiHeadAttention" and n.domain == "com.microsoft" for n in served.graph.node) == \
+        m.attention_rewritten
+    assert read_spec(tmp_path / "repo" / "ddpm_tiny" / "1" / "model.onnx") == read_spec(tiny_onnx)
     pb2, cfg = _parse(tmp_path / "repo" / "ddpm_tiny" / "config.pbtxt")
     assert cfg.name == "ddpm_tiny" and cfg.platform == "onnxruntime_onnx"
     assert cfg.max_batch_size == 8
@@ -71,18 +76,29 @@ def test_onnx_external_data_is_copied_and_loads(tmp_path: Path) -> None:
     src.mkdir()
     export_onnx(ModelSource(preset="tiny"), src / "unet.onnx", check=False, external_data_threshold=1)
     assert (src / "unet.onnx.data").is_file()
-    m = write_model_repository(src / "unet.onnx", tmp_path / "repo")
-    assert m.name == "unet"
-    vdir = tmp_path / "repo" / "unet" / "1"
-    assert sorted(p.name for p in vdir.iterdir()) == ["model.onnx", "unet.onnx.data"]
-    # The copy runs on its own, from the repository folder (what Triton's ORT backend does).
     import onnxruntime as ort
 
-    spec = read_spec(vdir / "model.onnx")
-    feeds = spec.make_inputs(1, 16, 16)
-    sess = ort.InferenceSession(str(vdir / "model.onnx"), providers=["CPUExecutionProvider"])
     ref = ort.InferenceSession(str(src / "unet.onnx"), providers=["CPUExecutionProvider"])
-    np.testing.assert_array_equal(sess.run(None, feeds)[0], ref.run(None, feeds)[0])
+    for attention in ("as-is", "onnxruntime"):
+        m = write_model_repository(src / "unet.onnx", tmp_path / attention, attention=attention)
+        assert m.name == "unet"
+        vdir = tmp_path / attention / "unet" / "1"
+        assert sorted(p.name for p in vdir.iterdir()) == ["model.onnx", "unet.onnx.data"]
+        # The copy runs on its own, from the repository folder (what Triton's ORT backend does).
+        spec = read_spec(vdir / "model.onnx")
+        feeds = spec.make_inputs(1, 16, 16)
+        sess = ort.InferenceSession(str(vdir / "model.onnx"), providers=["CPUExecutionProvider"])
+        got, want = sess.run(None, feeds)[0], ref.run(None, feeds)[0]
+        ops = {n.op_type for n in onnx.load(str(vdir / "model.onnx"), load_external_data=False).graph.node}
+        if attention == "as-is":
+            np.testing.assert_array_equal(got, want)
+            assert m.attention_rewritten == 0 and "MultiHeadAttention" not in ops
+        else:
+            # The serving form: every site as MultiHeadAttention, the weights still in the copied data file.
+            sites = sum(n.op_type == "Attention" for n in onnx.load(str(src / "unet.onnx"), load_external_data=False).graph.node)
+            assert m.attention_rewritten == sites > 0 and "MultiHeadAttention" in ops and "Attention" not in ops
+            assert "MultiHeadAttention" in m.config_text
+            np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-3)
 
 
 def _fake_engine(folder: Path, spec_dict: dict, x_dtype: str = "float16") -> Path:
