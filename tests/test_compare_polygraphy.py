@@ -175,6 +175,15 @@ def test_documented_difference_matched_infs_in_the_mean() -> None:
     assert not ours.passed and bool(theirs)
 
 
+def test_nan_statistic_fails() -> None:
+    # Found by the random test below: relative errors that overflow to Inf make np.quantile interpolate
+    # Inf - Inf = NaN. Polygraphy fails a NaN statistic; ours passed it before (NaN > rtol is False).
+    ref, cand = np.zeros(3), np.array([0.0, 0.0, 1e294])
+    tol = Tolerances(atol=0.0, rtol=0.0, stat="quantile", quantile=1.0)
+    ours, theirs = both(ref, cand, tol)
+    assert np.isnan(ours.stat_rel) and not ours.passed and not bool(theirs)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # random arrays, random tolerances, special values
 # ---------------------------------------------------------------------------------------------------------------------
