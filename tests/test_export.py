@@ -250,3 +250,10 @@ def test_export_check_uses_the_comparison_rule(tmp_path) -> None:
     nan.flat[0] = np.nan  # a NaN in PyTorch where ONNX Runtime is finite fails whatever the tolerance
     from attn_export.compare import Tolerances
     assert not onnx_export.compare_with_reference(str(r.path), [(shape, feeds, nan)], Tolerances(1e9, 1e9))["passed"]
+
+
+def test_torchscript_exporter_deprecation_is_raised(tmp_path) -> None:
+    # The TorchScript exporter is deprecated in PyTorch; the export path must not hide that. When this
+    # fails, PyTorch changed the warning or removed the exporter: time to move the export to dynamo.
+    with pytest.warns(DeprecationWarning, match="legacy TorchScript-based ONNX export"):
+        export_onnx(ModelSource(preset="tiny"), tmp_path / "m.onnx", check=False)
