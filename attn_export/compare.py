@@ -1,6 +1,6 @@
 """Output comparison: error statistics and Polygraphy's pass rule.
 
-Pass rule (Polygraphy's ``CompareFunc.simple``): a value fails only when it
+Pass rule (Polygraphy's ``SimpleCompareFunc``, formerly ``CompareFunc.simple``): a value fails only when it
 exceeds BOTH ``atol`` and ``rtol``.
 
 * ``elemwise``: an element mismatches when (absdiff > atol or NaN) and
@@ -14,9 +14,19 @@ in the candidate where the reference is finite always fails: a mean over a
 large output could otherwise hide it. The error statistics are computed over
 the elements where both outputs are finite.
 
-Relative error divides by |reference|; zeros in the reference get a tiny
-epsilon (:data:`REL_EPS`) so they give a large but finite relative error and
-the absolute tolerance decides for them.
+Relative error divides by |reference|; exact zeros in the reference are
+replaced by a tiny epsilon (:data:`REL_EPS`, the float64 machine epsilon, as
+Polygraphy does) so they give a large but finite relative error and the
+absolute tolerance decides for them.
+
+Where this differs from Polygraphy (checked against its comparator in
+``tests/test_compare_polygraphy.py``; see docs/comparison.md): the same
+non-finite value on both sides (NaN and NaN, or Inf and Inf of the same sign)
+is not an error here and is left out of the statistics, where Polygraphy
+fails every NaN and, with ``infinities_compare_equal``, counts matched Infs
+as zero error; a NaN/Inf on one side only fails here under every statistic,
+where a Polygraphy median or quantile it does not move passes; and the statistics are computed in float64, where Polygraphy
+uses the outputs' dtype (and float32 for means).
 
 Default tolerances (:func:`default_tolerances`), printed and overridable:
 
@@ -42,7 +52,8 @@ import numpy as np
 from .errors import UsageError
 
 STATS = ("elemwise", "max", "mean", "median", "quantile")
-REL_EPS = 1e-12
+# Polygraphy's epsilon for zeros in the reference (np.finfo(np.float64).eps).
+REL_EPS = float(np.finfo(np.float64).eps)
 P99 = 0.99
 
 
@@ -150,6 +161,10 @@ def _stat(values: np.ndarray, tol: Tolerances) -> float:
     return float(np.quantile(values, tol.quantile))
 
 
+def _exceeds(value: float, tol: float) -> bool:
+    return math.isnan(value) or value > tol
+
+
 def elemwise_mismatch(absdiff: np.ndarray, reldiff: np.ndarray, atol: float, rtol: float) -> np.ndarray:
     """Boolean mask of elements that exceed both tolerances (NaN counts as exceeding)."""
     over_abs = (absdiff > atol) | np.isnan(absdiff)
@@ -186,7 +201,8 @@ def compare_arrays(name: str, reference: np.ndarray, candidate: np.ndarray, tol:
     both_finite = np.isfinite(ref) & np.isfinite(cand)
     r, c = ref[both_finite], cand[both_finite]
     absdiff = np.abs(c - r)
-    reldiff = absdiff / np.maximum(np.abs(r), REL_EPS)
+    # Only exact zeros get the epsilon: a tiny non-zero reference keeps its own (huge) relative error.
+    reldiff = absdiff / np.where(r == 0.0, REL_EPS, np.abs(r))
     empty = absdiff.size == 0
     mismatch = elemwise_mismatch(absdiff, reldiff, tol.atol, tol.rtol)
     n_mismatch = int(mismatch.sum()) + n_bad_finite
@@ -195,7 +211,9 @@ def compare_arrays(name: str, reference: np.ndarray, candidate: np.ndarray, tol:
     if tol.stat == "elemwise":
         ok_values = not mismatch.any()
     else:
-        ok_values = not (stat_abs > tol.atol and stat_rel > tol.rtol)
+        # A NaN statistic counts as exceeding (as in Polygraphy): np.quantile over huge relative errors that
+        # overflowed to Inf interpolates Inf - Inf = NaN, which must not pass.
+        ok_values = not (_exceeds(stat_abs, tol.atol) and _exceeds(stat_rel, tol.rtol))
     passed = ok_values and n_bad_finite == 0
     reasons = []
     if n_bad_finite:

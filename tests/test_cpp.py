@@ -1,8 +1,10 @@
 """The C++ side (attn_export/engines/cpp): the .npy library against numpy, and the engine runner.
 
-The CMake project is configured and built once per session. cmake and a C++17
-compiler are required: a missing tool fails the tests instead of skipping them,
-so a broken C++ build cannot hide behind a skip.
+The CMake project is configured and built once per session. cmake, a C++17
+compiler and nlohmann/json 3.x (its CMake package, e.g. Debian's
+nlohmann-json3-dev; or set CMAKE_PREFIX_PATH to an install) are required: a
+missing one fails the tests with CMake's message instead of skipping them, so a
+broken C++ build cannot hide behind a skip.
 """
 
 from __future__ import annotations
@@ -77,6 +79,16 @@ def _sample(dtype: str, shape: tuple[int, ...]) -> np.ndarray:
 def test_ctest_passes(cpp_build: Path) -> None:
     # The fixture already ran ctest; this makes the result visible as a test.
     assert (cpp_build / "CTestTestfile.cmake").is_file()
+
+
+def test_missing_json_library_fails_configure(tmp_path: Path) -> None:
+    # Without nlohmann/json the configure stops with a message saying what to install: no build
+    # quietly without the sidecar reader.
+    if shutil.which("cmake") is None:
+        pytest.fail("cmake is not on PATH")
+    proc = _run(["cmake", "-S", CPP_DIR, "-B", tmp_path / "b", "-DCMAKE_DISABLE_FIND_PACKAGE_nlohmann_json=ON"])
+    assert proc.returncode != 0
+    assert "nlohmann/json 3.x not found" in proc.stderr and "nlohmann-json3-dev" in proc.stderr, proc.stderr
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)) or "0d")

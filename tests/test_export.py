@@ -167,7 +167,8 @@ def test_failed_check_leaves_nothing_behind(tmp_path, monkeypatch, threshold, in
         assert Path(path).parent != tmp_path  # the check reads the staged copy, not the output
         if interrupt:
             raise KeyboardInterrupt
-        return {"shapes": [{"shape": list(reference[0][0]), "max_abs_err": 0.5}], "max_abs_err": 0.5}
+        return {"passed": False, "max_abs_err": 0.5, "tolerances": "atol 1e-04",
+                "shapes": [{"shape": list(reference[0][0]), "passed": False, "max_abs_err": 0.5, "reason": "planted"}]}
 
     monkeypatch.setattr(onnx_export, "compare_with_reference", disagree)
     kwargs = {"external_data_threshold": threshold} if threshold else {}
@@ -226,3 +227,33 @@ def test_interrupted_export_leaves_nothing(tmp_path, monkeypatch) -> None:
     with pytest.raises(KeyboardInterrupt):
         export_onnx(ModelSource(preset="tiny"), out, check=False)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_export_check_uses_the_comparison_rule(tmp_path) -> None:
+    # The export check is attn_export.compare's rule at the FP32 tolerances, not a max-abs threshold of its own.
+    from attn_export.compare import resolve_tolerances
+    from attn_export.exporter import onnx_export
+
+    r = export_onnx(ModelSource(preset="tiny"), tmp_path / "m.onnx")
+    assert r.check["passed"] and r.check["tolerances"] == resolve_tolerances("fp32").describe()
+    assert onnx_export.EXPORT_TOLERANCES == resolve_tolerances("fp32")
+    loaded = load_model(ModelSource(preset="tiny"), attention_impl="decomposed")
+    shape = onnx_export.check_shape_for(loaded.spec)
+    (_, feeds, ref), = onnx_export.torch_reference(loaded, [shape])
+    ok = onnx_export.compare_with_reference(str(r.path), [(shape, feeds, ref)])
+    assert ok["passed"] and ok["shapes"][0]["passed"] and ok["max_abs_err"] < 1e-4
+    # 5e-4 everywhere: within the old 1e-3 max-abs threshold, but over both atol 1e-4 and rtol 1e-3 where
+    # |ref| < 0.5, so the rule fails it.
+    off = onnx_export.compare_with_reference(str(r.path), [(shape, feeds, ref + 5e-4)])
+    assert not off["passed"] and "exceed both" in off["shapes"][0]["reason"]
+    nan = ref.copy()
+    nan.flat[0] = np.nan  # a NaN in PyTorch where ONNX Runtime is finite fails whatever the tolerance
+    from attn_export.compare import Tolerances
+    assert not onnx_export.compare_with_reference(str(r.path), [(shape, feeds, nan)], Tolerances(1e9, 1e9))["passed"]
+
+
+def test_torchscript_exporter_deprecation_is_raised(tmp_path) -> None:
+    # The TorchScript exporter is deprecated in PyTorch; the export path must not hide that. When this
+    # fails, PyTorch changed the warning or removed the exporter: time to move the export to dynamo.
+    with pytest.warns(DeprecationWarning, match="legacy TorchScript-based ONNX export"):
+        export_onnx(ModelSource(preset="tiny"), tmp_path / "m.onnx", check=False)

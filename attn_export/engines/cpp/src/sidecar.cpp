@@ -6,6 +6,8 @@
 #include <sstream>
 #include <stdexcept>
 
+#include <nlohmann/json.hpp>
+
 namespace attn_export {
 namespace {
 
@@ -27,21 +29,18 @@ std::array<long, 3> release_of(const std::string& version) {
 }  // namespace
 
 std::string sidecar_tensorrt_version(const std::string& text, const std::string& what) {
-    const std::string key = "\"tensorrt_version\"";
-    const size_t at = text.find(key);
-    if (at == std::string::npos) throw std::runtime_error(what + ": no \"tensorrt_version\" field");
-    size_t pos = at + key.size();
-    auto skip_ws = [&] {
-        while (pos < text.size() && std::isspace(static_cast<unsigned char>(text[pos]))) ++pos;
-    };
-    skip_ws();
-    if (pos >= text.size() || text[pos] != ':') throw std::runtime_error(what + ": malformed \"tensorrt_version\" field");
-    ++pos;
-    skip_ws();
-    if (pos >= text.size() || text[pos] != '"') throw std::runtime_error(what + ": \"tensorrt_version\" is not a string");
-    const size_t end = text.find('"', pos + 1);  // version strings hold no escapes
-    if (end == std::string::npos) throw std::runtime_error(what + ": unterminated \"tensorrt_version\" string");
-    return text.substr(pos + 1, end - pos - 1);
+    nlohmann::json doc;
+    try {
+        doc = nlohmann::json::parse(text);
+    } catch (const nlohmann::json::parse_error& e) {
+        throw std::runtime_error(what + ": not valid JSON (" + e.what() + ")");
+    }
+    if (!doc.is_object()) throw std::runtime_error(what + ": not a JSON object");
+    // Only the top-level field counts: the same key inside a nested object or a string is not it.
+    const auto it = doc.find("tensorrt_version");
+    if (it == doc.end()) throw std::runtime_error(what + ": no \"tensorrt_version\" field");
+    if (!it->is_string()) throw std::runtime_error(what + ": \"tensorrt_version\" is not a string");
+    return it->get<std::string>();
 }
 
 std::string read_sidecar_tensorrt_version(const std::string& sidecar_path) {

@@ -175,6 +175,13 @@ void test_sidecar() {
     CHECK(attn_export::sidecar_tensorrt_version(json) == "10.14.1.48");
     CHECK_THROWS(attn_export::sidecar_tensorrt_version(R"({"format": "x"})"), "tensorrt_version");
     CHECK_THROWS(attn_export::sidecar_tensorrt_version(R"({"tensorrt_version": 10})"), "not a string");
+    // A real JSON parser: the key inside a string or a nested object is not the field, escapes are decoded.
+    CHECK(attn_export::sidecar_tensorrt_version(
+              R"({"note": "\"tensorrt_version\": \"1.0\"", "gpu": {"tensorrt_version": "2.0"}, "tensorrt_version": "10.1\u002e2"})") ==
+          "10.1.2");
+    CHECK_THROWS(attn_export::sidecar_tensorrt_version(R"({"gpu": {"tensorrt_version": "2.0"}})"), "no \"tensorrt_version\"");
+    CHECK_THROWS(attn_export::sidecar_tensorrt_version(R"({"tensorrt_version": "10.1")"), "not valid JSON");
+    CHECK_THROWS(attn_export::sidecar_tensorrt_version(R"(["tensorrt_version", "10.1"])"), "not a JSON object");
     CHECK(attn_export::same_tensorrt_release("10.14.1.48", "10.14.1"));
     CHECK(attn_export::same_tensorrt_release("11.1", "11.1.0"));
     CHECK(!attn_export::same_tensorrt_release("10.14.1.48", "10.14.2"));

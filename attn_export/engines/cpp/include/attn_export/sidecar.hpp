@@ -1,14 +1,14 @@
 // The few fields of an engine sidecar (<engine>.json) the C++ side needs.
-// The sidecar is written by the Python side; rather than pulling in a JSON
-// library, the one string field used here is extracted by hand.
+// The sidecar is written by the Python side and parsed with nlohmann/json
+// (found by CMake as the nlohmann_json package; only sidecar.cpp includes it).
 #pragma once
 
 #include <string>
 
 namespace attn_export {
 
-// The "tensorrt_version" string of a sidecar JSON text; throws std::runtime_error
-// naming `what` if the field is missing or not a string.
+// The top-level "tensorrt_version" string of a sidecar JSON text; throws std::runtime_error
+// naming `what` if the text is not a JSON object, or the field is missing or not a string.
 std::string sidecar_tensorrt_version(const std::string& json_text, const std::string& what = "sidecar");
 
 // Same, read from a file.
