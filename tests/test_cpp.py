@@ -2,7 +2,8 @@
 
 The CMake project is configured and built once per session. cmake, a C++17
 compiler and nlohmann/json 3.x (its CMake package, e.g. Debian's
-nlohmann-json3-dev; or set CMAKE_PREFIX_PATH to an install) are required: a
+nlohmann-json3-dev, or else the header-only PyPI package nlohmann-json of the
+test dependencies, passed as ATTN_EXPORT_NLOHMANN_INCLUDE_DIR) are required: a
 missing one fails the tests with CMake's message instead of skipping them, so a
 broken C++ build cannot hide behind a skip.
 """
@@ -33,11 +34,22 @@ def _check(proc: subprocess.CompletedProcess[str], what: str) -> None:
         pytest.fail(f"{what} failed (exit {proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
 
 
+def _json_hint() -> list[str]:
+    """Where the header-only nlohmann-json test dependency (PyPI) keeps json.hpp; CMake uses it only when no
+    system package (nlohmann_json's CMake config) is found."""
+    try:
+        import nlohmann_json
+    except ImportError:
+        return []
+    include = Path(nlohmann_json.__file__).parent / "include"
+    return [f"-DATTN_EXPORT_NLOHMANN_INCLUDE_DIR={include}"] if (include / "nlohmann" / "json.hpp").is_file() else []
+
+
 def _configure_and_build(build: Path, *extra: str) -> subprocess.CompletedProcess[str]:
     for tool in ("cmake", "ctest"):
         if shutil.which(tool) is None:
             pytest.fail(f"{tool} is not on PATH; the C++ tests need CMake >= 3.18 and a C++17 compiler")
-    configure = _run(["cmake", "-S", CPP_DIR, "-B", build, "-DCMAKE_BUILD_TYPE=Release", *extra])
+    configure = _run(["cmake", "-S", CPP_DIR, "-B", build, "-DCMAKE_BUILD_TYPE=Release", *_json_hint(), *extra])
     _check(configure, "cmake configure")
     _check(_run(["cmake", "--build", build, "--parallel", str(os.cpu_count() or 2)]), "cmake --build")
     return configure
