@@ -230,6 +230,7 @@ def onnx_cmd(
     force: bool = typer.Option(False, "--force", help="Replace an existing output file."),
     check: bool = typer.Option(True, "--check/--no-check", help="Compare with PyTorch in ONNX Runtime at an unseen shape before writing."),
     allow_unfused: bool = typer.Option(False, "--allow-unfused", help="Write the file even when an attention site cannot be rewritten into the --attention form, and list each such site (default: exit 1 naming it)."),
+    exporter: str = typer.Option("torchscript", "--exporter", help="torchscript (default, PyTorch's TorchScript tracer, deprecated by PyTorch) or dynamo (torch.export based; slower, same passes and checks)."),
 ) -> None:
     from .exporter.onnx_export import export_onnx
     from .models.loader import ModelSource
@@ -247,7 +248,7 @@ def onnx_cmd(
     with _spinner("exporting") as prog:
         task = prog.add_task("exporting", total=None)
         result = export_onnx(source, output, attention=attention, opset=opset, force=force, check=check,
-                             allow_unfused=allow_unfused,
+                             allow_unfused=allow_unfused, exporter=exporter,
                              progress=lambda step: prog.update(task, description=f"export: {step}"))
     _print_export_summary(result)
 
