@@ -34,9 +34,9 @@ _LAZY = {
     "build_engine": "attn_export.engines.trt_build",
     "run_bench": "attn_export.bench",
     "write_model_repository": "attn_export.triton",
-    "TorchRunner": "attn_export.engines.torch_runner",
-    "OrtRunner": "attn_export.engines.ort_runner",
-    "TrtRunner": "attn_export.engines.trt_runner",
+    "TorchRunner": "attn_export.runners.torch_runner",
+    "OrtRunner": "attn_export.runners.ort_runner",
+    "TrtRunner": "attn_export.runners.trt_runner",
     "ModelSpec": "attn_export.spec",
     "ReferenceOptions": "attn_export.spec",
 }

@@ -384,12 +384,12 @@ def verify(
     step(0, f"loading {kind}")
     t0 = time.perf_counter()
     if kind == "engine":
-        from .engines.trt_runner import TrtRunner
+        from .runners.trt_runner import TrtRunner
 
         cand = TrtRunner(path)
         cand_desc = f"tensorrt ({precision})"
     else:
-        from .engines.ort_runner import OrtRunner
+        from .runners.ort_runner import OrtRunner
 
         cand = OrtRunner(path, providers=providers, spec=spec)
         cand_desc = f"onnxruntime ({cand.provider})"
@@ -403,7 +403,7 @@ def verify(
     ref: Any
     if reference is not None:
         step(1, "loading the reference ONNX")
-        from .engines.ort_runner import OrtRunner
+        from .runners.ort_runner import OrtRunner
         from .exporter.foreign import spec_of_file
 
         ref = OrtRunner(reference, spec=spec_of_file(reference, input_ranges))
@@ -415,7 +415,7 @@ def verify(
             raise UsageError(f"--reference {reference} does not take the same inputs (differing: {', '.join(missing)})")
     else:
         step(1, "building the PyTorch reference")
-        from .engines.torch_runner import TorchRunner
+        from .runners.torch_runner import TorchRunner
         from .models.loader import load_model
 
         assert source is not None

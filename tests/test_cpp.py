@@ -160,7 +160,7 @@ def _tensorrt_and_gpu() -> bool:
 def test_runner_matches_python_runner(tmp_path_factory: pytest.TempPathFactory, tmp_path: Path, tiny_onnx: Path) -> None:
     try:
         from attn_export.engines.trt_build import build_engine
-        from attn_export.engines.trt_runner import TrtRunner
+        from attn_export.runners.trt_runner import TrtRunner
     except ImportError as e:
         pytest.skip(f"the Python engine builder/runner is not available to make an engine: {e}")
 

@@ -70,8 +70,8 @@ def test_fusion_report_covers_every_block(tiny_engine):
 
 
 def test_runner_matches_onnxruntime(tiny_engine):
-    from attn_export.engines.ort_runner import OrtRunner
-    from attn_export.engines.trt_runner import TrtRunner
+    from attn_export.runners.ort_runner import OrtRunner
+    from attn_export.runners.trt_runner import TrtRunner
 
     onnx_path, result = tiny_engine
     with TrtRunner(result.engine_path) as trt_runner, OrtRunner(onnx_path) as ort_runner:
@@ -89,7 +89,7 @@ def test_runner_matches_onnxruntime(tiny_engine):
 def test_runner_torch_path_and_cuda_graph(tiny_engine):
     import torch
 
-    from attn_export.engines.trt_runner import TrtRunner
+    from attn_export.runners.trt_runner import TrtRunner
 
     _, result = tiny_engine
     plain = TrtRunner(result.engine_path).activate()
@@ -112,7 +112,7 @@ def test_runner_torch_path_and_cuda_graph(tiny_engine):
 
 
 def test_runner_refuses_shape_outside_profile(tiny_engine):
-    from attn_export.engines.trt_runner import TrtRunner
+    from attn_export.runners.trt_runner import TrtRunner
     from attn_export.errors import ShapeError
 
     _, result = tiny_engine

@@ -562,7 +562,7 @@ class TestWithoutTensorRT:
         assert not (tmp_path / "m.engine").exists()
 
     def test_runner_refuses_to_activate(self, tmp_path):
-        from attn_export.engines.trt_runner import TrtRunner
+        from attn_export.runners.trt_runner import TrtRunner
 
         data = _sidecar(tmp_path)
         sidecar.write_sidecar(sidecar.sidecar_path(tmp_path / "model.engine"), data)
@@ -574,7 +574,7 @@ class TestWithoutTensorRT:
         assert not runner.is_active
 
     def test_runner_shape_narrowed_to_profiles(self, tmp_path):
-        from attn_export.engines.trt_runner import TrtRunner
+        from attn_export.runners.trt_runner import TrtRunner
 
         sidecar.write_sidecar(sidecar.sidecar_path(tmp_path / "model.engine"), _sidecar(tmp_path))
         runner = TrtRunner(tmp_path / "model.engine")
@@ -585,7 +585,7 @@ class TestWithoutTensorRT:
             runner.check_shape(1, 60, 64)
 
     def test_runner_missing_engine(self, tmp_path):
-        from attn_export.engines.trt_runner import TrtRunner
+        from attn_export.runners.trt_runner import TrtRunner
 
         with pytest.raises(UsageError, match="engine file not found"):
             TrtRunner(tmp_path / "nope.engine")

@@ -57,7 +57,8 @@ def probe(code_root: Path, errors: list[str]) -> dict[str, Any]:
     import tensorrt as trt
 
     sys.path.insert(0, str(code_root))
-    from attn_export.engines import trt_build, trt_runner
+    from attn_export.engines import trt_build
+    from attn_export.runners import trt_runner
 
     seen: dict[str, Any] = {"version": str(trt.__version__)}
 
