@@ -6,7 +6,8 @@ Everything the CLI does is a function here (imported lazily, so ``import attn_ex
 - :func:`verify` (``attn-export verify``) and :func:`inspect_artifact` (``attn-export inspect``)
 - :func:`optimize_onnx` (``attn-export optimize``), with :func:`find_attention` and
   :func:`canonicalize_attention` (the one attention analysis)
-- :func:`convert_fp16` (``attn-export fp16``) and :func:`build_engine` (``attn-export trt``)
+- :func:`convert_fp16` (``attn-export fp16``) and :func:`build_engine` (``attn-export trt``: FP16
+  conversion, readiness, build and sidecar in one call; both in :mod:`attn_export.pipeline`)
 - :func:`check_trt_readiness` (``attn-export inspect --trt``)
 - :func:`run_bench` (``attn-export bench``) and :func:`write_model_repository` (``attn-export triton``)
 - runners: :class:`TorchRunner`, :class:`OrtRunner`, :class:`TrtRunner`
@@ -17,7 +18,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__version__ = "0.1.0"
+from .version import __version__
 
 _LAZY = {
     "ModelSource": "attn_export.models.loader",
@@ -26,17 +27,18 @@ _LAZY = {
     "optimize_onnx": "attn_export.exporter.optimize",
     "find_attention": "attn_export.graph",
     "canonicalize_attention": "attn_export.graph",
-    "convert_fp16": "attn_export.exporter.fp16",
+    "convert_fp16": "attn_export.pipeline",
     "audit_fp16": "attn_export.exporter.audit",
     "verify": "attn_export.verify",
     "inspect_artifact": "attn_export.inspection",
     "check_trt_readiness": "attn_export.engines.readiness",
-    "build_engine": "attn_export.engines.trt_build",
+    "build_engine": "attn_export.pipeline",
+    "EngineResult": "attn_export.pipeline",
     "run_bench": "attn_export.bench",
     "write_model_repository": "attn_export.triton",
-    "TorchRunner": "attn_export.engines.torch_runner",
-    "OrtRunner": "attn_export.engines.ort_runner",
-    "TrtRunner": "attn_export.engines.trt_runner",
+    "TorchRunner": "attn_export.runners.torch_runner",
+    "OrtRunner": "attn_export.runners.ort_runner",
+    "TrtRunner": "attn_export.runners.trt_runner",
     "ModelSpec": "attn_export.spec",
     "ReferenceOptions": "attn_export.spec",
 }

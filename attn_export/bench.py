@@ -204,7 +204,7 @@ def make_runner(artifact: str | Path, backend: str, spec: ModelSpec, *, provider
     if backend in TORCH_BACKENDS:
         import torch
 
-        from .engines.torch_runner import TorchRunner
+        from .runners.torch_runner import TorchRunner
         from .models.loader import source_from_spec
 
         impl = TORCH_BACKENDS[backend] or attention_impl
@@ -220,7 +220,7 @@ def make_runner(artifact: str | Path, backend: str, spec: ModelSpec, *, provider
             raise UsageError("the onnxruntime backend needs the ONNX file; pass the .onnx artifact instead of the engine")
         import onnxruntime as ort
 
-        from .engines.ort_runner import OrtRunner
+        from .runners.ort_runner import OrtRunner
 
         ort_runner = OrtRunner(artifact, providers=[provider], threads=threads, spec=spec,
                                graph_optimization=graph_optimization)
@@ -239,7 +239,7 @@ def make_runner(artifact: str | Path, backend: str, spec: ModelSpec, *, provider
         if not is_engine_path(artifact):
             raise UsageError("the tensorrt backend needs an engine; build one with `attn-export trt ARTIFACT.onnx` "
                              "and bench the .plan")
-        from .engines.trt_runner import TrtRunner  # lazy: raises MissingDependencyError without TensorRT
+        from .runners.trt_runner import TrtRunner  # lazy: raises MissingDependencyError without TensorRT
 
         trt_runner = TrtRunner(artifact)
         trt_runner.activate()

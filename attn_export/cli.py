@@ -1,4 +1,7 @@
-"""The `attn-export` command line. Thin: parse options, call library functions, print.
+"""The `attn-export` command line. Thin: parse options, call one library function, render its result.
+
+What each result looks like is in :mod:`.render`; what each command does is
+in the library (:mod:`.pipeline` for fp16 and trt).
 
 Errors from the library (AttnExportError) become one line on stderr and the
 error's exit code (2 for bad input, 1 for a failed check); no tracebacks
@@ -16,9 +19,11 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import typer
-from rich.console import Console
 
+from . import render
 from .errors import AttnExportError, Terminated, UsageError
+from .progress import ProgressFn
+from .render import console, err_console
 
 app = typer.Typer(
     name="attn-export",
@@ -32,15 +37,11 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
 )
-# Piped output (logs, CI) gets a wide console: rich's default of 80 columns folds the verify and bench tables.
-_PIPED_WIDTH = None if sys.stdout.isatty() or "COLUMNS" in os.environ else 160
-console = Console(width=_PIPED_WIDTH)
-err_console = Console(stderr=True)
 
 
 def _version(value: bool) -> None:
     if value:
-        from . import __version__
+        from .version import __version__
 
         console.print(f"attn-export {__version__}")
         raise typer.Exit()
@@ -142,19 +143,25 @@ def _spinner(description: str):  # noqa: ANN202 - rich Progress
                     console=err_console, transient=True, disable=not err_console.is_terminal)
 
 
-def _human_size(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{size:.1f} {unit}" if unit != "B" else f"{int(size)} B"
-        size /= 1024
-    return f"{n} B"
+def _bar():  # noqa: ANN202 - rich Progress
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+
+    return _progress_type()(TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                            TimeElapsedColumn(), console=err_console, transient=True, disable=not err_console.is_terminal)
 
 
-def _dims(dims: list) -> str:
-    from rich.markup import escape
+def _reporter(prog: Any, prefix: str = "") -> ProgressFn:
+    """The library's progress callback drawn as one task of a rich Progress (the library draws nothing)."""
+    task = prog.add_task(prefix or "working", total=None)
 
-    return escape("[" + ", ".join(str(d) for d in dims) + "]")
+    def report(text: str, done: Optional[int] = None, total: Optional[int] = None, /) -> None:
+        prog.update(task, description=f"{prefix}{text}", completed=done, total=total)
+
+    return report
+
+
+
+
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -185,6 +192,20 @@ REF_TRUST = typer.Option(False, "--trust-artifact", "--trust-model", help=(
 MAX_MEMORY = typer.Option(None, "--max-memory", help=(
     "Refuse shapes whose estimated memory (activations, attention scores, weights) exceeds this, e.g. 16GiB; "
     "default: this machine's memory; 0: no limit."))
+
+
+# The FP16 options of `fp16` and `trt --fp16`, and the JSON report of `fp16` and `verify`.
+FP16_THRESHOLD = typer.Option(4096.0, "--threshold", help=(
+    "Activation absmax above which nodes stay FP32 (FP16 max is 65504; trt: with --fp16)."))
+FP16_CALIBRATION = typer.Option(None, "--calibration-shapes", help=(
+    "Comma-separated BxHxW shapes for the FP16 range audit (default: derived from the model; trt: with --fp16)."))
+REPORT = typer.Option(None, "--report", help="Also write the full result as JSON to this file (atomically).")
+
+
+def _check_report_path(report: Optional[Path]) -> None:
+    """Refuse an unwritable --report before any work starts."""
+    if report is not None and (not report.parent.exists() or report.is_dir()):
+        raise UsageError(f"cannot write the report to {report}: " + ("it is a folder" if report.is_dir() else f"folder {report.parent} does not exist"))
 
 
 def _max_memory(text: Optional[str]) -> Optional[int]:
@@ -246,36 +267,11 @@ def onnx_cmd(
         num_classes=num_classes if model is not None else None, hw_multiple=hw_multiple,
     )
     with _spinner("exporting") as prog:
-        task = prog.add_task("exporting", total=None)
         result = export_onnx(source, output, attention=attention, opset=opset, force=force, check=check,
-                             allow_unfused=allow_unfused, exporter=exporter,
-                             progress=lambda step: prog.update(task, description=f"export: {step}"))
-    _print_export_summary(result)
+                             allow_unfused=allow_unfused, exporter=exporter, progress=_reporter(prog, "export: "))
+    render.export_summary(result)
 
 
-def _print_export_summary(r: Any) -> None:
-    from rich.markup import escape
-    from rich.table import Table
-
-    table = Table(title="attn-export onnx", show_header=False, title_justify="left")
-    table.add_row("file", str(r.path) + (f" (+ {r.external_data.name})" if r.external_data else ""))
-    table.add_row("size", _human_size(r.size_bytes))
-    table.add_row("opset", str(r.opset))
-    table.add_row("parameters", f"{r.num_parameters:,}")
-    for name, dtype, dims in r.inputs:
-        table.add_row(f"input {name}", f"{dtype} {_dims(dims)}")
-    for name, dtype, dims in r.outputs:
-        table.add_row(f"output {name}", f"{dtype} {_dims(dims)}")
-    table.add_row("attention", f"{r.attention_nodes} x {'Attention op' if r.attention == 'op' else 'MatMul/Softmax/MatMul (scale on q)'}"
-                  + (f", {len(r.unfused)} site(s) NOT rewritten" if r.unfused else ""))
-    for u in r.unfused:
-        table.add_row("[bold red]unfused[/]", escape(f"{u['site']} (Softmax {u['node']}): {u['reason']}"))
-    table.add_row("H/W multiple", str(r.spec.hw_multiple))
-    if r.check:
-        s = r.check["shapes"][0]["shape"]
-        table.add_row("check vs PyTorch", f"max abs err {r.check['max_abs_err']:.2e} at {s[0]}x{s[1]}x{s[2]} (ONNX Runtime CPU)")
-    table.add_row("time", f"{r.seconds:.1f} s")
-    console.print(table)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -302,30 +298,14 @@ def optimize_cmd(
     check: bool = typer.Option(True, "--check/--no-check", help="Compare with the input in ONNX Runtime before writing."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output file."),
 ) -> None:
-    from rich.markup import escape
-    from rich.table import Table
-
     from .exporter.foreign import parse_input_ranges
     from .exporter.optimize import optimize_onnx
 
     with _spinner("optimize") as prog:
-        task = prog.add_task("optimize", total=None)
         r = optimize_onnx(model, output, attention=attention, force=force, allow_unfused=allow_unfused,
                           input_shapes=input_shapes or None, input_ranges=parse_input_ranges(input_range), check=check,
-                          progress=lambda step: prog.update(task, description=f"optimize: {step}"))
-    table = Table(title="attn-export optimize", show_header=False, title_justify="left")
-    table.add_row("file", escape(str(r.path)) + (f" (+ {escape(r.external_data.name)})" if r.external_data else ""))
-    table.add_row("opset", f"{r.opset_before} -> {r.opset}" if r.opset != r.opset_before else str(r.opset))
-    table.add_row("attention", f"{r.sites} site(s): {len(r.rewritten)} rewritten, {len(r.unchanged)} already "
-                               f"{'Attention op' if r.attention == 'op' else 'canonical'}"
-                  + (f", {len(r.unfused)} NOT rewritten" if r.unfused else ""))
-    for u in r.unfused:
-        table.add_row("[bold red]unfused[/]", escape(f"{u['site']} ({u['node']}): {u['reason']}"))
-    for c in r.check:
-        table.add_row(f"check {'x'.join(map(str, c['shape']))}", f"{'pass' if c['passed'] else 'FAIL'}, max abs err "
-                                                                  f"{c['max_abs_err']:.2e} vs the input (ONNX Runtime CPU)")
-    table.add_row("time", f"{r.seconds:.1f} s")
-    console.print(table)
+                          progress=_reporter(prog, "optimize: "))
+    render.optimize(r)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -373,54 +353,21 @@ def bench_cmd(
     if json_out is not None and not json_out.parent.exists():
         raise UsageError(f"folder of --json does not exist: {json_out.parent}")
     with _spinner("benchmarking") as prog:
-        task = prog.add_task("benchmarking", total=None)
         report = run_bench(
             artifact, backends=parse_backends(backend) if backend else None,
             shapes=parse_shapes(shapes) if shapes else None, warmup=warmup, iterations=iterations,
             time_budget=time_budget, threads=threads, provider=provider.lower(), attention_impl=attention_impl,
-            graph_optimization=graph_optimization, progress=lambda what: prog.update(task, description=f"bench: {what}"),
+            graph_optimization=graph_optimization, progress=_reporter(prog, "bench: "),
             reference_model=_reference_options(preset, config, model, model_kwargs, checkpoint, checkpoint_key,
                                                allow_checkpoint_mismatch, trust_artifact),
             max_memory=_max_memory(max_memory),
         )
-    _print_bench(report)
+    render.bench(report)
     if json_out is not None:
         write_json(report, json_out)
-        console.print(f"wrote {json_out}")
+        render.written("wrote", json_out)
 
 
-def _print_bench(report: dict[str, Any]) -> None:
-    from rich.markup import escape
-    from rich.table import Table
-
-    from .spec import format_shape
-
-    host = report["host"]
-    table = Table(title=f"attn-export bench {Path(report['artifact']).name}", title_justify="left")
-    for col in ("backend", "shape", "mean ms", "median ms", "p90 ms", "p99 ms", "images/s", "peak host", "peak device",
-                "vs pytorch", "settings"):
-        table.add_column(col, justify="left" if col in ("backend", "shape", "settings") else "right")
-    for r in report["results"]:
-        shape = format_shape(r["shape"])
-        if r["status"] != "ok":
-            # Status where the numbers go, the reason in the wide last column.
-            table.add_row(r["backend"], shape, f"[yellow]{r['status']}[/]", *[""] * 7, escape(r["error"] or ""))
-            continue
-        lat = r["latency_ms"]
-        mib = lambda v: "—" if v is None else f"{v:.0f} MiB"  # noqa: E731
-        s = r["settings"]
-        detail = ", ".join(f"{k}={s[k]}" for k in ("device", "attention_impl", "threads", "providers", "graph_optimization")
-                           if k in s)
-        table.add_row(r["backend"], shape, f"{lat['mean']:.2f}", f"{lat['median']:.2f}", f"{lat['p90']:.2f}",
-                      f"{lat['p99']:.2f}", f"{r['throughput_images_per_s']:.1f}", mib(r["peak_host_mib"]),
-                      mib(r["peak_device_mib"]), "—" if r["ratio_to_pytorch"] is None else f"{r['ratio_to_pytorch']:.2f}x",
-                      detail)
-    console.print(table)
-    st = report["settings"]
-    console.print(f"{host.get('processor', '?')}, {host.get('cpu_count')} CPUs; torch {host.get('torch', '-')}, "
-                  f"onnxruntime {host.get('onnxruntime', '-')}; warm-up {st['warmup']}, "
-                  + (f"time budget {st['time_budget_s']} s" if st["time_budget_s"] else f"{st['iterations'] or 10} timed calls")
-                  + "; latency is per call, numpy in and out", highlight=False)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -447,34 +394,15 @@ def triton_cmd(
         "ONNX files: onnxruntime (default) writes attention as ONNX Runtime's MultiHeadAttention, flash attention "
         "on CPU and CUDA with memory linear in the sequence; as-is copies the file unchanged.")),
 ) -> None:
-    from rich.markup import escape
-
     from .triton import write_model_repository
 
-    m = write_model_repository(artifact, repo, name=name, version=version, instances=instances, kind=kind,
-                               max_batch=max_batch, force=force, attention=attention)
-    console.print(f"wrote Triton model [bold]{escape(m.name)}[/] ({m.platform}, max_batch_size {m.max_batch_size}) "
-                  f"in {escape(str(m.model_dir))}", highlight=False)
-    if m.attention_rewritten:
-        console.print(f"  attention: {m.attention_rewritten} site(s) as MultiHeadAttention (ONNX Runtime's flash attention)",
-                      highlight=False)
-    console.print(f"  {escape(str(m.config_path))}", highlight=False)
-    for p in [m.model_file, *m.copied]:
-        console.print(f"  {escape(str(p))}", highlight=False)
-    if not m.validated:
-        err_console.print("note: tritonclient is not installed, so config.pbtxt was not checked "
-                          "(pip install 'attn-export[triton]')")
+    render.triton(write_model_repository(artifact, repo, name=name, version=version, instances=instances, kind=kind,
+                                         max_batch=max_batch, force=force, attention=attention))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # attn-export verify
 # ---------------------------------------------------------------------------------------------------------------------
-def _fmt_err(value: float) -> str:
-    import math
-
-    if isinstance(value, float) and not math.isfinite(value):
-        return "nan" if math.isnan(value) else "inf"
-    return f"{value:.2e}"
 
 
 @command("verify", help=(
@@ -499,7 +427,7 @@ def verify_cmd(
     stat: Optional[str] = typer.Option(None, "--stat", help="Error statistic: elemwise, max, mean, median or quantile (default: fp32 elemwise, fp16 mean)."),
     quantile: float = typer.Option(0.99, "--quantile", help="Quantile level for --stat quantile."),
     seed: int = typer.Option(0, "--seed", help="Seed of the random inputs."),
-    report: Optional[Path] = typer.Option(None, "--report", help="Write every figure as JSON to this file (atomically)."),
+    report: Optional[Path] = REPORT,
     preset: Optional[str] = REF_PRESET,
     config: Optional[Path] = REF_CONFIG,
     model: Optional[str] = REF_MODEL,
@@ -514,67 +442,30 @@ def verify_cmd(
     input_range: Optional[list[str]] = typer.Option(None, "--input-range", help=INPUT_RANGE_HELP),
     max_memory: Optional[str] = MAX_MEMORY,
 ) -> None:
-    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
-
     from .exporter.foreign import parse_input_ranges
     from .verify import verify
 
-    if report is not None and (not report.parent.exists() or report.is_dir()):
-        raise UsageError(f"cannot write the report to {report}: " + ("it is a folder" if report.is_dir() else f"folder {report.parent} does not exist"))
-    with _progress_type()(TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), console=err_console, transient=True, disable=not err_console.is_terminal) as prog:
-        task = prog.add_task("verify", total=None)
+    _check_report_path(report)
+    with _bar() as prog:
         result = verify(
             artifact, shapes=shapes, atol=atol, rtol=rtol, stat=stat, quantile=quantile, seed=seed,
             reference_model=_reference_options(preset, config, model, model_kwargs, checkpoint, checkpoint_key,
                                                allow_checkpoint_mismatch, trust_artifact),
             providers=[provider] if provider else None,
-            progress=lambda done, total, text: prog.update(task, completed=done, total=total, description=text),
+            progress=_reporter(prog),
             reference=reference, input_shapes=input_shapes or None, input_ranges=parse_input_ranges(input_range),
             max_memory=_max_memory(max_memory),
         )
-    _print_verify(result)
+    render.verify(result)
     if report is not None:
         from .atomic import write_text_atomic
 
         write_text_atomic(report, result.to_json() + "\n")
-        console.print(f"report written to {report}", highlight=False)
+        render.written("report written to", report)
     if not result.passed:
         raise typer.Exit(1)
 
 
-def _print_verify(r: Any) -> None:
-    from rich.markup import escape
-    from rich.table import Table
-
-    console.print(f"[bold]verify[/] {escape(r.artifact)}: {r.candidate} vs {r.reference}, {r.precision}, seed {r.seed}", highlight=False)
-    console.print(f"tolerances: {r.tolerances.describe()}", highlight=False)
-    table = Table(title_justify="left")
-    for col in ("shape", "output", "max abs", "mean abs", "max rel", "p99 abs", "cosine", "NaN/Inf ref", "NaN/Inf cand",
-                "min atol", "min rtol", "result"):
-        # Shape and verdict never wrap; the figures may wrap on narrow terminals rather than be cut.
-        table.add_column(col, justify="left" if col in ("shape", "output", "result") else "right",
-                         no_wrap=col in ("shape", "result"), overflow="fold")
-    for s in r.shapes:
-        for o in s.outputs:
-            table.add_row(
-                "x".join(map(str, s.shape)), o.name, _fmt_err(o.max_abs), _fmt_err(o.mean_abs), _fmt_err(o.max_rel),
-                _fmt_err(o.p99_abs), "nan" if o.cosine != o.cosine else f"{o.cosine:.6f}", f"{o.nan_ref}/{o.inf_ref}",
-                f"{o.nan_cand}/{o.inf_cand}", _fmt_err(o.min_atol), _fmt_err(o.min_rtol),
-                "[green]PASS[/]" if o.passed else "[bold red]FAIL[/]",
-            )
-    console.print(table)
-    times = ", ".join(f"{name} {sec:.2f} s" for name, sec in r.timings.items())
-    setup = ", ".join(f"{name} {sec:.2f} s" for name, sec in r.setup_seconds.items())
-    console.print(f"time: {times} (loading: {setup})", highlight=False)
-    if r.checkpoint and r.checkpoint.get("path") and not r.checkpoint.get("matches"):
-        console.print(f"[yellow]warning:[/] reference checkpoint {escape(str(r.checkpoint['path']))} is not the one recorded at export", highlight=False)
-    if r.passed:
-        console.print(f"[bold green]PASSED[/]: {len(r.shapes)} shape(s), every output within tolerance", highlight=False)
-    else:
-        console.print(f"[bold red]FAILED[/]: {len(r.failures())} mismatched output(s)", highlight=False)
-        for line in r.failures():
-            console.print(f"  {escape(line)}", highlight=False, soft_wrap=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -613,110 +504,17 @@ def inspect_cmd(
             data["trt_readiness"] = readiness.to_dict()
         sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
     else:
-        (_print_inspect_engine if result.kind == "engine" else _print_inspect_onnx)(result.to_dict())
+        (render.inspect_engine if result.kind == "engine" else render.inspect_onnx)(result.to_dict())
         if readiness is not None:
-            _print_readiness(readiness)
+            render.readiness(readiness)
     if readiness is not None and not readiness.ok:
         raise typer.Exit(1)
 
 
-def _print_inspect_onnx(d: dict[str, Any]) -> None:
-    from rich.markup import escape
-    from rich.table import Table
-
-    table = Table(title=f"attn-export inspect {escape(d['path'])}", show_header=False, title_justify="left")
-    table.add_row("size", _human_size(d["file_size"]) + (f" (with {len(d['external_data'])} external data file(s))" if d["external_data"] else ""))
-    table.add_row("opset", str(d["opset"]) + f" (IR {d['ir_version']}, {escape(d['producer'] or 'unknown producer')})")
-    for io in d["inputs"]:
-        table.add_row(f"input {escape(io['name'])}", f"{io['dtype']} {_dims(io['dims'])}")
-    for io in d["outputs"]:
-        table.add_row(f"output {escape(io['name'])}", f"{io['dtype']} {_dims(io['dims'])}")
-    table.add_row("nodes / weight elements", f"{d['num_nodes']:,} / {d['num_parameters']:,}")
-    spec = d.get("spec")
-    if spec:
-        src = spec.get("source") or {}
-        what = src.get("preset") or src.get("model") or src.get("kind", "?")
-        ck = spec.get("checkpoint")
-        table.add_row("model", escape(f"{what} (seed {src.get('seed')}), H/W multiple {spec['hw_multiple']}, precision {spec['precision']}, "
-                                      f"attention {spec['attention']}, attn-export {spec.get('tool_version', '?')}"))
-        table.add_row("checkpoint", escape(f"{ck['path']} (sha256 {str(ck.get('sha256'))[:12]})") if ck else "none (seeded initialization)")
-    else:
-        table.add_row("model", "[yellow]no attn-export description[/]")
-    for key, value in d["metadata"].items():
-        table.add_row(f"metadata {escape(key)}", escape(str(value)[:80]))
-    hist = d["op_histogram"]
-    table.add_row("ops", escape(", ".join(f"{op} {n}" for op, n in hist.items())))
-    for name, part in (("initializers", "initializers"), ("activations", "activations")):
-        shares = d["precision"][part]
-        table.add_row(f"dtypes ({name})", ", ".join(
-            f"{dt} {v['tensors']} tensors ({v['tensor_share']:.0%}), {v['element_share']:.1%} of elements" for dt, v in shares.items()))
-    console.print(table, soft_wrap=True)
-
-    att = Table(title=f"attention: {d['attention_summary']['count']} site(s)", title_justify="left")
-    for col in ("site", "form", "scale", "seq len", "heads x size", "dtype", "TensorRT fusion"):
-        att.add_column(col, overflow="fold")  # fold rather than cut names on narrow terminals
-    for a in d["attention"]:
-        scale = f"{a['scale']:.4g} on {a['scale_placement']}" if a["scale"] is not None else f"? on {a['scale_placement']}"
-        if a["scale_source"] == "shape":
-            scale += " (from the shape)"
-        att.add_row(escape(a["name"]), a["form_description"] + ("" if a["problem"] is None else " [red](cannot rewrite)[/]"),
-                    escape(scale), escape(str(a["seq_len"] or "?")), f"{a['heads'] or '?'} x {a['head_size'] or '?'}",
-                    str(a["dtype"] or "?"), escape(a["trt_fusion"]))
-    console.print(att)
 
 
-def _print_inspect_engine(d: dict[str, Any]) -> None:
-    from rich.markup import escape
-    from rich.table import Table
-
-    table = Table(title=f"attn-export inspect {escape(d['path'])}", show_header=False, title_justify="left")
-    table.add_row("size", _human_size(d["file_size"]))
-    table.add_row("sidecar", escape(d["sidecar"]))
-    table.add_row("TensorRT", str(d["tensorrt_version"]))
-    gpu = d.get("gpu") or {}
-    table.add_row("GPU", escape(f"{gpu.get('name', '?')} (compute capability {gpu.get('compute_capability', '?')}), "
-                                f"hardware compatibility {d.get('hardware_compatibility') or 'none'}"))
-    table.add_row("precision", str(d["precision"]))
-    for i, p in enumerate(d.get("profiles") or []):
-        fmt = lambda t: "x".join(map(str, t))  # noqa: E731
-        table.add_row(f"profile {i}", f"min {fmt(p['min'])}, opt {fmt(p['opt'])}, max {fmt(p['max'])}")
-    for io in d.get("io") or []:
-        table.add_row(f"{io.get('mode', 'tensor')} {escape(str(io.get('name')))}", escape(f"{io.get('dtype')} {io.get('shape')}"))
-    onnx_src = d.get("onnx") or {}
-    if onnx_src:
-        table.add_row("built from", escape(f"{onnx_src.get('path')} (sha256 {str(onnx_src.get('sha256'))[:12]})"))
-    fusion = d.get("fusion") or {}
-    if fusion:
-        summary = fusion.get("summary") or ", ".join(f"{k}: {v}" for k, v in fusion.items() if not isinstance(v, (list, dict)))
-        table.add_row("fused attention", escape(str(summary)))
-    else:
-        table.add_row("fused attention", "no report recorded")
-    console.print(table, soft_wrap=True)
-    blocks = fusion.get("blocks") if isinstance(fusion, dict) else None
-    if blocks:
-        bt = Table(title="attention fusion", title_justify="left")
-        keys = [k for k in blocks[0] if not isinstance(blocks[0][k], (list, dict))]
-        for k in keys:
-            bt.add_column(k)
-        for b in blocks:
-            bt.add_row(*[escape(str(b.get(k))) for k in keys])
-        console.print(bt)
 
 
-def _print_readiness(report: Any) -> None:
-    from rich.markup import escape
-    from rich.table import Table
-
-    table = Table(title=f"TensorRT {report.target} readiness", title_justify="left")
-    for col in ("level", "check", "where", "finding"):
-        table.add_column(col)
-    colors = {"error": "bold red", "warning": "yellow", "ok": "green"}
-    for f in report.findings:
-        table.add_row(f"[{colors.get(f.level, 'white')}]{f.level}[/]", f.code, escape(f.node or ""), escape(f.message))
-    console.print(table)
-    verdict = report.verdict
-    color = "bold green" if verdict == "ready" else ("bold red" if report.errors else "bold yellow")
-    console.print(f"[{color}]{escape(verdict)}[/]")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -729,88 +527,10 @@ def _fp16_progress():  # noqa: ANN202 - rich Progress
                     console=err_console, transient=True, disable=not err_console.is_terminal)
 
 
-def _run_fp16(model: Path, out: Path, *, keep_io_types: bool = True, threshold: float = 4096.0,
-              calibration_shapes: Optional[str] = None, fp32_ops: Optional[list[str]] = None, force: bool = False,
-              check: bool = True, input_shapes: Optional[list[str]] = None, input_range: Optional[list[str]] = None,
-              reference_model: Any = None, max_memory: Optional[str] = None) -> Any:
-    from .exporter.foreign import parse_input_ranges
-    from .exporter.fp16 import convert_fp16
+def _calibration(text: Optional[str]) -> Any:
     from .spec import parse_shapes
 
-    shapes = parse_shapes(calibration_shapes) if calibration_shapes else None
-    with _fp16_progress() as prog:
-        task = prog.add_task("fp16", total=None)
-        return convert_fp16(model, out, keep_io_types=keep_io_types, threshold=threshold, calibration_shapes=shapes,
-                            extra_fp32_ops=tuple(fp32_ops or ()), force=force, check=check,
-                            input_shapes=input_shapes or None, input_ranges=parse_input_ranges(input_range),
-                            reference_model=reference_model, max_memory=_max_memory(max_memory),
-                            progress=lambda text: prog.update(task, description=f"fp16: {text}"))
-
-
-def _print_fp16(r: Any) -> None:
-    from rich.markup import escape
-    from rich.table import Table
-
-    a = r.audit
-    shapes = ", ".join("x".join(map(str, s)) for s in a.calibration_shapes)
-    console.print(f"[bold]FP16 range audit[/] of {escape(str(r.source))}: calibration {shapes}, threshold {a.threshold:g} "
-                  f"(FP16 max 65504)", highlight=False)
-    islands = Table(title=f"FP32 islands: {len(r.fp32_nodes)} node(s)", title_justify="left")
-    for col in ("node", "op", "kind", "why"):
-        islands.add_column(col, overflow="fold")
-    by_kind: dict[str, list[Any]] = {}
-    for i in r.fp32_nodes:
-        by_kind.setdefault(i.kind, []).append(i)
-    for kind, items in by_kind.items():
-        if kind == "normalization" and len(items) > 3:
-            # Every norm layer is listed in --report; here one row says it.
-            ops = sorted({i.op_type for i in items})
-            islands.add_row(f"{len(items)} nodes", ", ".join(ops), kind, escape(items[0].reason))
-            continue
-        for i in items:
-            islands.add_row(escape(i.node), i.op_type, kind, escape(i.reason))
-    console.print(islands)
-    flagged = a.flagged
-    near = Table(title=f"tensors over the threshold: {len(flagged)}" + (f" ({len(a.overflowing)} overflow FP16)" if a.overflowing else ""),
-                 title_justify="left")
-    for col in ("tensor", "node", "op", "absmax", "at"):
-        near.add_column(col, overflow="fold")
-    for t in flagged[:15]:
-        near.add_row(escape(t.name), escape(t.producer or "(input)"), t.op_type,
-                     f"[red]{t.absmax:.3g}[/]" if t.overflows else f"{t.absmax:.3g}", "x".join(map(str, t.shape)))
-    if flagged:
-        console.print(near)
-    att = Table(title="attention logits (q·kᵀ·scale)", title_justify="left")
-    for col in ("block", "form", "logits absmax", "|q·√s| / |k·√s|", "at", "keys", "Q/K/V dtype"):
-        att.add_column(col)
-    dtypes = {d["block"]: d for d in r.attention}
-    for s in a.attention:
-        d = dtypes.get(s.name, {})
-        att.add_row(escape(s.name), s.form, f"{s.logits_absmax:.3g}", f"{s.q_prescaled_absmax:.3g} / {s.k_prescaled_absmax:.3g}",
-                    "x".join(map(str, s.shape)), str(s.keys), f"{d.get('q', '?')}/{d.get('k', '?')}/{d.get('v', '?')}")
-    if a.attention:
-        console.print(att)
-    ma = a.max_activation
-    summary = Table(title=f"attn-export fp16 -> {escape(str(r.path))}", show_header=False, title_justify="left")
-    summary.add_row("nodes", f"{r.nodes_fp16} FP16, {r.nodes_fp32} FP32, {r.nodes_other} without float output")
-    summary.add_row("casts added", str(r.casts_added))
-    summary.add_row("initializers", f"{r.initializers_fp16} FP16, {r.initializers_fp32} FP32"
-                    + (f", {len(r.clamped_initializers)} clamped to ±65504" if r.clamped_initializers else ""))
-    if ma is not None:
-        summary.add_row("max activation", escape(f"{ma.absmax:.3g} ({ma.name}, {ma.op_type}) at {'x'.join(map(str, ma.shape))}"))
-    if r.forced_fp16:
-        summary.add_row("forced FP16", escape(", ".join(r.forced_fp16)))
-    if r.check:
-        errs = ", ".join(f"{'x'.join(map(str, s['shape']))}: {s['max_abs_err']:.2e}" for s in r.check["shapes"])
-        from .exporter.foreign import is_foreign
-
-        summary.add_row("vs the FP32 file" if is_foreign(r.spec) else "vs PyTorch", f"max abs err {errs} ({r.check['tolerances']}; ONNX Runtime CPU computes FP16 ops in FP32)")
-    if r.emulation is not None:
-        e = r.emulation
-        summary.add_row("FP16 emulation", ("[green]no overflow[/]" if e.ok else f"[red]{len(e.non_finite)} non-finite[/]")
-                        + f" in {e.fp16_tensors} FP16 tensors at {', '.join('x'.join(map(str, s)) for s in e.shapes)}")
-    summary.add_row("size / time", f"{_human_size(r.size_bytes)}, {r.seconds:.1f} s")
-    console.print(summary)
+    return parse_shapes(text) if text else None
 
 
 @command("fp16", help=(
@@ -828,11 +548,11 @@ def fp16_cmd(
     model: Path = typer.Argument(..., help="FP32 ONNX file (exported by `attn-export onnx`, or from elsewhere with --input-shapes)."),
     output: Path = typer.Option(..., "-o", "--output", help="FP16 ONNX file to write (atomically)."),
     keep_io_types: bool = typer.Option(True, "--keep-io-types/--no-keep-io-types", help="Keep FP32 inputs and outputs (default) or make them FP16."),
-    threshold: float = typer.Option(4096.0, "--threshold", help="Activation absmax above which nodes stay FP32 (FP16 max is 65504)."),
-    calibration_shapes: Optional[str] = typer.Option(None, "--calibration-shapes", help="Comma-separated BxHxW shapes for the audit (default: derived from the model)."),
+    threshold: float = FP16_THRESHOLD,
+    calibration_shapes: Optional[str] = FP16_CALIBRATION,
     fp32_op: Optional[list[str]] = typer.Option(None, "--fp32-op", help="Also keep every node of this op type in FP32 (repeatable)."),
     check: bool = typer.Option(True, "--check/--no-check", help="Compare with PyTorch and run the FP16 overflow emulation before writing."),
-    report: Optional[Path] = typer.Option(None, "--report", help="Also write the audit and conversion summary as JSON."),
+    report: Optional[Path] = REPORT,
     force: bool = typer.Option(False, "--force", help="Replace an existing output file."),
     input_shapes: Optional[list[str]] = typer.Option(None, "--input-shapes", help=INPUT_SHAPES_HELP + " Used as the calibration shapes."),
     input_range: Optional[list[str]] = typer.Option(None, "--input-range", help=INPUT_RANGE_HELP),
@@ -846,20 +566,24 @@ def fp16_cmd(
     trust_artifact: bool = REF_TRUST,
     max_memory: Optional[str] = MAX_MEMORY,
 ) -> None:
-    if report is not None and (not report.parent.exists() or report.is_dir()):
-        raise UsageError(f"cannot write the report to {report}")
-    result = _run_fp16(model, output, keep_io_types=keep_io_types, threshold=threshold,
-                       calibration_shapes=calibration_shapes, fp32_ops=fp32_op, force=force, check=check,
-                       input_shapes=input_shapes, input_range=input_range,
-                       reference_model=_reference_options(preset, config, ref_model, model_kwargs, checkpoint,
-                                                          checkpoint_key, allow_checkpoint_mismatch, trust_artifact),
-                       max_memory=max_memory)
-    _print_fp16(result)
+    from .exporter.foreign import parse_input_ranges
+    from .pipeline import convert_fp16
+
+    _check_report_path(report)
+    reference_model = _reference_options(preset, config, ref_model, model_kwargs, checkpoint, checkpoint_key,
+                                         allow_checkpoint_mismatch, trust_artifact)
+    with _fp16_progress() as prog:
+        result = convert_fp16(model, output, keep_io_types=keep_io_types, threshold=threshold,
+                              calibration_shapes=_calibration(calibration_shapes), extra_fp32_ops=tuple(fp32_op or ()),
+                              force=force, check=check, input_shapes=input_shapes or None,
+                              input_ranges=parse_input_ranges(input_range), reference_model=reference_model,
+                              max_memory=_max_memory(max_memory), progress=_reporter(prog, "fp16: "))
+    render.fp16(result)
     if report is not None:
         from .atomic import write_text_atomic
 
         write_text_atomic(report, json.dumps(result.to_dict(), indent=2, default=str) + "\n")
-        console.print(f"report written to {report}", highlight=False)
+        render.written("report written to", report)
 
 
 HARDWARE_COMPAT = {"none": "none", "ampere+": "ampere_plus", "same-cc": "same_compute_capability"}
@@ -891,8 +615,8 @@ def trt_cmd(
     timing_cache: Optional[Path] = typer.Option(None, "--timing-cache", help="Timing cache file: loaded if present, saved after the build."),
     hardware_compat: str = typer.Option("none", "--hardware-compat", help="Hardware compatibility: none, ampere+ or same-cc."),
     target: str = typer.Option("10.14", "--target", help=f"TensorRT version for the readiness check: {TARGETS_HELP}."),
-    threshold: float = typer.Option(4096.0, "--threshold", help="With --fp16: activation absmax above which nodes stay FP32."),
-    calibration_shapes: Optional[str] = typer.Option(None, "--calibration-shapes", help="With --fp16: BxHxW shapes for the range audit."),
+    threshold: float = FP16_THRESHOLD,
+    calibration_shapes: Optional[str] = FP16_CALIBRATION,
     input_shapes: Optional[list[str]] = typer.Option(None, "--input-shapes", help="With --fp16: " + INPUT_SHAPES_HELP),
     force: bool = typer.Option(False, "--force", help="Replace existing output files (engine, sidecar, FP16 ONNX)."),
     preset: Optional[str] = REF_PRESET,
@@ -905,55 +629,35 @@ def trt_cmd(
     trust_artifact: bool = REF_TRUST,
     max_memory: Optional[str] = MAX_MEMORY,
 ) -> None:
-    from .atomic import check_output_path
-    from .engines.profiles import default_profile, parse_profiles, validate_profiles
-    from .engines.readiness import check_target, check_trt_readiness
-    from .exporter.foreign import spec_of_file
+    from .engines.profiles import parse_profiles
+    from .pipeline import build_engine
 
-    # Cheap checks first: nothing is converted or built for a bad option.
-    spec = spec_of_file(model)
-    engine = check_output_path(output, force=force)
+    # Option values the library takes in its own terms; every other check is the library's, before any work.
     if hardware_compat not in HARDWARE_COMPAT:
         raise UsageError(f"--hardware-compat must be one of {', '.join(HARDWARE_COMPAT)} (got {hardware_compat!r})")
     if not 0 <= opt_level <= 5:
         raise UsageError(f"--opt-level must be 0..5 (got {opt_level})")
     if workspace is not None and workspace <= 0:
         raise UsageError(f"--workspace must be a positive number of MiB (got {workspace})")
-    check_target(target)
-    profiles = parse_profiles(mins or [], opts or [], maxs or []) or [default_profile(spec)]
-    for w in validate_profiles(profiles, spec):
-        err_console.print(f"[yellow]warning:[/] {w}", highlight=False, soft_wrap=True)
-    build_from = model
-    if fp16 and spec.precision == "fp32":
-        fp16_path = fp16_onnx or engine.with_name(engine.stem + ".fp16.onnx")
-        check_output_path(fp16_path, force=force)
-        result = _run_fp16(model, fp16_path, threshold=threshold, calibration_shapes=calibration_shapes, force=force,
-                           input_shapes=input_shapes,
-                           reference_model=_reference_options(preset, config, ref_model, model_kwargs, checkpoint,
-                                                              checkpoint_key, allow_checkpoint_mismatch, trust_artifact),
-                           max_memory=max_memory)
-        _print_fp16(result)
-        build_from = result.path
-    elif fp16:
-        console.print(f"{model} is already {spec.precision}; building from it as is", highlight=False)
-    else:
-        console.print("[yellow]note:[/] no --fp16: the engine keeps the ONNX's FP32 types (strongly typed build)", highlight=False)
-    readiness = check_trt_readiness(build_from, target, profiles, fp16=fp16)
-    _print_readiness(readiness)
-    readiness.raise_for_errors()
-    from .engines.trt_build import build_engine
+    with _build_progress() as prog:
+        result = build_engine(
+            model, output, parse_profiles(mins or [], opts or [], maxs or []) or None, fp16=fp16, fp16_onnx=fp16_onnx,
+            target=target, threshold=threshold, calibration_shapes=_calibration(calibration_shapes),
+            input_shapes=input_shapes or None, max_memory=_max_memory(max_memory),
+            reference_model=_reference_options(preset, config, ref_model, model_kwargs, checkpoint, checkpoint_key,
+                                               allow_checkpoint_mismatch, trust_artifact),
+            workspace=workspace * (1 << 20) if workspace else None, opt_level=opt_level, timing_cache=timing_cache,
+            hardware_compatibility=HARDWARE_COMPAT[hardware_compat], force=force, progress=_reporter(prog),
+            on_stage=render.engine_stage)
+    render.engine_built(result)
 
-    built = build_engine(build_from, engine, profiles, workspace=workspace * (1 << 20) if workspace else None,
-                         opt_level=opt_level, timing_cache=timing_cache,
-                         hardware_compatibility=HARDWARE_COMPAT[hardware_compat], force=force,
-                         progress=err_console.is_terminal)
-    console.print(f"engine written to {built.engine_path} ({_human_size(built.size_bytes)}, TensorRT {built.tensorrt_version}, "
-                  f"{built.gpu.name}) with sidecar {built.sidecar_path} in {built.seconds:.1f} s", highlight=False)
-    fusion = getattr(built.fusion, "summary", None)
-    if fusion:
-        console.print(f"fused attention: {fusion}", highlight=False)
-    for w in built.warnings:
-        err_console.print(f"[yellow]warning:[/] {w}", highlight=False, soft_wrap=True)
+
+def _build_progress():  # noqa: ANN202 - rich Progress
+    from rich.progress import BarColumn, TextColumn, TimeElapsedColumn
+
+    return _progress_type()(TextColumn("[progress.description]{task.description}"), BarColumn(),
+                            TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(), console=err_console,
+                            transient=True, disable=not err_console.is_terminal)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -217,9 +217,9 @@ def inspect_engine(path: str | Path) -> InspectReport:
 
 def inspect_artifact(path: str | Path) -> InspectReport:
     """Inspect an ONNX file or a TensorRT engine (``.plan``/``.engine`` with its sidecar)."""
-    from .verify import artifact_kind
+    from .engines.sidecar import is_engine_path
 
     p = Path(path)
     if not p.is_file():
         raise UsageError(f"artifact not found: {p}")
-    return inspect_engine(p) if artifact_kind(p) == "engine" else inspect_onnx(p)
+    return inspect_engine(p) if is_engine_path(p) else inspect_onnx(p)

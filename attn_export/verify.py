@@ -32,7 +32,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -41,12 +41,8 @@ from .errors import CheckpointError, ShapeError, UsageError
 from .engines.sidecar import is_engine_path
 from .spec import ModelSpec, ReferenceOptions, format_shape, parse_shapes
 
-Shape = tuple[int, int, int]
-ProgressFn = Callable[[int, int, str], None]
-
-# Largest H/W of the default sweep, per preset (see the module doc for the measurements).
-LARGE_CAP = {"tiny": 64, "ddpm-cifar10": 64, "ddpm-256": 128}
-DEFAULT_LARGE_CAP = 128
+from .progress import ProgressFn
+from .shapes import Shape, accepts as _valid, fit_shapes, large_size, round_up as _round_up, typical_size
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -127,72 +123,27 @@ class VerifyReport:
 # ---------------------------------------------------------------------------------------------------------------------
 # shapes
 # ---------------------------------------------------------------------------------------------------------------------
-def _round_up(value: float, multiple: int) -> int:
-    return max(multiple, -(-int(value) // multiple) * multiple)
-
-
-def _preset_of(spec: ModelSpec) -> str | None:
-    return (spec.source or {}).get("preset")
-
-
-def _typical(spec: ModelSpec) -> int:
-    from .models.presets import PRESET_RESOLUTION
-
-    preset = _preset_of(spec)
-    if preset in PRESET_RESOLUTION:
-        return int(PRESET_RESOLUTION[preset])
-    return 64
-
-
-def _valid(spec: ModelSpec, shape: Shape) -> bool:
-    try:
-        spec.check_shape(*shape)
-    except ShapeError:
-        return False
-    return True
-
-
 def _dedupe(shapes: Sequence[Shape]) -> list[Shape]:
-    seen: set[Shape] = set()
-    out = []
-    for s in shapes:
-        if s not in seen:
-            seen.add(s)
-            out.append(s)
-    return out
+    return list(dict.fromkeys(shapes))
 
 
 def default_shapes(spec: ModelSpec) -> list[Shape]:
     """The default sweep for an ONNX artifact (see the module doc)."""
     m = spec.hw_multiple
-    cap = LARGE_CAP.get(_preset_of(spec) or "", DEFAULT_LARGE_CAP)
-    typical = _round_up(_typical(spec), m)
-    large = max(_round_up(min(2 * typical, cap), m), m)
+    typical = _round_up(typical_size(spec), m)
+    large = large_size(spec)
     if typical >= large:
         typical = max(m, (large // 2) // m * m)
     small = _round_up(max(8, m), m)
     off_h, off_w = 3 * m, 5 * m
     off_b = 3 if 3 * off_h * off_w <= large * large else 1
-    candidates: list[Shape] = [
+    return fit_shapes(spec, [
         (1, small, small),
         (2, typical, typical),
         (1, typical, _round_up(typical * 1.5, m)),
         (off_b, off_h, off_w),
         (1, large, large),
-    ]
-    out = []
-    for s in candidates:
-        if not _valid(spec, s):
-            # e.g. instance norm needs more than one deepest position: widen until the model accepts it.
-            b, h, w = s
-            for k in range(2, 5):
-                if _valid(spec, (b, h, w * k)):
-                    s = (b, h, w * k)
-                    break
-            else:
-                continue
-        out.append(s)
-    return _dedupe(out)
+    ])
 
 
 def _off_grid_value(lo: int, hi: int, m: int, avoid: set[int], target: float) -> int | None:
@@ -245,7 +196,7 @@ def artifact_kind(path: str | Path) -> str:
 
 
 def _checkpoint_info(spec: ModelSpec, source: Any) -> dict[str, Any] | None:
-    from .models.checkpoint import file_sha256
+    from .files import file_sha256
 
     recorded = spec.checkpoint or None
     if source.checkpoint is None and not recorded:
@@ -378,18 +329,18 @@ def verify(
     source = _reference_source(spec, options) if reference is None else None
     setup: dict[str, float] = {}
     total = len(sweep) + 2
-    step = lambda i, text: progress(i, total, text) if progress else None  # noqa: E731
+    step = lambda i, text: progress(text, i, total) if progress else None  # noqa: E731
 
     # The candidate first: a missing TensorRT should fail before the (slow) reference is built.
     step(0, f"loading {kind}")
     t0 = time.perf_counter()
     if kind == "engine":
-        from .engines.trt_runner import TrtRunner
+        from .runners.trt_runner import TrtRunner
 
         cand = TrtRunner(path)
         cand_desc = f"tensorrt ({precision})"
     else:
-        from .engines.ort_runner import OrtRunner
+        from .runners.ort_runner import OrtRunner
 
         cand = OrtRunner(path, providers=providers, spec=spec)
         cand_desc = f"onnxruntime ({cand.provider})"
@@ -403,7 +354,7 @@ def verify(
     ref: Any
     if reference is not None:
         step(1, "loading the reference ONNX")
-        from .engines.ort_runner import OrtRunner
+        from .runners.ort_runner import OrtRunner
         from .exporter.foreign import spec_of_file
 
         ref = OrtRunner(reference, spec=spec_of_file(reference, input_ranges))
@@ -415,7 +366,7 @@ def verify(
             raise UsageError(f"--reference {reference} does not take the same inputs (differing: {', '.join(missing)})")
     else:
         step(1, "building the PyTorch reference")
-        from .engines.torch_runner import TorchRunner
+        from .runners.torch_runner import TorchRunner
         from .models.loader import load_model
 
         assert source is not None

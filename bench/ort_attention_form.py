@@ -19,7 +19,7 @@ import time
 def _child(path: str, form: str, size: int, calls: int) -> None:
     import numpy as np
 
-    from attn_export.engines.ort_runner import OrtRunner
+    from attn_export.runners.ort_runner import OrtRunner
 
     runner = OrtRunner(path, attention=form, threads=2).activate()
     x = np.random.default_rng(0).standard_normal((1, runner.spec.in_channels, size, size)).astype(np.float32)

@@ -69,7 +69,7 @@ def worker(job: dict[str, Any]) -> dict[str, Any]:
     feeds = spec.make_inputs(b, h, w, seed=0)
     t0 = time.perf_counter()
     if job["kind"] == "torch":
-        from attn_export.engines.torch_runner import TorchRunner
+        from attn_export.runners.torch_runner import TorchRunner
         from attn_export.models.loader import source_from_spec
 
         runner = TorchRunner(source_from_spec(spec), attention_impl=job["impl"], spec=spec, threads=threads)
@@ -95,7 +95,7 @@ def interleaved_worker(job: dict[str, Any]) -> dict[str, Any]:
     import numpy as np
     import torch
 
-    from attn_export.engines.torch_runner import TorchRunner
+    from attn_export.runners.torch_runner import TorchRunner
     from attn_export.models.loader import source_from_spec
     from attn_export.spec import ModelSpec
 
@@ -121,7 +121,7 @@ def interleaved_worker(job: dict[str, Any]) -> dict[str, Any]:
 def _ort_runner(job: dict[str, Any], spec: Any) -> Any:
     import onnxruntime as ort
 
-    from attn_export.engines.ort_runner import OrtRunner
+    from attn_export.runners.ort_runner import OrtRunner
 
     class TunedOrtRunner(OrtRunner):
         """OrtRunner with the extra session switches tried here (memory arena)."""

@@ -95,16 +95,16 @@ def open_runner(artifact: str, backend: str = "auto", provider: str = "cpu", thr
     if backend == "auto":
         backend = "tensorrt" if path.suffix.lower() in (".plan", ".engine", ".trt") else "onnxruntime"
     if backend == "onnxruntime":
-        from attn_export.engines.ort_runner import OrtRunner
+        from attn_export.runners.ort_runner import OrtRunner
 
         return OrtRunner(path, providers=[provider], threads=threads)
     if backend == "tensorrt":
-        from attn_export.engines.trt_runner import TrtRunner
+        from attn_export.runners.trt_runner import TrtRunner
 
         return TrtRunner(path)
     if backend == "pytorch":
         from attn_export.bench import artifact_spec
-        from attn_export.engines.torch_runner import TorchRunner
+        from attn_export.runners.torch_runner import TorchRunner
         from attn_export.models.loader import source_from_spec
 
         spec = artifact_spec(path)

@@ -53,7 +53,7 @@ def _cpp_runner(engine: Path, work: Path, step: dict[str, Any]) -> None:
     """attn_export_run on saved inputs vs TrtRunner on the same inputs."""
     import numpy as np
 
-    from attn_export.engines.trt_runner import TrtRunner
+    from attn_export.runners.trt_runner import TrtRunner
 
     exe = next((p for p in [REPO / "build" / "cpp" / "attn_export_run"] if p.is_file()), None)
     if exe is None:

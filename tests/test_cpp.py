@@ -183,8 +183,8 @@ def _tensorrt_and_gpu() -> bool:
 @pytest.mark.skipif(not _tensorrt_and_gpu(), reason="needs TensorRT and an NVIDIA GPU")
 def test_runner_matches_python_runner(tmp_path_factory: pytest.TempPathFactory, tmp_path: Path, tiny_onnx: Path) -> None:
     try:
-        from attn_export.engines.trt_build import build_engine
-        from attn_export.engines.trt_runner import TrtRunner
+        from attn_export import build_engine
+        from attn_export.runners.trt_runner import TrtRunner
     except ImportError as e:
         pytest.skip(f"the Python engine builder/runner is not available to make an engine: {e}")
 
@@ -197,7 +197,8 @@ def test_runner_matches_python_runner(tmp_path_factory: pytest.TempPathFactory, 
                     f"set TensorRT_ROOT to a TensorRT install:\n{configure.stdout[-500:]}")
 
     engine = tmp_path / "tiny.plan"
-    result = build_engine(tiny_onnx, engine, progress=False)
+    result = build_engine(tiny_onnx, engine).build
+    assert result is not None
     shapes = result.sidecar["profiles"][0]["shapes"]  # tensor -> [min, opt, max]
     feeds: dict[str, np.ndarray] = {}
     rng = np.random.default_rng(0)

@@ -10,7 +10,7 @@ from pathlib import Path
 import onnx
 import pytest
 
-from attn_export.exporter.fp16 import convert_fp16
+from attn_export import convert_fp16
 from attn_export.exporter.onnx_export import export_onnx
 from attn_export.inspection import inspect_onnx
 from attn_export.models.loader import ModelSource

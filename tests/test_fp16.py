@@ -16,7 +16,7 @@ import torch
 from onnx import TensorProto
 
 from attn_export.exporter.audit import FP16_MAX, audit_fp16, default_calibration_shapes, emulate_fp16, value_types
-from attn_export.exporter.fp16 import convert_fp16
+from attn_export import convert_fp16
 from attn_export.exporter.metadata import read_spec
 from attn_export.exporter.onnx_export import export_onnx
 from attn_export.models.loader import ModelSource, load_model

@@ -10,7 +10,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from attn_export.engines.ort_runner import OrtRunner
+from attn_export.runners.ort_runner import OrtRunner
 from attn_export.exporter.onnx_export import export_onnx
 from attn_export.graph import to_onnxruntime_form
 from attn_export.models.loader import ModelSource

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from attn_export.engines.ort_runner import OrtRunner
-from attn_export.engines.torch_runner import TorchRunner
+from attn_export.runners.ort_runner import OrtRunner
+from attn_export.runners.torch_runner import TorchRunner
 from attn_export.errors import ShapeError, UsageError
 from attn_export.models.loader import source_from_spec
 

@@ -92,18 +92,18 @@ def _broken_copy(tmp_path: Path, file: str, old: str, new: str) -> Path:
 
 BROKEN = {
     # name: (file, original text, broken text, what the error must mention)
-    "misspelled method": ("engines/trt_runner.py", "context.execute_async_v3(", "context.execute_async_v4(", "execute_async_v4"),
-    "misspelled method (overloaded)": ("engines/trt_runner.py", "context.set_input_shape(", "context.set_input_shapes(",
+    "misspelled method": ("runners/trt_runner.py", "context.execute_async_v3(", "context.execute_async_v4(", "execute_async_v4"),
+    "misspelled method (overloaded)": ("runners/trt_runner.py", "context.set_input_shape(", "context.set_input_shapes(",
                                        "set_input_shapes"),
     "missing method on the engine": ("engines/trt_build.py", "engine.get_tensor_mode(", "engine.get_tensor_modes(",
                                      "get_tensor_modes"),
-    "nonexistent runtime method": ("engines/trt_runner.py", "runtime.deserialize_cuda_engine(", "runtime.deserialize_engine(",
+    "nonexistent runtime method": ("runners/trt_runner.py", "runtime.deserialize_cuda_engine(", "runtime.deserialize_engine(",
                                    "deserialize_engine"),
     "misspelled enum member": ("engines/trt_build.py", "NetworkDefinitionCreationFlag.STRONGLY_TYPED",
                                "NetworkDefinitionCreationFlag.STRONGLY_TYPEDX", "STRONGLY_TYPEDX"),
     "removed enum member": ("engines/trt_build.py", "trt.LayerInformationFormat.JSON", "trt.LayerInformationFormat.XML",
                             "XML"),
-    "wrong argument count": ("engines/trt_runner.py", "context.set_tensor_address(name, t.data_ptr())",
+    "wrong argument count": ("runners/trt_runner.py", "context.set_tensor_address(name, t.data_ptr())",
                              "context.set_tensor_address(name)", "set_tensor_address"),
     "wrong argument type": ("engines/trt_build.py", "parser.parse_from_file(str(onnx_path))",
                             "parser.parse_from_file(onnx_path)", "parse_from_file"),
@@ -111,7 +111,7 @@ BROKEN = {
                               "def step_complete(self, phase_name: str) -> bool:", "step_complete"),
     "wrong Polygraphy keyword": ("engines/trt_build.py", "builder_optimization_level=int(opt_level),",
                                  "builder_optimisation_level=int(opt_level),", "builder_optimisation_level"),
-    "type: ignore hiding an error": ("engines/trt_runner.py", "context.execute_async_v3(stream.cuda_stream):\n",
+    "type: ignore hiding an error": ("runners/trt_runner.py", "context.execute_async_v3(stream.cuda_stream):\n",
                                      "context.execute_async_v4(stream.cuda_stream):  # type: ignore[attr-defined]\n",
                                      "type: ignore"),
 }

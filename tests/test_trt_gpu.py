@@ -34,11 +34,11 @@ PROFILE = Profile((1, 32, 32), (2, 64, 64), (4, 96, 96))
 
 @pytest.fixture(scope="module")
 def tiny_engine(tmp_path_factory, export_model):
-    from attn_export.engines.trt_build import build_engine
+    from attn_export import build_engine
 
     onnx_path = export_model("tiny", "op")
     out = tmp_path_factory.mktemp("engines") / "tiny.engine"
-    result = build_engine(onnx_path, out, [PROFILE], progress=False)
+    result = build_engine(onnx_path, out, [PROFILE]).build
     return onnx_path, result
 
 
@@ -70,8 +70,8 @@ def test_fusion_report_covers_every_block(tiny_engine):
 
 
 def test_runner_matches_onnxruntime(tiny_engine):
-    from attn_export.engines.ort_runner import OrtRunner
-    from attn_export.engines.trt_runner import TrtRunner
+    from attn_export.runners.ort_runner import OrtRunner
+    from attn_export.runners.trt_runner import TrtRunner
 
     onnx_path, result = tiny_engine
     with TrtRunner(result.engine_path) as trt_runner, OrtRunner(onnx_path) as ort_runner:
@@ -89,7 +89,7 @@ def test_runner_matches_onnxruntime(tiny_engine):
 def test_runner_torch_path_and_cuda_graph(tiny_engine):
     import torch
 
-    from attn_export.engines.trt_runner import TrtRunner
+    from attn_export.runners.trt_runner import TrtRunner
 
     _, result = tiny_engine
     plain = TrtRunner(result.engine_path).activate()
@@ -112,7 +112,7 @@ def test_runner_torch_path_and_cuda_graph(tiny_engine):
 
 
 def test_runner_refuses_shape_outside_profile(tiny_engine):
-    from attn_export.engines.trt_runner import TrtRunner
+    from attn_export.runners.trt_runner import TrtRunner
     from attn_export.errors import ShapeError
 
     _, result = tiny_engine
@@ -125,11 +125,10 @@ def test_fp16_attention_graph_builds(tmp_path):
     """A hand-made FP16 single-head attention block (head size 32): builds, and fusion gets a verdict."""
     from test_trt_logic import _attention_model
 
-    from attn_export.engines.trt_build import build_engine
+    from attn_export import build_engine
 
     path = tmp_path / "attn16.onnx"
     onnx.save(_attention_model(channels=32, fp16=True, use_t=True), str(path))
-    result = build_engine(path, tmp_path / "attn16.engine", [Profile((1, 16, 16), (1, 32, 32), (2, 64, 64))],
-                          progress=False)
+    result = build_engine(path, tmp_path / "attn16.engine", [Profile((1, 16, 16), (1, 32, 32), (2, 64, 64))]).build
     (block,) = result.fusion.blocks
     assert block.fused is not None, block.reason

@@ -19,6 +19,7 @@ from attn_export.errors import MissingDependencyError, ShapeError, UsageError
 from attn_export.graph import AttentionSite
 from attn_export.spec import METADATA_KEY, ModelSpec, TensorSpec
 from attn_export.engines import fusion, profiles as prof, readiness, sidecar
+from attn_export.files import file_sha256
 from attn_export.engines.profiles import Profile
 
 DATA = Path(__file__).parent / "data"
@@ -153,7 +154,7 @@ def _sidecar(tmp_path: Path, **over) -> dict:
     engine.write_bytes(b"not really a plan")
     spec = make_spec()
     data = sidecar.make_sidecar(
-        engine_path=engine, engine_sha256=sidecar.file_sha256(engine), tensorrt_version="10.14.1.48",
+        engine_path=engine, engine_sha256=file_sha256(engine), tensorrt_version="10.14.1.48",
         gpu_name="NVIDIA H100 80GB HBM3", compute_capability="9.0",
         profiles=[Profile((1, 32, 32), (1, 64, 64), (4, 256, 256))], spec=spec,
         io=[{"name": "x", "mode": "input", "dtype": "float32", "shape": [-1, 3, -1, -1]},
@@ -549,12 +550,12 @@ class TestReadiness:
 @pytest.mark.skipif(HAVE_TRT_AND_GPU, reason="TensorRT and a GPU are present")
 class TestWithoutTensorRT:
     def test_build_engine_missing_dependency(self, tmp_path):
-        from attn_export.engines.trt_build import build_engine
+        from attn_export.engines.trt_build import build_plan
 
         onnx_path = tmp_path / "m.onnx"
         onnx.save(_attention_model(fp16=True), str(onnx_path))
         with pytest.raises(MissingDependencyError) as exc:
-            build_engine(onnx_path, tmp_path / "m.engine", None, progress=False)
+            build_plan(onnx_path, tmp_path / "m.engine", None, readiness.check_trt_readiness(onnx_path, "10.14"))
         msg = str(exc.value)
         assert "\n" not in msg
         assert 'pip install "attn-export[trt]"' in msg and "tensorrt-cu12" in msg and "tensorrt-cu13" in msg
@@ -562,7 +563,7 @@ class TestWithoutTensorRT:
         assert not (tmp_path / "m.engine").exists()
 
     def test_runner_refuses_to_activate(self, tmp_path):
-        from attn_export.engines.trt_runner import TrtRunner
+        from attn_export.runners.trt_runner import TrtRunner
 
         data = _sidecar(tmp_path)
         sidecar.write_sidecar(sidecar.sidecar_path(tmp_path / "model.engine"), data)
@@ -574,7 +575,7 @@ class TestWithoutTensorRT:
         assert not runner.is_active
 
     def test_runner_shape_narrowed_to_profiles(self, tmp_path):
-        from attn_export.engines.trt_runner import TrtRunner
+        from attn_export.runners.trt_runner import TrtRunner
 
         sidecar.write_sidecar(sidecar.sidecar_path(tmp_path / "model.engine"), _sidecar(tmp_path))
         runner = TrtRunner(tmp_path / "model.engine")
@@ -585,7 +586,7 @@ class TestWithoutTensorRT:
             runner.check_shape(1, 60, 64)
 
     def test_runner_missing_engine(self, tmp_path):
-        from attn_export.engines.trt_runner import TrtRunner
+        from attn_export.runners.trt_runner import TrtRunner
 
         with pytest.raises(UsageError, match="engine file not found"):
             TrtRunner(tmp_path / "nope.engine")

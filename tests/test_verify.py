@@ -182,7 +182,7 @@ def test_verify_passes_default_sweep(request, fixture: str, tmp_path: Path, wide
 
 def test_verify_api_report(tiny_onnx: Path) -> None:
     steps = []
-    report = verify(tiny_onnx, shapes="1x8x8,2x16x24", seed=3, progress=lambda d, t, text: steps.append((d, t)))
+    report = verify(tiny_onnx, shapes="1x8x8,2x16x24", seed=3, progress=lambda text, d=None, t=None: steps.append((d, t)))
     assert report.passed and report.shape_source == "user" and report.seed == 3
     assert [s.shape for s in report.shapes] == [(1, 8, 8), (2, 16, 24)]
     assert steps[-1][0] == steps[-1][1]

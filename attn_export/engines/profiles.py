@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
 from ..errors import UsageError
+from ..shapes import round_up, typical_size
 from ..spec import ModelSpec, format_shape
 
 Triple = tuple[int, int, int]
@@ -180,24 +181,6 @@ def key_count_warnings(height: int, width: int, spec: ModelSpec) -> list[str]:
     return out
 
 
-def _round_up(value: int, multiple: int) -> int:
-    return -(-value // multiple) * multiple
-
-
-def _typical_size(spec: ModelSpec) -> int:
-    """The model's usual serving resolution: its preset's, else 64."""
-    preset = (spec.source or {}).get("preset")
-    if preset:
-        try:  # Lazy: models.presets pulls in torch; fall back quietly where that fails.
-            from ..models.presets import PRESET_RESOLUTION
-
-            if preset in PRESET_RESOLUTION:
-                return int(PRESET_RESOLUTION[preset])
-        except Exception:  # noqa: BLE001 - the default is good enough
-            pass
-    return 64
-
-
 def default_profile(spec: ModelSpec) -> Profile:
     """A profile for when the user gives none.
 
@@ -213,12 +196,12 @@ def default_profile(spec: ModelSpec) -> Profile:
     :func:`validate_profiles`.
     """
     m = spec.hw_multiple
-    lo = _round_up(32, m)
+    lo = round_up(32, m)
     # Some models (instance norm) need several positions at the deepest level.
     while (lo // m) ** 2 < int(getattr(spec, "min_deep_positions", 1) or 1):
         lo += m
-    typical = max(_round_up(_typical_size(spec), m), lo)
-    hi = max(_round_up(256, m), typical)
+    typical = max(round_up(typical_size(spec), m), lo)
+    hi = max(round_up(256, m), typical)
     fixed = _fixed_dims(spec)
 
     def fit(b: int, h: int, w: int) -> Triple:

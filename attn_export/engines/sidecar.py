@@ -20,7 +20,6 @@ Schema (``format`` = "attn-export-engine/1")::
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -76,15 +75,6 @@ def is_engine_path(path: str | os.PathLike[str]) -> bool:
     if p.suffix.lower() in ENGINE_SUFFIXES:
         return True
     return p.suffix.lower() != ".onnx" and sidecar_path(p).is_file()
-
-
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    """Hex SHA-256 of a file, read in chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def profile_entries(profiles: Sequence[Profile], spec: ModelSpec) -> list[dict[str, Any]]:

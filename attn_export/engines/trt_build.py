@@ -23,22 +23,23 @@ import importlib.util
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence, SupportsInt
+from typing import TYPE_CHECKING, Any, Mapping, Sequence, SupportsInt
 
 from ..atomic import check_output_path, write_bytes_atomic
 from ..errors import EngineFailed, MissingDependencyError, UsageError
+from ..files import file_sha256
+from ..progress import ProgressFn
 from ..spec import ModelSpec
 from .fusion import FusionReport, fusion_report
-from .profiles import Profile, default_profile, tensor_shapes, validate_profiles
-from .readiness import ReadinessReport, check_trt_readiness
-from .sidecar import file_sha256, make_sidecar, sidecar_path, write_sidecar
+from .profiles import Profile, default_profile, tensor_shapes
+from .readiness import ReadinessReport
+from .sidecar import make_sidecar, sidecar_path, write_sidecar
 
 if TYPE_CHECKING:  # the real import stays inside the functions: this module imports without TensorRT
     import numpy as np
     import tensorrt as trt
     from polygraphy.backend.trt import CreateConfig, EngineFromNetwork
     from polygraphy.backend.trt import Profile as PolyProfile
-    from rich.progress import Progress, TaskID
 
 INSTALL_HINT = (
     'install it with `pip install "attn-export[trt]"` (the tensorrt wheel must match the CUDA major '
@@ -61,7 +62,7 @@ class GpuInfo:
 
 @dataclass
 class BuildResult:
-    """What :func:`build_engine` produced."""
+    """What :func:`build_plan` produced."""
 
     engine_path: Path
     sidecar_path: Path
@@ -204,47 +205,43 @@ def is_input(engine: trt.ICudaEngine, name: str) -> bool:
 
 
 # --------------------------------------------------------------------------- progress
-def make_progress_monitor(progress: Progress) -> trt.IProgressMonitor:
-    """A ``trt.IProgressMonitor`` driving a rich ``Progress``: one task per build phase.
+def make_progress_monitor(progress: ProgressFn) -> trt.IProgressMonitor:
+    """A ``trt.IProgressMonitor`` reporting each build step to ``progress``.
 
-    Defined lazily because the base class lives in ``tensorrt``. A
-    KeyboardInterrupt cannot escape a TensorRT callback, so Ctrl-C sets a
-    flag and the next ``step_complete`` returns False, which cancels the build.
+    The text is the path of open phases ("Building engine > Tactics"), with
+    the innermost phase's step count. Defined lazily because the base class
+    lives in ``tensorrt``. A KeyboardInterrupt cannot escape a TensorRT
+    callback, so one raised by ``progress`` (Ctrl-C) sets a flag and the next
+    ``step_complete`` returns False, which cancels the build.
     """
     import tensorrt as trt
 
-    class RichProgressMonitor(trt.IProgressMonitor):
+    class CallbackProgressMonitor(trt.IProgressMonitor):
         def __init__(self) -> None:
             trt.IProgressMonitor.__init__(self)
-            self.tasks: dict[str, TaskID] = {}
+            self.phases: dict[str, int] = {}  # open phases, outermost first, with their step counts
             self.cancelled = False
+
+        def _report(self, phase_name: str, done: int) -> None:
+            try:
+                progress(" > ".join(self.phases) or phase_name, done, self.phases.get(phase_name, 1))
+            except KeyboardInterrupt:
+                self.cancelled = True
 
         # Parameter types as wide as the bindings' (SupportsInt), so the overrides are valid subclass methods.
         def phase_start(self, phase_name: str, parent_phase: str | None, num_steps: SupportsInt) -> None:
-            try:
-                depth = 1 if parent_phase else 0  # indent sub-phases under their parent
-                self.tasks[phase_name] = progress.add_task("  " * depth + phase_name, total=max(int(num_steps), 1))
-            except KeyboardInterrupt:
-                self.cancelled = True
+            self.phases[phase_name] = max(int(num_steps), 1)
+            self._report(phase_name, 0)
 
         def step_complete(self, phase_name: str, step: SupportsInt) -> bool:
-            try:
-                task = self.tasks.get(phase_name)
-                if task is not None:
-                    progress.update(task, completed=int(step) + 1)
-            except KeyboardInterrupt:
-                self.cancelled = True
+            if phase_name in self.phases:
+                self._report(phase_name, int(step) + 1)
             return not self.cancelled
 
         def phase_finish(self, phase_name: str) -> None:
-            try:
-                task = self.tasks.pop(phase_name, None)
-                if task is not None:
-                    progress.remove_task(task)
-            except KeyboardInterrupt:
-                self.cancelled = True
+            self.phases.pop(phase_name, None)
 
-    return RichProgressMonitor()
+    return CallbackProgressMonitor()
 
 
 # --------------------------------------------------------------------------- Polygraphy
@@ -346,22 +343,11 @@ def _precision(model_path: Path, spec: ModelSpec) -> str:
     return "fp16" if onnx.TensorProto.FLOAT not in kinds else "mixed"
 
 
-@contextlib.contextmanager
-def _progress_bar(enabled: bool) -> Iterator[Progress | None]:
-    if not enabled:
-        yield None
-        return
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
-    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  TimeElapsedColumn(), transient=True) as bar:
-        yield bar
-
-
-def build_engine(
+def build_plan(
     onnx_path: str | Path,
     engine_path: str | Path,
-    profiles: Sequence[Profile] | None = None,
+    profiles: Sequence[Profile] | None,
+    readiness: ReadinessReport,
     *,
     workspace: int | None = None,
     opt_level: int = 3,
@@ -370,19 +356,22 @@ def build_engine(
     strongly_typed: bool = True,
     verbosity: str = "detailed",
     force: bool = False,
-    progress: bool = True,
+    progress: ProgressFn | None = None,
 ) -> BuildResult:
-    """Build ``engine_path`` (plus its sidecar ``<engine>.json``) from an exported ONNX.
+    """Build ``engine_path`` (plus its sidecar ``<engine>.json``) from an ONNX file that passed ``readiness``.
 
+    The build step alone: :func:`attn_export.build_engine` is the whole
+    command (FP16 conversion, profile checks, one readiness run, this).
     ``profiles``: optimization profiles (None: :func:`default_profile`).
     ``workspace``: workspace pool limit in bytes (None: TensorRT's default).
     ``opt_level``: builder optimization level 0-5. ``timing_cache``: a file
     loaded if present and saved (merged) after the build.
     ``hardware_compatibility``: "none", "ampere_plus" or
     "same_compute_capability". ``verbosity``: profiling verbosity
-    ("detailed" is needed for the fusion report). Order of checks: output
-    path, TensorRT + GPU (MissingDependencyError), readiness (UsageError on
-    errors), then the build. The engine file is written atomically.
+    ("detailed" is needed for the fusion report). ``progress`` receives
+    TensorRT's build phases. Order of checks: output path, options, TensorRT
+    + GPU (MissingDependencyError), then the build. The engine file is
+    written atomically.
     """
     onnx_path = Path(onnx_path)
     out = check_output_path(engine_path, force=force)
@@ -398,32 +387,28 @@ def build_engine(
 
     import tensorrt as trt
 
-    readiness = check_trt_readiness(onnx_path, target=".".join(str(trt.__version__).split(".")[:2]), profiles=profiles)
     readiness.raise_for_errors()
     spec = readiness.spec
     if spec is None:
         raise UsageError(f"{onnx_path} carries no attn-export description; export it with `attn-export onnx`")
     profiles = list(profiles) if profiles else [default_profile(spec)]
-    # Re-validate (the default profile was not part of the readiness run) and collect key-count warnings.
-    warnings = validate_profiles(profiles, spec)
-    warnings += [str(f) for f in readiness.warnings]
+    warnings = [str(f) for f in readiness.warnings]
 
     poly_profiles = polygraphy_profiles([tensor_shapes(p, spec) for p in profiles])
 
     t0 = time.perf_counter()
-    with _progress_bar(progress) as bar:
-        config = polygraphy_config(poly_profiles, opt_level=opt_level, hardware_compatibility=hardware_compatibility,
-                                   verbosity=verbosity, workspace=workspace, timing_cache=timing_cache,
-                                   monitor=make_progress_monitor(bar) if bar is not None else None)
-        loader = polygraphy_loader(_parse_network(onnx_path, strongly_typed), config, timing_cache)
-        try:
-            engine: trt.ICudaEngine = loader()
-        except Exception as exc:  # noqa: BLE001 - Polygraphy raises PolygraphyException on build failure
-            msg = str(exc).strip().splitlines()
-            raise EngineFailed(
-                f"TensorRT could not build {onnx_path.name}: {msg[-1] if msg else type(exc).__name__} "
-                "(an out-of-memory build often reports 'Could not find any implementation'; try a smaller max profile or a larger workspace)"
-            ) from None
+    config = polygraphy_config(poly_profiles, opt_level=opt_level, hardware_compatibility=hardware_compatibility,
+                               verbosity=verbosity, workspace=workspace, timing_cache=timing_cache,
+                               monitor=make_progress_monitor(progress) if progress is not None else None)
+    loader = polygraphy_loader(_parse_network(onnx_path, strongly_typed), config, timing_cache)
+    try:
+        engine: trt.ICudaEngine = loader()
+    except Exception as exc:  # noqa: BLE001 - Polygraphy raises PolygraphyException on build failure
+        msg = str(exc).strip().splitlines()
+        raise EngineFailed(
+            f"TensorRT could not build {onnx_path.name}: {msg[-1] if msg else type(exc).__name__} "
+            "(an out-of-memory build often reports 'Could not find any implementation'; try a smaller max profile or a larger workspace)"
+        ) from None
     seconds = time.perf_counter() - t0
 
     plan = bytes(engine.serialize())

@@ -47,12 +47,11 @@ import onnx
 from onnx import TensorProto, helper
 
 from ..errors import UsageError
-from ..spec import ModelSpec, format_shape
 from ..graph import GraphIndex, find_attention, node_attr
+from ..progress import ProgressFn
+from ..shapes import DEFAULT_LARGE_CAP, LARGE_CAP, Shape, fit_shapes, preset_of, round_up, typical_size
+from ..spec import ModelSpec, format_shape
 from .metadata import load_onnx, spec_from_model
-
-Shape = tuple[int, int, int]
-ProgressFn = Callable[[str], None]
 
 FP16_MAX = 65504.0
 DEFAULT_THRESHOLD = 4096.0
@@ -60,9 +59,6 @@ NORM_OPS = frozenset({"InstanceNormalization", "GroupNormalization", "BatchNorma
                       "RMSNormalization", "LpNormalization", "MeanVarianceNormalization"})
 # Ops whose float ancestors (back to a graph input) form the sinusoidal time embedding.
 TRIG_OPS = frozenset({"Sin", "Cos"})
-# Largest H/W of the default calibration sweep per preset: the whole graph's activations are held per run.
-LARGE_CAP = {"tiny": 64, "ddpm-cifar10": 64, "ddpm-256": 128}
-DEFAULT_LARGE_CAP = 128
 # Exposed outputs per ONNX Runtime run are grouped to stay under this many bytes.
 MEMORY_BUDGET = 1 << 30
 _FLOATS = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16)
@@ -193,12 +189,8 @@ def _num(v: float) -> float | str:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# helpers shared with fp16.py
+# default calibration shapes
 # ---------------------------------------------------------------------------------------------------------------------
-def _round_up(value: float, multiple: int) -> int:
-    return max(multiple, -(-int(value) // multiple) * multiple)
-
-
 def default_calibration_shapes(spec: ModelSpec) -> list[Shape]:
     """Several batch sizes and resolutions from the model's H/W multiple and its preset's typical size.
 
@@ -207,30 +199,11 @@ def default_calibration_shapes(spec: ModelSpec) -> list[Shape]:
     audit stays affordable on a CPU: tiny/ddpm-cifar10 64 px, ddpm-256 128 px).
     """
     m = spec.hw_multiple
-    preset = (spec.source or {}).get("preset")
-    typical = 64
-    try:
-        from ..models.presets import PRESET_RESOLUTION
-
-        typical = int(PRESET_RESOLUTION.get(preset, 64))
-    except Exception:  # noqa: BLE001 - presets import torch; the default is fine without it
-        pass
-    cap = LARGE_CAP.get(preset or "", DEFAULT_LARGE_CAP)
-    large = _round_up(min(2 * typical, cap), m)
-    mid = _round_up(min(typical, large // 2), m)
-    small = _round_up(max(8, m), m)
-    candidates = [(1, small, small), (2, mid, mid), (1, mid, _round_up(mid * 1.5, m)), (1, large, large)]
-    out: list[Shape] = []
-    for b, h, w in candidates:
-        for k in range(1, 5):  # widen until the deepest level has enough positions (instance norm)
-            try:
-                spec.check_shape(b, h, w * k)
-            except Exception:  # noqa: BLE001 - ShapeError
-                continue
-            if (b, h, w * k) not in out:
-                out.append((b, h, w * k))
-            break
-    return out
+    typical = typical_size(spec)
+    large = round_up(min(2 * typical, LARGE_CAP.get(preset_of(spec) or "", DEFAULT_LARGE_CAP)), m)
+    mid = round_up(min(typical, large // 2), m)
+    small = round_up(max(8, m), m)
+    return fit_shapes(spec, [(1, small, small), (2, mid, mid), (1, mid, round_up(mid * 1.5, m)), (1, large, large)])
 
 
 def value_types(model: onnx.ModelProto) -> dict[str, int]:

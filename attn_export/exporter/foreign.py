@@ -21,7 +21,7 @@ from typing import Iterable, Sequence
 import onnx
 from onnx import TensorProto
 
-from .. import __version__
+from ..version import __version__
 from ..errors import UsageError
 from ..graph.index import dtype_name
 from ..spec import METADATA_KEY, ModelSpec, TensorSpec

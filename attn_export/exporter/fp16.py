@@ -40,22 +40,36 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Iterable, Protocol, Sequence
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ..atomic import atomic_path, check_output_path
-from ..errors import AttnExportError, CheckFailed, UsageError
+from ..errors import CheckFailed, UsageError
+from ..progress import ProgressFn
+from ..shapes import Shape, fit_shapes, round_up
 from ..spec import ModelSpec, ReferenceOptions, format_shape
 from .audit import (DEFAULT_THRESHOLD, FP16_MAX, AuditReport, EmulationReport, Fp32Island, audit_fp16,
                     default_calibration_shapes, emulate_fp16, value_types)
 from .foreign import is_foreign, resolve_shapes, spec_of
 from .metadata import embed_spec, load_onnx
 
-Shape = tuple[int, int, int]
-ProgressFn = Callable[[str], None]
+
+class CompareFn(Protocol):
+    """Compares a written FP16 file with its reference; returns the check record of :class:`Fp16Result`.
+
+    ``reference``: the FP32 ONNX file to compare against (files this tool did
+    not export), else None for the PyTorch model the file describes. The
+    record has ``passed``, ``shapes`` (shape, max_abs_err, mean_abs_err,
+    passed), ``max_abs_err``, ``tolerances`` and ``failures``. It lives a
+    layer above (:func:`attn_export.pipeline.compare_fp16`): it runs verify.
+    """
+
+    def __call__(self, path: Path, shapes: Sequence[Shape], *, reference: Path | None,
+                 input_ranges: dict[str, tuple[float, float]] | None,
+                 reference_model: ReferenceOptions | None) -> dict[str, Any]: ...
 F32, F16 = TensorProto.FLOAT, TensorProto.FLOAT16
 # Ops whose float output type comes from an attribute, not from their inputs: left in FP32.
 _DTYPE_ATTR_OPS = frozenset({"ConstantOfShape", "EyeLike", "RandomNormal", "RandomUniform", "RandomNormalLike",
@@ -327,19 +341,8 @@ def attention_dtypes(model: onnx.ModelProto) -> list[dict[str, Any]]:
 # ---------------------------------------------------------------------------------------------------------------------
 def default_check_shapes(spec: ModelSpec) -> list[Shape]:
     """Two quick shapes for the comparison with PyTorch: a square one and a non-square one at batch 2."""
-    from .audit import _round_up
-
     m = spec.hw_multiple
-    out = []
-    for b, h, w in ((1, _round_up(16, m), _round_up(16, m)), (2, _round_up(16, m), _round_up(24, m))):
-        for k in range(1, 5):
-            try:
-                spec.check_shape(b, h, w * k)
-            except AttnExportError:
-                continue
-            out.append((b, h, w * k))
-            break
-    return list(dict.fromkeys(out))
+    return fit_shapes(spec, [(1, round_up(16, m), round_up(16, m)), (2, round_up(16, m), round_up(24, m))])
 
 
 def convert_fp16(
@@ -360,6 +363,7 @@ def convert_fp16(
     input_ranges: dict[str, tuple[float, float]] | None = None,
     reference_model: ReferenceOptions | None = None,
     max_memory: int | None = None,
+    compare: CompareFn | None = None,
 ) -> Fp16Result:
     """Convert an attn-export FP32 ONNX file to FP16 with audited FP32 islands; write ``onnx_out`` atomically.
 
@@ -367,16 +371,18 @@ def convert_fp16(
     :mod:`.audit`). ``extra_fp32_ops``: op types kept FP32 as well.
     ``force_fp16_nodes`` / ``extra_fp32_nodes``: per-node overrides (the
     first for experiments: it can reintroduce overflow). With ``check`` the
-    result is compared with PyTorch (fp16 tolerances, :func:`attn_export.verify.verify`)
-    and run through the FP16 emulation at the largest calibration shape
-    before it is put in place; a failure leaves nothing behind (exit 1).
+    result is compared with its reference by ``compare`` (required with
+    ``check``; :func:`attn_export.convert_fp16` passes the comparison with
+    PyTorch at fp16 tolerances) and run through the FP16 emulation at the
+    largest calibration shape before it is put in place; a failure leaves
+    nothing behind (CheckFailed, exit 1).
 
     A file this tool did not export works too: its description is read off
     the graph (:mod:`.foreign`), ``input_shapes`` (Polygraphy style,
     ``x:1x3x64x64,sigma:1``) give the calibration and check shapes when H/W
     are dynamic, and the check compares with the FP32 input file in ONNX
     Runtime instead of PyTorch. ``reference_model``: the user's choice of
-    PyTorch reference for the check (see :func:`attn_export.verify.verify`).
+    PyTorch reference for the check (passed on to ``compare``).
     ``max_memory``: bytes a calibration shape may need (None: this
     machine's memory, 0: no limit); larger shapes are refused up front.
     """
@@ -388,6 +394,9 @@ def convert_fp16(
         raise UsageError("the FP16 output must be a different file from the input")
     if not threshold or not 0 < threshold <= FP16_MAX:
         raise UsageError(f"--threshold must be in (0, {FP16_MAX:g}] (got {threshold})")
+    if check and compare is None:
+        # This layer cannot run a model against PyTorch; the check is composed above (attn_export.convert_fp16).
+        raise TypeError("convert_fp16(check=True) needs compare=...; use attn_export.convert_fp16")
 
     def step(name: str) -> None:
         if progress:
@@ -460,10 +469,11 @@ def convert_fp16(
     with atomic_path(out, suffix=".onnx") as tmp:
         onnx.save_model(model, str(tmp))
         if check:
+            assert compare is not None
             step("check against PyTorch")
-            check_result = _check_against_reference(tmp, check_shapes or default_check_shapes(spec),
-                                                    reference=src if foreign else None, input_ranges=input_ranges,
-                                                    reference_model=reference_model)
+            check_result = compare(tmp, check_shapes or default_check_shapes(spec),
+                                   reference=src if foreign else None, input_ranges=input_ranges,
+                                   reference_model=None if foreign else reference_model)
             done("check against PyTorch")
             step("FP16 emulation")
             largest = max(report.calibration_shapes, key=lambda s: s[0] * s[1] * s[2])
@@ -486,16 +496,3 @@ def convert_fp16(
         forced_fp16=forced, steps=steps,
     )
 
-
-def _check_against_reference(path: Path, shapes: Sequence[Shape], *, reference: Path | None = None,
-                             input_ranges: dict[str, tuple[float, float]] | None = None,
-                             reference_model: ReferenceOptions | None = None) -> dict[str, Any]:
-    """Compare the FP16 file with PyTorch (or the FP32 ``reference`` file) via :func:`attn_export.verify.verify`."""
-    from ..verify import verify
-
-    r = verify(path, shapes=[tuple(s) for s in shapes], reference=reference, input_ranges=input_ranges,
-               reference_model=None if reference is not None else reference_model)
-    per = [{"shape": list(s.shape), "max_abs_err": max(o.max_abs for o in s.outputs),
-            "mean_abs_err": max(o.mean_abs for o in s.outputs), "passed": s.passed} for s in r.shapes]
-    return {"passed": r.passed, "shapes": per, "max_abs_err": max(p["max_abs_err"] for p in per),
-            "tolerances": r.tolerances.describe(), "failures": r.failures()}

@@ -6,7 +6,7 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import onnx
 
-from .. import __version__
+from ..version import __version__
 from ..errors import UsageError
 from ..spec import METADATA_KEY, ModelSpec
 

@@ -1,7 +1,8 @@
 """The UNet, its AttentionBlock, presets and checkpoint loading."""
 
 from .attention import ATTENTION_IMPLS, AttentionBlock, get_norm, set_attention_impl
-from .checkpoint import file_sha256, load_state_dict_strict, read_checkpoint
+from ..files import file_sha256
+from .checkpoint import load_state_dict_strict, read_checkpoint
 from .loader import DenoiserAdapter, LoadedModel, ModelSource, load_model, source_from_spec
 from .presets import PRESETS, preset_config
 from .unet import UNet, UNetConfig

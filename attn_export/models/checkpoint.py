@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import pickle
 from pathlib import Path
 from typing import Any, Mapping
@@ -15,15 +14,6 @@ from ..errors import CheckpointError
 # Where training scripts commonly nest the state dict; EMA weights first, since samplers use them.
 NESTED_KEYS = ("ema", "ema_model", "model", "state_dict", "model_state_dict")
 PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
-
-
-def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    """SHA-256 of a file, streamed."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _is_state_dict(obj: Any) -> bool:

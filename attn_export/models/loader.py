@@ -21,11 +21,12 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from .. import __version__
+from ..version import __version__
 from ..errors import CheckpointError, UsageError
 from ..spec import TRUST_FLAG, ModelSpec, ReferenceOptions, TensorSpec
 from .attention import AttentionImpl, set_attention_impl
-from .checkpoint import file_sha256, load_state_dict_strict, read_checkpoint
+from ..files import file_sha256
+from .checkpoint import load_state_dict_strict, read_checkpoint
 from .diffusers_map import DiffusersCheckpoint, checked_against, config_from_diffusers, find_diffusers, map_state_dict
 from .key_maps import adapt_state_dict
 from .presets import PRESETS, preset_config

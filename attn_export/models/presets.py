@@ -27,8 +27,6 @@ PRESETS: dict[str, dict] = {
     ),
 }
 
-# Typical serving resolution of each preset, used for default shapes.
-PRESET_RESOLUTION = {"tiny": 32, "ddpm-cifar10": 32, "ddpm-256": 256}
 
 
 def preset_config(name: str, **overrides: object) -> UNetConfig:

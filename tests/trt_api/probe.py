@@ -57,7 +57,8 @@ def probe(code_root: Path, errors: list[str]) -> dict[str, Any]:
     import tensorrt as trt
 
     sys.path.insert(0, str(code_root))
-    from attn_export.engines import trt_build, trt_runner
+    from attn_export.engines import trt_build
+    from attn_export.runners import trt_runner
 
     seen: dict[str, Any] = {"version": str(trt.__version__)}
 
@@ -89,22 +90,22 @@ def probe(code_root: Path, errors: list[str]) -> dict[str, Any]:
 
     # The progress monitor: our subclass through the real pybind11 trampoline, callbacks called as TensorRT would.
     def monitor() -> dict[str, Any]:
-        from rich.progress import Progress
-
-        with Progress(disable=True) as bar:
-            mon = trt_build.make_progress_monitor(bar)
-            if not isinstance(mon, trt.IProgressMonitor):
-                raise TypeError("make_progress_monitor did not return a trt.IProgressMonitor")
-            mon.phase_start("Building", None, 3)
-            mon.phase_start("Tactics", "Building", 2)
-            ok = [mon.step_complete("Tactics", 0), mon.step_complete("Building", 1)]
-            mon.phase_finish("Tactics")
-            mon.phase_finish("Building")
-            mon.cancelled = True  # Ctrl-C: the next step must cancel the build
-            ok.append(mon.step_complete("Building", 2))
-            if ok != [True, True, False]:
-                raise AssertionError(f"step_complete returned {ok}, expected [True, True, False]")
-            return {"tasks_left": len(bar.tasks), "steps": ok}
+        calls: list[tuple[str, Any, Any]] = []
+        mon = trt_build.make_progress_monitor(lambda text, done=None, total=None: calls.append((text, done, total)))
+        if not isinstance(mon, trt.IProgressMonitor):
+            raise TypeError("make_progress_monitor did not return a trt.IProgressMonitor")
+        mon.phase_start("Building", None, 3)
+        mon.phase_start("Tactics", "Building", 2)
+        ok = [mon.step_complete("Tactics", 0), mon.step_complete("Building", 1)]
+        mon.phase_finish("Tactics")
+        mon.phase_finish("Building")
+        mon.cancelled = True  # Ctrl-C: the next step must cancel the build
+        ok.append(mon.step_complete("Building", 2))
+        if ok != [True, True, False]:
+            raise AssertionError(f"step_complete returned {ok}, expected [True, True, False]")
+        if ("Building > Tactics", 1, 2) not in calls:
+            raise AssertionError(f"progress calls {calls} miss ('Building > Tactics', 1, 2)")
+        return {"calls": len(calls), "steps": ok}
 
     seen["progress_monitor"] = check("IProgressMonitor subclass", monitor)
 

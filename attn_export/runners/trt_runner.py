@@ -22,9 +22,9 @@ import numpy as np
 from ..errors import EngineFailed, MissingDependencyError, ShapeError, UsageError
 from ..spec import format_shape
 from .base import Runner
-from .profiles import describe_profiles, find_profile
-from .sidecar import check_compatible, read_sidecar, sidecar_profiles, sidecar_spec
-from .trt_build import dims_list, is_input, numpy_dtype, require_tensorrt
+from ..engines.profiles import describe_profiles, find_profile
+from ..engines.sidecar import check_compatible, read_sidecar, sidecar_profiles, sidecar_spec
+from ..engines.trt_build import dims_list, is_input, numpy_dtype, require_tensorrt
 
 if TYPE_CHECKING:  # the real import stays in _activate: this module imports without TensorRT
     import tensorrt as trt

@@ -1,0 +1,376 @@
+"""Everything the command line shows: rich tables and lines for each library result.
+
+The library returns results and reports progress through a callback; this
+module (used by :mod:`.cli` only) decides how they look. Tests match the
+table text, so wording changes here are user-visible.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+# Piped output (logs, CI) gets a wide console: rich's default of 80 columns folds the verify and bench tables.
+_PIPED_WIDTH = None if sys.stdout.isatty() or "COLUMNS" in os.environ else 160
+console = Console(width=_PIPED_WIDTH)
+err_console = Console(stderr=True)
+
+
+def warning(message: str) -> None:
+    """One yellow 'warning:' line on stderr."""
+    err_console.print(f"[yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
+
+
+def _human_size(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.1f} {unit}" if unit != "B" else f"{int(size)} B"
+        size /= 1024
+    return f"{n} B"
+
+
+def _dims(dims: list) -> str:
+    from rich.markup import escape
+
+    return escape("[" + ", ".join(str(d) for d in dims) + "]")
+
+
+def export_summary(r: Any) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
+    table = Table(title="attn-export onnx", show_header=False, title_justify="left")
+    table.add_row("file", str(r.path) + (f" (+ {r.external_data.name})" if r.external_data else ""))
+    table.add_row("size", _human_size(r.size_bytes))
+    table.add_row("opset", str(r.opset))
+    table.add_row("parameters", f"{r.num_parameters:,}")
+    for name, dtype, dims in r.inputs:
+        table.add_row(f"input {name}", f"{dtype} {_dims(dims)}")
+    for name, dtype, dims in r.outputs:
+        table.add_row(f"output {name}", f"{dtype} {_dims(dims)}")
+    table.add_row("attention", f"{r.attention_nodes} x {'Attention op' if r.attention == 'op' else 'MatMul/Softmax/MatMul (scale on q)'}"
+                  + (f", {len(r.unfused)} site(s) NOT rewritten" if r.unfused else ""))
+    for u in r.unfused:
+        table.add_row("[bold red]unfused[/]", escape(f"{u['site']} (Softmax {u['node']}): {u['reason']}"))
+    table.add_row("H/W multiple", str(r.spec.hw_multiple))
+    if r.check:
+        s = r.check["shapes"][0]["shape"]
+        table.add_row("check vs PyTorch", f"max abs err {r.check['max_abs_err']:.2e} at {s[0]}x{s[1]}x{s[2]} (ONNX Runtime CPU)")
+    table.add_row("time", f"{r.seconds:.1f} s")
+    console.print(table)
+
+
+def bench(report: dict[str, Any]) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
+    from .spec import format_shape
+
+    host = report["host"]
+    table = Table(title=f"attn-export bench {Path(report['artifact']).name}", title_justify="left")
+    for col in ("backend", "shape", "mean ms", "median ms", "p90 ms", "p99 ms", "images/s", "peak host", "peak device",
+                "vs pytorch", "settings"):
+        table.add_column(col, justify="left" if col in ("backend", "shape", "settings") else "right")
+    for r in report["results"]:
+        shape = format_shape(r["shape"])
+        if r["status"] != "ok":
+            # Status where the numbers go, the reason in the wide last column.
+            table.add_row(r["backend"], shape, f"[yellow]{r['status']}[/]", *[""] * 7, escape(r["error"] or ""))
+            continue
+        lat = r["latency_ms"]
+        mib = lambda v: "—" if v is None else f"{v:.0f} MiB"  # noqa: E731
+        s = r["settings"]
+        detail = ", ".join(f"{k}={s[k]}" for k in ("device", "attention_impl", "threads", "providers", "graph_optimization")
+                           if k in s)
+        table.add_row(r["backend"], shape, f"{lat['mean']:.2f}", f"{lat['median']:.2f}", f"{lat['p90']:.2f}",
+                      f"{lat['p99']:.2f}", f"{r['throughput_images_per_s']:.1f}", mib(r["peak_host_mib"]),
+                      mib(r["peak_device_mib"]), "—" if r["ratio_to_pytorch"] is None else f"{r['ratio_to_pytorch']:.2f}x",
+                      detail)
+    console.print(table)
+    st = report["settings"]
+    console.print(f"{host.get('processor', '?')}, {host.get('cpu_count')} CPUs; torch {host.get('torch', '-')}, "
+                  f"onnxruntime {host.get('onnxruntime', '-')}; warm-up {st['warmup']}, "
+                  + (f"time budget {st['time_budget_s']} s" if st["time_budget_s"] else f"{st['iterations'] or 10} timed calls")
+                  + "; latency is per call, numpy in and out", highlight=False)
+
+
+def _fmt_err(value: float) -> str:
+    import math
+
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else "inf"
+    return f"{value:.2e}"
+
+
+def verify(r: Any) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
+    console.print(f"[bold]verify[/] {escape(r.artifact)}: {r.candidate} vs {r.reference}, {r.precision}, seed {r.seed}", highlight=False)
+    console.print(f"tolerances: {r.tolerances.describe()}", highlight=False)
+    table = Table(title_justify="left")
+    for col in ("shape", "output", "max abs", "mean abs", "max rel", "p99 abs", "cosine", "NaN/Inf ref", "NaN/Inf cand",
+                "min atol", "min rtol", "result"):
+        # Shape and verdict never wrap; the figures may wrap on narrow terminals rather than be cut.
+        table.add_column(col, justify="left" if col in ("shape", "output", "result") else "right",
+                         no_wrap=col in ("shape", "result"), overflow="fold")
+    for s in r.shapes:
+        for o in s.outputs:
+            table.add_row(
+                "x".join(map(str, s.shape)), o.name, _fmt_err(o.max_abs), _fmt_err(o.mean_abs), _fmt_err(o.max_rel),
+                _fmt_err(o.p99_abs), "nan" if o.cosine != o.cosine else f"{o.cosine:.6f}", f"{o.nan_ref}/{o.inf_ref}",
+                f"{o.nan_cand}/{o.inf_cand}", _fmt_err(o.min_atol), _fmt_err(o.min_rtol),
+                "[green]PASS[/]" if o.passed else "[bold red]FAIL[/]",
+            )
+    console.print(table)
+    times = ", ".join(f"{name} {sec:.2f} s" for name, sec in r.timings.items())
+    setup = ", ".join(f"{name} {sec:.2f} s" for name, sec in r.setup_seconds.items())
+    console.print(f"time: {times} (loading: {setup})", highlight=False)
+    if r.checkpoint and r.checkpoint.get("path") and not r.checkpoint.get("matches"):
+        console.print(f"[yellow]warning:[/] reference checkpoint {escape(str(r.checkpoint['path']))} is not the one recorded at export", highlight=False)
+    if r.passed:
+        console.print(f"[bold green]PASSED[/]: {len(r.shapes)} shape(s), every output within tolerance", highlight=False)
+    else:
+        console.print(f"[bold red]FAILED[/]: {len(r.failures())} mismatched output(s)", highlight=False)
+        for line in r.failures():
+            console.print(f"  {escape(line)}", highlight=False, soft_wrap=True)
+
+
+def inspect_onnx(d: dict[str, Any]) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
+    table = Table(title=f"attn-export inspect {escape(d['path'])}", show_header=False, title_justify="left")
+    table.add_row("size", _human_size(d["file_size"]) + (f" (with {len(d['external_data'])} external data file(s))" if d["external_data"] else ""))
+    table.add_row("opset", str(d["opset"]) + f" (IR {d['ir_version']}, {escape(d['producer'] or 'unknown producer')})")
+    for io in d["inputs"]:
+        table.add_row(f"input {escape(io['name'])}", f"{io['dtype']} {_dims(io['dims'])}")
+    for io in d["outputs"]:
+        table.add_row(f"output {escape(io['name'])}", f"{io['dtype']} {_dims(io['dims'])}")
+    table.add_row("nodes / weight elements", f"{d['num_nodes']:,} / {d['num_parameters']:,}")
+    spec = d.get("spec")
+    if spec:
+        src = spec.get("source") or {}
+        what = src.get("preset") or src.get("model") or src.get("kind", "?")
+        ck = spec.get("checkpoint")
+        table.add_row("model", escape(f"{what} (seed {src.get('seed')}), H/W multiple {spec['hw_multiple']}, precision {spec['precision']}, "
+                                      f"attention {spec['attention']}, attn-export {spec.get('tool_version', '?')}"))
+        table.add_row("checkpoint", escape(f"{ck['path']} (sha256 {str(ck.get('sha256'))[:12]})") if ck else "none (seeded initialization)")
+    else:
+        table.add_row("model", "[yellow]no attn-export description[/]")
+    for key, value in d["metadata"].items():
+        table.add_row(f"metadata {escape(key)}", escape(str(value)[:80]))
+    hist = d["op_histogram"]
+    table.add_row("ops", escape(", ".join(f"{op} {n}" for op, n in hist.items())))
+    for name, part in (("initializers", "initializers"), ("activations", "activations")):
+        shares = d["precision"][part]
+        table.add_row(f"dtypes ({name})", ", ".join(
+            f"{dt} {v['tensors']} tensors ({v['tensor_share']:.0%}), {v['element_share']:.1%} of elements" for dt, v in shares.items()))
+    console.print(table, soft_wrap=True)
+
+    att = Table(title=f"attention: {d['attention_summary']['count']} site(s)", title_justify="left")
+    for col in ("site", "form", "scale", "seq len", "heads x size", "dtype", "TensorRT fusion"):
+        att.add_column(col, overflow="fold")  # fold rather than cut names on narrow terminals
+    for a in d["attention"]:
+        scale = f"{a['scale']:.4g} on {a['scale_placement']}" if a["scale"] is not None else f"? on {a['scale_placement']}"
+        if a["scale_source"] == "shape":
+            scale += " (from the shape)"
+        att.add_row(escape(a["name"]), a["form_description"] + ("" if a["problem"] is None else " [red](cannot rewrite)[/]"),
+                    escape(scale), escape(str(a["seq_len"] or "?")), f"{a['heads'] or '?'} x {a['head_size'] or '?'}",
+                    str(a["dtype"] or "?"), escape(a["trt_fusion"]))
+    console.print(att)
+
+
+def inspect_engine(d: dict[str, Any]) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
+    table = Table(title=f"attn-export inspect {escape(d['path'])}", show_header=False, title_justify="left")
+    table.add_row("size", _human_size(d["file_size"]))
+    table.add_row("sidecar", escape(d["sidecar"]))
+    table.add_row("TensorRT", str(d["tensorrt_version"]))
+    gpu = d.get("gpu") or {}
+    table.add_row("GPU", escape(f"{gpu.get('name', '?')} (compute capability {gpu.get('compute_capability', '?')}), "
+                                f"hardware compatibility {d.get('hardware_compatibility') or 'none'}"))
+    table.add_row("precision", str(d["precision"]))
+    for i, p in enumerate(d.get("profiles") or []):
+        fmt = lambda t: "x".join(map(str, t))  # noqa: E731
+        table.add_row(f"profile {i}", f"min {fmt(p['min'])}, opt {fmt(p['opt'])}, max {fmt(p['max'])}")
+    for io in d.get("io") or []:
+        table.add_row(f"{io.get('mode', 'tensor')} {escape(str(io.get('name')))}", escape(f"{io.get('dtype')} {io.get('shape')}"))
+    onnx_src = d.get("onnx") or {}
+    if onnx_src:
+        table.add_row("built from", escape(f"{onnx_src.get('path')} (sha256 {str(onnx_src.get('sha256'))[:12]})"))
+    fusion = d.get("fusion") or {}
+    if fusion:
+        summary = fusion.get("summary") or ", ".join(f"{k}: {v}" for k, v in fusion.items() if not isinstance(v, (list, dict)))
+        table.add_row("fused attention", escape(str(summary)))
+    else:
+        table.add_row("fused attention", "no report recorded")
+    console.print(table, soft_wrap=True)
+    blocks = fusion.get("blocks") if isinstance(fusion, dict) else None
+    if blocks:
+        bt = Table(title="attention fusion", title_justify="left")
+        keys = [k for k in blocks[0] if not isinstance(blocks[0][k], (list, dict))]
+        for k in keys:
+            bt.add_column(k)
+        for b in blocks:
+            bt.add_row(*[escape(str(b.get(k))) for k in keys])
+        console.print(bt)
+
+
+def readiness(report: Any) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
+    table = Table(title=f"TensorRT {report.target} readiness", title_justify="left")
+    for col in ("level", "check", "where", "finding"):
+        table.add_column(col)
+    colors = {"error": "bold red", "warning": "yellow", "ok": "green"}
+    for f in report.findings:
+        table.add_row(f"[{colors.get(f.level, 'white')}]{f.level}[/]", f.code, escape(f.node or ""), escape(f.message))
+    console.print(table)
+    verdict = report.verdict
+    color = "bold green" if verdict == "ready" else ("bold red" if report.errors else "bold yellow")
+    console.print(f"[{color}]{escape(verdict)}[/]")
+
+
+def fp16(r: Any) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
+    a = r.audit
+    shapes = ", ".join("x".join(map(str, s)) for s in a.calibration_shapes)
+    console.print(f"[bold]FP16 range audit[/] of {escape(str(r.source))}: calibration {shapes}, threshold {a.threshold:g} "
+                  f"(FP16 max 65504)", highlight=False)
+    islands = Table(title=f"FP32 islands: {len(r.fp32_nodes)} node(s)", title_justify="left")
+    for col in ("node", "op", "kind", "why"):
+        islands.add_column(col, overflow="fold")
+    by_kind: dict[str, list[Any]] = {}
+    for i in r.fp32_nodes:
+        by_kind.setdefault(i.kind, []).append(i)
+    for kind, items in by_kind.items():
+        if kind == "normalization" and len(items) > 3:
+            # Every norm layer is listed in --report; here one row says it.
+            ops = sorted({i.op_type for i in items})
+            islands.add_row(f"{len(items)} nodes", ", ".join(ops), kind, escape(items[0].reason))
+            continue
+        for i in items:
+            islands.add_row(escape(i.node), i.op_type, kind, escape(i.reason))
+    console.print(islands)
+    flagged = a.flagged
+    near = Table(title=f"tensors over the threshold: {len(flagged)}" + (f" ({len(a.overflowing)} overflow FP16)" if a.overflowing else ""),
+                 title_justify="left")
+    for col in ("tensor", "node", "op", "absmax", "at"):
+        near.add_column(col, overflow="fold")
+    for t in flagged[:15]:
+        near.add_row(escape(t.name), escape(t.producer or "(input)"), t.op_type,
+                     f"[red]{t.absmax:.3g}[/]" if t.overflows else f"{t.absmax:.3g}", "x".join(map(str, t.shape)))
+    if flagged:
+        console.print(near)
+    att = Table(title="attention logits (q·kᵀ·scale)", title_justify="left")
+    for col in ("block", "form", "logits absmax", "|q·√s| / |k·√s|", "at", "keys", "Q/K/V dtype"):
+        att.add_column(col)
+    dtypes = {d["block"]: d for d in r.attention}
+    for s in a.attention:
+        d = dtypes.get(s.name, {})
+        att.add_row(escape(s.name), s.form, f"{s.logits_absmax:.3g}", f"{s.q_prescaled_absmax:.3g} / {s.k_prescaled_absmax:.3g}",
+                    "x".join(map(str, s.shape)), str(s.keys), f"{d.get('q', '?')}/{d.get('k', '?')}/{d.get('v', '?')}")
+    if a.attention:
+        console.print(att)
+    ma = a.max_activation
+    summary = Table(title=f"attn-export fp16 -> {escape(str(r.path))}", show_header=False, title_justify="left")
+    summary.add_row("nodes", f"{r.nodes_fp16} FP16, {r.nodes_fp32} FP32, {r.nodes_other} without float output")
+    summary.add_row("casts added", str(r.casts_added))
+    summary.add_row("initializers", f"{r.initializers_fp16} FP16, {r.initializers_fp32} FP32"
+                    + (f", {len(r.clamped_initializers)} clamped to ±65504" if r.clamped_initializers else ""))
+    if ma is not None:
+        summary.add_row("max activation", escape(f"{ma.absmax:.3g} ({ma.name}, {ma.op_type}) at {'x'.join(map(str, ma.shape))}"))
+    if r.forced_fp16:
+        summary.add_row("forced FP16", escape(", ".join(r.forced_fp16)))
+    if r.check:
+        errs = ", ".join(f"{'x'.join(map(str, s['shape']))}: {s['max_abs_err']:.2e}" for s in r.check["shapes"])
+        from .exporter.foreign import is_foreign
+
+        summary.add_row("vs the FP32 file" if is_foreign(r.spec) else "vs PyTorch", f"max abs err {errs} ({r.check['tolerances']}; ONNX Runtime CPU computes FP16 ops in FP32)")
+    if r.emulation is not None:
+        e = r.emulation
+        summary.add_row("FP16 emulation", ("[green]no overflow[/]" if e.ok else f"[red]{len(e.non_finite)} non-finite[/]")
+                        + f" in {e.fp16_tensors} FP16 tensors at {', '.join('x'.join(map(str, s)) for s in e.shapes)}")
+    summary.add_row("size / time", f"{_human_size(r.size_bytes)}, {r.seconds:.1f} s")
+    console.print(summary)
+
+
+def optimize(r: Any) -> None:
+    """``attn-export optimize``: what was rewritten and the check against the input."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    table = Table(title="attn-export optimize", show_header=False, title_justify="left")
+    table.add_row("file", escape(str(r.path)) + (f" (+ {escape(r.external_data.name)})" if r.external_data else ""))
+    table.add_row("opset", f"{r.opset_before} -> {r.opset}" if r.opset != r.opset_before else str(r.opset))
+    table.add_row("attention", f"{r.sites} site(s): {len(r.rewritten)} rewritten, {len(r.unchanged)} already "
+                               f"{'Attention op' if r.attention == 'op' else 'canonical'}"
+                  + (f", {len(r.unfused)} NOT rewritten" if r.unfused else ""))
+    for u in r.unfused:
+        table.add_row("[bold red]unfused[/]", escape(f"{u['site']} ({u['node']}): {u['reason']}"))
+    for c in r.check:
+        table.add_row(f"check {'x'.join(map(str, c['shape']))}", f"{'pass' if c['passed'] else 'FAIL'}, max abs err "
+                                                                  f"{c['max_abs_err']:.2e} vs the input (ONNX Runtime CPU)")
+    table.add_row("time", f"{r.seconds:.1f} s")
+    console.print(table)
+
+
+def triton(m: Any) -> None:
+    """``attn-export triton``: the model folder and the files written."""
+    from rich.markup import escape
+
+    console.print(f"wrote Triton model [bold]{escape(m.name)}[/] ({m.platform}, max_batch_size {m.max_batch_size}) "
+                  f"in {escape(str(m.model_dir))}", highlight=False)
+    if m.attention_rewritten:
+        console.print(f"  attention: {m.attention_rewritten} site(s) as MultiHeadAttention (ONNX Runtime's flash attention)",
+                      highlight=False)
+    console.print(f"  {escape(str(m.config_path))}", highlight=False)
+    for p in [m.model_file, *m.copied]:
+        console.print(f"  {escape(str(p))}", highlight=False)
+    if not m.validated:
+        err_console.print("note: tritonclient is not installed, so config.pbtxt was not checked "
+                          "(pip install 'attn-export[triton]')")
+
+
+def written(what: str, path: Path) -> None:
+    """The line after a JSON report was written."""
+    console.print(f"{what} {path}", highlight=False)
+
+
+def engine_stage(stage: str, r: Any) -> None:
+    """``attn-export trt``, as it goes: profile warnings, the FP16 conversion (or why none), the readiness table."""
+    if stage == "profiles":
+        for w in r.profile_warnings:
+            warning(w)
+    elif stage == "fp16":
+        if r.fp16 is not None:
+            fp16(r.fp16)
+        elif r.fp16_requested:
+            console.print(f"{r.onnx} is already {r.spec.precision}; building from it as is", highlight=False)
+        else:
+            console.print("[yellow]note:[/] no --fp16: the engine keeps the ONNX's FP32 types (strongly typed build)", highlight=False)
+    elif stage == "readiness":
+        readiness(r.readiness)
+
+
+def engine_built(r: Any) -> None:
+    """``attn-export trt``, at the end: the engine, its sidecar, the fused attention and build warnings."""
+    built = r.build
+    console.print(f"engine written to {built.engine_path} ({_human_size(built.size_bytes)}, TensorRT {built.tensorrt_version}, "
+                  f"{built.gpu.name}) with sidecar {built.sidecar_path} in {built.seconds:.1f} s", highlight=False)
+    fusion = getattr(built.fusion, "summary", None)
+    if fusion:
+        console.print(f"fused attention: {fusion}", highlight=False)
+    for w in built.warnings:
+        warning(w)
