@@ -132,7 +132,8 @@ def verify(r: Any) -> None:
     setup = ", ".join(f"{name} {sec:.2f} s" for name, sec in r.setup_seconds.items())
     console.print(f"time: {times} (loading: {setup})", highlight=False)
     if r.checkpoint and r.checkpoint.get("path") and not r.checkpoint.get("matches"):
-        console.print(f"[yellow]warning:[/] reference checkpoint {escape(str(r.checkpoint['path']))} is not the one recorded at export", highlight=False)
+        console.print(f"[yellow]warning:[/] reference checkpoint {escape(str(r.checkpoint['path']))} is not the one "
+                      "recorded at export", highlight=False)
     if r.passed:
         console.print(f"[bold green]PASSED[/]: {len(r.shapes)} shape(s), every output within tolerance", highlight=False)
     else:
@@ -297,7 +298,8 @@ def fp16(r: Any) -> None:
         errs = ", ".join(f"{'x'.join(map(str, s['shape']))}: {s['max_abs_err']:.2e}" for s in r.check["shapes"])
         from .exporter.foreign import is_foreign
 
-        summary.add_row("vs the FP32 file" if is_foreign(r.spec) else "vs PyTorch", f"max abs err {errs} ({r.check['tolerances']}; ONNX Runtime CPU computes FP16 ops in FP32)")
+        summary.add_row("vs the FP32 file" if is_foreign(r.spec) else "vs PyTorch",
+                        f"max abs err {errs} ({r.check['tolerances']}; ONNX Runtime CPU computes FP16 ops in FP32)")
     if r.emulation is not None:
         e = r.emulation
         summary.add_row("FP16 emulation", ("[green]no overflow[/]" if e.ok else f"[red]{len(e.non_finite)} non-finite[/]")

@@ -123,7 +123,7 @@ def run_measured(cmd: list[str], *, limit_bytes: int, env: dict[str, str]) -> di
 
         rec["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
     rec["stdout_tail"] = stdout[-2000:]
-    rec["stderr_tail"] = "\n".join(l for l in stderr.splitlines() if not l.startswith("\t"))[-2000:]
+    rec["stderr_tail"] = "\n".join(line for line in stderr.splitlines() if not line.startswith("\t"))[-2000:]
     return rec
 
 

@@ -10,7 +10,6 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 import pytest
 import torch
@@ -30,7 +29,7 @@ def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
 def assert_one_line_error(proc: subprocess.CompletedProcess, needle: str) -> None:
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout
-    lines = [l for l in proc.stderr.strip().splitlines() if l.strip()]
+    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
     assert len(lines) == 1, proc.stderr
     assert needle in lines[0], lines[0]
 
@@ -134,7 +133,8 @@ def test_bad_inputs_give_one_line_and_no_output(tmp_path: Path) -> None:
     from attn_export.models import UNet, preset_config
 
     save_file(UNet(preset_config("ddpm-cifar10", channel_mults=(1, 2))).state_dict(), tmp_path / "other.safetensors")
-    assert_one_line_error(run_cli("onnx", "--preset", "tiny", "--checkpoint", str(tmp_path / "other.safetensors"), "-o", str(out)), "does not fit the model")
+    result = run_cli("onnx", "--preset", "tiny", "--checkpoint", str(tmp_path / "other.safetensors"), "-o", str(out))
+    assert_one_line_error(result, "does not fit the model")
 
     class Evil:
         def __reduce__(self):

@@ -29,7 +29,8 @@ def configs(draw):
 
 
 # No shrinking: each example is an export (seconds); the falsifying example is printed as drawn.
-@settings(max_examples=8, deadline=None, phases=[Phase.explicit, Phase.reuse, Phase.generate], suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(max_examples=8, deadline=None, phases=[Phase.explicit, Phase.reuse, Phase.generate],
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(cfg=configs(), attention=st.sampled_from(["op", "decomposed"]), data=st.data())
 def test_random_configs_export_and_match(tmp_path_factory, cfg, attention, data) -> None:
     path = tmp_path_factory.mktemp("prop") / "m.onnx"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -19,13 +18,12 @@ from attn_export.exporter.metadata import read_spec
 from attn_export.exporter.onnx_export import export_onnx
 from attn_export.models.loader import ModelSource, load_model
 from attn_export.spec import ReferenceOptions
+from conftest import run_cli_in_process as run
 from attn_export.verify import default_shapes, engine_shapes, verify
 
 TABLE_KEYS = ("max_abs", "mean_abs", "max_rel", "p99_abs", "cosine", "nan_ref", "inf_ref", "nan_cand", "inf_cand",
               "min_atol", "min_rtol", "passed")
 
-
-from conftest import run_cli_in_process as run
 
 
 def one_line_error(result, needle: str, code: int = 2) -> None:
