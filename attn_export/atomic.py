@@ -20,8 +20,12 @@ def check_output_path(path: str | os.PathLike[str], *, force: bool) -> Path:
         raise UsageError(f"output path is a folder: {out}")
     if out.exists() and not force:
         raise UsageError(f"output file exists: {out} (use --force to replace it)")
-    if not os.access(out.parent, os.W_OK):
-        raise UsageError(f"cannot write in {out.parent}: permission denied")
+    try:
+        # Asking the OS is the only sure test (root ignores permission bits; some filesystems refuse new files).
+        with tempfile.TemporaryFile(dir=out.parent):
+            pass
+    except OSError as exc:
+        raise UsageError(f"cannot write in {out.parent}: {exc.strerror or exc}") from None
     return out
 
 

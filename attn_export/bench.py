@@ -32,7 +32,8 @@ if TYPE_CHECKING:
     from .models.attention import AttentionImpl
 
 # Backend name -> attention formulation of the PyTorch model ("pytorch" uses --attention-impl).
-TORCH_BACKENDS = {"pytorch": None, "pytorch-reference": "reference", "pytorch-sdpa": "sdpa",
+# "pytorch-fp16": the model in FP16 on the GPU (--attention-impl formulation), the baseline for FP16 engines.
+TORCH_BACKENDS = {"pytorch": None, "pytorch-fp16": None, "pytorch-reference": "reference", "pytorch-sdpa": "sdpa",
                   "pytorch-decomposed": "decomposed"}
 BACKENDS = tuple(TORCH_BACKENDS) + ("onnxruntime", "tensorrt")
 BACKEND_ALIASES = {"torch": "pytorch", "ort": "onnxruntime", "trt": "tensorrt"}
@@ -209,11 +210,14 @@ def make_runner(artifact: str | Path, backend: str, spec: ModelSpec, *, provider
 
         impl = TORCH_BACKENDS[backend] or attention_impl
         device = "cuda" if provider in ("cuda", "tensorrt") and torch.cuda.is_available() else "cpu"
+        half = backend == "pytorch-fp16"
+        if half and device != "cuda":
+            raise UsageError("pytorch-fp16 runs on a CUDA GPU only (--provider cuda); PyTorch's CPU FP16 kernels are no baseline")
         # spec given, so the model is built once (in activate), not also to learn its description.
         torch_runner = TorchRunner(source_from_spec(spec, reference_model), attention_impl=cast("AttentionImpl", impl), device=device,
-                                   spec=spec, threads=threads)
+                                   spec=spec, threads=threads, half=half)
         torch_runner.activate()
-        return torch_runner, {"device": device, "attention_impl": impl, "threads": torch.get_num_threads(),
+        return torch_runner, {"device": device, "attention_impl": impl, "threads": torch.get_num_threads(), "fp16": half,
                         "torch": torch.__version__}
     if backend == "onnxruntime":
         if is_engine_path(artifact):

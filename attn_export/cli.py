@@ -322,7 +322,7 @@ def optimize_cmd(
 ))
 def bench_cmd(
     artifact: Path = typer.Argument(..., help="ONNX file, or TensorRT engine (.plan/.engine with its .json sidecar)."),
-    backend: Optional[str] = typer.Option(None, "--backend", help="Comma-separated: pytorch, pytorch-sdpa, pytorch-decomposed, onnxruntime, tensorrt (default: pytorch and the artifact's own backend)."),
+    backend: Optional[str] = typer.Option(None, "--backend", help="Comma-separated: pytorch, pytorch-sdpa, pytorch-decomposed, pytorch-fp16 (CUDA only), onnxruntime, tensorrt (default: pytorch and the artifact's own backend)."),
     shapes: Optional[str] = typer.Option(None, "--shapes", help="Comma-separated BxHxW, e.g. 1x32x32,4x64x64 (default: batch 1 at the export size)."),
     warmup: int = typer.Option(2, "--warmup", help="Untimed calls before timing."),
     iterations: Optional[int] = typer.Option(None, "--iterations", help="Timed calls per backend and shape (default 10)."),

@@ -114,11 +114,11 @@ def main(argv: list[str] | None = None) -> int:
             s["verify"]["report"] = json.loads(verify_json.read_text())
         _cpp_runner(engine, args.work, s.setdefault("cpp runner", {}))
         bench_json = args.work / f"{preset}.bench.json"
-        _run(cli + ["bench", str(engine), "--backend", "pytorch,tensorrt", "--provider", "cuda", "--json", str(bench_json)],
+        _run(cli + ["bench", str(engine), "--backend", "pytorch,pytorch-fp16,tensorrt", "--provider", "cuda", "--json", str(bench_json)],
              s.setdefault("bench", {}))
         if bench_json.is_file():
             s["bench"]["report"] = json.loads(bench_json.read_text())
-        s["bench"]["note"] = "PyTorch rows are the FP32 eager model on the same GPU (bench has no PyTorch FP16 backend yet)"
+        s["bench"]["note"] = "pytorch: the FP32 eager model, pytorch-fp16: the same model in FP16, both on this GPU"
     report["passed"] = all(
         st.get("rc", 0) == 0 for p in steps.values() for st in (p.values() if "rc" not in p else [p]) if isinstance(st, dict)
     ) and all(steps[p].get("fusion", {}).get("all_fused") for p in PRESETS)

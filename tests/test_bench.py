@@ -133,3 +133,13 @@ def test_peak_host_memory_sees_a_short_spike() -> None:
         del block
     assert mem.method in ("VmHWM", "sampled VmRSS")
     assert mem.growth_mib is not None and mem.growth_mib >= 48
+
+
+def test_pytorch_fp16_needs_a_gpu(tiny_onnx: Path) -> None:
+    """The FP16 PyTorch baseline runs on CUDA only; elsewhere its rows say why, and the others still run."""
+    from attn_export.bench import run_bench
+
+    report = run_bench(tiny_onnx, backends=["pytorch-fp16", "pytorch"], shapes=[(1, 8, 8)], warmup=0, iterations=1)
+    rows = {r["backend"]: r for r in report["results"]}
+    assert rows["pytorch-fp16"]["status"] == "unavailable" and "CUDA GPU only" in rows["pytorch-fp16"]["error"]
+    assert rows["pytorch"]["status"] == "ok"

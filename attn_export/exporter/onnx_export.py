@@ -24,6 +24,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 import onnx
+import onnx.external_data_helper
 import torch
 
 from ..atomic import atomic_path, check_output_path
@@ -378,6 +379,13 @@ def export_onnx(
             model = _convert_opset(model, opset)
         with _step(steps, "fuse attention", progress):
             rewrite = canonicalize_attention(model, attention)
+            if any("dynamic dim" in (u.problem or "") for u in rewrite.unfused):
+                # A scale computed at run time from a shape is learnt by running the graph once in ONNX Runtime,
+                # which needs the weights: only then are they read back in, and written out again afterwards.
+                onnx.external_data_helper.load_external_data_for_model(model, str(stage))
+                rewrite = canonicalize_attention(model, attention)
+                raw.unlink()
+                weights.detach_inline(model, raw)
             n_attention = rewrite.count
             unfused = [{"site": s.name, "node": s.anchor, "reason": s.problem or "not recognized"} for s in rewrite.unfused]
             if unfused and not allow_unfused:

@@ -23,11 +23,14 @@ class TorchRunner(Runner):
     name = "pytorch"
 
     def __init__(self, source: ModelSource, *, attention_impl: AttentionImpl = "reference",
-                 device: str = "cpu", spec: ModelSpec | None = None, threads: int | None = None) -> None:
+                 device: str = "cpu", spec: ModelSpec | None = None, threads: int | None = None,
+                 half: bool = False) -> None:
         self.source = source
         self.attention_impl = attention_impl
         self.device = device
         self.threads = threads
+        # FP16 weights and activations (GPU only: the baseline a TensorRT FP16 engine is compared with).
+        self.half = half
         self.loaded: LoadedModel | None = None
         if spec is None:
             # The spec comes from the built model: keep it, so activate() does not build it a second time.
@@ -41,6 +44,7 @@ class TorchRunner(Runner):
         runner = cls.__new__(cls)
         Runner.__init__(runner, loaded.spec)
         runner.source, runner.attention_impl, runner.device, runner.threads = None, attention_impl, "cpu", None  # type: ignore[assignment]
+        runner.half = False
         runner.loaded = loaded
         return runner
 
@@ -53,6 +57,8 @@ class TorchRunner(Runner):
 
         set_attention_impl(self.loaded.module, self.attention_impl)
         self.loaded.module.to(self.device)
+        if self.half:
+            self.loaded.module.half()
 
     def _deactivate(self) -> None:
         pass
@@ -61,6 +67,8 @@ class TorchRunner(Runner):
     def _infer(self, feeds: Mapping[str, Any]) -> dict[str, np.ndarray]:
         assert self.loaded is not None
         args = [torch.as_tensor(np.asarray(feeds[t.name])).to(self.device) for t in self.spec.inputs]
+        if self.half:
+            args = [a.half() if a.is_floating_point() else a for a in args]
         out = self.loaded.module(*args)
-        return {self.spec.outputs[0].name: out.detach().cpu().numpy()}
+        return {self.spec.outputs[0].name: out.detach().float().cpu().numpy()}
 
