@@ -32,7 +32,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
@@ -43,6 +43,10 @@ from .spec import ModelSpec, ReferenceOptions, format_shape, parse_shapes
 
 from .progress import ProgressFn
 from .shapes import Shape, accepts as _valid, fit_shapes, large_size, round_up as _round_up, typical_size
+
+if TYPE_CHECKING:
+    from .runners.base import Runner
+    from .runners.ort_runner import OrtRunner
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -334,6 +338,8 @@ def verify(
     # The candidate first: a missing TensorRT should fail before the (slow) reference is built.
     step(0, f"loading {kind}")
     t0 = time.perf_counter()
+    cand: Runner
+    ort_cand: OrtRunner | None = None
     if kind == "engine":
         from .runners.trt_runner import TrtRunner
 
@@ -342,12 +348,12 @@ def verify(
     else:
         from .runners.ort_runner import OrtRunner
 
-        cand = OrtRunner(path, providers=providers, spec=spec)
-        cand_desc = f"onnxruntime ({cand.provider})"
+        cand = ort_cand = OrtRunner(path, providers=providers, spec=spec)
+        cand_desc = f"onnxruntime ({ort_cand.provider})"
     cand.activate()
-    if getattr(cand, "attention_rewritten", 0):
+    if ort_cand is not None and ort_cand.attention_rewritten:
         # What ran: the ONNX Runtime form of the file (attention as com.microsoft.MultiHeadAttention).
-        cand_desc = f"onnxruntime ({cand.provider}, {cand.attention_rewritten} x MultiHeadAttention)"
+        cand_desc = f"onnxruntime ({ort_cand.provider}, {ort_cand.attention_rewritten} x MultiHeadAttention)"
     setup[cand.name] = time.perf_counter() - t0
 
     t0 = time.perf_counter()

@@ -281,7 +281,7 @@ def compare_with_reference(model_bytes_or_path: bytes | str, reference: Referenc
     opts.log_severity_level = 3
     sess = ort.InferenceSession(model_bytes_or_path, opts, providers=["CPUExecutionProvider"])
     name = sess.get_outputs()[0].name
-    results = []
+    results: list[dict[str, Any]] = []  # JSON-bound, one per shape
     for shape, feeds, ref in reference:
         got = sess.run(None, feeds)[0]
         c = compare_arrays(name, ref, got, tol)

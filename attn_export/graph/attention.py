@@ -253,7 +253,7 @@ class _Finder:
         """A MatMul/Einsum of two activations up to a few nodes behind ``tensor`` (masks, biases, odd ops)."""
         frontier = [tensor]
         for _ in range(_LOOKBACK):
-            nxt = []
+            nxt: list[str] = []
             for t in frontier:
                 node = self.idx.producer.get(t)
                 if node is None:
@@ -359,7 +359,7 @@ class _Finder:
         v, _, v_f, v_nodes, v_casts = self.strip(mm2.input[1])
         nodes += q_nodes + k_nodes + v_nodes
         rank = idx.rank(mm1.output[0]) or idx.rank(mm1.input[0])
-        ranks = {idx.rank(t) for t in (q, k, v)} - {None}
+        ranks = {r for t in (q, k, v) if (r := idx.rank(t)) is not None}
         if rank is None:
             site.problem = f"the rank of {mm1.name}'s output is unknown (shape inference could not tell)"
             return None
