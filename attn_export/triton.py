@@ -185,7 +185,7 @@ def model_config_pb2() -> Any:
     if _PB2 is not None:
         return _PB2
     try:
-        from tritonclient.grpc import model_config_pb2 as pb2  # type: ignore[import-not-found]
+        from tritonclient.grpc import model_config_pb2 as pb2
     except (ImportError, RuntimeError):
         spec = importlib.util.find_spec("tritonclient")
         if spec is None or not spec.submodule_search_locations:

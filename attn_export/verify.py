@@ -165,7 +165,7 @@ def engine_shapes(profiles: Sequence[Any], spec: ModelSpec) -> list[Shape]:
     m = spec.hw_multiple
     out: list[Shape] = []
     for p in profiles:
-        out.extend([tuple(p.min), tuple(p.opt), tuple(p.max)])  # type: ignore[list-item]
+        out.extend([tuple(p.min), tuple(p.opt), tuple(p.max)])
         h = _off_grid_value(p.min[1], p.max[1], m, {p.min[1], p.opt[1], p.max[1]}, (p.min[1] + p.max[1]) / 2)
         w = _off_grid_value(p.min[2], p.max[2], m, {p.min[2], p.opt[2], p.max[2]}, p.min[2] + (p.max[2] - p.min[2]) / 3)
         b = (p.min[0] + p.max[0] + 1) // 2
@@ -314,7 +314,7 @@ def verify(
             sweep = [tuple(int(v) for v in s) for s in shapes]  # type: ignore[misc]
         if not sweep:
             raise UsageError("no shapes given")
-        check_user_shapes(sweep, spec, profiles)  # type: ignore[arg-type]
+        check_user_shapes(sweep, spec, profiles)
         shape_source = "user"
     else:
         sweep = engine_shapes(profiles, spec) if profiles is not None else default_shapes(spec)
@@ -325,7 +325,7 @@ def verify(
         from .exporter.metadata import load_onnx
         from .graph.memory import check_shapes_fit
 
-        check_shapes_fit(load_onnx(path, load_external_data=False), spec, sweep, max_memory)  # type: ignore[arg-type]
+        check_shapes_fit(load_onnx(path, load_external_data=False), spec, sweep, max_memory)
 
     options = reference_model or ReferenceOptions()
     if reference is not None and options.names_model:
