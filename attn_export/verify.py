@@ -32,7 +32,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence, cast
 
 import numpy as np
 
@@ -302,6 +302,7 @@ def verify(
     if reference is not None and not Path(reference).is_file():
         raise UsageError(f"reference ONNX file not found: {reference}")
     if input_shapes or (foreign and not shapes):
+        # A list of "BxHxW" strings is passed on as it is (resolve_shapes types its argument Sequence[Shape]).
         shapes = resolve_shapes(spec, parse_shapes(shapes) if isinstance(shapes, str) else shapes,  # type: ignore[arg-type]
                                 input_shapes, what="verify", option="--shapes")
     tol = resolve_tolerances(precision, atol=atol, rtol=rtol, stat=stat, quantile=quantile)
@@ -309,9 +310,10 @@ def verify(
     # Shapes are checked before anything expensive is built.
     if shapes is not None and not (isinstance(shapes, str) and not shapes.strip()):
         if isinstance(shapes, str) or (shapes and isinstance(next(iter(shapes)), str)):
-            sweep = parse_shapes(shapes)  # type: ignore[arg-type]
+            sweep = parse_shapes(cast("str | Sequence[str]", shapes))  # text, as the test above found
         else:
-            sweep = [tuple(int(v) for v in s) for s in shapes]  # type: ignore[misc]
+            # (batch, H, W) triples: check_user_shapes unpacks each into spec.check_shape(b, h, w).
+            sweep = [cast(Shape, tuple(int(v) for v in s)) for s in shapes]
         if not sweep:
             raise UsageError("no shapes given")
         check_user_shapes(sweep, spec, profiles)

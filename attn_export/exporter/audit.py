@@ -428,7 +428,7 @@ def audit_fp16(
     spec = spec or spec_from_model(model, origin=origin)
     if not 0 < threshold <= FP16_MAX:
         raise UsageError(f"threshold must be in (0, {FP16_MAX:g}] (got {threshold:g})")
-    # (batch, H, W) triples as ints; check_shape below refuses any other length.
+    # (batch, H, W) triples as ints: each is unpacked into spec.check_shape(b, h, w) below.
     shapes = [cast(Shape, tuple(int(v) for v in s)) for s in (calibration_shapes or default_calibration_shapes(spec))]
     if not shapes:
         raise UsageError("no calibration shape")

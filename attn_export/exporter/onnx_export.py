@@ -370,6 +370,7 @@ def export_onnx(
                 model = _trace(loaded, opset, stage)
                 weights.detach_inline(model, raw)
         # The PyTorch model is not needed any more (its reference output is kept): free its weights.
+        # LoadedModel.module is an nn.Module for every other reader; after the export nothing reads it again.
         loaded.module = None  # type: ignore[assignment]
         gc.collect()
         with _step(steps, "optimize", progress):
