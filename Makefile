@@ -27,6 +27,8 @@ demo: $(STAMP)
 	$(VENV)/bin/attn-export inspect $(DEMO_DIR)/tiny.onnx
 
 test: $(STAMP)
+	$(VENV)/bin/ruff check attn_export tests bench
+	$(VENV)/bin/mypy
 	$(PY) -m pytest -n 2 -q -p no:cacheprovider
 
 test-fast: $(STAMP)

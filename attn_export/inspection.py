@@ -18,7 +18,7 @@ import math
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import onnx
 from onnx import helper
@@ -137,7 +137,8 @@ def _precision(model: onnx.ModelProto, typed: TypedIndex, probed: TypedIndex | N
         entry = acts.setdefault(_np_name(elem), [0, 0])
         entry[0] += 1
         dims = shapes.get(name)
-        entry[1] += math.prod(dims) if dims and all(isinstance(d, int) for d in dims) else 0  # type: ignore[arg-type]
+        # All dims are ints where the product is taken (checked in the condition); mypy cannot narrow the list.
+        entry[1] += math.prod(cast("list[int]", dims)) if dims and all(isinstance(d, int) for d in dims) else 0
     return {
         "initializers": _share(inits),
         # Element counts of activations depend on the shape: counted at batch 1 and the probe H x W.

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, cast
 
 from .atomic import check_output_path
 from .engines.profiles import Profile, default_profile, validate_profiles
@@ -37,9 +37,9 @@ def compare_fp16(path: Path, shapes: Sequence[Shape], *, reference: Path | None,
     """The FP16 check: compare ``path`` with PyTorch (or the FP32 ``reference`` file) via :func:`.verify.verify`."""
     from .verify import verify
 
-    r = verify(path, shapes=[tuple(s) for s in shapes], reference=reference, input_ranges=input_ranges,
+    r = verify(path, shapes=[cast(Shape, tuple(s)) for s in shapes], reference=reference, input_ranges=input_ranges,
                reference_model=None if reference is not None else reference_model)
-    per = [{"shape": list(s.shape), "max_abs_err": max(o.max_abs for o in s.outputs),
+    per: list[dict[str, Any]] = [{"shape": list(s.shape), "max_abs_err": max(o.max_abs for o in s.outputs),
             "mean_abs_err": max(o.mean_abs for o in s.outputs), "passed": s.passed} for s in r.shapes]
     return {"passed": r.passed, "shapes": per, "max_abs_err": max(p["max_abs_err"] for p in per),
             "tolerances": r.tolerances.describe(), "failures": r.failures()}

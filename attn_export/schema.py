@@ -115,6 +115,14 @@ def json_value(v: Any, where: str, depth: int = 0) -> None:
         fail(where, f"holds a {type(v).__name__}")
 
 
+def all_of(*checks: Check) -> Check:
+    """Every one of ``checks``, in order (the first failure raises)."""
+    def check(v: Any, where: str) -> None:
+        for c in checks:
+            c(v, where)
+    return check
+
+
 def record(fields: Mapping[str, Check], required: tuple[str, ...] = (), *, open_keys: bool = False) -> Check:
     """A JSON object with the given fields; unknown keys are refused unless ``open_keys``."""
     def check(v: Any, where: str) -> None:
@@ -180,9 +188,9 @@ SOURCE = record({
     "preset": text(re.compile(r"^[\w.-]{1,64}$")),
     "seed": SEED,
     # The UNet config's own validation runs when a model is built from it; here: plain JSON data only.
-    "config": lambda v, w: (record({}, open_keys=True)(v, w), json_value(v, w)),
+    "config": all_of(record({}, open_keys=True), json_value),
     "model": text(FACTORY_RE),
-    "model_kwargs": lambda v, w: (record({}, open_keys=True)(v, w), json_value(v, w)),
+    "model_kwargs": all_of(record({}, open_keys=True), json_value),
     "num_classes": optional(integer(1, 1_000_000)),
     "hw_multiple": optional(integer(1, 4096)),
     "origin": text(),

@@ -102,7 +102,8 @@ def _engine_io(path: Path) -> tuple[list[TensorConfig], list[TensorConfig], int,
     from .engines.sidecar import read_sidecar  # lazy: the engine side is optional
 
     data = read_sidecar(path)
-    ins, outs = [], []
+    ins: list[TensorConfig] = []
+    outs: list[TensorConfig] = []
     for t in data["io"]:
         cfg = TensorConfig(t["name"], str(t["dtype"]), [int(d) for d in t["shape"]])
         (ins if t.get("mode", "input") == "input" else outs).append(cfg)
@@ -184,7 +185,7 @@ def model_config_pb2() -> Any:
     if _PB2 is not None:
         return _PB2
     try:
-        from tritonclient.grpc import model_config_pb2 as pb2  # type: ignore[import-not-found]
+        from tritonclient.grpc import model_config_pb2 as pb2
     except (ImportError, RuntimeError):
         spec = importlib.util.find_spec("tritonclient")
         if spec is None or not spec.submodule_search_locations:
@@ -256,7 +257,8 @@ def write_model_repository(artifact: str | Path, repo: str | Path, *, name: str 
         elif max_batch > profile_max:
             raise UsageError(f"--max-batch {max_batch} exceeds the engine's largest profile batch {profile_max}; "
                              "rebuild the engine with a larger max batch")
-        platform, file_name, extra = "tensorrt_plan", "model.plan", []
+        extra: list[str] = []
+        platform, file_name = "tensorrt_plan", "model.plan"
         # A plan only loads on the TensorRT that built it: pick the Triton release that ships it.
         header.append(f"TensorRT {sidecar.get('tensorrt_version', '?')}, GPU {sidecar.get('gpu', {}).get('name', '?')} "
                       f"(compute capability {sidecar.get('gpu', {}).get('compute_capability', '?')}); "

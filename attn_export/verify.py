@@ -32,7 +32,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence, cast
 
 import numpy as np
 
@@ -43,6 +43,10 @@ from .spec import ModelSpec, ReferenceOptions, format_shape, parse_shapes
 
 from .progress import ProgressFn
 from .shapes import Shape, accepts as _valid, fit_shapes, large_size, round_up as _round_up, typical_size
+
+if TYPE_CHECKING:
+    from .runners.base import Runner
+    from .runners.ort_runner import OrtRunner
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -161,7 +165,7 @@ def engine_shapes(profiles: Sequence[Any], spec: ModelSpec) -> list[Shape]:
     m = spec.hw_multiple
     out: list[Shape] = []
     for p in profiles:
-        out.extend([tuple(p.min), tuple(p.opt), tuple(p.max)])  # type: ignore[list-item]
+        out.extend([tuple(p.min), tuple(p.opt), tuple(p.max)])
         h = _off_grid_value(p.min[1], p.max[1], m, {p.min[1], p.opt[1], p.max[1]}, (p.min[1] + p.max[1]) / 2)
         w = _off_grid_value(p.min[2], p.max[2], m, {p.min[2], p.opt[2], p.max[2]}, p.min[2] + (p.max[2] - p.min[2]) / 3)
         b = (p.min[0] + p.max[0] + 1) // 2
@@ -298,6 +302,7 @@ def verify(
     if reference is not None and not Path(reference).is_file():
         raise UsageError(f"reference ONNX file not found: {reference}")
     if input_shapes or (foreign and not shapes):
+        # A list of "BxHxW" strings is passed on as it is (resolve_shapes types its argument Sequence[Shape]).
         shapes = resolve_shapes(spec, parse_shapes(shapes) if isinstance(shapes, str) else shapes,  # type: ignore[arg-type]
                                 input_shapes, what="verify", option="--shapes")
     tol = resolve_tolerances(precision, atol=atol, rtol=rtol, stat=stat, quantile=quantile)
@@ -305,12 +310,13 @@ def verify(
     # Shapes are checked before anything expensive is built.
     if shapes is not None and not (isinstance(shapes, str) and not shapes.strip()):
         if isinstance(shapes, str) or (shapes and isinstance(next(iter(shapes)), str)):
-            sweep = parse_shapes(shapes)  # type: ignore[arg-type]
+            sweep = parse_shapes(cast("str | Sequence[str]", shapes))  # text, as the test above found
         else:
-            sweep = [tuple(int(v) for v in s) for s in shapes]  # type: ignore[misc]
+            # (batch, H, W) triples: check_user_shapes unpacks each into spec.check_shape(b, h, w).
+            sweep = [cast(Shape, tuple(int(v) for v in s)) for s in shapes]
         if not sweep:
             raise UsageError("no shapes given")
-        check_user_shapes(sweep, spec, profiles)  # type: ignore[arg-type]
+        check_user_shapes(sweep, spec, profiles)
         shape_source = "user"
     else:
         sweep = engine_shapes(profiles, spec) if profiles is not None else default_shapes(spec)
@@ -321,7 +327,7 @@ def verify(
         from .exporter.metadata import load_onnx
         from .graph.memory import check_shapes_fit
 
-        check_shapes_fit(load_onnx(path, load_external_data=False), spec, sweep, max_memory)  # type: ignore[arg-type]
+        check_shapes_fit(load_onnx(path, load_external_data=False), spec, sweep, max_memory)
 
     options = reference_model or ReferenceOptions()
     if reference is not None and options.names_model:
@@ -334,6 +340,8 @@ def verify(
     # The candidate first: a missing TensorRT should fail before the (slow) reference is built.
     step(0, f"loading {kind}")
     t0 = time.perf_counter()
+    cand: Runner
+    ort_cand: OrtRunner | None = None
     if kind == "engine":
         from .runners.trt_runner import TrtRunner
 
@@ -342,12 +350,12 @@ def verify(
     else:
         from .runners.ort_runner import OrtRunner
 
-        cand = OrtRunner(path, providers=providers, spec=spec)
-        cand_desc = f"onnxruntime ({cand.provider})"
+        cand = ort_cand = OrtRunner(path, providers=providers, spec=spec)
+        cand_desc = f"onnxruntime ({ort_cand.provider})"
     cand.activate()
-    if getattr(cand, "attention_rewritten", 0):
+    if ort_cand is not None and ort_cand.attention_rewritten:
         # What ran: the ONNX Runtime form of the file (attention as com.microsoft.MultiHeadAttention).
-        cand_desc = f"onnxruntime ({cand.provider}, {cand.attention_rewritten} x MultiHeadAttention)"
+        cand_desc = f"onnxruntime ({ort_cand.provider}, {ort_cand.attention_rewritten} x MultiHeadAttention)"
     setup[cand.name] = time.perf_counter() - t0
 
     t0 = time.perf_counter()

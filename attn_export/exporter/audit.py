@@ -40,7 +40,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Sequence, cast
 
 import numpy as np
 import onnx
@@ -349,10 +349,12 @@ def attention_sites(model: onnx.ModelProto) -> list[_Site]:
     for s in find_attention(model, probe=False):
         if s.q is None or s.k is None:
             continue
-        q_heads = kv_heads = None
+        q_heads: int | None = None
+        kv_heads: int | None = None
         if s.form == "op" and s.anchor in by_name:
-            q_heads = node_attr(by_name[s.anchor], "q_num_heads")  # type: ignore[assignment]
-            kv_heads = node_attr(by_name[s.anchor], "kv_num_heads")  # type: ignore[assignment]
+            # INT attributes of the ONNX Attention op: node_attr gives them as int (None where absent).
+            q_heads = cast("int | None", node_attr(by_name[s.anchor], "q_num_heads"))
+            kv_heads = cast("int | None", node_attr(by_name[s.anchor], "kv_num_heads"))
         sites.append(_Site(s.name, s.form, s.q.tensor, s.k.tensor, s.scale, s.nodes, q_heads, kv_heads,
                            s.q.perm, s.k.perm))
     return sites
@@ -426,11 +428,12 @@ def audit_fp16(
     spec = spec or spec_from_model(model, origin=origin)
     if not 0 < threshold <= FP16_MAX:
         raise UsageError(f"threshold must be in (0, {FP16_MAX:g}] (got {threshold:g})")
-    shapes = [tuple(int(v) for v in s) for s in (calibration_shapes or default_calibration_shapes(spec))]
+    # (batch, H, W) triples as ints: each is unpacked into spec.check_shape(b, h, w) below.
+    shapes = [cast(Shape, tuple(int(v) for v in s)) for s in (calibration_shapes or default_calibration_shapes(spec))]
     if not shapes:
         raise UsageError("no calibration shape")
-    for s in shapes:
-        spec.check_shape(*s)
+    for shape in shapes:
+        spec.check_shape(*shape)
     types = value_types(model)
     if any(t == TensorProto.FLOAT16 for t in types.values()):
         raise UsageError(f"{origin} already holds FP16 tensors; audit the FP32 export")
@@ -509,15 +512,15 @@ def audit_fp16(
             role = "output" if node.name == t.producer else "input"
             islands[node.name] = Fp32Island(node.name, node.op_type, "range",
                                             f"activation absmax {t.absmax:.3g} {what} at {format_shape(t.shape)} ({role} {t.name})")
-    for a in attention:
-        if a.logits_absmax <= threshold:
+    for att in attention:
+        if att.logits_absmax <= threshold:
             continue
-        what = "overflow FP16" if not a.logits_absmax <= FP16_MAX else f"> threshold {threshold:g}"
-        for name in a.nodes:
+        what = "overflow FP16" if not att.logits_absmax <= FP16_MAX else f"> threshold {threshold:g}"
+        for name in att.nodes:
             node = node_by_name.get(name)
             if node is not None and name not in islands and _is_compute(node, types):
                 islands[name] = Fp32Island(name, node.op_type, "attention",
-                                           f"attention logits absmax {a.logits_absmax:.3g} {what} at {format_shape(a.shape)}")
+                                           f"attention logits absmax {att.logits_absmax:.3g} {what} at {format_shape(att.shape)}")
     order = {n.name: i for i, n in enumerate(model.graph.node)}
     fp32 = sorted(islands.values(), key=lambda i: order.get(i.node, 0))
     return AuditReport(origin, float(threshold), list(shapes), tensors, attention, fp32,
@@ -623,4 +626,4 @@ def emulate_fp16(
             del values
     order = {o: i for i, n in enumerate(model.graph.node) for o in list(n.output) + [n.name]}
     non_finite = sorted(found.values(), key=lambda f: order.get(f.tensor, order.get(f.node or "", 0)))
-    return EmulationReport([tuple(s) for s in shapes], len(names), non_finite, top, seconds=time.perf_counter() - t0)
+    return EmulationReport([(b, h, w) for b, h, w in shapes], len(names), non_finite, top, seconds=time.perf_counter() - t0)

@@ -154,15 +154,15 @@ def parse_input_shapes(texts: str | Iterable[str], spec: ModelSpec) -> list[Shap
                              f"{', '.join(t.name for t in spec.inputs)}")
         if image.name not in given:
             raise UsageError(f"--input-shapes {text!r} has no entry for the image input {image.name}")
-        dims = given[image.name]
-        if len(dims) != 4:
-            raise UsageError(f"--input-shapes: {image.name} is 4-D (B, C, H, W); got {'x'.join(map(str, dims))}")
-        b, h, w = dims[0], dims[2], dims[3]
+        image_dims = given[image.name]
+        if len(image_dims) != 4:
+            raise UsageError(f"--input-shapes: {image.name} is 4-D (B, C, H, W); got {'x'.join(map(str, image_dims))}")
+        b, h, w = image_dims[0], image_dims[2], image_dims[3]
         for t in spec.inputs:
             want = t.shape_for(b, h, w)
             if t.name in given and tuple(given[t.name]) != tuple(want):
                 raise UsageError(f"--input-shapes: {t.name} must be {'x'.join(map(str, want)) or 'a scalar'} "
-                                 f"when {image.name} is {'x'.join(map(str, dims))} (got {'x'.join(map(str, given[t.name]))})")
+                                 f"when {image.name} is {'x'.join(map(str, image_dims))} (got {'x'.join(map(str, given[t.name]))})")
         out.append((b, h, w))
     return out
 

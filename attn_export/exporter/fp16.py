@@ -70,7 +70,9 @@ class CompareFn(Protocol):
     def __call__(self, path: Path, shapes: Sequence[Shape], *, reference: Path | None,
                  input_ranges: dict[str, tuple[float, float]] | None,
                  reference_model: ReferenceOptions | None) -> dict[str, Any]: ...
-F32, F16 = TensorProto.FLOAT, TensorProto.FLOAT16
+# Plain ints, like every element type this module keeps (onnx types them TensorProto.DataType, a subtype of int).
+F32: int = TensorProto.FLOAT
+F16: int = TensorProto.FLOAT16
 # Ops whose float output type comes from an attribute, not from their inputs: left in FP32.
 _DTYPE_ATTR_OPS = frozenset({"ConstantOfShape", "EyeLike", "RandomNormal", "RandomUniform", "RandomNormalLike",
                              "RandomUniformLike", "Multinomial", "Bernoulli"})

@@ -282,7 +282,7 @@ def compare_with_reference(model_bytes_or_path: bytes | str, reference: Referenc
     opts.log_severity_level = 3
     sess = ort.InferenceSession(model_bytes_or_path, opts, providers=["CPUExecutionProvider"])
     name = sess.get_outputs()[0].name
-    results = []
+    results: list[dict[str, Any]] = []  # JSON-bound, one per shape
     for shape, feeds, ref in reference:
         got = sess.run(None, feeds)[0]
         c = compare_arrays(name, ref, got, tol)
@@ -371,6 +371,7 @@ def export_onnx(
                 model = _trace(loaded, opset, stage)
                 weights.detach_inline(model, raw)
         # The PyTorch model is not needed any more (its reference output is kept): free its weights.
+        # LoadedModel.module is an nn.Module for every other reader; after the export nothing reads it again.
         loaded.module = None  # type: ignore[assignment]
         gc.collect()
         with _step(steps, "optimize", progress):

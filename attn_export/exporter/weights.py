@@ -61,7 +61,8 @@ def attach_external(model: onnx.ModelProto, params: Mapping[str, Any], data_path
             init.data_type = helper.np_dtype_to_tensor_dtype(arr.dtype)
             init.dims.extend(arr.shape)
             # raw_data is little-endian by the ONNX spec; numpy's native order on the platforms torch ships for.
-            f.write(memoryview(np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<"))).cast("B"))
+            # .data: the array's buffer as a memoryview (numpy's stubs do not declare ndarray a Buffer).
+            f.write(np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<")).data.cast("B"))
             _set_external(init, data_path.name, written, arr.nbytes)
             written += arr.nbytes
         written -= start

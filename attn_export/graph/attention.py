@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any, NamedTuple, Sequence
+from typing import Any, NamedTuple, Sequence, cast
 
 import onnx
 from onnx import numpy_helper
@@ -213,7 +213,7 @@ class _Finder:
                 nodes.append(node)
                 continue
             if transposes and node.op_type == "Transpose":
-                t = list(node_attr(node, "perm", []) or [])  # type: ignore[call-overload]
+                t = list(cast("list[int]", node_attr(node, "perm", [])) or [])  # perm: an INTS attribute
                 if not t:
                     break
                 current = perm or list(range(len(t)))
@@ -237,8 +237,8 @@ class _Finder:
         if node is None or depth > 3:
             return False
         if node.op_type == "ConstantOfShape":
-            value = node_attr(node, "value")
-            return value is None or not numpy_helper.to_array(value).any()  # type: ignore[arg-type]
+            value = cast("onnx.TensorProto | None", node_attr(node, "value"))  # value: a TENSOR attribute
+            return value is None or not numpy_helper.to_array(value).any()
         if node.op_type == "Mul" and len(node.input) == 2:
             a, b = node.input
             finite = lambda t: self.idx.const(t) is not None or self._is_zero(t, depth + 1) or (  # noqa: E731
@@ -253,7 +253,7 @@ class _Finder:
         """A MatMul/Einsum of two activations up to a few nodes behind ``tensor`` (masks, biases, odd ops)."""
         frontier = [tensor]
         for _ in range(_LOOKBACK):
-            nxt = []
+            nxt: list[str] = []
             for t in frontier:
                 node = self.idx.producer.get(t)
                 if node is None:
@@ -295,7 +295,7 @@ class _Finder:
 
         # Softmax over the last axis (the keys).
         default_axis = -1 if idx.opset >= 13 else 1
-        axis = int(node_attr(softmax, "axis", default_axis))  # type: ignore[call-overload]
+        axis = int(cast(int, node_attr(softmax, "axis", default_axis)))  # axis: an INT attribute
         if axis != -1 and (rank_logits is None or axis != rank_logits - 1):
             site.problem = f"Softmax {softmax.name} runs over axis {axis}, not the key axis (the last)"
             site.nodes = [n.name for n in nodes]
@@ -359,7 +359,7 @@ class _Finder:
         v, _, v_f, v_nodes, v_casts = self.strip(mm2.input[1])
         nodes += q_nodes + k_nodes + v_nodes
         rank = idx.rank(mm1.output[0]) or idx.rank(mm1.input[0])
-        ranks = {idx.rank(t) for t in (q, k, v)} - {None}
+        ranks = {r for t in (q, k, v) if (r := idx.rank(t)) is not None}
         if rank is None:
             site.problem = f"the rank of {mm1.name}'s output is unknown (shape inference could not tell)"
             return None
@@ -460,14 +460,14 @@ class _Finder:
         idx = self.idx
         q, k, v = (node.input[i] if len(node.input) > i else "" for i in range(3))
         rank = idx.rank(q)
-        scale = node_attr(node, "scale")
+        scale = cast("float | None", node_attr(node, "scale"))  # scale: a FLOAT attribute
         site = AttentionSite(
             name=_prefix(node.name) or node.name, form="op", anchor=node.name, nodes=[node.name],
             q=Operand(q, None, idx.dtype(q), idx.dtype(q)), k=Operand(k, None, idx.dtype(k), idx.dtype(k)),
             v=Operand(v, None, idx.dtype(v), idx.dtype(v)), out=node.output[0], out_dtype=idx.dtype(node.output[0]),
-            rank=rank, scale=float(scale) if scale is not None else None,  # type: ignore[arg-type]
+            rank=rank, scale=float(scale) if scale is not None else None,
             scale_placement="attribute" if scale is not None else "default", dtype=idx.dtype(q),
-            softmax_dtype=dtype_name(int(node_attr(node, "softmax_precision", 0) or 0)) or idx.dtype(q),  # type: ignore[call-overload]
+            softmax_dtype=dtype_name(int(cast(int, node_attr(node, "softmax_precision", 0)) or 0)) or idx.dtype(q),
         )
         extras = [i for i in node.input[3:] if i]
         if extras or len([o for o in node.output if o]) > 1 or node_attr(node, "is_causal", 0):
@@ -521,7 +521,7 @@ def _fill_shapes(site: AttentionSite, idx: TypedIndex, probe: TypedIndex | None,
             if len(qs) == 4 and isinstance(qs[1], int) and qs[1] > 0:
                 site.heads = qs[1]
             elif len(qs) == 3:
-                site.heads = int(node_attr(idx.producer.get(site.out or "") or onnx.NodeProto(), "q_num_heads", 0) or 0) or 1  # type: ignore[call-overload]
+                site.heads = int(cast(int, node_attr(idx.producer.get(site.out or "") or onnx.NodeProto(), "q_num_heads", 0)) or 0) or 1
         if index is idx:
             seq = qs[-2]
             # Anonymous dims ("unk__12") say nothing; leave them to the probes.

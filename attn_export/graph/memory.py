@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Mapping, Sequence, cast
 
 import numpy as np
 import onnx
@@ -76,7 +76,7 @@ def _itemsize(elem_type: int | None) -> int:
         return 4
 
 
-def _pinned_index(model: onnx.ModelProto, input_shapes: dict[str, Sequence[int]]) -> TypedIndex | None:
+def _pinned_index(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]]) -> TypedIndex | None:
     light = weightless_copy(model)
     for vi in light.graph.input:
         if vi.name in input_shapes:
@@ -92,7 +92,7 @@ def _pinned_index(model: onnx.ModelProto, input_shapes: dict[str, Sequence[int]]
     return TypedIndex(inferred, infer=False)
 
 
-def estimate_memory(model: onnx.ModelProto, input_shapes: dict[str, Sequence[int]],
+def estimate_memory(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]],
                     shape: tuple[int, ...] = (), *, keep_all: bool = False) -> MemoryEstimate:
     """Estimate the host memory of one forward pass of ``model`` with its inputs at ``input_shapes``.
 
@@ -110,7 +110,8 @@ def estimate_memory(model: onnx.ModelProto, input_shapes: dict[str, Sequence[int
         if dims is None or any(not isinstance(d, int) or d < 0 for d in dims):
             complete = False
             return 0
-        return int(np.prod(dims, dtype=np.float64)) * _itemsize(index.types.get(name))
+        # All dims are ints here (checked just above); mypy cannot narrow the list's element type.
+        return int(np.prod(cast("list[int]", dims), dtype=np.float64)) * _itemsize(index.types.get(name))
 
     inits = {i.name for i in model.graph.initializer}
     nodes = list(model.graph.node)
@@ -141,17 +142,21 @@ def _attention_scores(node: onnx.NodeProto, index: TypedIndex) -> int:
     """Bytes of the logits and probabilities an ONNX Attention node materializes (two fp32 matrices)."""
     q = index.shapes.get(node.input[0]) if node.input else None
     k = index.shapes.get(node.input[1]) if len(node.input) > 1 else None
-    if not q or not k or any(not isinstance(d, int) for d in list(q) + list(k)):
+    if not q or not k:
         return 0
-    if len(q) == 4:
-        batch, heads, sq, sk = q[0], q[1], q[2], k[2]
+    q_dims = [d for d in q if isinstance(d, int)]
+    k_dims = [d for d in k if isinstance(d, int)]
+    if len(q_dims) != len(q) or len(k_dims) != len(k):
+        return 0
+    if len(q_dims) == 4:
+        batch, heads, sq, sk = q_dims[0], q_dims[1], q_dims[2], k_dims[2]
     else:
         heads = next((a.i for a in node.attribute if a.name == "q_num_heads"), 1)
-        batch, sq, sk = q[0], q[1], k[1]
+        batch, sq, sk = q_dims[0], q_dims[1], k_dims[1]
     return 2 * 4 * int(batch) * int(heads) * int(sq) * int(sk)
 
 
-def check_memory(model: onnx.ModelProto, shapes: Sequence[tuple[int, ...]], input_shapes: Sequence[dict[str, Sequence[int]]],
+def check_memory(model: onnx.ModelProto, shapes: Sequence[tuple[int, ...]], input_shapes: Sequence[Mapping[str, Sequence[int]]],
                  limit: int | None, *, what: str = "this shape", keep_all: bool = False) -> list[MemoryEstimate]:
     """Refuse (ShapeError, exit 2) any shape whose estimate exceeds ``limit`` bytes (None: this machine's memory, 0: no limit)."""
     bound = default_memory_limit() if limit is None else limit

@@ -14,7 +14,7 @@ fed the old site (Shape -> Gather -> Cast -> Pow) is removed with it.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import onnx
@@ -56,7 +56,8 @@ class _Builder:
     def _tensor(self, what: str) -> str:
         return self._names.fresh(f"{self.prefix}/{what}")
 
-    def node(self, op: str, inputs: list[str], what: str, output: str | None = None, **attrs: object) -> str:
+    # ``attrs`` go to helper.make_node as they are (its **kwargs: Any): node attributes and its ``domain``.
+    def node(self, op: str, inputs: list[str], what: str, output: str | None = None, **attrs: Any) -> str:
         out = output or self._tensor(what)
         self.nodes.append(helper.make_node(op, inputs, [out], name=self._names.fresh(f"{self.prefix}/{op}_{what}"),
                                            **attrs))
@@ -128,11 +129,9 @@ def _build_op(model: onnx.ModelProto, site: AttentionSite, names: _Names) -> lis
     if site.rank == 3:
         axes = b.const(np.array([1], dtype=np.int64), "head_axis")
         q, k, v = (b.node("Unsqueeze", [t, axes], f"{w}_4d") for t, w in ((q, "q"), (k, "k"), (v, "v")))
-    attrs: dict[str, object] = {"scale": float(site.scale)}
     soft = _ELEM.get(site.softmax_dtype or "", t_elem)
-    if soft != t_elem:
-        attrs["softmax_precision"] = soft
-    y = b.node("Attention", [q, k, v], "y", **attrs)
+    # make_node leaves out attributes that are None: softmax_precision only where it differs.
+    y = b.node("Attention", [q, k, v], "y", scale=float(site.scale), softmax_precision=soft if soft != t_elem else None)
     if site.rank == 3:
         y = b.node("Squeeze", [y, axes], "y_3d")
     _finish(b, y, t_elem)

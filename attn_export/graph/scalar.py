@@ -10,6 +10,8 @@ evaluate to NaN, so a scale that really depends on H or W is never folded.
 from __future__ import annotations
 
 import numpy as np
+from typing import cast
+
 import onnx
 
 from .index import TypedIndex, node_attr
@@ -24,9 +26,10 @@ def _shape_value(idx: TypedIndex, tensor: str, node: onnx.NodeProto) -> np.ndarr
     if shape is None:
         return None
     full = np.array([float(d) if isinstance(d, int) and d >= 0 else np.nan for d in shape], dtype=np.float64)
-    start = int(node_attr(node, "start", 0) or 0)  # type: ignore[call-overload]
-    end = node_attr(node, "end")
-    return full[start:None if end is None else int(end)]  # type: ignore[call-overload]
+    # Shape's start and end are INT attributes (node_attr is typed object).
+    start = int(cast(int, node_attr(node, "start", 0)) or 0)
+    end = cast("int | None", node_attr(node, "end"))
+    return full[start:None if end is None else int(end)]
 
 
 def eval_scalar(idx: TypedIndex, tensor: str) -> float | None:
@@ -67,7 +70,7 @@ def _eval(idx: TypedIndex, tensor: str, depth: int) -> np.ndarray | None:
             ind = args[1]
             if ind is None:
                 return None
-            return np.take(x, ind.astype(np.int64), axis=int(node_attr(node, "axis", 0) or 0))  # type: ignore[call-overload]
+            return np.take(x, ind.astype(np.int64), axis=int(cast(int, node_attr(node, "axis", 0)) or 0))  # axis: an INT attribute
         if op == "Slice":
             starts, ends = args[1], args[2] if len(args) > 2 else None
             if x.ndim != 1 or starts is None or ends is None or any(a is not None for a in args[3:4]) and \

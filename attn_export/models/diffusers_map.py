@@ -109,9 +109,9 @@ def config_from_diffusers(data: Mapping[str, Any], origin: str = "config.json") 
         "attn_norm_num_groups": (None, data.get("attn_norm_num_groups")),
         "dropout": (0.0, float(get("dropout", 0.0))),
     }
-    for key, (want, got) in checks.items():
-        if got != want:
-            refuse(f"{key} is {got!r} (supported: {want!r})")
+    for key, (supported, got) in checks.items():
+        if got != supported:
+            refuse(f"{key} is {got!r} (supported: {supported!r})")
     head_dim = data.get("attention_head_dim")
     attn_channels = [channels[i] for i in levels] + [channels[-1]]
     if head_dim is not None and any(c != head_dim for c in attn_channels):

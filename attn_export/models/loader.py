@@ -204,7 +204,9 @@ def load_model(source: ModelSource, attention_impl: AttentionImpl = "reference")
                 if source.overrides:
                     config = dataclasses.replace(config, **source.overrides)
             else:
-                config = UNetConfig.from_json(cfg)  # type: ignore[arg-type]
+                # A path: with preset and model None, ModelSource.__post_init__ leaves config set.
+                assert cfg is not None
+                config = UNetConfig.from_json(cfg)
                 if source.overrides:
                     config = dataclasses.replace(config, **source.overrides)
             description = {"kind": "config", "seed": source.seed}

@@ -43,6 +43,7 @@ class TorchRunner(Runner):
         """Wrap an already built model (no second construction)."""
         runner = cls.__new__(cls)
         Runner.__init__(runner, loaded.spec)
+        # source is a ModelSource for runners built by __init__; this one never loads (self.loaded is set), so None.
         runner.source, runner.attention_impl, runner.device, runner.threads = None, attention_impl, "cpu", None  # type: ignore[assignment]
         runner.half = False
         runner.loaded = loaded
