@@ -110,9 +110,8 @@ class TrtRunner(Runner):
         torch.cuda.set_device(self.device)
         logger = trt.Logger(trt.Logger.WARNING)
         runtime = self._runtime = trt.Runtime(logger)
-        if self.sidecar.get("hardware_compatibility", "none") != "none":
-            # Hardware-compatible plans carry host code TensorRT must be allowed to run.
-            runtime.engine_host_code_allowed = True
+        # engine_host_code_allowed stays False: only version-compatible plans (a lean runtime inside the plan)
+        # carry host code, attn-export never builds them, and a plan is data, so none of its code is run.
         # The bindings return None when deserialization fails (their stubs say ICudaEngine).
         engine: trt.ICudaEngine | None = runtime.deserialize_cuda_engine(self.path.read_bytes())
         if engine is None:
