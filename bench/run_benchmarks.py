@@ -712,8 +712,9 @@ def render(report: dict[str, Any]) -> str:
             c_ratio = m / cm if cm else None
             if c_ratio is not None:
                 verdict["compile"].setdefault(s, []).append(c_ratio < GOAL_COMPILE_RATIO)
-            comp_txt = (f"{cm:.1f}" if cm else ("not practical: " + comp.get("error", comp["status"])
-                                                if comp is not None else "not run"))
+            comp_txt = (f"{cm:.1f}" if cm else ("not run" if comp is None else comp.get("error", comp["status"])
+                                                if comp["status"] == "not run"
+                                                else "not practical: " + comp.get("error", comp["status"])))
             rss = r.get("peak_host_mib")
             rss_ok = ""
             if s == 256 and rss is not None:
