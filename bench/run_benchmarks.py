@@ -1,7 +1,12 @@
 #!/usr/bin/env python
-"""Produce docs/benchmarks.md: ddpm-cifar10 on this machine's CPU, PyTorch eager vs ONNX Runtime.
+"""Produce docs/benchmarks.md: ddpm-cifar10 on this machine's CPU: PyTorch eager, torch.compile, ONNX Runtime.
 
-    python bench/run_benchmarks.py                      # full run (about 15 minutes on 2 cores)
+Rows: PyTorch eager (three attention formulations), torch.compile (inductor), ONNX Runtime on each export as
+written, and ONNX Runtime's serving form (attention as com.microsoft.MultiHeadAttention, what OrtRunner uses);
+batch 4 and 8 at 64 px; the goal check of the serving form. Only this script's part of the page is rewritten
+(between its begin/end markers); other sections of docs/benchmarks.md are kept.
+
+    python bench/run_benchmarks.py                      # full run (about 30 minutes on 2 cores)
     python bench/run_benchmarks.py --sizes 32,64 --quick  # a smoke run
     python bench/run_benchmarks.py --render results.json  # rewrite the page from saved results
 
@@ -32,29 +37,56 @@ sys.path.insert(0, str(ROOT))
 # Attention of ddpm-cifar10 sits at level 1: the feature map is (H/2) x (W/2).
 ATTN_DOWNSAMPLE = 2
 
-# (label, backend kind, options). Torch kinds take an attention formulation; ORT kinds an export and session options.
+# (label, backend kind, options). Torch kinds take an attention formulation; ORT kinds an export, the attention form
+# the session gets ("as-is": the file as written; "onnxruntime": every FP32 attention site rewritten to ONNX Runtime's
+# com.microsoft.MultiHeadAttention, the form OrtRunner serves by default) and session options.
+SERVING_OP = "ORT serving form (MultiHeadAttention), from op export"
+SERVING_DEC = "ORT serving form (MultiHeadAttention), from decomposed export"
+COMPILE_LABEL = "torch.compile (inductor), sdpa"
 MAIN_VARIANTS = [
     ("PyTorch eager, reference attention", "torch", {"impl": "reference"}),
     ("PyTorch eager, sdpa", "torch", {"impl": "sdpa"}),
     ("PyTorch eager, decomposed", "torch", {"impl": "decomposed"}),
-    ("ORT, Attention op export", "ort", {"export": "op"}),
-    ("ORT, decomposed export", "ort", {"export": "decomposed"}),
+    (COMPILE_LABEL, "compile", {"impl": "sdpa"}),
+    ("ORT as-is, Attention op export", "ort", {"export": "op", "attention": "as-is"}),
+    ("ORT as-is, decomposed export", "ort", {"export": "decomposed", "attention": "as-is"}),
+    (SERVING_OP, "ort", {"export": "op", "attention": "onnxruntime"}),
+    (SERVING_DEC, "ort", {"export": "decomposed", "attention": "onnxruntime"}),
 ]
-# Things tried to make ORT faster, at the sizes where they are cheap to measure.
+SERVING_LABELS = (SERVING_OP, SERVING_DEC)
+EAGER_LABELS = tuple(v[0] for v in MAIN_VARIANTS if v[1] == "torch")
+# Batch rows (throughput per image) at BATCH_SIZE px: the eager formulations and the ORT serving form.
+BATCH_SIZE = 64
+BATCH_VARIANTS = [v for v in MAIN_VARIANTS if v[1] == "torch" or v[0] in SERVING_LABELS]
+# Things tried to make ORT faster, at the sizes where they are cheap to measure (the file as written, as before).
 TUNING_VARIANTS = [
-    ("ORT op, ORT default threads", "ort", {"export": "op", "threads_ort": 0}),
-    ("ORT op, graph opt basic", "ort", {"export": "op", "opt": "basic"}),
-    ("ORT op, graph opt disabled", "ort", {"export": "op", "opt": "disable"}),
-    ("ORT op, no CPU memory arena", "ort", {"export": "op", "arena": False}),
+    ("ORT op, ORT default threads", "ort", {"export": "op", "attention": "as-is", "threads_ort": 0}),
+    ("ORT op, graph opt basic", "ort", {"export": "op", "attention": "as-is", "opt": "basic"}),
+    ("ORT op, graph opt disabled", "ort", {"export": "op", "attention": "as-is", "opt": "disable"}),
+    ("ORT op, no CPU memory arena", "ort", {"export": "op", "attention": "as-is", "arena": False}),
 ]
 # warmup, iterations per size: enough for a stable median without spending the whole budget at 256 px.
-SCHEDULE = {32: (2, 10), 64: (1, 5), 128: (1, 3), 256: (1, 3)}
-QUICK_SCHEDULE = {32: (1, 5), 64: (1, 2), 128: (0, 1), 256: (0, 1)}
+SCHEDULE = {32: (1, 5), 64: (1, 3), 128: (1, 2), 256: (0, 1)}
+# The serving form is what the goals are about: at 256 px it gets a warm-up call the comparison rows do without.
+SERVING_SCHEDULE = {256: (1, 1)}
+BATCH_SCHEDULE = {4: (1, 2), 8: (1, 2)}
+QUICK_SCHEDULE = {32: (1, 2), 64: (1, 1), 128: (0, 1), 256: (0, 1)}
+# The four goals of the serving benchmark.
+GOAL_PEAK_FRACTION = 0.90   # ORT serving form: at least 90 % of the fp32 matmul peak (model's real FLOPs)
+GOAL_EAGER_RATIO = 0.75     # at most 0.75x the fastest PyTorch eager formulation
+GOAL_COMPILE_RATIO = 1.0    # faster than torch.compile where compiling is practical
+GOAL_RSS_MIB_256 = 512      # peak RSS growth at 256 px
+GOAL_SIZES = (32, 64, 128, 256)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # worker (runs in a subprocess)
 # ---------------------------------------------------------------------------------------------------------------------
+def cell_matmul_peak(threads: int, n: int = 2048, runs: int = 6) -> dict[str, Any]:
+    """The matmul peak measured inside the cell's own process, just before its timed calls (same load)."""
+    return matmul_peak(threads, n=n, runs=runs, warm=1)
+
+
 def worker(job: dict[str, Any]) -> dict[str, Any]:
     """One measurement: build the runner, measure, return the numbers."""
     import torch
@@ -68,7 +100,8 @@ def worker(job: dict[str, Any]) -> dict[str, Any]:
     b, h, w = job["shape"]
     feeds = spec.make_inputs(b, h, w, seed=0)
     t0 = time.perf_counter()
-    if job["kind"] == "torch":
+    extra: dict[str, Any] = {}
+    if job["kind"] in ("torch", "compile"):
         from attn_export.runners.torch_runner import TorchRunner
         from attn_export.models.loader import source_from_spec
 
@@ -77,12 +110,55 @@ def worker(job: dict[str, Any]) -> dict[str, Any]:
     else:
         runner = _ort_runner(job, spec)
         settings = {"threads": job.get("threads_ort", threads), "opt": job.get("opt", "all"),
-                    "arena": job.get("arena", True)}
+                    "arena": job.get("arena", True), "attention": job.get("attention", "as-is")}
     runner.activate()
+    if job["kind"] == "ort":
+        settings["attention_sites_rewritten"] = getattr(runner, "attention_rewritten", 0)
     load_s = time.perf_counter() - t0
+    if job["kind"] == "compile":
+        extra = _compile(runner, feeds, job)
+        settings["compile"] = "torch.compile(module), backend inductor, default mode, static shapes"
+    peak = cell_matmul_peak(threads)
     result = measure(runner, feeds, warmup=job["warmup"], iterations=job["iterations"])
-    result.update(load_s=load_s, settings=settings)
+    cache_dir = extra.pop("_cache_dir", None)
+    if cache_dir:
+        import shutil
+
+        shutil.rmtree(cache_dir, ignore_errors=True)
+    result.update(load_s=load_s, settings=settings, cell_matmul_peak=peak, batch=b, **extra)
     return result
+
+
+def _compile(runner: Any, feeds: dict[str, Any], job: dict[str, Any]) -> dict[str, Any]:
+    """Wrap the runner's module in torch.compile and make the first (compiling) call, bounded by an alarm.
+
+    The compile time is reported on its own and kept out of the latency (measure() starts after it).
+    """
+    import signal
+
+    import torch
+
+    bound = float(job.get("compile_timeout", 600))
+    # A cold compile cache of its own, so the compile time is what a first deployment pays (and no other job's cache).
+    cache = tempfile.mkdtemp(prefix="inductor-cache-")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache
+    os.environ["TRITON_CACHE_DIR"] = os.path.join(cache, "triton")
+
+    def _alarm(signum: int, frame: Any) -> None:
+        raise TimeoutError(f"torch.compile did not finish within {bound:.0f} s")
+
+    module = runner.loaded.module
+    runner.loaded.module = torch.compile(module, backend="inductor")
+    old = signal.signal(signal.SIGALRM, _alarm)
+    signal.alarm(int(bound))
+    try:
+        t0 = time.perf_counter()
+        runner.infer(feeds)
+        compile_s = time.perf_counter() - t0
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+    return {"compile_s": compile_s, "compile_cache": "cold (fresh TORCHINDUCTOR_CACHE_DIR)", "_cache_dir": cache}
 
 
 def interleaved_worker(job: dict[str, Any]) -> dict[str, Any]:
@@ -95,10 +171,10 @@ def interleaved_worker(job: dict[str, Any]) -> dict[str, Any]:
     import numpy as np
     import torch
 
-    from attn_export.runners.torch_runner import TorchRunner
     from attn_export.models.loader import source_from_spec
     from attn_export.spec import ModelSpec
 
+    from attn_export.runners.torch_runner import TorchRunner
     threads = job["threads"]
     torch.set_num_threads(threads)
     spec = ModelSpec.from_dict(job["spec"])
@@ -119,9 +195,15 @@ def interleaved_worker(job: dict[str, Any]) -> dict[str, Any]:
 
 
 def _ort_runner(job: dict[str, Any], spec: Any) -> Any:
+    """OrtRunner with this script's session switches; the model is what OrtRunner would give the session.
+
+    ``job["attention"]``: "as-is" builds the session from the file as written; "onnxruntime" from the rewritten
+    model bytes (every FP32 attention site as com.microsoft.MultiHeadAttention), as OrtRunner serves by default.
+    """
     import onnxruntime as ort
 
     from attn_export.runners.ort_runner import OrtRunner
+    attention = job.get("attention", "as-is")
 
     class TunedOrtRunner(OrtRunner):
         """OrtRunner with the extra session switches tried here (memory arena)."""
@@ -136,9 +218,31 @@ def _ort_runner(job: dict[str, Any], spec: Any) -> Any:
                       "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
                       "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
             opts.graph_optimization_level = levels[job.get("opt", "all")]
-            self.session = ort.InferenceSession(str(self.path), opts, providers=["CPUExecutionProvider"])
+            model = self._session_model()
+            self.session = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
 
-    return TunedOrtRunner(job["onnx"], spec=spec)
+        def _session_model(self) -> str | bytes:
+            if attention == "as-is":
+                return str(self.path)
+            if hasattr(self, "_model_for_session"):
+                return self._model_for_session()
+            # An OrtRunner without the hook: the same rewrite, done here.
+            import onnx
+
+            from attn_export.graph import to_onnxruntime_form
+
+            model = onnx.load(str(self.path))
+            result = to_onnxruntime_form(model)
+            self.attention_rewritten = len(result.rewritten)
+            return model.SerializeToString() if result.rewritten else str(self.path)
+
+    try:
+        runner = TunedOrtRunner(job["onnx"], spec=spec, attention=attention)
+    except TypeError:  # an OrtRunner that takes no attention argument
+        runner = TunedOrtRunner(job["onnx"], spec=spec)
+        runner.attention = attention
+    runner.attention_rewritten = 0
+    return runner
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -161,13 +265,16 @@ def _rss_kib(pid: int) -> int:
     return 0
 
 
-def attention_need_gib(size: int, kind: str, impl_or_export: str) -> float:
-    """Rough peak memory of one forward at batch 1: ~1.5 GiB of weights, activations and runtime,
-    plus the live N x N fp32 matrices of the largest attention block (3 for the reference: product,
-    scaled product, softmax; 2 for the others)."""
+def attention_need_gib(size: int, kind: str, impl_or_export: str, attention: str = "as-is", batch: int = 1) -> float:
+    """Rough peak memory of one forward: ~1.5 GiB of weights, activations and runtime (plus ~1 GiB for
+    torch.compile), plus the live N x N fp32 matrices of the largest attention block per image (3 for the
+    reference: product, scaled product, softmax; 2 for the others; none for MultiHeadAttention, which tiles)."""
     n = (size // ATTN_DOWNSAMPLE) ** 2
     copies = 3 if (kind == "torch" and impl_or_export == "reference") else 2
-    return 1.5 + copies * n * n * 4 / 2**30
+    if kind == "ort" and attention == "onnxruntime":
+        copies = 0
+    base = 2.5 if kind == "compile" else 1.5
+    return base + batch * (copies * n * n * 4 / 2**30 + size * size * 128 * 4 * 8 / 2**30)
 
 
 def _loadavg() -> float:
@@ -244,13 +351,13 @@ def export_timing(work: Path, runs: int) -> dict[str, Any]:
     return out
 
 
-def matmul_peak(threads: int, n: int = 2048, runs: int = 15) -> dict[str, Any]:
+def matmul_peak(threads: int, n: int = 2048, runs: int = 15, warm: int = 3) -> dict[str, Any]:
     """Single-precision matmul throughput (GFLOP/s) of torch.matmul n x n on ``threads`` threads."""
     import torch
 
     torch.set_num_threads(threads)
     a, b = torch.randn(n, n), torch.randn(n, n)
-    for _ in range(3):
+    for _ in range(warm):
         torch.matmul(a, b)
     times = []
     for _ in range(runs):
@@ -304,33 +411,65 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
     guard = min(args.guard_gib, 0.8 * _mem_available_gib())
     report["memory_guard_gib"] = guard
     schedule = QUICK_SCHEDULE if args.quick else SCHEDULE
-    rows = []
+    rows: list[dict[str, Any]] = []
     sizes = [int(s) for s in args.sizes.split(",")]
+    batches = [int(v) for v in args.batches.split(",") if v.strip()]
+    skip = {v.strip() for v in args.skip.split(",") if v.strip()}
+    cells: list[tuple[int, int, str, str, dict[str, Any], tuple[int, int]]] = []
     for size in sizes:
         variants = MAIN_VARIANTS + (TUNING_VARIANTS if size <= args.tune_up_to else [])
         if size >= 256 and args.skip_decomposed_torch_at_256:
-            variants = [v for v in variants if v[2].get("impl") != "decomposed"]
-        warmup, iterations = schedule[size]
+            variants = [v for v in variants if not (v[1] == "torch" and v[2].get("impl") == "decomposed")]
         for label, kind, opts in variants:
-            form = opts.get("impl") or opts.get("export")
-            need = attention_need_gib(size, kind, form)
-            row: dict[str, Any] = {"size": size, "label": label, "kind": kind, "opts": opts, "estimate_gib": need}
-            if need > guard:
-                row.update(status="not run", error=f"not run: would need about {need:.1f} GiB (guard {guard:.1f} GiB)")
+            sched = schedule[size] if args.quick or label not in SERVING_LABELS else SERVING_SCHEDULE.get(size,
+                                                                                                        schedule[size])
+            cells.append((size, 1, label, kind, opts, sched))
+        if size == args.batch_size:  # the batch rows right after batch 1 at the same size
+            for batch in batches:
+                for label, kind, opts in BATCH_VARIANTS:
+                    sched = QUICK_SCHEDULE[size] if args.quick else BATCH_SCHEDULE.get(batch, (1, 2))
+                    cells.append((size, batch, label, kind, opts, sched))
+    # The side-by-side core first (batch 1, size by size: eager and the ORT serving form, as-written ORT up to
+    # 128 px), then torch.compile at 32 px, the batch rows, torch.compile at the larger sizes and the
+    # as-written ORT rows at 256 px, so that a run that reaches --deadline has the goal rows; rows not started say so.
+    def priority(c: tuple[int, int, str, str, dict[str, Any], tuple[int, int]]) -> int:
+        size, batch, _label, kind, opts, _ = c
+        if kind == "compile":
+            return 1 if size <= 32 else 3
+        if batch != 1:
+            return 2
+        if kind == "ort" and opts.get("attention", "as-is") == "as-is" and size >= 256:
+            return 4
+        return 0
+
+    cells.sort(key=priority)
+    for size, batch, label, kind, opts, (warmup, iterations) in cells:
+        form = opts.get("impl") or opts.get("export")
+        need = attention_need_gib(size, kind, form, opts.get("attention", "as-is"), batch)
+        row: dict[str, Any] = {"size": size, "batch": batch, "label": label, "kind": kind, "opts": opts,
+                               "estimate_gib": need}
+        if any(k and (k in label) for k in skip):
+            row.update(status="not run", error="not run (--skip)")
+        elif args.deadline and time.perf_counter() - started > args.deadline:
+            row.update(status="not run", error=f"not run: the run's time budget (--deadline {args.deadline:.0f} s) was spent")
+        elif kind == "compile" and size > args.compile_up_to:
+            row.update(status="not run", error=f"not compiled above {args.compile_up_to} px (--compile-up-to)")
+        elif need > guard:
+            row.update(status="not run", error=f"not run: would need about {need:.1f} GiB (guard {guard:.1f} GiB)")
+        else:
+            job = {"kind": kind, "spec": spec, "shape": [batch, size, size], "threads": args.threads,
+                   "warmup": warmup, "iterations": iterations, "compile_timeout": args.compile_timeout, **opts}
+            if kind in ("torch", "compile"):
+                job["impl"] = opts["impl"]
             else:
-                job = {"kind": kind, "spec": spec, "shape": [1, size, size], "threads": args.threads,
-                       "warmup": warmup, "iterations": iterations, **opts}
-                if kind == "torch":
-                    job["impl"] = opts["impl"]
-                else:
-                    job["onnx"] = onnx_paths[opts["export"]]
-                print(f"{size:>4} px  {label} ...", end=" ", flush=True)
-                row.update(run_job(job, guard, args.timeout))
-                med = row.get("latency_ms", {}).get("median")
-                print(f"{row['status']} {'' if med is None else f'{med:.1f} ms'}", flush=True)
-            rows.append(row)
-            report["rows"] = rows
-            Path(args.json).write_text(json.dumps(report, indent=1))
+                job["onnx"] = onnx_paths[opts["export"]]
+            print(f"{size:>4} px b{batch}  {label} ...", end=" ", flush=True)
+            row.update(run_job(job, guard, args.timeout + (args.compile_timeout if kind == "compile" else 0)))
+            med = row.get("latency_ms", {}).get("median")
+            print(f"{row['status']} {'' if med is None else f'{med:.1f} ms'} {row.get('error', '')}", flush=True)
+        rows.append(row)
+        report["rows"] = rows
+        Path(args.json).write_text(json.dumps(report, indent=1))
     report["elapsed_s"] = time.perf_counter() - started
     Path(args.json).write_text(json.dumps(report, indent=1))
     return report
@@ -347,7 +486,7 @@ def run_interleaved(args: argparse.Namespace, report: dict[str, Any]) -> list[di
         size, threads = (int(v) for v in item.split(":"))
         pairs = {32: 15, 64: 5}.get(size, 2)
         job = {"kind": "interleaved", "spec": spec, "size": size, "threads": threads, "pairs": pairs,
-               "onnx": onnx_op, "threads_ort": threads}
+               "onnx": onnx_op, "threads_ort": threads, "attention": "as-is"}
         print(f"interleaved {size} px, {threads} thread(s) ...", end=" ", flush=True)
         row = run_job(job, args.guard_gib, args.timeout)
         print(row["status"], f"ratio {row.get('ratio', float('nan')):.2f}", flush=True)
@@ -358,94 +497,247 @@ def run_interleaved(args: argparse.Namespace, report: dict[str, Any]) -> list[di
 # ---------------------------------------------------------------------------------------------------------------------
 # rendering
 # ---------------------------------------------------------------------------------------------------------------------
+def yn(b: bool) -> str:
+    """'yes' or 'no', for the goal tables."""
+    return "yes" if b else "no"
+
+
 def _fmt(v: float | None, spec: str = ".1f", unit: str = "") -> str:
     return "—" if v is None else f"{v:{spec}}{unit}"
 
 
+BEGIN, END = "<!-- run_benchmarks.py: begin -->", "<!-- run_benchmarks.py: end -->"
+
+
+def _ok(r: dict[str, Any]) -> bool:
+    return r.get("status") == "ok"
+
+
+def _med(r: dict[str, Any] | None) -> float | None:
+    return r["latency_ms"]["median"] if r is not None and _ok(r) else None
+
+
+def _peak_gflops(r: dict[str, Any], report: dict[str, Any]) -> float:
+    """The matmul peak of the row's own process (measured just before its timed calls), else the run's."""
+    cell = r.get("cell_matmul_peak")
+    return cell["gflops_median"] if cell else report["matmul_peak"]["gflops_median"]
+
+
+def _find(rows: list[dict[str, Any]], size: int, label: str, batch: int = 1) -> dict[str, Any] | None:
+    return next((r for r in rows if r["size"] == size and r.get("batch", 1) == batch and r["label"] == label), None)
+
+
+def _fastest(rows: list[dict[str, Any]], size: int, labels: tuple[str, ...], batch: int = 1) -> dict[str, Any] | None:
+    cand = [r for r in (_find(rows, size, lab, batch) for lab in labels) if r is not None and _ok(r)]
+    return min(cand, key=lambda r: r["latency_ms"]["median"]) if cand else None
+
+
+def _row_note(r: dict[str, Any]) -> str:
+    st = r.get("settings", {})
+    if r["kind"] == "compile" and "compile_s" in r:
+        return f"compile {r['compile_s']:.0f} s (first call, excluded)"
+    if r["kind"] == "ort" and st.get("attention") == "onnxruntime":
+        n = st.get("attention_sites_rewritten", 0)
+        return f"{n} attention sites → MultiHeadAttention" if n else "**no site rewritten: ran as written**"
+    return ""
+
+
 def render(report: dict[str, Any]) -> str:
-    """docs/benchmarks.md from a saved report."""
+    """This script's part of docs/benchmarks.md from a saved report (see write_page for the rest of the page)."""
     host, ver = report["host"], report["versions"]
     date = report["date"][:10]
     th = report["threads"]
     stamp = (f"Command: `{report['command']}` · date {date} · torch {ver['torch']}, onnxruntime {ver['onnxruntime']} · "
              f"{host.get('processor', '?')}, {host.get('cpu_count')} CPUs · threads: torch.set_num_threads({th}), "
-             f"ORT intra_op_num_threads={th} unless stated · batch 1, fp32, inputs from ModelSpec.make_inputs(seed=0).")
+             f"ORT intra_op_num_threads={th} unless stated · fp32, inputs from ModelSpec.make_inputs(seed=0).")
     rows = report.get("rows", [])
+    for r in rows:
+        r.setdefault("batch", 1)
     peak = report["matmul_peak"]
-    sizes_all = sorted({r["size"] for r in rows})
+    sizes = sorted({r["size"] for r in rows})
     if "macs" not in report:  # a report saved before the counts were recorded: count from its export
-        report["macs"] = mac_counts(report["export"]["op"]["path"], sizes_all)
+        report["macs"] = mac_counts(report["export"]["op"]["path"], sizes)
     gmac = {int(s): c["gmac"] for s, c in report["macs"].items()}
+    main_labels = [v[0] for v in MAIN_VARIANTS]
     L: list[str] = []
     a = L.append
-    a("# Benchmarks: ddpm-cifar10 on CPU (PyTorch eager vs ONNX Runtime)\n")
+    a(BEGIN)
+    a("# Benchmarks: ddpm-cifar10 on CPU (PyTorch eager, torch.compile, ONNX Runtime)\n")
     a("Produced by `bench/run_benchmarks.py`; the numbers below are from one run on a shared 2-core machine "
       "(the *load avg* column shows whether other jobs competed for the cores); treat differences under "
-      "~10-20 % as noise. "
+      "~10-20 % as noise, and more when the load column is high. "
       "Each cell is one subprocess: model build, warm-up, then timed calls through the Runner interface "
       "(numpy in, numpy out). Memory is the peak RSS growth during warm-up and timed calls "
       "(`/proc/self/clear_refs` + VmHWM), i.e. activations and workspace, not weights.\n")
-    a("## Latency and memory\n")
+    a("Backends: PyTorch eager in its three attention formulations; `torch.compile` (inductor, CPU, default mode) of "
+      "the sdpa formulation, whose compile time is the first call and is reported apart from the latency; ONNX Runtime "
+      "on the exported file **as written** (`Attention` op or MatMul/Softmax/MatMul), and in its **serving form**: "
+      "the session built from the model with every FP32 attention site rewritten to ONNX Runtime's "
+      "`com.microsoft.MultiHeadAttention` (`attn_export.graph.to_onnxruntime_form`), which is what `OrtRunner`, "
+      "`attn-export verify` and `attn-export bench` use by default. The as-written rows show why the serving form "
+      "exists.\n")
+    a("## Latency and memory, batch 1\n")
     a(stamp + "\n")
-    sizes = sorted({r["size"] for r in rows})
-    ref_med = {s: next((r["latency_ms"]["median"] for r in rows if r["size"] == s and r["status"] == "ok"
-                        and r["opts"].get("impl") == "reference"), None) for s in sizes}
-    a("| size | backend | median ms | mean ms | p90 ms | timed calls | ratio to PyTorch reference | achieved GFLOP/s | "
-      "% of matmul peak | peak RSS growth | load avg (max) |")
-    a("|---|---|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        if r["label"] not in [v[0] for v in MAIN_VARIANTS]:
+    a("| size | backend | median ms | mean ms | p90 ms | timed calls (+ warm-up) | ratio to fastest eager | achieved GFLOP/s | "
+      "% of matmul peak | peak RSS growth | load avg (max) | notes |")
+    a("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    order = {lab: i for i, lab in enumerate(main_labels + [v[0] for v in TUNING_VARIANTS])}
+    for r in sorted(rows, key=lambda r: (r["size"], r["batch"], order.get(r["label"], 99))):
+        if r["label"] not in main_labels or r["batch"] != 1:
             continue
         s = r["size"]
-        if r["status"] != "ok":
-            a(f"| {s}×{s} | {r['label']} | {r.get('error', r['status'])} | | | | | | | | {_fmt(r.get('load_max'))} |")
+        if not _ok(r):
+            a(f"| {s}×{s} | {r['label']} | {r.get('error', r['status'])} | | | | | | | "
+              f"{_fmt(r.get('peak_rss_mib') if r.get('status') == 'killed' else None, '.0f', ' MiB (process)')} | "
+              f"{_fmt(r.get('load_max'))} | |")
             continue
         lat = r["latency_ms"]
         gflops = 2 * gmac[s] / (lat["median"] / 1e3)
-        ratio = lat["median"] / ref_med[s] if ref_med.get(s) else None
-        a(f"| {s}×{s} | {r['label']} | {lat['median']:.1f} | {lat['mean']:.1f} | {lat['p90']:.1f} | {r['iterations']} | "
-          f"{_fmt(ratio, '.2f', '×')} | {gflops:.1f} | {100 * gflops / peak['gflops_median']:.0f} % | "
-          f"{_fmt(r.get('peak_host_mib'), '.0f', ' MiB')} | {_fmt(r.get('load_max'))} |")
+        fe = _med(_fastest(rows, s, EAGER_LABELS))
+        a(f"| {s}×{s} | {r['label']} | {lat['median']:.1f} | {lat['mean']:.1f} | {lat['p90']:.1f} | {r['iterations']} (+{r.get('warmup', 0)}) | "
+          f"{_fmt(lat['median'] / fe if fe else None, '.2f', '×')} | {gflops:.1f} | "
+          f"{100 * gflops / _peak_gflops(r, report):.0f} % | "
+          f"{_fmt(r.get('peak_host_mib'), '.0f', ' MiB')} | {_fmt(r.get('load_max'))} | {_row_note(r)} |")
     a("")
+    cell_peaks = [r["cell_matmul_peak"]["gflops_median"] for r in rows if _ok(r) and r.get("cell_matmul_peak")]
     a("*load avg (max)*: the highest 1-minute load average seen during the cell (2 CPUs; the measurement itself "
       "contributes about 2). Values well above 2 mean other jobs competed for the cores.\n")
     a("GFLOP per image = 2 × the multiply-accumulates of Conv, Gemm and attention (Q·Kᵀ, P·V) counted from the "
       "exported graph at each size by `attn_export.graph.flops.count_macs` (`python bench/flops.py FILE.onnx`) "
-      f"({', '.join(f'{s}: {2 * gmac[s]:.1f}' for s in sorted(gmac))}). "
-      f"Matmul peak of this machine: torch.matmul {peak['n']}×{peak['n']} fp32 on {peak['threads']} threads, median of "
-      f"{peak['runs']} runs: **{peak['gflops_median']:.1f} GFLOP/s** (best run {peak['gflops_best']:.1f}).\n")
+      f"({', '.join(f'{s}: {2 * gmac[s]:.1f}' for s in sorted(gmac))}): the model's real FLOPs, whatever a backend "
+      "does internally. *% of matmul peak* divides by the fp32 matmul throughput measured **inside the same cell's "
+      f"process, just before its timed calls** (torch.matmul 2048×2048 on {th} threads, median of 6), so that a cell "
+      "and its peak see the same load"
+      + (f"; over this run those cell peaks ranged {min(cell_peaks):.0f}–{max(cell_peaks):.0f} GFLOP/s"
+         if cell_peaks else "")
+      + f". At the start of the run, on its own: torch.matmul {peak['n']}×{peak['n']}, median of {peak['runs']} runs "
+      f"**{peak['gflops_median']:.1f} GFLOP/s** (best run {peak['gflops_best']:.1f}).\n")
 
-    # Goal check.
-    a("## Goal check\n")
-    a("Goal: ONNX Runtime at most 0.8× PyTorch eager latency at every size; attention memory that "
-      "does not grow with the square of H·W at 256 px.\n")
-    a("| size | best ORT median ms | PyTorch reference median ms | ratio | ≤ 0.8×? | best PyTorch (any formulation) | ratio to that |")
-    a("|---|---|---|---|---|---|---|")
-    for s in sizes:
-        ort = [r for r in rows if r["size"] == s and r["status"] == "ok" and r["kind"] == "ort"
-               and r["label"] in [v[0] for v in MAIN_VARIANTS]]
-        tor = [r for r in rows if r["size"] == s and r["status"] == "ok" and r["kind"] == "torch"]
-        if not ort or not ref_med.get(s):
-            a(f"| {s}×{s} | not measured | | | | | |")
-            continue
-        best = min(ort, key=lambda r: r["latency_ms"]["median"])
-        bt = min(tor, key=lambda r: r["latency_ms"]["median"])
-        ratio = best["latency_ms"]["median"] / ref_med[s]
-        ratio2 = best["latency_ms"]["median"] / bt["latency_ms"]["median"]
-        a(f"| {s}×{s} | {best['latency_ms']['median']:.1f} ({best['label']}) | {ref_med[s]:.1f} | {ratio:.2f}× | "
-          f"{'yes' if ratio <= 0.8 else 'no'} | {bt['latency_ms']['median']:.1f} ({bt['label']}) | {ratio2:.2f}× |")
-    a("")
+    # Batch rows.
+    brows = [r for r in rows if r["batch"] != 1]
+    if brows:
+        bs = sorted({r["size"] for r in brows})
+        a(f"## Throughput per image: batch 1, 4 and 8 at {', '.join(f'{s}×{s}' for s in bs)}\n")
+        a(stamp + "\n")
+        a("| size | batch | backend | median ms per call | ms per image | images/s | images/s vs batch 1 | "
+          "ratio to fastest eager (same batch) | peak RSS growth | load avg (max) |")
+        a("|---|---|---|---|---|---|---|---|---|---|")
+        for s in bs:
+            labels = [v[0] for v in BATCH_VARIANTS]
+            for batch in sorted({1} | {r["batch"] for r in brows if r["size"] == s}):
+                for lab in labels:
+                    r = _find(rows, s, lab, batch)
+                    if r is None:
+                        continue
+                    if not _ok(r):
+                        a(f"| {s}×{s} | {batch} | {lab} | {r.get('error', r['status'])} | | | | | | {_fmt(r.get('load_max'))} |")
+                        continue
+                    m = _med(r)
+                    ips = batch / (m / 1e3)
+                    b1 = _med(_find(rows, s, lab, 1))
+                    fe = _med(_fastest(rows, s, EAGER_LABELS, batch))
+                    a(f"| {s}×{s} | {batch} | {lab} | {m:.1f} | {m / batch:.1f} | {ips:.2f} | "
+                      f"{_fmt(ips / (1e3 / b1) if b1 else None, '.2f', '×')} | {_fmt(m / fe if fe else None, '.2f', '×')} | "
+                      f"{_fmt(r.get('peak_host_mib'), '.0f', ' MiB')} | {_fmt(r.get('load_max'))} |")
+        a("")
+        a("<!-- BATCH-NOTES -->\n")
+
+    # Memory growth from 32 to 256 px.
+    a("## Peak memory growth from 32 to 256 px (batch 1)\n")
     a("Attention matrix per block for this model (attention sits at level 1, so a 256×256 input gives 128×128 "
       "feature maps, N = 16,384 tokens): "
       + ", ".join(f"{s}×{s} → N = {(s // 2) ** 2:,}, {((s // 2) ** 2) ** 2 * 4 / 2**20:,.0f} MiB"
-                  for s in sizes) + " (fp32, batch 1, one head).\n")
-    a("| size | backend | peak RSS growth | N² fp32 matrix | growth / matrix |")
-    a("|---|---|---|---|---|")
-    for r in rows:
-        if r["status"] == "ok" and r["label"] in [v[0] for v in MAIN_VARIANTS] and r.get("peak_host_mib") is not None:
-            m = ((r["size"] // 2) ** 2) ** 2 * 4 / 2**20
-            a(f"| {r['size']}×{r['size']} | {r['label']} | {r['peak_host_mib']:.0f} MiB | {m:,.0f} MiB | "
-              f"{r['peak_host_mib'] / m:.2f} |")
+                  for s in sizes) + " (fp32, batch 1, one head). Ordinary activations grow with H·W (×4 per step).\n")
+    a("| backend | " + " | ".join(f"{s}×{s}" for s in sizes)
+      + (f" | growth {sizes[-2]} → {sizes[-1]} px" if len(sizes) > 1 else " | ")
+      + (" | growth / N² matrix at 256" if 256 in sizes else "") + " |")
+    a("|---|" + "---|" * len(sizes) + "---|" + ("---|" if 256 in sizes else ""))
+    for lab in main_labels:
+        cells = [_find(rows, s, lab) for s in sizes]
+        if all(c is None for c in cells):
+            continue
+        vals = [c.get("peak_host_mib") if c is not None and _ok(c) else None for c in cells]
+        txt = [_fmt(v, ".0f", " MiB") if v is not None else ("not run" if c is None or c["status"] == "not run"
+                                                              else c["status"]) for v, c in zip(vals, cells)]
+        step = vals[-1] / vals[-2] if len(vals) >= 2 and vals[-1] and vals[-2] else None
+        extra = ""
+        if 256 in sizes:
+            v256 = vals[sizes.index(256)]
+            extra = f" | {_fmt(v256 / 1024 if v256 else None, '.2f')}"
+        name = f"**{lab}**" if lab in SERVING_LABELS else lab
+        a(f"| {name} | " + " | ".join(txt) + f" | {_fmt(step, '.1f', '×')}{extra} |")
+    a("")
+    a("<!-- MEMORY-NOTES -->\n")
+
+    # Goal check.
+    a("## Goal check (ONNX Runtime serving form)\n")
+    a("Goals, all for the ORT serving form at batch 1, fp32, 2 threads, measured side by side in this run:\n")
+    a(f"1. at least {GOAL_PEAK_FRACTION:.0%} of the machine's fp32 matmul peak at 32, 64, 128 and 256 px, "
+      "counting the model's real FLOPs (the cell's own peak, above);")
+    a(f"2. at most {GOAL_EAGER_RATIO}× the fastest PyTorch eager formulation (reference, sdpa or decomposed) at every "
+      "size,")
+    a("3. and faster than torch.compile wherever compiling is practical;")
+    a(f"4. peak RSS growth at 256 px at most {GOAL_RSS_MIB_256} MiB.\n")
+    a(f"| size | ORT serving form | median ms | % of matmul peak | ≥ {GOAL_PEAK_FRACTION:.0%}? | fastest eager (ms) | "
+      f"ratio | ≤ {GOAL_EAGER_RATIO}×? | torch.compile ms | ratio | faster? | peak RSS growth | "
+      f"≤ {GOAL_RSS_MIB_256} MiB (256 px)? |")
+    a("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    verdict: dict[str, dict[int, list[bool]]] = {k: {} for k in ("peak", "eager", "compile", "rss")}
+    for s in sizes:
+        fe_row = _fastest(rows, s, EAGER_LABELS)
+        fe = _med(fe_row)
+        comp = _find(rows, s, COMPILE_LABEL)
+        cm = _med(comp)
+        for lab in SERVING_LABELS:
+            r = _find(rows, s, lab)
+            short = "from op export" if lab == SERVING_OP else "from decomposed export"
+            if r is None or not _ok(r):
+                a(f"| {s}×{s} | {short} | {'not run' if r is None else r.get('error', r['status'])} | | | | | | | | | | |")
+                continue
+            m = _med(r)
+            pct = 2 * gmac[s] / (m / 1e3) / _peak_gflops(r, report)
+            ok_peak = pct >= GOAL_PEAK_FRACTION
+            verdict["peak"].setdefault(s, []).append(ok_peak)
+            e_ratio = m / fe if fe else None
+            if e_ratio is not None:
+                verdict["eager"].setdefault(s, []).append(e_ratio <= GOAL_EAGER_RATIO)
+            c_ratio = m / cm if cm else None
+            if c_ratio is not None:
+                verdict["compile"].setdefault(s, []).append(c_ratio < GOAL_COMPILE_RATIO)
+            comp_txt = (f"{cm:.1f}" if cm else ("not run" if comp is None else comp.get("error", comp["status"])
+                                                if comp["status"] == "not run"
+                                                else "not practical: " + comp.get("error", comp["status"])))
+            rss = r.get("peak_host_mib")
+            rss_ok = ""
+            if s == 256 and rss is not None:
+                verdict["rss"].setdefault(s, []).append(rss <= GOAL_RSS_MIB_256)
+                rss_ok = "yes" if rss <= GOAL_RSS_MIB_256 else "no"
+            a(f"| {s}×{s} | {short} | {m:.1f} | {100 * pct:.0f} % | {yn(ok_peak)} | "
+              f"{_fmt(fe, '.1f')} ({fe_row['label'].replace('PyTorch eager, ', '') if fe_row else '—'}) | "
+              f"{_fmt(e_ratio, '.2f', '×')} | {'—' if e_ratio is None else yn(e_ratio <= GOAL_EAGER_RATIO)} | "
+              f"{comp_txt} | {_fmt(c_ratio, '.2f', '×')} | {'—' if c_ratio is None else yn(c_ratio < 1)} | "
+              f"{_fmt(rss, '.0f', ' MiB')} | {rss_ok} |")
+    a("")
+    a("Measured verdict (computed by the script from the table; *any* = at least one of the two serving rows):\n")
+    names = {"peak": f"≥ {GOAL_PEAK_FRACTION:.0%} of matmul peak", "eager": f"≤ {GOAL_EAGER_RATIO}× fastest eager",
+             "compile": "faster than torch.compile", "rss": f"peak RSS growth at 256 px ≤ {GOAL_RSS_MIB_256} MiB"}
+    for key, per in verdict.items():
+        if not per:
+            a(f"- **{names[key]}**: not measured.")
+            continue
+        met = [s for s, v in per.items() if any(v)]
+        missed = [s for s, v in per.items() if not any(v)]
+        both = [s for s, v in per.items() if all(v)]
+        required = (256,) if key == "rss" else GOAL_SIZES
+        unmeasured = [s for s in required if s not in per]
+        status = "met" if not missed and not unmeasured else ("not met" if not met else "partly met")
+        if key == "compile" and not missed and met:
+            status = "met where compiled"
+        if unmeasured and key != "compile":
+            status += f" (not measured at {', '.join(f'{s} px' for s in unmeasured)})"
+        a(f"- **{names[key]}: {status}.** Met at {', '.join(f'{s} px' for s in met) or 'no size'}"
+          + (f" (by both serving rows at {', '.join(f'{s} px' for s in both)})" if both else "")
+          + (f"; missed at {', '.join(f'{s} px' for s in missed)}" if missed else "") + ".")
     a("")
     a("<!-- GOAL-NOTES -->\n")
 
@@ -472,11 +764,11 @@ def render(report: dict[str, Any]) -> str:
     if tuning:
         a("## What was tried to make ONNX Runtime faster\n")
         a(stamp + "\n")
-        a("| size | variant | median ms | ratio to ORT op (2 threads, opt all) | peak RSS growth |")
+        a("| size | variant | median ms | ratio to ORT as-is op (2 threads, opt all) | peak RSS growth |")
         a("|---|---|---|---|---|")
         for s in sizes:
-            base = next((r for r in rows if r["size"] == s and r["label"] == "ORT, Attention op export"
-                         and r["status"] == "ok"), None)
+            base = next((r for r in rows if r["size"] == s and r["label"] == "ORT as-is, Attention op export"
+                         and r.get("batch", 1) == 1 and r["status"] == "ok"), None)
             for r in [base] + [t for t in tuning if t["size"] == s]:
                 if r is None:
                     continue
@@ -508,7 +800,32 @@ def render(report: dict[str, Any]) -> str:
     a(f"Whole benchmark run: {report.get('elapsed_s', 0) / 60:.1f} minutes. Memory guard: {report['memory_guard_gib']:.1f} GiB "
       "RSS per measurement subprocess (a run above it is killed and reported, and runs whose estimate exceeds it are "
       "not started).\n")
+    a(END + "\n")
     return "\n".join(L)
+
+
+# Headings this script writes (pages rendered before the begin/end markers existed are recognised by them).
+OWN_HEADINGS = ("# Benchmarks: ddpm-cifar10 on CPU", "## Latency and memory", "## Goal check",
+                "## What was tried to make ONNX Runtime faster", "## Export time and size", "## Throughput per image",
+                "## Peak memory growth from 32 to 256 px", "### Side by side, call by call")
+
+
+def merge_page(old: str, own: str) -> str:
+    """The page with this script's part replaced and every other section (other scripts' results) kept as it was."""
+    if BEGIN in old and END in old:
+        head, rest = old.split(BEGIN, 1)
+        _, tail = rest.split(END, 1)
+        return head + own.rstrip("\n") + tail
+    # No markers yet: drop the sections this script wrote, keep the others after its part.
+    kept: list[str] = []
+    keep = False
+    for line in old.splitlines():
+        if line.startswith("#") and not line.startswith("####"):
+            keep = not line.startswith(OWN_HEADINGS)
+        if keep:
+            kept.append(line)
+    other = "\n".join(kept).strip("\n")
+    return own.rstrip("\n") + "\n\n" + (other + "\n" if other else "")
 
 
 def main() -> None:
@@ -519,6 +836,14 @@ def main() -> None:
     ap.add_argument("--tune-up-to", type=int, default=64, help="try the ORT tuning variants at sizes up to this")
     ap.add_argument("--skip-decomposed-torch-at-256", action="store_true",
                     help="save ~2 minutes: at 256 px the sdpa form stands for the deployment formulation")
+    ap.add_argument("--batches", default="4,8", help=f"batch sizes for the throughput rows at {BATCH_SIZE} px ('' to skip)")
+    ap.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="image size of the batch rows")
+    ap.add_argument("--compile-up-to", type=int, default=256, help="run the torch.compile row at sizes up to this")
+    ap.add_argument("--compile-timeout", type=float, default=420.0,
+                    help="seconds allowed for torch.compile's first (compiling) call; past it the row says so")
+    ap.add_argument("--deadline", type=float, default=0.0,
+                    help="seconds after the start past which no further cell is started (0: none)")
+    ap.add_argument("--skip", default="", help="comma-separated label fragments of rows not to run")
     ap.add_argument("--export-runs", type=int, default=3)
     ap.add_argument("--reuse-export", metavar="RESULTS_JSON", help="take export timing and files from an earlier run")
     ap.add_argument("--guard-gib", type=float, default=12.0, help="RSS limit per measurement subprocess")
@@ -528,9 +853,9 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"))
     ap.add_argument("--render", metavar="RESULTS_JSON", help="only rewrite the page from saved results")
     ap.add_argument("--add-interleaved", metavar="RESULTS_JSON", help="run only the alternating check, adding it to saved results")
-    ap.add_argument("--interleaved", default="32:1,32:2,64:2", help="SIZE:THREADS list for the alternating "
+    ap.add_argument("--interleaved", default="", help="SIZE:THREADS list for the alternating "
                     "PyTorch/ORT check ('' to skip)")
-    ap.add_argument("--notes", metavar="NOTES_JSON", help="JSON {goal, tuning} text spliced into the page")
+    ap.add_argument("--notes", metavar="NOTES_JSON", help="JSON {goal, tuning, interleaved, batch, memory} text spliced into the page")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--worker-out", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -553,14 +878,15 @@ def main() -> None:
             report["interleaved_command"] = "python bench/run_benchmarks.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
             Path(args.json).write_text(json.dumps(report, indent=1))
     text = render(report)
+    notes: dict[str, str] = {}
     if args.notes:
         notes = json.loads(Path(args.notes).read_text())
-        text = text.replace("<!-- GOAL-NOTES -->", notes.get("goal", "")).replace("<!-- TUNING-NOTES -->",
-                                                                                  notes.get("tuning", ""))
-        text = text.replace("<!-- INTERLEAVED-NOTES -->", notes.get("interleaved", ""))
+    for key in ("goal", "tuning", "interleaved", "batch", "memory"):
+        text = text.replace(f"<!-- {key.upper()}-NOTES -->", notes.get(key, ""))
     from attn_export.atomic import write_text_atomic
 
-    write_text_atomic(args.out, text)
+    old = Path(args.out).read_text() if Path(args.out).exists() else ""
+    write_text_atomic(args.out, merge_page(old, text))
     print(f"wrote {args.out}")
 
 
