@@ -632,13 +632,9 @@ def trt_cmd(
     from .engines.profiles import parse_profiles
     from .pipeline import build_engine
 
-    # Option values the library takes in its own terms; every other check is the library's, before any work.
+    # The one option the library takes in its own terms; every other check is the library's, before any work.
     if hardware_compat not in HARDWARE_COMPAT:
         raise UsageError(f"--hardware-compat must be one of {', '.join(HARDWARE_COMPAT)} (got {hardware_compat!r})")
-    if not 0 <= opt_level <= 5:
-        raise UsageError(f"--opt-level must be 0..5 (got {opt_level})")
-    if workspace is not None and workspace <= 0:
-        raise UsageError(f"--workspace must be a positive number of MiB (got {workspace})")
     with _build_progress() as prog:
         result = build_engine(
             model, output, parse_profiles(mins or [], opts or [], maxs or []) or None, fp16=fp16, fp16_onnx=fp16_onnx,
@@ -646,7 +642,7 @@ def trt_cmd(
             input_shapes=input_shapes or None, max_memory=_max_memory(max_memory),
             reference_model=_reference_options(preset, config, ref_model, model_kwargs, checkpoint, checkpoint_key,
                                                allow_checkpoint_mismatch, trust_artifact),
-            workspace=workspace * (1 << 20) if workspace else None, opt_level=opt_level, timing_cache=timing_cache,
+            workspace=workspace * (1 << 20) if workspace is not None else None, opt_level=opt_level, timing_cache=timing_cache,
             hardware_compatibility=HARDWARE_COMPAT[hardware_compat], force=force, progress=_reporter(prog),
             on_stage=render.engine_stage)
     render.engine_built(result)
