@@ -289,9 +289,12 @@ def verify(
         profiles = sidecar_profiles(sidecar)
         precision = str(sidecar.get("precision") or spec.precision)
     else:
-        from .exporter.foreign import spec_of_file
+        from .exporter.foreign import spec_of
+        from .exporter.metadata import load_onnx
 
-        spec = spec_of_file(path, input_ranges)
+        # Parsed once: the description and the memory estimate both read this graph.
+        graph = load_onnx(path, load_external_data=False)
+        spec = spec_of(graph, origin=str(path), input_ranges=input_ranges)
         precision = spec.precision
     from .exporter.foreign import is_foreign, resolve_shapes
 
@@ -324,10 +327,10 @@ def verify(
         if not sweep:
             raise UsageError("no shape of the default sweep fits this artifact; pass --shapes")
     if kind == "onnx":
-        from .exporter.metadata import load_onnx
         from .graph.memory import check_shapes_fit
 
-        check_shapes_fit(load_onnx(path, load_external_data=False), spec, sweep, max_memory)
+        check_shapes_fit(graph, spec, sweep, max_memory)
+        del graph  # its inline weights are not needed while the runners hold their own
 
     options = reference_model or ReferenceOptions()
     if reference is not None and options.names_model:
