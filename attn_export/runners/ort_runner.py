@@ -103,6 +103,11 @@ class OrtRunner(Runner):
             "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
         }
         opts.graph_optimization_level = levels[self.graph_optimization]
+        if self.providers[0] == "CPUExecutionProvider":
+            # The memory pattern plans one block for every activation the first run allocated; with the arena's
+            # growth that nearly doubled peak memory at 256 px (897 MiB against 497 MiB for ddpm-cifar10, batch 1)
+            # for no latency measured (docs/benchmarks.md).
+            opts.enable_mem_pattern = False
         self.session = ort.InferenceSession(self._model_for_session(), opts, providers=self.providers)
 
     def _model_for_session(self) -> str | bytes:
