@@ -121,7 +121,7 @@ def _onnxruntime_form(path: Path) -> tuple[Any, int] | None:
     from .graph import to_onnxruntime_form
 
     model = load_onnx(path, load_external_data=False)
-    result = to_onnxruntime_form(model)
+    result = to_onnxruntime_form(model, weights_folder=path.parent)
     if not result.rewritten:
         return None
     if model.ByteSize() >= 2**31 - 2**26:

@@ -52,6 +52,7 @@ from ..progress import ProgressFn
 from ..shapes import DEFAULT_LARGE_CAP, LARGE_CAP, Shape, fit_shapes, preset_of, round_up, typical_size
 from ..spec import ModelSpec, format_shape
 from .metadata import load_onnx, spec_from_model
+from .weights import has_external
 
 FP16_MAX = 65504.0
 DEFAULT_THRESHOLD = 4096.0
@@ -233,14 +234,33 @@ def expose(model: onnx.ModelProto, names: Iterable[str], types: dict[str, int]) 
     return out
 
 
-def _session(model: onnx.ModelProto):  # noqa: ANN202 - onnxruntime.InferenceSession
+def _session(model: onnx.ModelProto, weights_folder: Path | None = None):  # noqa: ANN202 - onnxruntime.InferenceSession
+    """A CPU session over ``model``; external initializers are read from ``weights_folder``.
+
+    The graph goes to ONNX Runtime as bytes (no copy of the weights); ONNX
+    Runtime reads the data files itself, from the folder given in the
+    session option for models loaded from memory.
+    """
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    if has_external(model):
+        if weights_folder is None:
+            raise UsageError("the model keeps its weights in a data file; give the folder it is in")
+        opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(weights_folder))
     # No graph rewrites: every tensor must keep its name and its place in the graph.
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+
+def _model_and_folder(model_or_path: onnx.ModelProto | str | Path,
+                      weights_folder: Path | None) -> tuple[onnx.ModelProto, str, Path | None]:
+    """The model (a path is read without its external data), a name for messages, and where its data files are."""
+    if isinstance(model_or_path, onnx.ModelProto):
+        return model_or_path, "model", weights_folder
+    path = Path(model_or_path)
+    return load_onnx(path, load_external_data=False), str(path), weights_folder or path.parent
 
 
 def _concrete_sizes(model: onnx.ModelProto, spec: ModelSpec, shape: Shape) -> dict[str, int]:
@@ -342,11 +362,11 @@ class _Site:
                 k if self.k_perm is None else k.transpose(self.k_perm))
 
 
-def attention_sites(model: onnx.ModelProto) -> list[_Site]:
+def attention_sites(model: onnx.ModelProto, weights_folder: Path | None = None) -> list[_Site]:
     """The sites of the one attention analysis that have Q and K, with their layouts and total scale."""
     by_name = {n.name: n for n in model.graph.node}
     sites = []
-    for s in find_attention(model, probe=False):
+    for s in find_attention(model, probe=False, weights_folder=weights_folder):
         if s.q is None or s.k is None:
             continue
         q_heads: int | None = None
@@ -415,16 +435,18 @@ def audit_fp16(
     seed: int = 0,
     memory_budget: int = MEMORY_BUDGET,
     progress: ProgressFn | None = None,
+    weights_folder: Path | None = None,
 ) -> AuditReport:
     """Measure every float tensor and attention logit of an FP32 model; decide the FP32 islands.
 
     ``calibration_shapes``: (batch, H, W) triples; default
     :func:`default_calibration_shapes`. ``threshold``: absmax above which a
     tensor's producer and consumers stay FP32 (must be <= 65504).
+    ``weights_folder``: where a model's external data files are (a path's
+    own folder by default); ONNX Runtime reads them, the graph stays light.
     """
     t_start = time.perf_counter()
-    origin = str(model_or_path) if not isinstance(model_or_path, onnx.ModelProto) else "model"
-    model = load_onnx(model_or_path) if not isinstance(model_or_path, onnx.ModelProto) else model_or_path
+    model, origin, weights_folder = _model_and_folder(model_or_path, weights_folder)
     spec = spec or spec_from_model(model, origin=origin)
     if not 0 < threshold <= FP16_MAX:
         raise UsageError(f"threshold must be in (0, {FP16_MAX:g}] (got {threshold:g})")
@@ -441,8 +463,8 @@ def audit_fp16(
     producers = {o: n for n in model.graph.node for o in n.output}
     float_names = [vi.name for vi in model.graph.input if types.get(vi.name) in _FLOATS]
     float_names += [o for n in model.graph.node for o in n.output if o and types.get(o) in _FLOATS]
-    sites = attention_sites(model)
-    sess = _session(expose(model, float_names, types))
+    sites = attention_sites(model, weights_folder)
+    sess = _session(expose(model, float_names, types), weights_folder)
 
     best: dict[str, tuple[float, Shape]] = {}
     per_shape: dict[str, dict[str, float]] = {n: {} for n in float_names}
@@ -575,6 +597,7 @@ def emulate_fp16(
     spec: ModelSpec | None = None,
     seed: int = 0,
     memory_budget: int = MEMORY_BUDGET,
+    weights_folder: Path | None = None,
 ) -> EmulationReport:
     """Expose every FP16 intermediate as an output and report the non-finite ones.
 
@@ -584,14 +607,13 @@ def emulate_fp16(
     against 65504 too. NaN/inf in the FP32 inputs are not reported.
     """
     t0 = time.perf_counter()
-    origin = str(model_or_path) if not isinstance(model_or_path, onnx.ModelProto) else "model"
-    model = load_onnx(model_or_path) if not isinstance(model_or_path, onnx.ModelProto) else model_or_path
+    model, origin, weights_folder = _model_and_folder(model_or_path, weights_folder)
     spec = spec or spec_from_model(model, origin=origin)
     types = value_types(model)
     producers = {o: n for n in model.graph.node for o in n.output}
     names = [o for n in model.graph.node for o in n.output if o and types.get(o) == TensorProto.FLOAT16]
-    sites = [s for s in attention_sites(model) if types.get(s.q) == TensorProto.FLOAT16]
-    sess = _session(expose(model, names, types))
+    sites = [s for s in attention_sites(model, weights_folder) if types.get(s.q) == TensorProto.FLOAT16]
+    sess = _session(expose(model, names, types), weights_folder)
     found: dict[str, NonFinite] = {}
     top = 0.0
     for i, shape in enumerate(shapes):

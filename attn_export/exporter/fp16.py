@@ -37,6 +37,9 @@ PyTorch the result is checked with :func:`.audit.emulate_fp16`.
 
 from __future__ import annotations
 
+import gc
+import os
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,7 +49,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from ..atomic import atomic_path, check_output_path
+from ..atomic import check_output_path
 from ..errors import CheckFailed, UsageError
 from ..progress import ProgressFn
 from ..shapes import Shape, fit_shapes, round_up
@@ -54,7 +57,9 @@ from ..spec import ModelSpec, ReferenceOptions, format_shape
 from .audit import (DEFAULT_THRESHOLD, FP16_MAX, AuditReport, EmulationReport, Fp32Island, audit_fp16,
                     default_calibration_shapes, emulate_fp16, value_types)
 from .foreign import is_foreign, resolve_shapes, spec_of
+from . import weights
 from .metadata import embed_spec, load_onnx
+from .weights import DataWriter, read_array
 
 
 class CompareFn(Protocol):
@@ -101,6 +106,7 @@ class Fp16Result:
     emulation: EmulationReport | None = None
     forced_fp16: list[str] = field(default_factory=list)
     steps: dict[str, float] = field(default_factory=dict)
+    external_data: Path | None = None   # NAME.onnx.data, for outputs whose weights reach 2 GB
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -115,7 +121,8 @@ class Fp16Result:
             "audit": self.audit.to_dict(),
             "check": self.check,
             "emulation": self.emulation.to_dict() if self.emulation else None,
-            "size_bytes": self.size_bytes, "seconds": round(self.seconds, 3),
+            "size_bytes": self.size_bytes, "external_data": str(self.external_data) if self.external_data else None,
+            "seconds": round(self.seconds, 3),
             "steps": {k: round(v, 3) for k, v in self.steps.items()},
         }
 
@@ -165,12 +172,14 @@ def _constants_to_initializers(model: onnx.ModelProto) -> None:
         model.graph.node.extend(keep)
 
 
-def _to_fp16_tensor(init: onnx.TensorProto, name: str) -> tuple[onnx.TensorProto, bool]:
+def _to_fp16_tensor(init: onnx.TensorProto, name: str, weights_folder: Path | None,
+                    writer: DataWriter | None) -> tuple[onnx.TensorProto, bool]:
     """FP16 copy of an FP32 initializer, clamped to the FP16 range; also returns whether clamping happened."""
-    a = numpy_helper.to_array(init).astype(np.float32)
+    a = read_array(init, weights_folder).astype(np.float32, copy=False)
     clamped = bool(a.size) and bool(np.nanmax(np.abs(a)) > FP16_MAX)
     a16 = np.clip(a, -FP16_MAX, FP16_MAX).astype(np.float16)
-    return numpy_helper.from_array(a16, name), clamped
+    del a
+    return (writer.tensor(a16, name) if writer is not None else numpy_helper.from_array(a16, name)), clamped
 
 
 def convert_graph(
@@ -178,8 +187,15 @@ def convert_graph(
     fp32_nodes: Iterable[str],
     *,
     keep_io_types: bool = True,
+    weights_folder: Path | None = None,
+    writer: DataWriter | None = None,
 ) -> dict[str, Any]:
-    """Convert ``model`` in place: FP16 everywhere except the named nodes; returns counts for the summary."""
+    """Convert ``model`` in place: FP16 everywhere except the named nodes; returns counts for the summary.
+
+    External FP32 initializers are read one at a time from ``weights_folder``;
+    the FP16 ones are appended to ``writer``'s data file when large (inline
+    without a writer).
+    """
     if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in model.graph.node for a in n.attribute):
         raise UsageError("models with subgraphs (If/Loop/Scan) are not supported by the FP16 conversion")
     _constants_to_initializers(model)
@@ -239,14 +255,14 @@ def convert_graph(
     n_init16 = 0
     for name, wants in init_needs.items():
         if wants == {F16}:
-            t, c = _to_fp16_tensor(inits[name], name)
+            t, c = _to_fp16_tensor(inits[name], name, weights_folder, writer)
             inits[name].CopyFrom(t)
             dtype[name] = F16
             n_init16 += 1
         elif F16 in wants:
             # Shared with FP32 consumers: keep FP32, add an FP16 copy (no Cast at run time).
             new = f"{name}__fp16"
-            t, c = _to_fp16_tensor(inits[name], new)
+            t, c = _to_fp16_tensor(inits[name], new, weights_folder, writer)
             g.initializer.append(t)
             fp16_copy[name] = new
             dtype[name] = F32
@@ -409,7 +425,8 @@ def convert_fp16(
         steps[name] = time.perf_counter() - steps[name]
 
     step("load")
-    model = load_onnx(src)
+    # The graph only: inline weights are parsed with it, and moved to a data file in the staging folder below.
+    model = load_onnx(src, load_external_data=False)
     spec = spec_of(model, origin=str(src), input_ranges=input_ranges)
     foreign = is_foreign(spec)
     calibration_shapes = resolve_shapes(spec, calibration_shapes, input_shapes, what="the FP16 calibration",
@@ -418,8 +435,6 @@ def convert_fp16(
         check_shapes = list(calibration_shapes)[:2]
     if spec.precision != "fp32":
         raise UsageError(f"{src} is already {spec.precision}; convert the FP32 export")
-    if any(i.data_location == TensorProto.EXTERNAL for i in model.graph.initializer) or model.ByteSize() >= 2**31 - 2**26:
-        raise UsageError(f"{src} is too large for an in-memory FP16 conversion (over 2 GB)")
     from ..graph.memory import check_shapes_fit
 
     # The audit reads every activation of a run at once: all of them count, not the live peak.
@@ -431,55 +446,77 @@ def convert_fp16(
         from ..models.loader import source_from_spec
 
         source_from_spec(spec, reference_model)  # an unusable reference is refused before the audit, not after it
-    done("load")
-
-    step("audit")
-    report = audit_fp16(model, threshold=threshold, calibration_shapes=calibration_shapes, extra_fp32_ops=extra_fp32_ops,
-                        spec=spec, progress=progress)
-    done("audit")
     node_names = {n.name for n in model.graph.node}
     forced = list(dict.fromkeys(force_fp16_nodes))
     unknown = [n for n in forced + list(extra_fp32_nodes) if n not in node_names]
     if unknown:
         raise UsageError(f"no node named {unknown[0]!r} in {src}")
-    islands = [i for i in report.fp32_nodes if i.node not in set(forced)]
-    have = {i.node for i in islands}
-    by_name = {n.name: n for n in model.graph.node}
-    islands += [Fp32Island(n, by_name[n].op_type, "user", "requested in FP32") for n in extra_fp32_nodes if n not in have]
 
-    step("convert")
-    orig_opset = [(o.domain, o.version) for o in model.opset_import]
-    counts = convert_graph(model, [i.node for i in islands], keep_io_types=keep_io_types)
-    fp16_spec = ModelSpec.from_dict({**spec.to_dict(), "precision": "fp16"})
-    if not keep_io_types:
-        for t in fp16_spec.inputs + fp16_spec.outputs:
-            if t.dtype == "float32":
-                t.dtype = "float16"
-    try:
-        model = onnx.shape_inference.infer_shapes(model, strict_mode=True, data_prop=True)
-        onnx.checker.check_model(model, full_check=True)
-    except Exception as exc:  # noqa: BLE001 - a bug in the pass, reported as one line
-        raise CheckFailed(f"the FP16 model failed the ONNX checks: {str(exc).splitlines()[0]}") from None
-    if [(o.domain, o.version) for o in model.opset_import] != orig_opset:
-        raise CheckFailed("the FP16 conversion changed the opset")
-    embed_spec(model, fp16_spec)
-    attention = attention_dtypes(model)
-    done("convert")
+    data_name = out.name + ".data"
+    # Everything is written in a hidden folder next to the output. The weights go there once, tensor by tensor;
+    # every pass works on the weightless graph and ONNX Runtime reads the data files itself, so no step holds
+    # a copy of all the weights. Only a checked result is moved into place; on failure or interruption the
+    # folder goes, and nothing is left behind.
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmpdir:
+        stage = Path(tmpdir)
+        model = weights.stage_weights(model, src.parent, stage / "fp32.data")
+        gc.collect()
+        done("load")
 
-    check_result: dict[str, Any] | None = None
-    emulation: EmulationReport | None = None
-    with atomic_path(out, suffix=".onnx") as tmp:
-        onnx.save_model(model, str(tmp))
+        step("audit")
+        report = audit_fp16(model, threshold=threshold, calibration_shapes=calibration_shapes,
+                            extra_fp32_ops=extra_fp32_ops, spec=spec, progress=progress, weights_folder=stage)
+        done("audit")
+        islands = [i for i in report.fp32_nodes if i.node not in set(forced)]
+        have = {i.node for i in islands}
+        by_name = {n.name: n for n in model.graph.node}
+        islands += [Fp32Island(n, by_name[n].op_type, "user", "requested in FP32") for n in extra_fp32_nodes if n not in have]
+
+        step("convert")
+        orig_opset = [(o.domain, o.version) for o in model.opset_import]
+        with weights.DataWriter(stage / "fp16.data") as writer:
+            counts = convert_graph(model, [i.node for i in islands], keep_io_types=keep_io_types,
+                                   weights_folder=stage, writer=writer)
+        fp16_spec = ModelSpec.from_dict({**spec.to_dict(), "precision": "fp16"})
+        if not keep_io_types:
+            for t in fp16_spec.inputs + fp16_spec.outputs:
+                if t.dtype == "float32":
+                    t.dtype = "float16"
+        try:
+            model = onnx.shape_inference.infer_shapes(model, strict_mode=True, data_prop=True)
+        except Exception as exc:  # noqa: BLE001 - a bug in the pass, reported as one line
+            raise CheckFailed(f"the FP16 model failed the ONNX checks: {str(exc).splitlines()[0]}") from None
+        if [(o.domain, o.version) for o in model.opset_import] != orig_opset:
+            raise CheckFailed("the FP16 conversion changed the opset")
+        embed_spec(model, fp16_spec)
+        external = weights.external_bytes(model) >= weights.EXTERNAL_DATA_THRESHOLD
+        # Only the tensors the FP16 graph uses, in graph order, under the output's data file name (FP32 weights
+        # that every consumer now reads in FP16 are dropped here).
+        weights.compact_external(model, stage, None, data_name, move_inline_over=1024 if external else None)
+        for name in ("fp32.data", "fp16.data"):
+            (stage / name).unlink(missing_ok=True)
+        staged = stage / out.name
+        onnx.save_model(model, str(staged))
+        try:
+            # The path form of the checker reads the data file's references itself: weights never in memory.
+            onnx.checker.check_model(str(staged), full_check=True)
+        except Exception as exc:  # noqa: BLE001 - a bug in the pass, reported as one line
+            raise CheckFailed(f"the FP16 model failed the ONNX checks: {str(exc).splitlines()[0]}") from None
+        attention = attention_dtypes(model)
+        done("convert")
+
+        check_result: dict[str, Any] | None = None
+        emulation: EmulationReport | None = None
         if check:
             assert compare is not None
             step("check against PyTorch")
-            check_result = compare(tmp, check_shapes or default_check_shapes(spec),
+            check_result = compare(staged, check_shapes or default_check_shapes(spec),
                                    reference=src if foreign else None, input_ranges=input_ranges,
                                    reference_model=None if foreign else reference_model)
             done("check against PyTorch")
             step("FP16 emulation")
             largest = max(report.calibration_shapes, key=lambda s: s[0] * s[1] * s[2])
-            emulation = emulate_fp16(model, [largest], spec=fp16_spec)
+            emulation = emulate_fp16(model, [largest], spec=fp16_spec, weights_folder=stage)
             done("FP16 emulation")
             if not check_result["passed"]:
                 against = "the FP32 file" if foreign else "PyTorch"
@@ -489,12 +526,22 @@ def convert_fp16(
                 assert f is not None
                 raise CheckFailed(f"FP16 model overflows: {f.tensor} ({f.op_type}) is non-finite at "
                                       f"{format_shape(f.shape)}; nothing was written")
+        step("save")
+        if not external:
+            # Weights back inside the .onnx, streamed one tensor at a time (see weights.write_inline).
+            inline = stage / f"inline.{out.name}"
+            weights.write_inline(model, stage, inline)
+            os.replace(inline, staged)
+            (stage / data_name).unlink()
+        weights.publish(staged, out, stage / data_name if external else None)
+        done("save")
+    data_path = out.parent / data_name if external else None
+    size = out.stat().st_size + (data_path.stat().st_size if data_path is not None else 0)
     return Fp16Result(
         path=out, source=src, spec=fp16_spec, audit=report, fp32_nodes=islands,
         nodes_fp16=counts["nodes_fp16"], nodes_fp32=counts["nodes_fp32"], nodes_other=counts["nodes_other"],
         casts_added=counts["casts_added"], initializers_fp16=counts["initializers_fp16"],
         initializers_fp32=counts["initializers_fp32"], clamped_initializers=counts["clamped"], attention=attention,
-        size_bytes=out.stat().st_size, seconds=time.perf_counter() - t_start, check=check_result, emulation=emulation,
-        forced_fp16=forced, steps=steps,
+        size_bytes=size, seconds=time.perf_counter() - t_start, check=check_result, emulation=emulation,
+        forced_fp16=forced, steps=steps, external_data=data_path,
     )
-

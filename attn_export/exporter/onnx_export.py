@@ -35,6 +35,7 @@ from ..models.loader import LoadedModel, ModelSource, load_model
 from ..spec import ModelSpec
 from . import passes, weights
 from .metadata import embed_spec
+from .weights import EXTERNAL_DATA_THRESHOLD
 
 ATTENTION_FORMS = ("op", "decomposed")
 DEFAULT_OPSET = 23
@@ -44,7 +45,6 @@ TORCHSCRIPT_MAX_OPSET = 20
 # based, the exporter PyTorch keeps; slower to run, and its graph goes through the same passes and checks.
 EXPORTERS = ("torchscript", "dynamo")
 # Protobuf cannot serialize a message of 2 GiB or more; stay clear of it.
-EXTERNAL_DATA_THRESHOLD = 2**31 - 2**26
 
 ProgressFn = Callable[[str], None]
 
@@ -434,7 +434,7 @@ def export_onnx(
                 weights.write_inline(model, stage, inline)
                 os.replace(inline, staged)
                 (stage / data_name).unlink()
-            _publish(staged, out, stage / data_name if external else None)
+            weights.publish(staged, out, stage / data_name if external else None)
     data_path = out.parent / data_name if external else None
     seconds = time.perf_counter() - t_start
     size = out.stat().st_size + (data_path.stat().st_size if data_path else 0)
@@ -444,15 +444,3 @@ def export_onnx(
         inputs=io(model.graph.input), outputs=io(model.graph.output), num_parameters=num_parameters,
         seconds=seconds, external_data=data_path, spec=spec, check=check_result, steps=steps, unfused=unfused,
     )
-
-
-def _publish(staged: Path, out: Path, data: Path | None) -> None:
-    """Move a checked export into place: the data file first, so the model never points at a missing file."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for p in (staged, data):
-        if p is not None:
-            os.chmod(p, 0o666 & ~umask)
-    if data is not None:
-        os.replace(data, out.parent / data.name)
-    os.replace(staged, out)

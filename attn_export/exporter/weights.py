@@ -17,6 +17,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+# From this many initializer bytes on, a model is written as NAME.onnx + NAME.onnx.data: one protobuf cannot exceed
+# 2 GiB, and the graph itself needs room under that limit.
+EXTERNAL_DATA_THRESHOLD = 2**31 - 2**26
 # Tensors up to this many elements stay inside the graph: scales, shapes and small biases that graph passes
 # read (the onnxscript constant folder reads inputs up to 8192 elements), at a few KiB each.
 INLINE_MAX_ELEMENTS = 8192
@@ -71,11 +74,16 @@ def attach_external(model: onnx.ModelProto, params: Mapping[str, Any], data_path
     return written
 
 
+def is_large(init: TensorProto) -> bool:
+    """True for tensors kept in a data file while a model is being worked on (see INLINE_MAX_ELEMENTS)."""
+    return int(np.prod(init.dims, dtype=np.int64)) > INLINE_MAX_ELEMENTS
+
+
 def detach_inline(model: onnx.ModelProto, data_path: Path) -> None:
     """Move the large inline initializers of ``model`` to ``data_path``, one at a time (each freed once written)."""
     with open(data_path, "ab") as f:
         for init in model.graph.initializer:
-            if init.data_location == TensorProto.EXTERNAL or int(np.prod(init.dims)) <= INLINE_MAX_ELEMENTS:
+            if init.data_location == TensorProto.EXTERNAL or not is_large(init):
                 continue
             if not init.HasField("raw_data"):
                 continue  # typed fields (float_data, ...): rare for weights, left inline
@@ -84,6 +92,89 @@ def detach_inline(model: onnx.ModelProto, data_path: Path) -> None:
             length = len(init.raw_data)
             init.ClearField("raw_data")
             _set_external(init, data_path.name, offset, length)
+
+
+def stage_weights(model: onnx.ModelProto, source_folder: Path, data_path: Path) -> onnx.ModelProto:
+    """A weightless copy of ``model``: every large tensor, inline or in the source's data files, goes to ``data_path``.
+
+    External references are read relative to ``source_folder`` (the input
+    file's folder; their locations were checked when it was loaded). The
+    returned model is parsed afresh from the weightless graph, so the caller
+    can drop ``model`` and with it the memory its weights were parsed into.
+    """
+    files: dict[str, BinaryIO] = {}
+    try:
+        with open(data_path, "ab") as dst:
+            for init in model.graph.initializer:
+                if not is_large(init) and init.data_location != TensorProto.EXTERNAL:
+                    continue
+                offset = dst.tell()
+                if init.data_location == TensorProto.EXTERNAL:
+                    loc, start, length = _external_info(init)
+                    src = files.get(loc) or files.setdefault(loc, open(source_folder / loc, "rb"))
+                    _copy_range(src, dst, start, length)
+                elif init.HasField("raw_data"):
+                    length = len(init.raw_data)
+                    dst.write(init.raw_data)
+                    init.ClearField("raw_data")
+                else:
+                    continue  # typed fields (float_data, ...): rare for weights, left inline
+                _set_external(init, data_path.name, offset, length)
+    finally:
+        for fh in files.values():
+            fh.close()
+    return onnx.load_model_from_string(model.SerializeToString())
+
+
+def has_external(model: onnx.ModelProto) -> bool:
+    """True when some initializer keeps its bytes in a data file."""
+    return any(i.data_location == TensorProto.EXTERNAL for i in model.graph.initializer)
+
+
+def read_array(init: TensorProto, folder: Path | None) -> np.ndarray:
+    """The values of one initializer, from its data file in ``folder`` when it is external."""
+    if init.data_location != TensorProto.EXTERNAL:
+        return numpy_helper.to_array(init)
+    if folder is None:
+        raise ValueError(f"initializer {init.name} is external and no folder was given")
+    loc, offset, length = _external_info(init)
+    dtype = np.dtype(helper.tensor_dtype_to_np_dtype(init.data_type)).newbyteorder("<")
+    with open(folder / loc, "rb") as f:
+        f.seek(offset)
+        data = f.read(length)
+    if len(data) != length:
+        raise OSError(f"external data file {loc} is shorter than its references")
+    return np.frombuffer(data, dtype=dtype).reshape(tuple(init.dims)).astype(dtype.newbyteorder("="))
+
+
+class DataWriter:
+    """Appends new tensors to one data file; small ones stay inline. Use as a context manager."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._file: BinaryIO | None = None
+
+    def __enter__(self) -> "DataWriter":
+        self._file = open(self.path, "ab")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def tensor(self, array: np.ndarray, name: str) -> TensorProto:
+        """``array`` as an initializer named ``name``: external in the data file when large."""
+        if array.size <= INLINE_MAX_ELEMENTS or self._file is None:
+            return numpy_helper.from_array(array, name)
+        init = TensorProto()
+        init.name = name
+        init.data_type = helper.np_dtype_to_tensor_dtype(array.dtype)
+        init.dims.extend(array.shape)
+        offset = self._file.tell()
+        self._file.write(np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).data.cast("B"))
+        _set_external(init, self.path.name, offset, array.nbytes)
+        return init
 
 
 def external_bytes(model: onnx.ModelProto) -> int:
@@ -109,15 +200,18 @@ def _copy_range(src: BinaryIO, dst: BinaryIO, offset: int, length: int) -> None:
         length -= len(block)
 
 
-def compact_external(model: onnx.ModelProto, folder: Path, location: str, new_location: str,
+def compact_external(model: onnx.ModelProto, folder: Path, location: str | None, new_location: str,
                      move_inline_over: int | None = None) -> None:
-    """Copy only the tensors the graph still uses, in graph order, from ``location`` to ``new_location``.
+    """Copy only the tensors the graph still uses, in graph order, from their data files to ``new_location``.
 
     Graph passes drop initializers (folded, deduplicated, rewritten away);
-    their bytes would otherwise stay in the data file. ``move_inline_over``:
-    inline tensors with more raw bytes than this move to the data file too.
+    their bytes would otherwise stay in the data file. ``location``: the one
+    data file every reference must name (None: any file in ``folder``).
+    ``move_inline_over``: inline tensors with more raw bytes than this move
+    to the data file too.
     """
-    with open(folder / location, "rb") as src, open(folder / new_location, "wb") as dst:
+    files: dict[str, BinaryIO] = {}
+    with open(folder / new_location, "wb") as dst:
         for init in model.graph.initializer:
             if init.data_location != TensorProto.EXTERNAL:
                 if move_inline_over is not None and init.HasField("raw_data") and len(init.raw_data) > move_inline_over:
@@ -128,13 +222,18 @@ def compact_external(model: onnx.ModelProto, folder: Path, location: str, new_lo
                     _set_external(init, new_location, start, length)
                 continue
             loc, offset, length = _external_info(init)
-            if loc != location:
+            if location is not None and loc != location:
                 raise ValueError(f"initializer {init.name} refers to {loc}, not {location}")
+            if loc == new_location:
+                raise ValueError(f"initializer {init.name} already refers to {new_location}")
+            src = files.get(loc) or files.setdefault(loc, open(folder / loc, "rb"))
             start = dst.tell()
             _copy_range(src, dst, offset, length)
             _set_external(init, new_location, start, length)
         dst.flush()
         os.fsync(dst.fileno())
+    for fh in files.values():
+        fh.close()
 
 
 def write_inline(model: onnx.ModelProto, folder: Path, out: Path) -> None:
@@ -176,3 +275,15 @@ def write_inline(model: onnx.ModelProto, folder: Path, out: Path) -> None:
     finally:
         for fh in files.values():
             fh.close()
+
+
+def publish(staged: Path, out: Path, data: Path | None) -> None:
+    """Move a checked model into place: the data file first, so the model never points at a missing file."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for p in (staged, data):
+        if p is not None:
+            os.chmod(p, 0o666 & ~umask)
+    if data is not None:
+        os.replace(data, out.parent / data.name)
+    os.replace(staged, out)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, NamedTuple, Sequence, cast
 
 import onnx
@@ -540,7 +541,8 @@ def _fill_shapes(site: AttentionSite, idx: TypedIndex, probe: TypedIndex | None,
                     site.seq_len = seq_expression(level)
 
 
-def _resolve_by_running(model: onnx.ModelProto, sites: list[AttentionSite], p: int, want_level: bool) -> None:
+def _resolve_by_running(model: onnx.ModelProto, sites: list[AttentionSite], p: int, want_level: bool,
+                        weights_folder: Path | None = None) -> None:
     """Scales and head sizes that shape inference cannot tell, read from two ONNX Runtime runs.
 
     A scale computed from the shape is accepted as a constant only when it is
@@ -552,10 +554,10 @@ def _resolve_by_running(model: onnx.ModelProto, sites: list[AttentionSite], p: i
         return
     scalars = [f.tensor for s in todo for f in s.factors if f.source == "dynamic"]
     names = scalars + [s.q.tensor for s in todo if s.q is not None]
-    first = run_probe(model, names, height=2 * p, width=p)
+    first = run_probe(model, names, height=2 * p, width=p, weights_folder=weights_folder)
     if first is None:
         return
-    second = run_probe(model, scalars, height=p, width=p) if scalars else {}
+    second = run_probe(model, scalars, height=p, width=p, weights_folder=weights_folder) if scalars else {}
     if second is None:
         second = {}
     for site in todo:
@@ -582,14 +584,16 @@ def _resolve_by_running(model: onnx.ModelProto, sites: list[AttentionSite], p: i
 
 
 def find_attention(model: onnx.ModelProto, *, probe: bool = True, index: TypedIndex | None = None,
-                   probed: TypedIndex | None = None, p: int = DEFAULT_P, run: bool = True) -> list[AttentionSite]:
+                   probed: TypedIndex | None = None, p: int = DEFAULT_P, run: bool = True,
+                   weights_folder: Path | None = None) -> list[AttentionSite]:
     """Every attention site of ``model`` in graph order (see the module docstring).
 
     ``probe`` also runs shape inference with concrete input dims, for the
     sequence length as an expression in height/width and the level (pass
     ``index``/``probed`` to reuse inferences already made). ``run``
     lets ONNX Runtime run the model at two small sizes when a scale or head
-    size can be learned no other way (weights must be loaded).
+    size can be learned no other way (weights loaded, or their data files in
+    ``weights_folder``).
     """
     idx = index or TypedIndex(model)
     finder = _Finder(idx)
@@ -608,7 +612,7 @@ def find_attention(model: onnx.ModelProto, *, probe: bool = True, index: TypedIn
             site.name = site.anchor or f"attention_{i}"
         _fill_shapes(site, idx, probed, p)
     if run and sites:
-        _resolve_by_running(model, sites, p, want_level=probe)
+        _resolve_by_running(model, sites, p, want_level=probe, weights_folder=weights_folder)
     for site in sites:
         if site.form == "op" and site.scale is None and site.head_size:
             site.scale = 1.0 / math.sqrt(site.head_size)  # the Attention op's default

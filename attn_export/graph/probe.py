@@ -8,6 +8,7 @@ height and width.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import onnx
@@ -104,19 +105,22 @@ def eval_dim_expression(expr: str, sizes: dict[str, int]) -> int | None:
     return walk(tree)
 
 
-def run_probe(model: onnx.ModelProto, names: list[str], *, height: int, width: int) -> dict[str, Any] | None:
+def run_probe(model: onnx.ModelProto, names: list[str], *, height: int, width: int,
+              weights_folder: Path | None = None) -> dict[str, Any] | None:
     """Run ``model`` once in ONNX Runtime (CPU) at batch 1 and height x width, returning the named tensors.
 
     Inputs get deterministic data of their dtype (the image a normal sample,
     other floats 0.5, integers 1); only used to learn shapes and run-time
     scalars that shape inference cannot. None when the model cannot run here
-    (weights not loaded, an op ORT lacks, ...).
+    (weights not loaded, an op ORT lacks, ...). ``weights_folder``: where
+    the data files of external initializers are, when they are not loaded.
     """
     import numpy as np
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
-    if any(i.data_location == TensorProto.EXTERNAL and not i.raw_data for i in model.graph.initializer):
+    external = any(i.data_location == TensorProto.EXTERNAL and not i.raw_data for i in model.graph.initializer)
+    if external and weights_folder is None:
         return None
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
@@ -143,6 +147,8 @@ def run_probe(model: onnx.ModelProto, names: list[str], *, height: int, width: i
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        if external:
+            opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(weights_folder))
         sess = ort.InferenceSession(probe.SerializeToString(), opts, providers=["CPUExecutionProvider"])
         wanted = list(dict.fromkeys(names))
         return dict(zip(wanted, sess.run(wanted, feeds)))

@@ -13,6 +13,8 @@ fed the old site (Shape -> Gather -> Cast -> Pow) is removed with it.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -209,7 +211,7 @@ def _mha_problem(site: AttentionSite) -> str | None:
     return None
 
 
-def to_onnxruntime_form(model: onnx.ModelProto) -> RewriteResult:
+def to_onnxruntime_form(model: onnx.ModelProto, weights_folder: Path | None = None) -> RewriteResult:
     """Rewrite (in place) every FP32 attention site into ``com.microsoft.MultiHeadAttention``.
 
     The form ONNX Runtime serves fastest: its contrib kernel runs flash
@@ -217,10 +219,12 @@ def to_onnxruntime_form(model: onnx.ModelProto) -> RewriteResult:
     MatMul/Softmax/MatMul and the ONNX ``Attention`` CPU kernel hold the whole
     S x S matrix. TensorRT cannot parse it, so this is never written into the
     standard artifact; runners apply it when they create a session.
+    ``weights_folder``: where the data files of a model loaded without its
+    external data are (for a scale only a run can tell).
     """
     ensure_node_names(model)
     result = _rewrite(model, "onnxruntime", _build_mha, _mha_problem, lambda site: False,
-                      find_attention(model, probe=False, index=TypedIndex(model)))
+                      find_attention(model, probe=False, index=TypedIndex(model), weights_folder=weights_folder))
     if result.rewritten and not any(o.domain == MS_DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
     return result

@@ -108,23 +108,27 @@ class OrtRunner(Runner):
             # growth that nearly doubled peak memory at 256 px (897 MiB against 497 MiB for ddpm-cifar10, batch 1)
             # for no latency measured (docs/benchmarks.md).
             opts.enable_mem_pattern = False
-        self.session = ort.InferenceSession(self._model_for_session(), opts, providers=self.providers)
+        self.session = ort.InferenceSession(self._model_for_session(opts), opts, providers=self.providers)
 
-    def _model_for_session(self) -> str | bytes:
+    def _model_for_session(self, opts: Any) -> str | bytes:
         """The file, or its ONNX Runtime form: attention as com.microsoft.MultiHeadAttention (flash attention).
 
         Only for the CPU and CUDA providers (the TensorRT provider reads the
-        standard graph), and only when the model fits one protobuf.
+        standard graph). A model with external data is rewritten without its
+        weights: ONNX Runtime reads the data files from the file's folder.
         """
         if self.attention != "onnxruntime" or self.providers[0] not in MHA_PROVIDERS:
             return str(self.path)
+        from ..exporter.weights import has_external
         from ..graph import to_onnxruntime_form
 
-        model = load_onnx(self.path)
-        result = to_onnxruntime_form(model)
-        if not result.rewritten or model.ByteSize() >= 2**31 - 2**26:
+        model = load_onnx(self.path, load_external_data=False)
+        result = to_onnxruntime_form(model, weights_folder=self.path.parent)
+        if not result.rewritten or (not has_external(model) and model.ByteSize() >= 2**31 - 2**26):
             return str(self.path)
         self.attention_rewritten = len(result.rewritten)
+        if has_external(model):
+            opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(self.path.parent.resolve()))
         return model.SerializeToString()
 
     def _deactivate(self) -> None:
