@@ -11,7 +11,6 @@ reference measured in the same run gives each row its latency ratio.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import datetime as _dt
 import json
 import os
@@ -24,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Sequence, cast
 
 import numpy as np
 
+from . import heap
 from .engines.sidecar import is_engine_path
 from .errors import AttnExportError, UsageError
 from .spec import ModelSpec, ReferenceOptions, format_shape
@@ -54,12 +54,6 @@ def _status_kib(field_name: str) -> int | None:
     return None
 
 
-def _trim_heap() -> None:
-    """Give freed heap pages back to the OS so an earlier run's garbage does not hide this run's growth."""
-    with contextlib.suppress(Exception):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
 class PeakHostMemory:
     """Peak resident-set growth over a block of code.
 
@@ -76,7 +70,7 @@ class PeakHostMemory:
         self._thread: threading.Thread | None = None
 
     def __enter__(self) -> "PeakHostMemory":
-        _trim_heap()
+        heap.release()  # an earlier run's garbage must not hide this run's growth
         self.baseline_kib = _status_kib("VmRSS") or 0
         try:
             with open("/proc/self/clear_refs", "w") as fh:

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any, Sequence, cast
 
 import numpy as np
 
+from . import heap
 from .compare import OutputComparison, Tolerances, compare_outputs, json_number, resolve_tolerances
 from .errors import CheckpointError, ShapeError, UsageError
 from .engines.sidecar import is_engine_path
@@ -337,7 +338,7 @@ def verify(
         raise UsageError("--reference replaces the PyTorch model; drop --preset/--config/--model/--checkpoint")
     source = _reference_source(spec, options) if reference is None else None
     setup: dict[str, float] = {}
-    total = len(sweep) + 2
+    total = 2 * len(sweep) + 2
     step = lambda i, text: progress(text, i, total) if progress else None  # noqa: E731
 
     # The candidate first: a missing TensorRT should fail before the (slow) reference is built.
@@ -360,6 +361,11 @@ def verify(
         # What ran: the ONNX Runtime form of the file (attention as com.microsoft.MultiHeadAttention).
         cand_desc = f"onnxruntime ({ort_cand.provider}, {ort_cand.attention_rewritten} x MultiHeadAttention)"
     setup[cand.name] = time.perf_counter() - t0
+    # The two never hold memory at once: the reference runs every shape first and is freed before the
+    # candidate comes back (its first activation only proved it loads). Peak memory is the larger of the two
+    # models, not their sum, at the cost of loading the candidate twice.
+    cand.deactivate()
+    heap.release()
 
     t0 = time.perf_counter()
     ref: Any
@@ -384,6 +390,7 @@ def verify(
         loaded = load_model(source, attention_impl="reference")
         _check_reference_fits(spec, loaded.spec)
         ref = TorchRunner.from_loaded(loaded)
+        del loaded  # the runner holds the model; it goes with the runner once the reference has run
         if kind == "engine":
             import torch
 
@@ -400,27 +407,40 @@ def verify(
         timings={ref.name: 0.0, cand.name: 0.0},
     )
     out_names = [t.name for t in spec.outputs]
+    all_feeds = [spec.make_inputs(*shape, seed=seed + i) for i, shape in enumerate(sweep)]
+    expected: list[dict[str, np.ndarray]] = []
+    ref_seconds: list[float] = []
     try:
         for i, shape in enumerate(sweep):
-            step(2 + i, f"comparing at {format_shape(shape)}")
-            feeds = spec.make_inputs(*shape, seed=seed + i)
+            step(2 + i, f"reference at {format_shape(shape)}")
+            feeds = all_feeds[i]
             ref_feeds = {t.name: np.asarray(feeds[t.name]).astype(t.dtype) for t in ref.spec.inputs}
-            seconds: dict[str, float] = {}
             t0 = time.perf_counter()
             ref_out = ref.infer(ref_feeds)
-            seconds[ref.name] = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            cand_out = cand.infer(feeds)
-            seconds[cand.name] = time.perf_counter() - t0
+            ref_seconds.append(time.perf_counter() - t0)
             # The reference names its outputs after its own spec; align them with the artifact's by position.
-            ref_named = dict(zip(out_names, ref_out.values()))
-            outputs = compare_outputs(ref_named, {k: np.asarray(v) for k, v in cand_out.items()}, tol, out_names)
+            expected.append(dict(zip(out_names, ref_out.values())))
+    finally:
+        ref.deactivate()
+    ref_name = ref.name
+    del ref
+    heap.release()
+
+    t0 = time.perf_counter()
+    cand.activate()
+    setup[cand.name] += time.perf_counter() - t0
+    try:
+        for i, shape in enumerate(sweep):
+            step(2 + len(sweep) + i, f"comparing at {format_shape(shape)}")
+            t0 = time.perf_counter()
+            cand_out = cand.infer(all_feeds[i])
+            seconds = {ref_name: ref_seconds[i], cand.name: time.perf_counter() - t0}
+            outputs = compare_outputs(expected[i], {k: np.asarray(v) for k, v in cand_out.items()}, tol, out_names)
             for k, v in seconds.items():
                 report.timings[k] += v
             report.shapes.append(ShapeResult(shape=shape, outputs=outputs, seconds=seconds))
     finally:
         cand.deactivate()
-        ref.deactivate()
     step(total, "done")
     return report
 

@@ -200,48 +200,19 @@ def _ort_runner(job: dict[str, Any], spec: Any) -> Any:
     ``job["attention"]``: "as-is" builds the session from the file as written; "onnxruntime" from the rewritten
     model bytes (every FP32 attention site as com.microsoft.MultiHeadAttention), as OrtRunner serves by default.
     """
-    import onnxruntime as ort
-
     from attn_export.runners.ort_runner import OrtRunner
-    attention = job.get("attention", "as-is")
 
     class TunedOrtRunner(OrtRunner):
-        """OrtRunner with the extra session switches tried here (memory arena)."""
+        """OrtRunner with the extra session switches tried here, on top of the options OrtRunner itself sets."""
 
-        def _activate(self) -> None:
-            opts = ort.SessionOptions()
-            opts.log_severity_level = 3
+        def session_options(self) -> Any:
+            opts = super().session_options()
             opts.intra_op_num_threads = job.get("threads_ort", job["threads"])
             opts.enable_cpu_mem_arena = job.get("arena", True)
-            levels = {"disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-                      "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-                      "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-                      "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
-            opts.graph_optimization_level = levels[job.get("opt", "all")]
-            model = self._session_model()
-            self.session = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
+            return opts
 
-        def _session_model(self) -> str | bytes:
-            if attention == "as-is":
-                return str(self.path)
-            if hasattr(self, "_model_for_session"):
-                return self._model_for_session()
-            # An OrtRunner without the hook: the same rewrite, done here.
-            import onnx
-
-            from attn_export.graph import to_onnxruntime_form
-
-            model = onnx.load(str(self.path))
-            result = to_onnxruntime_form(model)
-            self.attention_rewritten = len(result.rewritten)
-            return model.SerializeToString() if result.rewritten else str(self.path)
-
-    try:
-        runner = TunedOrtRunner(job["onnx"], spec=spec, attention=attention)
-    except TypeError:  # an OrtRunner that takes no attention argument
-        runner = TunedOrtRunner(job["onnx"], spec=spec)
-        runner.attention = attention
-    runner.attention_rewritten = 0
+    runner = TunedOrtRunner(job["onnx"], spec=spec, attention=job.get("attention", "as-is"),
+                            graph_optimization=job.get("opt", "all"), providers=["cpu"])
     return runner
 
 

@@ -46,13 +46,14 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+from .. import heap
 from ..errors import UsageError
 from ..graph import GraphIndex, find_attention, node_attr
 from ..progress import ProgressFn
 from ..shapes import DEFAULT_LARGE_CAP, LARGE_CAP, Shape, fit_shapes, preset_of, round_up, typical_size
 from ..spec import ModelSpec, format_shape
 from .metadata import load_onnx, spec_from_model
-from .weights import has_external
+from .weights import external_bytes, has_external
 
 FP16_MAX = 65504.0
 DEFAULT_THRESHOLD = 4096.0
@@ -60,9 +61,19 @@ NORM_OPS = frozenset({"InstanceNormalization", "GroupNormalization", "BatchNorma
                       "RMSNormalization", "LpNormalization", "MeanVarianceNormalization"})
 # Ops whose float ancestors (back to a graph input) form the sinusoidal time embedding.
 TRIG_OPS = frozenset({"Sin", "Cos"})
-# Exposed outputs per ONNX Runtime run are grouped to stay under this many bytes.
+# Exposed outputs per ONNX Runtime run are grouped to stay under a budget: half the weight bytes, within
+# these bounds. Every exposed tensor of a run is held at once, so the budget, not the model, sets the audit's memory;
+# tied to the weights it keeps the conversion's peak a small multiple of the model, at the cost of more runs.
 MEMORY_BUDGET = 1 << 30
+MIN_MEMORY_BUDGET = 64 << 20
+
+
+def memory_budget_for(model: onnx.ModelProto) -> int:
+    """Bytes of exposed outputs per run for ``model``: half its weights, between 64 MiB and 1 GiB."""
+    return max(MIN_MEMORY_BUDGET, min(MEMORY_BUDGET, external_bytes(model) // 2))
+
 _FLOATS = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16)
+_ITEMSIZE: dict[int, int] = {TensorProto.FLOAT16: 2, TensorProto.BFLOAT16: 2, TensorProto.DOUBLE: 8}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -291,21 +302,36 @@ def _concrete_sizes(model: onnx.ModelProto, spec: ModelSpec, shape: Shape) -> di
     return sizes
 
 
-def _groups(names: list[str], sizes: dict[str, int], budget: int) -> list[list[str]]:
-    """Split ``names`` into runs whose exposed outputs fit ``budget`` bytes (4 bytes per element)."""
+def _largest_sizes(model: onnx.ModelProto, spec: ModelSpec, shapes: Sequence[Shape]) -> dict[str, int]:
+    """Per tensor, its largest element count over ``shapes`` (-1 where unknown)."""
+    out: dict[str, int] = {}
+    for shape in shapes:
+        for name, n in _concrete_sizes(model, spec, shape).items():
+            out[name] = max(out.get(name, -1), n)
+    return out
+
+
+def _groups_of_units(units: list[list[str]], sizes: dict[str, int], budget: int,
+                     types: dict[str, int]) -> list[list[str]]:
+    """Split ``units`` (names that must come back together) into groups under ``budget`` bytes."""
     known = [s for s in sizes.values() if s > 0]
     fallback = max(known) if known else 0
     groups: list[list[str]] = [[]]
     used = 0
-    for n in names:
-        s = sizes.get(n, -1)
-        nbytes = 4 * (s if s > 0 else fallback)
+    seen: set[str] = set()
+    for unit in units:
+        unit = [n for n in unit if n not in seen]
+        if not unit:
+            continue
+        seen.update(unit)
+        nbytes = sum(_ITEMSIZE.get(types.get(n, 0), 4) * (sizes.get(n, -1) if sizes.get(n, -1) > 0 else fallback)
+                     for n in unit)
         if groups[-1] and used + nbytes > budget:
             groups.append([])
             used = 0
-        groups[-1].append(n)
+        groups[-1].extend(unit)
         used += nbytes
-    return groups
+    return [g for g in groups if g]
 
 
 def _absmax(a: np.ndarray) -> float:
@@ -422,6 +448,31 @@ def _is_compute(node: onnx.NodeProto, types: dict[str, int]) -> bool:
     return any(types.get(o) in _FLOATS for o in node.output if o)
 
 
+def _record_audit_run(values: dict[str, np.ndarray], shape: Shape, per_shape: dict[str, dict[str, float]],
+                      best: dict[str, tuple[float, Shape]], sites: list[_Site], att_best: dict[str, dict[str, Any]]) -> None:
+    """Fold one run's tensors into the audit's per-tensor and per-attention-site maxima."""
+    key = format_shape(shape)
+    for n, v in values.items():
+        if n not in per_shape:
+            continue
+        a = _absmax(v)
+        per_shape[n][key] = a
+        if n not in best or not a <= best[n][0]:
+            best[n] = (a, shape)
+    for s in sites:
+        if s.q in values and s.k in values:
+            q, k = s.qk(values)
+            head = _to_heads(q, s.q_heads).shape[-1]
+            scale = s.scale if s.scale is not None else 1.0 / float(np.sqrt(head))
+            raw = qk_absmax(q, k, q_heads=s.q_heads, kv_heads=s.kv_heads)
+            root = float(np.sqrt(abs(scale)))
+            entry = dict(raw=raw, logits=raw * abs(scale), q=_absmax(q) * root, k=_absmax(k) * root,
+                         shape=shape, keys=int(_to_heads(k, s.kv_heads).shape[2]), scale=scale)
+            prev = att_best.get(s.name)
+            if prev is None or not entry["logits"] <= prev["logits"]:
+                att_best[s.name] = entry
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # the audit
 # ---------------------------------------------------------------------------------------------------------------------
@@ -433,7 +484,7 @@ def audit_fp16(
     extra_fp32_ops: Iterable[str] = (),
     spec: ModelSpec | None = None,
     seed: int = 0,
-    memory_budget: int = MEMORY_BUDGET,
+    memory_budget: int | None = None,
     progress: ProgressFn | None = None,
     weights_folder: Path | None = None,
 ) -> AuditReport:
@@ -444,9 +495,12 @@ def audit_fp16(
     tensor's producer and consumers stay FP32 (must be <= 65504).
     ``weights_folder``: where a model's external data files are (a path's
     own folder by default); ONNX Runtime reads them, the graph stays light.
+    ``memory_budget``: bytes of tensors read back per run (default
+    :func:`memory_budget_for`).
     """
     t_start = time.perf_counter()
     model, origin, weights_folder = _model_and_folder(model_or_path, weights_folder)
+    budget = memory_budget if memory_budget is not None else memory_budget_for(model)
     spec = spec or spec_from_model(model, origin=origin)
     if not 0 < threshold <= FP16_MAX:
         raise UsageError(f"threshold must be in (0, {FP16_MAX:g}] (got {threshold:g})")
@@ -464,46 +518,31 @@ def audit_fp16(
     float_names = [vi.name for vi in model.graph.input if types.get(vi.name) in _FLOATS]
     float_names += [o for n in model.graph.node for o in n.output if o and types.get(o) in _FLOATS]
     sites = attention_sites(model, weights_folder)
-    sess = _session(expose(model, float_names, types), weights_folder)
 
     best: dict[str, tuple[float, Shape]] = {}
     per_shape: dict[str, dict[str, float]] = {n: {} for n in float_names}
     att_best: dict[str, dict[str, Any]] = {}
     runs = 0
-    for i, shape in enumerate(shapes):
-        if progress:
-            progress(f"audit: running at {format_shape(shape)} ({i + 1}/{len(shapes)})")
-        feeds = spec.make_inputs(*shape, seed=seed + i)
-        key = format_shape(shape)
-        sizes = _concrete_sizes(model, spec, shape)
-        # Q and K of one block must come back together; put them first in their own run.
-        qk_names = [n for s in sites for n in (s.q, s.k)]
-        rest = [n for n in float_names if n not in set(qk_names)]
-        for group in _groups(list(dict.fromkeys(qk_names)), sizes, memory_budget) + _groups(rest, sizes, memory_budget):
-            if not group:
-                continue
-            values = dict(zip(group, sess.run(group, feeds)))
+    feeds = [spec.make_inputs(*shape, seed=seed + i) for i, shape in enumerate(shapes)]
+    # Q and K of one block must come back together: each pair is one unit of the grouping.
+    qk_units = [[s.q, s.k] if s.q != s.k else [s.q] for s in sites]
+    paired = {n for u in qk_units for n in u}
+    units = qk_units + [[n] for n in float_names if n not in paired]
+    groups = _groups_of_units(units, _largest_sizes(model, spec, shapes), budget, types)
+    for gi, group in enumerate(groups):
+        # One session per group: ONNX Runtime keeps every graph output of a run alive until the run ends, so
+        # exposing all tensors at once would hold the whole model's activations, whatever is fetched.
+        sess = _session(expose(model, group, types), weights_folder)
+        for i, shape in enumerate(shapes):
+            if progress:
+                progress(f"audit: running at {format_shape(shape)} ({i + 1}/{len(shapes)}, "
+                         f"tensor group {gi + 1}/{len(groups)})")
+            # In a function of its own: ONNX Runtime's fetched arrays share their buffers, so one array left in a
+            # local variable would keep the whole group's tensors alive into the next group's session.
+            _record_audit_run(dict(zip(group, sess.run(group, feeds[i]))), shape, per_shape, best, sites, att_best)
             runs += 1
-            for n, v in values.items():
-                if n not in per_shape:
-                    continue
-                a = _absmax(v)
-                per_shape[n][key] = a
-                if n not in best or not a <= best[n][0]:
-                    best[n] = (a, shape)
-            for s in sites:
-                if s.q in values and s.k in values:
-                    q, k = s.qk(values)
-                    head = _to_heads(q, s.q_heads).shape[-1]
-                    scale = s.scale if s.scale is not None else 1.0 / float(np.sqrt(head))
-                    raw = qk_absmax(q, k, q_heads=s.q_heads, kv_heads=s.kv_heads)
-                    root = float(np.sqrt(abs(scale)))
-                    entry = dict(raw=raw, logits=raw * abs(scale), q=_absmax(q) * root, k=_absmax(k) * root,
-                                 shape=shape, keys=int(_to_heads(k, s.kv_heads).shape[2]), scale=scale)
-                    prev = att_best.get(s.name)
-                    if prev is None or not entry["logits"] <= prev["logits"]:
-                        att_best[s.name] = entry
-            del values
+        del sess
+        heap.release()  # the session's arena and weights, before the next group's session is built
 
     tensors = []
     for n in float_names:
@@ -590,13 +629,45 @@ class EmulationReport:
                 "seconds": round(self.seconds, 3)}
 
 
+def _record_emulation_run(values: dict[str, np.ndarray], shape: Shape, fp16_names: set[str],
+                          producers: dict[str, onnx.NodeProto], sites: list[_Site], found: dict[str, "NonFinite"]) -> float:
+    """Add one run's non-finite FP16 tensors and overflowing attention logits to ``found``; return the finite absmax."""
+    top = 0.0
+    for n, v in values.items():
+        if n not in fp16_names:
+            continue
+        finite = np.isfinite(v)
+        if not finite.all():
+            if n not in found:
+                node = producers.get(n)
+                found[n] = NonFinite(n, node.name if node else None, node.op_type if node else "input", shape,
+                                     f"{int((~finite).sum())} non-finite of {v.size}")
+        elif v.size:
+            top = max(top, float(np.abs(v).max()))
+    for s in sites:
+        if s.q in values and s.k in values and s.name not in found:
+            q, k = s.qk(values)
+            if not (np.isfinite(q).all() and np.isfinite(k).all()):
+                continue
+            head = _to_heads(q, s.q_heads).shape[-1]
+            scale = s.scale if s.scale is not None else 1.0 / float(np.sqrt(head))
+            root = float(np.sqrt(abs(scale)))
+            # TensorRT's fused kernel multiplies Q and K by sqrt(scale) in FP16 and keeps BMM1 in FP16 precision.
+            logits = qk_absmax((q.astype(np.float32) * root).astype(np.float16),
+                               (k.astype(np.float32) * root).astype(np.float16), q_heads=s.q_heads, kv_heads=s.kv_heads)
+            if not logits <= FP16_MAX:
+                found[s.name] = NonFinite(s.name, s.nodes[-1], "attention-logits", shape,
+                                          f"attention logits absmax {logits:.3g} > 65504")
+    return top
+
+
 def emulate_fp16(
     model_or_path: onnx.ModelProto | str | Path,
     shapes: Sequence[Shape],
     *,
     spec: ModelSpec | None = None,
     seed: int = 0,
-    memory_budget: int = MEMORY_BUDGET,
+    memory_budget: int | None = None,
     weights_folder: Path | None = None,
 ) -> EmulationReport:
     """Expose every FP16 intermediate as an output and report the non-finite ones.
@@ -608,44 +679,29 @@ def emulate_fp16(
     """
     t0 = time.perf_counter()
     model, origin, weights_folder = _model_and_folder(model_or_path, weights_folder)
+    budget = memory_budget if memory_budget is not None else memory_budget_for(model)
     spec = spec or spec_from_model(model, origin=origin)
     types = value_types(model)
     producers = {o: n for n in model.graph.node for o in n.output}
     names = [o for n in model.graph.node for o in n.output if o and types.get(o) == TensorProto.FLOAT16]
     sites = [s for s in attention_sites(model, weights_folder) if types.get(s.q) == TensorProto.FLOAT16]
-    sess = _session(expose(model, names, types), weights_folder)
+    for shape in shapes:
+        spec.check_shape(*shape)
     found: dict[str, NonFinite] = {}
     top = 0.0
-    for i, shape in enumerate(shapes):
-        spec.check_shape(*shape)
-        feeds = spec.make_inputs(*shape, seed=seed + i)
-        sizes = _concrete_sizes(model, spec, shape)
-        for group in _groups(names, sizes, memory_budget):
-            values = dict(zip(group, sess.run(group, feeds)))
-            for n, v in values.items():
-                finite = np.isfinite(v)
-                if not finite.all():
-                    if n not in found:
-                        node = producers.get(n)
-                        found[n] = NonFinite(n, node.name if node else None, node.op_type if node else "input", shape,
-                                             f"{int((~finite).sum())} non-finite of {v.size}")
-                elif v.size:
-                    top = max(top, float(np.abs(v).max()))
-            for s in sites:
-                if s.q in values and s.k in values and s.name not in found:
-                    q, k = s.qk(values)
-                    if not (np.isfinite(q).all() and np.isfinite(k).all()):
-                        continue
-                    head = _to_heads(q, s.q_heads).shape[-1]
-                    scale = s.scale if s.scale is not None else 1.0 / float(np.sqrt(head))
-                    root = float(np.sqrt(abs(scale)))
-                    # TensorRT's fused kernel multiplies Q and K by sqrt(scale) in FP16 and keeps BMM1 in FP16 precision.
-                    logits = qk_absmax((q.astype(np.float32) * root).astype(np.float16),
-                                       (k.astype(np.float32) * root).astype(np.float16), q_heads=s.q_heads, kv_heads=s.kv_heads)
-                    if not logits <= FP16_MAX:
-                        found[s.name] = NonFinite(s.name, s.nodes[-1], "attention-logits", shape,
-                                                  f"attention logits absmax {logits:.3g} > 65504")
-            del values
+    feeds = [spec.make_inputs(*shape, seed=seed + i) for i, shape in enumerate(shapes)]
+    paired = {n for s in sites for n in (s.q, s.k)}
+    units = [[s.q, s.k] for s in sites] + [[n] for n in names if n not in paired]
+    fp16_names = set(names)
+    for group in _groups_of_units(units, _largest_sizes(model, spec, shapes), budget, types):
+        # One session per group (see audit_fp16): only the group's tensors are graph outputs.
+        sess = _session(expose(model, group, types), weights_folder)
+        for i, shape in enumerate(shapes):
+            # A function of its own, for the reason given in audit_fp16.
+            top = max(top, _record_emulation_run(dict(zip(group, sess.run(group, feeds[i]))), shape, fp16_names,
+                                                 producers, sites, found))
+        del sess
+        heap.release()  # the session's arena and weights, before the next group's session is built
     order = {o: i for i, n in enumerate(model.graph.node) for o in list(n.output) + [n.name]}
     non_finite = sorted(found.values(), key=lambda f: order.get(f.tensor, order.get(f.node or "", 0)))
     return EmulationReport([(b, h, w) for b, h, w in shapes], len(names), non_finite, top, seconds=time.perf_counter() - t0)

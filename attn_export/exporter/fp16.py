@@ -37,7 +37,6 @@ PyTorch the result is checked with :func:`.audit.emulate_fp16`.
 
 from __future__ import annotations
 
-import gc
 import os
 import tempfile
 import time
@@ -49,13 +48,14 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from .. import heap
 from ..atomic import check_output_path
 from ..errors import CheckFailed, UsageError
 from ..progress import ProgressFn
 from ..shapes import Shape, fit_shapes, round_up
 from ..spec import ModelSpec, ReferenceOptions, format_shape
 from .audit import (DEFAULT_THRESHOLD, FP16_MAX, AuditReport, EmulationReport, Fp32Island, audit_fp16,
-                    default_calibration_shapes, emulate_fp16, value_types)
+                    default_calibration_shapes, emulate_fp16, memory_budget_for, value_types)
 from .foreign import is_foreign, resolve_shapes, spec_of
 from . import weights
 from .metadata import embed_spec, load_onnx
@@ -460,12 +460,16 @@ def convert_fp16(
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmpdir:
         stage = Path(tmpdir)
         model = weights.stage_weights(model, src.parent, stage / "fp32.data")
-        gc.collect()
+        heap.release()
         done("load")
 
         step("audit")
+        # The FP32 model's budget serves the emulation too: the FP16 model's own would be half of it.
+        budget = memory_budget_for(model)
         report = audit_fp16(model, threshold=threshold, calibration_shapes=calibration_shapes,
-                            extra_fp32_ops=extra_fp32_ops, spec=spec, progress=progress, weights_folder=stage)
+                            extra_fp32_ops=extra_fp32_ops, spec=spec, progress=progress, weights_folder=stage,
+                            memory_budget=budget)
+        heap.release()
         done("audit")
         islands = [i for i in report.fp32_nodes if i.node not in set(forced)]
         have = {i.node for i in islands}
@@ -513,10 +517,11 @@ def convert_fp16(
             check_result = compare(staged, check_shapes or default_check_shapes(spec),
                                    reference=src if foreign else None, input_ranges=input_ranges,
                                    reference_model=None if foreign else reference_model)
+            heap.release()  # the PyTorch model and the sessions of the check
             done("check against PyTorch")
             step("FP16 emulation")
             largest = max(report.calibration_shapes, key=lambda s: s[0] * s[1] * s[2])
-            emulation = emulate_fp16(model, [largest], spec=fp16_spec, weights_folder=stage)
+            emulation = emulate_fp16(model, [largest], spec=fp16_spec, weights_folder=stage, memory_budget=budget)
             done("FP16 emulation")
             if not check_result["passed"]:
                 against = "the FP32 file" if foreign else "PyTorch"

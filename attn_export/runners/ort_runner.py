@@ -89,7 +89,8 @@ class OrtRunner(Runner):
                     super().activate()
         return self
 
-    def _activate(self) -> None:
+    def session_options(self) -> Any:
+        """The ``onnxruntime.SessionOptions`` the session is built with (a subclass may adjust them)."""
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
@@ -108,6 +109,12 @@ class OrtRunner(Runner):
             # growth that nearly doubled peak memory at 256 px (897 MiB against 497 MiB for ddpm-cifar10, batch 1)
             # for no latency measured (docs/benchmarks.md).
             opts.enable_mem_pattern = False
+        return opts
+
+    def _activate(self) -> None:
+        import onnxruntime as ort
+
+        opts = self.session_options()
         self.session = ort.InferenceSession(self._model_for_session(opts), opts, providers=self.providers)
 
     def _model_for_session(self, opts: Any) -> str | bytes:
