@@ -360,3 +360,25 @@ def test_ddpm_256_fp16(export_model, tmp_path: Path) -> None:
     rep = verify(out)  # the default sweep
     assert rep.passed, rep.failures()
     assert max(o.max_abs for s in rep.shapes for o in s.outputs) < 1e-2
+
+
+def test_audit_in_tensor_groups_matches_one_group(tiny_onnx: Path) -> None:
+    # Each group of exposed tensors runs in a session of its own; splitting must not change a single figure.
+    shapes = [(1, 16, 16), (2, 32, 32)]
+    whole = audit_fp16(tiny_onnx, calibration_shapes=shapes, memory_budget=1 << 30)
+    split = audit_fp16(tiny_onnx, calibration_shapes=shapes, memory_budget=2 << 20)
+    assert split.runs > whole.runs == len(shapes)
+    assert {t.name: t.absmax for t in split.tensors} == {t.name: t.absmax for t in whole.tensors}
+    assert [(a.name, a.logits_absmax) for a in split.attention] == [(a.name, a.logits_absmax) for a in whole.attention]
+    assert split.attention and split.fp32_node_names() == whole.fp32_node_names()
+
+
+def test_groups_keep_units_together_and_under_budget() -> None:
+    from attn_export.exporter.audit import _groups_of_units
+
+    sizes = {"q": 100, "k": 100, "a": 50, "b": 50, "h": 100}
+    types = {"q": TensorProto.FLOAT, "k": TensorProto.FLOAT, "a": TensorProto.FLOAT, "b": TensorProto.FLOAT,
+             "h": TensorProto.FLOAT16}
+    groups = _groups_of_units([["q", "k"], ["a"], ["b"], ["h"], ["a"]], sizes, 800, types)
+    # q+k (800 bytes) fill one group; a and b (400) the next, with h (FP16: 200 bytes); a only once.
+    assert groups == [["q", "k"], ["a", "b", "h"]]

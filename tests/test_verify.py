@@ -400,3 +400,26 @@ def test_fp16_artifact_uses_fp16_tolerances(tiny_onnx: Path, tmp_path: Path) -> 
     assert "atol 1e-02, rtol 1e-02, statistic mean" in result.stdout
     # The same errors fail the fp32 defaults: FP16 needs its own tolerances.
     assert run("verify", half, "--shapes", "1x8x8", "--atol", "1e-4", "--rtol", "1e-3", "--stat", "elemwise").exit_code == 1
+
+
+def test_reference_is_freed_before_the_candidate_runs(tiny_onnx: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Peak memory is the larger model, not both: every reference call comes first, then the reference is
+    # deactivated, and only then does the candidate (loaded once up front to fail early) run.
+    from attn_export.runners.ort_runner import OrtRunner
+    from attn_export.runners.torch_runner import TorchRunner
+
+    events: list[str] = []
+    for cls, tag in ((TorchRunner, "ref"), (OrtRunner, "cand")):
+        for method in ("_activate", "_deactivate", "_infer"):
+            original = getattr(cls, method)
+            event = f"{tag}.{method.strip('_')}"
+
+            def wrapped(self: object, *a: object, _o=original, _e=event, **k: object) -> object:
+                events.append(_e)
+                return _o(self, *a, **k)
+            monkeypatch.setattr(cls, method, wrapped)
+    report = verify(tiny_onnx, shapes=[(1, 16, 16), (2, 16, 24)])
+    assert report.passed and len(report.shapes) == 2
+    assert events == ["cand.activate", "cand.deactivate", "ref.activate", "ref.infer", "ref.infer",
+                      "ref.deactivate", "cand.activate", "cand.infer", "cand.infer", "cand.deactivate"]
+    assert all(len(s.seconds) == 2 and min(s.seconds.values()) > 0 for s in report.shapes)
