@@ -168,6 +168,10 @@ def config_text(name: str, platform: str, inputs: list[TensorConfig], outputs: l
     if batched:
         # Lets Triton merge concurrent requests of the same H x W into one batch.
         parts.append("dynamic_batching { }")
+    if platform == "onnxruntime_onnx" and kind.lower() == "cpu":
+        # As OrtRunner does on the CPU provider: the memory pattern nearly doubled peak memory at 256 px for no
+        # speed (docs/benchmarks.md); the ONNX Runtime backend reads this model parameter.
+        parts.append('parameters { key: "enable_mem_pattern" value: { string_value: "0" } }')
     return "\n".join(parts) + "\n"
 
 

@@ -58,6 +58,8 @@ def test_onnx_repository(tiny_onnx: Path, tmp_path: Path) -> None:
     assert len(cfg.instance_group) == 1
     assert cfg.instance_group[0].count == 2 and cfg.instance_group[0].kind == pb2.ModelInstanceGroup.KIND_CPU
     assert cfg.HasField("dynamic_batching")
+    # ONNX Runtime's memory pattern off on CPU instances, as OrtRunner does.
+    assert cfg.parameters["enable_mem_pattern"].string_value == "0"
 
 
 def test_onnx_without_batching_keeps_batch_dim(tiny_onnx: Path, tmp_path: Path) -> None:
@@ -68,6 +70,7 @@ def test_onnx_without_batching_keeps_batch_dim(tiny_onnx: Path, tmp_path: Path) 
     assert io["x"] == (pb2.TYPE_FP32, [-1, 3, -1, -1], None)
     assert io["t"] == (pb2.TYPE_INT64, [-1], None)
     assert cfg.instance_group[0].kind == pb2.ModelInstanceGroup.KIND_GPU
+    assert "enable_mem_pattern" not in cfg.parameters
     assert (tmp_path / "m" / "3" / "model.onnx").is_file()
 
 
