@@ -304,7 +304,8 @@ def fp16(r: Any) -> None:
         e = r.emulation
         summary.add_row("FP16 emulation", ("[green]no overflow[/]" if e.ok else f"[red]{len(e.non_finite)} non-finite[/]")
                         + f" in {e.fp16_tensors} FP16 tensors at {', '.join('x'.join(map(str, s)) for s in e.shapes)}")
-    summary.add_row("size / time", f"{_human_size(r.size_bytes)}, {r.seconds:.1f} s")
+    summary.add_row("size / time", f"{_human_size(r.size_bytes)}, {r.seconds:.1f} s"
+                    + (f" (weights in {r.external_data.name})" if r.external_data else ""))
     console.print(summary)
 
 
