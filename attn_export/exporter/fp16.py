@@ -37,7 +37,6 @@ PyTorch the result is checked with :func:`.audit.emulate_fp16`.
 
 from __future__ import annotations
 
-import os
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -532,15 +531,8 @@ def convert_fp16(
                 raise CheckFailed(f"FP16 model overflows: {f.tensor} ({f.op_type}) is non-finite at "
                                       f"{format_shape(f.shape)}; nothing was written")
         step("save")
-        if not external:
-            # Weights back inside the .onnx, streamed one tensor at a time (see weights.write_inline).
-            inline = stage / f"inline.{out.name}"
-            weights.write_inline(model, stage, inline)
-            os.replace(inline, staged)
-            (stage / data_name).unlink()
-        weights.publish(staged, out, stage / data_name if external else None)
+        data_path = weights.publish_staged(model, stage, staged, out, data_name, external)
         done("save")
-    data_path = out.parent / data_name if external else None
     size = out.stat().st_size + (data_path.stat().st_size if data_path is not None else 0)
     return Fp16Result(
         path=out, source=src, spec=fp16_spec, audit=report, fp32_nodes=islands,

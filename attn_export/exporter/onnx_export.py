@@ -428,14 +428,7 @@ def export_onnx(
                         "nothing was written"
                     )
         with _step(steps, "save", progress):
-            if not external:
-                # Weights back inside the .onnx, streamed one tensor at a time (see weights.write_inline).
-                inline = stage / f"inline.{out.name}"
-                weights.write_inline(model, stage, inline)
-                os.replace(inline, staged)
-                (stage / data_name).unlink()
-            weights.publish(staged, out, stage / data_name if external else None)
-    data_path = out.parent / data_name if external else None
+            data_path = weights.publish_staged(model, stage, staged, out, data_name, external)
     seconds = time.perf_counter() - t_start
     size = out.stat().st_size + (data_path.stat().st_size if data_path else 0)
     io = lambda vis: [(vi.name, onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type).name, passes.dims_of(vi)) for vi in vis]  # noqa: E731

@@ -287,3 +287,20 @@ def publish(staged: Path, out: Path, data: Path | None) -> None:
     if data is not None:
         os.replace(data, out.parent / data.name)
     os.replace(staged, out)
+
+
+def publish_staged(model: onnx.ModelProto, stage: Path, staged: Path, out: Path, data_name: str,
+                   external: bool) -> Path | None:
+    """Put a checked, staged model in place at ``out``; returns its data file, or None when it is one file.
+
+    Not ``external``: the weights go back inside the .onnx, streamed one tensor at a time (see
+    :func:`write_inline`), and the staged data file is removed. Otherwise ``data_name`` moves next to
+    ``out`` first, then the model.
+    """
+    if not external:
+        inline = stage / f"inline.{out.name}"
+        write_inline(model, stage, inline)
+        os.replace(inline, staged)
+        (stage / data_name).unlink()
+    publish(staged, out, stage / data_name if external else None)
+    return out.parent / data_name if external else None
