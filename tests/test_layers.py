@@ -19,6 +19,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "attn_export"
 FLOORS: dict[str, int] = {
     "attn_export.errors": 0, "attn_export.schema": 0, "attn_export.spec": 0, "attn_export.atomic": 0,
     "attn_export.progress": 0, "attn_export.files": 0, "attn_export.shapes": 0, "attn_export.version": 0,
+    "attn_export.heap": 0,
     "attn_export.models": 1, "attn_export.graph": 1, "attn_export.compare": 1,
     "attn_export.exporter": 2,
     "attn_export.engines": 3,
