@@ -118,13 +118,14 @@ def _onnxruntime_form(path: Path) -> tuple[Any, int] | None:
     outside keep pointing at their data file.
     """
     from .exporter.metadata import load_onnx
+    from .exporter.weights import EXTERNAL_DATA_THRESHOLD
     from .graph import to_onnxruntime_form
 
     model = load_onnx(path, load_external_data=False)
     result = to_onnxruntime_form(model, weights_folder=path.parent)
     if not result.rewritten:
         return None
-    if model.ByteSize() >= 2**31 - 2**26:
+    if model.ByteSize() >= EXTERNAL_DATA_THRESHOLD:
         raise UsageError(f"{path.name} in ONNX Runtime's form would exceed 2 GB in one file; pass --attention as-is")
     return model, len(result.rewritten)
 

@@ -49,6 +49,7 @@ from onnx import TensorProto, helper
 from .. import heap
 from ..errors import UsageError
 from ..graph import GraphIndex, find_attention, node_attr
+from ..graph.probe import read_external_data_from
 from ..progress import ProgressFn
 from ..shapes import DEFAULT_LARGE_CAP, LARGE_CAP, Shape, fit_shapes, preset_of, round_up, typical_size
 from ..spec import ModelSpec, format_shape
@@ -259,7 +260,7 @@ def _session(model: onnx.ModelProto, weights_folder: Path | None = None):  # noq
     if has_external(model):
         if weights_folder is None:
             raise UsageError("the model keeps its weights in a data file; give the folder it is in")
-        opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(weights_folder))
+        read_external_data_from(opts, weights_folder)
     # No graph rewrites: every tensor must keep its name and its place in the graph.
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])

@@ -105,6 +105,16 @@ def eval_dim_expression(expr: str, sizes: dict[str, int]) -> int | None:
     return walk(tree)
 
 
+# ONNX Runtime's session option for a model loaded from memory whose initializers are in data files: the folder
+# they are read from (onnxruntime_session_options_config_keys.h in the onnxruntime repository).
+EXTERNAL_DATA_FOLDER_KEY = "session.model_external_initializers_file_folder_path"
+
+
+def read_external_data_from(opts: Any, folder: Path) -> None:
+    """Let a session built from model bytes (``opts``: onnxruntime.SessionOptions) read its data files from ``folder``."""
+    opts.add_session_config_entry(EXTERNAL_DATA_FOLDER_KEY, str(Path(folder).resolve()))
+
+
 def run_probe(model: onnx.ModelProto, names: list[str], *, height: int, width: int,
               weights_folder: Path | None = None) -> dict[str, Any] | None:
     """Run ``model`` once in ONNX Runtime (CPU) at batch 1 and height x width, returning the named tensors.
@@ -148,7 +158,8 @@ def run_probe(model: onnx.ModelProto, names: list[str], *, height: int, width: i
         opts.log_severity_level = 3
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         if external:
-            opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(weights_folder))
+            assert weights_folder is not None
+            read_external_data_from(opts, weights_folder)
         sess = ort.InferenceSession(probe.SerializeToString(), opts, providers=["CPUExecutionProvider"])
         wanted = list(dict.fromkeys(names))
         return dict(zip(wanted, sess.run(wanted, feeds)))

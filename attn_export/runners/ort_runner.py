@@ -126,16 +126,18 @@ class OrtRunner(Runner):
         """
         if self.attention != "onnxruntime" or self.providers[0] not in MHA_PROVIDERS:
             return str(self.path)
-        from ..exporter.weights import has_external
+        from ..exporter.weights import EXTERNAL_DATA_THRESHOLD, has_external
         from ..graph import to_onnxruntime_form
+        from ..graph.probe import read_external_data_from
 
         model = load_onnx(self.path, load_external_data=False)
         result = to_onnxruntime_form(model, weights_folder=self.path.parent)
-        if not result.rewritten or (not has_external(model) and model.ByteSize() >= 2**31 - 2**26):
+        external = has_external(model)
+        if not result.rewritten or (not external and model.ByteSize() >= EXTERNAL_DATA_THRESHOLD):
             return str(self.path)
         self.attention_rewritten = len(result.rewritten)
-        if has_external(model):
-            opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(self.path.parent.resolve()))
+        if external:
+            read_external_data_from(opts, self.path.parent)
         return model.SerializeToString()
 
     def _deactivate(self) -> None:
