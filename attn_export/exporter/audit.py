@@ -40,7 +40,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence, cast
+from typing import Any, Callable, Iterable, Sequence, cast
 
 import numpy as np
 import onnx
@@ -335,6 +335,40 @@ def _groups_of_units(units: list[list[str]], sizes: dict[str, int], budget: int,
     return [g for g in groups if g]
 
 
+def _units(sites: Sequence["_Site"], names: Sequence[str]) -> list[list[str]]:
+    """Grouping units: Q and K of each attention site together (they must come back in one run), then each name."""
+    paired = {n for s in sites for n in (s.q, s.k)}
+    return [[s.q, s.k] for s in sites] + [[n] for n in names if n not in paired]
+
+
+def _run_in_groups(model: onnx.ModelProto, spec: ModelSpec, types: dict[str, int], units: list[list[str]],
+                   shapes: Sequence[Shape], seed: int, budget: int, weights_folder: Path | None,
+                   record: Callable[[dict[str, np.ndarray], int], None],
+                   progress: Callable[[int, int, int], None] | None = None) -> int:
+    """Run ``model`` at every shape with each group of ``units`` exposed; ``record(values, shape_index)`` per run.
+
+    One session per group: ONNX Runtime keeps every graph output of a run
+    alive until the run ends, so exposing all tensors at once would hold the
+    whole model's activations, whatever is fetched. The arrays of a run share
+    their buffers, so they go straight to ``record`` and are never bound
+    here: one array left in a variable would keep its whole group alive into
+    the next group's session. Returns the number of runs.
+    """
+    feeds = [spec.make_inputs(*shape, seed=seed + i) for i, shape in enumerate(shapes)]
+    groups = _groups_of_units(units, _largest_sizes(model, spec, shapes), budget, types)
+    runs = 0
+    for gi, group in enumerate(groups):
+        sess = _session(expose(model, group, types), weights_folder)
+        for i in range(len(shapes)):
+            if progress:
+                progress(i, gi, len(groups))
+            record(dict(zip(group, sess.run(group, feeds[i]))), i)
+            runs += 1
+        del sess
+        heap.release()  # the session's arena and weights, before the next group's session is built
+    return runs
+
+
 def _absmax(a: np.ndarray) -> float:
     if a.size == 0:
         return 0.0
@@ -523,27 +557,14 @@ def audit_fp16(
     best: dict[str, tuple[float, Shape]] = {}
     per_shape: dict[str, dict[str, float]] = {n: {} for n in float_names}
     att_best: dict[str, dict[str, Any]] = {}
-    runs = 0
-    feeds = [spec.make_inputs(*shape, seed=seed + i) for i, shape in enumerate(shapes)]
-    # Q and K of one block must come back together: each pair is one unit of the grouping.
-    qk_units = [[s.q, s.k] if s.q != s.k else [s.q] for s in sites]
-    paired = {n for u in qk_units for n in u}
-    units = qk_units + [[n] for n in float_names if n not in paired]
-    groups = _groups_of_units(units, _largest_sizes(model, spec, shapes), budget, types)
-    for gi, group in enumerate(groups):
-        # One session per group: ONNX Runtime keeps every graph output of a run alive until the run ends, so
-        # exposing all tensors at once would hold the whole model's activations, whatever is fetched.
-        sess = _session(expose(model, group, types), weights_folder)
-        for i, shape in enumerate(shapes):
-            if progress:
-                progress(f"audit: running at {format_shape(shape)} ({i + 1}/{len(shapes)}, "
-                         f"tensor group {gi + 1}/{len(groups)})")
-            # In a function of its own: ONNX Runtime's fetched arrays share their buffers, so one array left in a
-            # local variable would keep the whole group's tensors alive into the next group's session.
-            _record_audit_run(dict(zip(group, sess.run(group, feeds[i]))), shape, per_shape, best, sites, att_best)
-            runs += 1
-        del sess
-        heap.release()  # the session's arena and weights, before the next group's session is built
+
+    def show(i: int, gi: int, groups: int) -> None:
+        if progress:
+            progress(f"audit: running at {format_shape(shapes[i])} ({i + 1}/{len(shapes)}, tensor group {gi + 1}/{groups})")
+
+    runs = _run_in_groups(model, spec, types, _units(sites, float_names), shapes, seed, budget, weights_folder,
+                          lambda values, i: _record_audit_run(values, shapes[i], per_shape, best, sites, att_best),
+                          show)
 
     tensors = []
     for n in float_names:
@@ -689,20 +710,12 @@ def emulate_fp16(
     for shape in shapes:
         spec.check_shape(*shape)
     found: dict[str, NonFinite] = {}
-    top = 0.0
-    feeds = [spec.make_inputs(*shape, seed=seed + i) for i, shape in enumerate(shapes)]
-    paired = {n for s in sites for n in (s.q, s.k)}
-    units = [[s.q, s.k] for s in sites] + [[n] for n in names if n not in paired]
+    tops: list[float] = [0.0]
     fp16_names = set(names)
-    for group in _groups_of_units(units, _largest_sizes(model, spec, shapes), budget, types):
-        # One session per group (see audit_fp16): only the group's tensors are graph outputs.
-        sess = _session(expose(model, group, types), weights_folder)
-        for i, shape in enumerate(shapes):
-            # A function of its own, for the reason given in audit_fp16.
-            top = max(top, _record_emulation_run(dict(zip(group, sess.run(group, feeds[i]))), shape, fp16_names,
-                                                 producers, sites, found))
-        del sess
-        heap.release()  # the session's arena and weights, before the next group's session is built
+    _run_in_groups(model, spec, types, _units(sites, names), shapes, seed, budget, weights_folder,
+                   lambda values, i: tops.append(_record_emulation_run(values, shapes[i], fp16_names, producers,
+                                                                       sites, found)))
+    top = max(tops)
     order = {o: i for i, n in enumerate(model.graph.node) for o in list(n.output) + [n.name]}
     non_finite = sorted(found.values(), key=lambda f: order.get(f.tensor, order.get(f.node or "", 0)))
     return EmulationReport([(b, h, w) for b, h, w in shapes], len(names), non_finite, top, seconds=time.perf_counter() - t0)
