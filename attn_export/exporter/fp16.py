@@ -468,7 +468,6 @@ def convert_fp16(
         report = audit_fp16(model, threshold=threshold, calibration_shapes=calibration_shapes,
                             extra_fp32_ops=extra_fp32_ops, spec=spec, progress=progress, weights_folder=stage,
                             memory_budget=budget)
-        heap.release()
         done("audit")
         islands = [i for i in report.fp32_nodes if i.node not in set(forced)]
         have = {i.node for i in islands}
@@ -492,14 +491,9 @@ def convert_fp16(
         if [(o.domain, o.version) for o in model.opset_import] != orig_opset:
             raise CheckFailed("the FP16 conversion changed the opset")
         embed_spec(model, fp16_spec)
-        external = weights.external_bytes(model) >= weights.EXTERNAL_DATA_THRESHOLD
-        # Only the tensors the FP16 graph uses, in graph order, under the output's data file name (FP32 weights
-        # that every consumer now reads in FP16 are dropped here).
-        weights.compact_external(model, stage, None, data_name, move_inline_over=1024 if external else None)
-        for name in ("fp32.data", "fp16.data"):
-            (stage / name).unlink(missing_ok=True)
-        staged = stage / out.name
-        onnx.save_model(model, str(staged))
+        # FP32 weights that every consumer now reads in FP16 are dropped here: only used tensors are kept.
+        staged, external = weights.save_staged(model, stage, out.name, data_name, ["fp32.data", "fp16.data"],
+                                               weights.EXTERNAL_DATA_THRESHOLD)
         try:
             # The path form of the checker reads the data file's references itself: weights never in memory.
             onnx.checker.check_model(str(staged), full_check=True)

@@ -405,13 +405,8 @@ def export_onnx(
             model.graph.value_info.extend(typed_only)
             model = onnx.shape_inference.infer_shapes(model, strict_mode=True, data_prop=True)
             embed_spec(model, spec)
-            external = weights.external_bytes(model) >= external_data_threshold
-            # Only the tensors the final graph uses, in graph order, under the output's data file name.
-            # An external-data output keeps only tensors up to 1 KiB inside the .onnx, as onnx.save_model does.
-            weights.compact_external(model, stage, raw.name, data_name, move_inline_over=1024 if external else None)
-            raw.unlink()
-            staged = stage / out.name
-            onnx.save_model(model, str(staged))
+            staged, external = weights.save_staged(model, stage, out.name, data_name, [raw.name],
+                                                   external_data_threshold)
             # The path form of the checker reads the data file's references itself: weights never in memory.
             onnx.checker.check_model(str(staged), full_check=True)
         check_result = None

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, BinaryIO, Mapping
+from typing import Any, BinaryIO, Collection, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -200,16 +200,17 @@ def _copy_range(src: BinaryIO, dst: BinaryIO, offset: int, length: int) -> None:
         length -= len(block)
 
 
-def compact_external(model: onnx.ModelProto, folder: Path, location: str | None, new_location: str,
+def compact_external(model: onnx.ModelProto, folder: Path, location: str | Collection[str] | None, new_location: str,
                      move_inline_over: int | None = None) -> None:
     """Copy only the tensors the graph still uses, in graph order, from their data files to ``new_location``.
 
     Graph passes drop initializers (folded, deduplicated, rewritten away);
-    their bytes would otherwise stay in the data file. ``location``: the one
-    data file every reference must name (None: any file in ``folder``).
+    their bytes would otherwise stay in the data file. ``location``: the data
+    file (or files) every reference must name (None: any file in ``folder``).
     ``move_inline_over``: inline tensors with more raw bytes than this move
     to the data file too.
     """
+    allowed = {location} if isinstance(location, str) else (set(location) if location is not None else None)
     files: dict[str, BinaryIO] = {}
     with open(folder / new_location, "wb") as dst:
         for init in model.graph.initializer:
@@ -222,8 +223,8 @@ def compact_external(model: onnx.ModelProto, folder: Path, location: str | None,
                     _set_external(init, new_location, start, length)
                 continue
             loc, offset, length = _external_info(init)
-            if location is not None and loc != location:
-                raise ValueError(f"initializer {init.name} refers to {loc}, not {location}")
+            if allowed is not None and loc not in allowed:
+                raise ValueError(f"initializer {init.name} refers to {loc}, not {' or '.join(sorted(allowed))}")
             if loc == new_location:
                 raise ValueError(f"initializer {init.name} already refers to {new_location}")
             src = files.get(loc) or files.setdefault(loc, open(folder / loc, "rb"))
@@ -287,6 +288,24 @@ def publish(staged: Path, out: Path, data: Path | None) -> None:
     if data is not None:
         os.replace(data, out.parent / data.name)
     os.replace(staged, out)
+
+
+def save_staged(model: onnx.ModelProto, stage: Path, out_name: str, data_name: str, working: Sequence[str],
+                threshold: int) -> tuple[Path, bool]:
+    """Write the finished graph as ``stage/out_name``; returns its path and whether the output keeps a data file.
+
+    The tensors the graph uses move, in graph order, from the ``working`` data
+    files of the stage to ``data_name`` (the output's data file name), and the
+    working files are removed. An output whose weights reach ``threshold``
+    keeps only tensors up to 1 KiB inside the .onnx, as onnx.save_model does.
+    """
+    external = external_bytes(model) >= threshold
+    compact_external(model, stage, working, data_name, move_inline_over=1024 if external else None)
+    for name in working:
+        (stage / name).unlink()
+    staged = stage / out_name
+    onnx.save_model(model, str(staged))
+    return staged, external
 
 
 def publish_staged(model: onnx.ModelProto, stage: Path, staged: Path, out: Path, data_name: str,
