@@ -198,10 +198,74 @@ def interleaved_worker(job: dict[str, Any]) -> dict[str, Any]:
     # Per round, ORT against the fastest eager call of that round: the ratio both backends saw in the same minute.
     per_round = [times["onnxruntime"][i] / min(times[k][i] for k in times if k.startswith("pytorch"))
                  for i in range(job["pairs"])]
+    for r in runners.values():
+        r.deactivate()
+    profile = ort_op_profile(job, spec, feeds, calls=max(1, job["pairs"] // 3))
     return {"size": job["size"], "threads": threads, "pairs": job["pairs"], "median_ms": med,
             "min_ms": {k: min(v) * 1e3 for k, v in times.items()}, "fastest_eager": fastest,
             "ratio": med["onnxruntime"] / med[fastest], "round_ratios": per_round,
-            "round_ratio_median": float(np.median(per_round))}
+            "round_ratio_median": float(np.median(per_round)), "profile": profile,
+            "matmul_peak": cell_matmul_peak(threads)}
+
+
+# Ops whose FLOPs ort_op_profile counts (everything else is memory-bound by comparison).
+COMPUTE_OPS = ("Conv", "MultiHeadAttention")
+
+
+def _node_flops(op: str, inputs: list[list[int]], outputs: list[list[int]]) -> float:
+    """FLOPs of one Conv or MultiHeadAttention call from the shapes ONNX Runtime's profiler recorded."""
+    if op == "Conv" and len(inputs) >= 2 and outputs:
+        w, y = inputs[1], outputs[0]  # weight (O, I/group, kh, kw), output (N, O, H, W)
+        n_out = 1
+        for d in y:
+            n_out *= d
+        per_out = 1
+        for d in w[1:]:
+            per_out *= d
+        return 2.0 * n_out * per_out
+    if op == "MultiHeadAttention" and len(inputs) >= 2:
+        (b, sq, hidden), sk = inputs[0], inputs[1][1]  # query (B, S_q, hidden), key (B, S_kv, hidden)
+        return 2.0 * 2 * b * sq * sk * hidden  # Q·Kᵀ and P·V over all heads
+    return 0.0
+
+
+def ort_op_profile(job: dict[str, Any], spec: Any, feeds: dict[str, Any], calls: int) -> dict[str, Any]:
+    """ONNX Runtime's own profiler on the serving form: time per op type over ``calls`` calls after a warm-up.
+
+    Conv and MultiHeadAttention FLOPs come from the shapes the profiler recorded for each call, so the
+    achieved GFLOP/s of the kernels themselves can be set beside the machine's matmul peak.
+    """
+    import collections
+
+    work = Path(tempfile.mkdtemp(prefix="ort-profile-"))
+    runner = _ort_runner(dict(job, profile_prefix=str(work / "p")), spec).activate()
+    try:
+        runner.infer(feeds)
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            runner.infer(feeds)
+        wall_ms = (time.perf_counter() - t0) * 1e3 / calls
+        events = json.loads(Path(runner.session.end_profiling()).read_text())
+    finally:
+        runner.deactivate()
+        import shutil
+
+        shutil.rmtree(work, ignore_errors=True)
+    model_runs = sorted(e["ts"] for e in events if e.get("name") == "model_run")
+    start_us = model_runs[1] if len(model_runs) > 1 else 0  # the warm-up call is not counted
+    us: collections.Counter[str] = collections.Counter()
+    flops: collections.Counter[str] = collections.Counter()
+    for e in events:
+        if e.get("cat") != "Node" or not e.get("name", "").endswith("_kernel_time") or e["ts"] < start_us:
+            continue
+        args = e.get("args", {})
+        op = args.get("op_name", "?")
+        us[op] += e["dur"]
+        shapes_in = [next(iter(d.values())) for d in args.get("input_type_shape", [])]
+        shapes_out = [next(iter(d.values())) for d in args.get("output_type_shape", [])]
+        flops[op] += _node_flops(op, shapes_in, shapes_out)
+    return {"calls": calls, "wall_ms": wall_ms,
+            "ops": {op: {"ms": t / 1e3 / calls, "gflop": flops[op] / 1e9 / calls} for op, t in us.most_common()}}
 
 
 def _ort_runner(job: dict[str, Any], spec: Any) -> Any:
@@ -219,6 +283,9 @@ def _ort_runner(job: dict[str, Any], spec: Any) -> Any:
             opts = super().session_options()
             opts.intra_op_num_threads = job.get("threads_ort", job["threads"])
             opts.enable_cpu_mem_arena = job.get("arena", True)
+            if job.get("profile_prefix"):
+                opts.enable_profiling = True
+                opts.profile_file_prefix = job["profile_prefix"]
             return opts
 
     runner = TunedOrtRunner(job["onnx"], spec=spec, attention=job.get("attention", "as-is"),
@@ -276,7 +343,9 @@ def run_job(job: dict[str, Any], guard_gib: float, timeout_s: float) -> dict[str
         job_path = fh.name
     out_path = job_path + ".out"
     cmd = [sys.executable, __file__, "--worker", job_path, "--worker-out", out_path]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # numpy's OpenBLAS takes its thread count from the environment, read once at import.
+    env = dict(os.environ, OPENBLAS_NUM_THREADS=str(job.get("threads", os.cpu_count() or 1)))
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
     peak = 0
     start = time.monotonic()
     killed = None
@@ -332,22 +401,55 @@ def export_timing(work: Path, runs: int) -> dict[str, Any]:
     return out
 
 
-def matmul_peak(threads: int, n: int = 2048, runs: int = 15, warm: int = 3) -> dict[str, Any]:
-    """Single-precision matmul throughput (GFLOP/s) of torch.matmul n x n on ``threads`` threads."""
+# The GEMM libraries whose fp32 matmul throughput makes "the machine's peak": the best of them, measured side by side.
+# One library is not enough: on an AMD CPU MKL's torch.matmul reaches about half of what OpenBLAS or the
+# convolution kernels reach, so a torch-only peak would flatter every backend.
+PEAK_LIBRARIES = ("torch.matmul (MKL)", "numpy matmul (OpenBLAS)", "ONNX Runtime MatMul (MLAS)")
+
+
+def _gemm_calls(threads: int, n: int) -> dict[str, Any]:
+    """One n x n fp32 matmul per library in PEAK_LIBRARIES, as zero-argument calls."""
+    import numpy as np
+    import onnxruntime as ort
     import torch
+    from onnx import TensorProto, helper
 
     torch.set_num_threads(threads)
     a, b = torch.randn(n, n), torch.randn(n, n)
+    an, bn = a.numpy(), b.numpy()
+    graph = helper.make_graph([helper.make_node("MatMul", ["a", "b"], ["c"])], "gemm",
+                              [helper.make_tensor_value_info(x, TensorProto.FLOAT, [n, n]) for x in "ab"],
+                              [helper.make_tensor_value_info("c", TensorProto.FLOAT, [n, n])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    return {PEAK_LIBRARIES[0]: lambda: torch.matmul(a, b), PEAK_LIBRARIES[1]: lambda: np.matmul(an, bn),
+            PEAK_LIBRARIES[2]: lambda: sess.run(None, {"a": an, "b": bn})}
+
+
+def matmul_peak(threads: int, n: int = 2048, runs: int = 15, warm: int = 3) -> dict[str, Any]:
+    """fp32 n x n matmul throughput (GFLOP/s) of each library in PEAK_LIBRARIES on ``threads`` threads.
+
+    The libraries are called in rounds, so that they see the same load; ``gflops_median`` (the peak the
+    goals use) is the best library's median.
+    """
+    calls = _gemm_calls(threads, n)
     for _ in range(warm):
-        torch.matmul(a, b)
-    times = []
+        for call in calls.values():
+            call()
+    times: dict[str, list[float]] = {k: [] for k in calls}
     for _ in range(runs):
-        t0 = time.perf_counter()
-        torch.matmul(a, b)
-        times.append(time.perf_counter() - t0)
+        for name, call in calls.items():
+            t0 = time.perf_counter()
+            call()
+            times[name].append(time.perf_counter() - t0)
     flops = 2 * n**3
-    return {"n": n, "threads": threads, "runs": runs, "median_s": statistics.median(times),
-            "gflops_median": flops / statistics.median(times) / 1e9, "gflops_best": flops / min(times) / 1e9}
+    libs = {k: {"gflops_median": flops / statistics.median(v) / 1e9, "gflops_best": flops / min(v) / 1e9}
+            for k, v in times.items()}
+    best = max(libs, key=lambda k: libs[k]["gflops_median"])
+    return {"n": n, "threads": threads, "runs": runs, "libraries": libs, "best_library": best,
+            "gflops_median": libs[best]["gflops_median"], "gflops_best": max(v["gflops_best"] for v in libs.values())}
 
 
 def mac_counts(onnx_path: str, sizes: list[int]) -> dict[str, dict[str, Any]]:
@@ -504,6 +606,20 @@ def _peak_gflops(r: dict[str, Any], report: dict[str, Any]) -> float:
     return cell["gflops_median"] if cell else report["matmul_peak"]["gflops_median"]
 
 
+def _peak_definition(peak: dict[str, Any], threads: int) -> str:
+    if "libraries" not in peak:  # results saved before the peak compared libraries
+        return f"torch.matmul 2048×2048 on {threads} threads, median of 6"
+    return (f"the best median of {len(peak['libraries'])} GEMM libraries called in turn "
+            f"({', '.join(peak['libraries'])}; {peak['n']}×{peak['n']} on {threads} threads, 6 calls each)")
+
+
+def _peak_libraries(peak: dict[str, Any]) -> str:
+    if "libraries" not in peak:
+        return f"torch.matmul {peak['n']}×{peak['n']} **{peak['gflops_median']:.1f} GFLOP/s** (best run {peak['gflops_best']:.1f})"
+    return ", ".join((f"**{k} {v['gflops_median']:.1f} GFLOP/s**" if k == peak["best_library"]
+                      else f"{k} {v['gflops_median']:.1f} GFLOP/s") for k, v in peak["libraries"].items())
+
+
 def _find(rows: list[dict[str, Any]], size: int, label: str, batch: int = 1) -> dict[str, Any] | None:
     return next((r for r in rows if r["size"] == size and r.get("batch", 1) == batch and r["label"] == label), None)
 
@@ -586,13 +702,13 @@ def render(report: dict[str, Any]) -> str:
     a("GFLOP per image = 2 × the multiply-accumulates of Conv, Gemm and attention (Q·Kᵀ, P·V) counted from the "
       "exported graph at each size by `attn_export.graph.flops.count_macs` (`python bench/flops.py FILE.onnx`) "
       f"({', '.join(f'{s}: {2 * gmac[s]:.1f}' for s in sorted(gmac))}): the model's real FLOPs, whatever a backend "
-      "does internally. *% of matmul peak* divides by the fp32 matmul throughput measured **inside the same cell's "
-      f"process, just before its timed calls** (torch.matmul 2048×2048 on {th} threads, median of 6), so that a cell "
-      "and its peak see the same load"
+      "does internally. *% of matmul peak* divides by the machine's fp32 matmul peak measured **inside the same "
+      "cell's process, just before its timed calls**, so that a cell and its peak see the same load: "
+      + _peak_definition(peak, th)
       + (f"; over this run those cell peaks ranged {min(cell_peaks):.0f}–{max(cell_peaks):.0f} GFLOP/s"
          if cell_peaks else "")
-      + f". At the start of the run, on its own: torch.matmul {peak['n']}×{peak['n']}, median of {peak['runs']} runs "
-      f"**{peak['gflops_median']:.1f} GFLOP/s** (best run {peak['gflops_best']:.1f}).\n")
+      + ". At the start of the run, on its own, median of " + str(peak["runs"]) + " runs: "
+      + _peak_libraries(peak) + ".\n")
 
     # Batch rows.
     brows = [r for r in rows if r["batch"] != 1]
@@ -747,6 +863,35 @@ def render(report: dict[str, Any]) -> str:
               + f" | {m['onnxruntime']:.1f} | {r['ratio']:.2f}× ({r['fastest_eager'].split()[-1]}) | "
               f"{r['round_ratio_median']:.2f}× ({min(rr):.2f}–{max(rr):.2f}) | {_fmt(r.get('load_max'))} |")
         a("")
+        profiled = [r for r in inter if r.get("status") == "ok" and r.get("profile")]
+        if profiled:
+            a("#### Where ONNX Runtime's time goes\n")
+            a("In the same process, after the rounds: the serving form once more with ONNX Runtime's own profiler on "
+              "(one warm-up call, then the calls counted), time summed per op type. FLOPs of Conv and "
+              "MultiHeadAttention are computed from the shapes the profiler recorded (`_node_flops` in the script). "
+              "*Peak*: the best of the GEMM libraries, measured in that process right after (see above). *Floor*: "
+              "ORT's convolutions and attention alone over the fastest eager median of the rounds, the ratio ORT "
+              "would reach if every other op took no time at all.\n")
+            a("| size | calls | ORT ms per call | Conv ms (share) | Conv GFLOP/s | attention ms (share) | attention GFLOP/s "
+              "| other ops ms (share) | peak GFLOP/s (library) | floor: Conv + attention / fastest eager |")
+            a("|---|---|---|---|---|---|---|---|---|---|")
+            for r in profiled:
+                ops = r["profile"]["ops"]
+                total = sum(v["ms"] for v in ops.values())
+                conv, mha = ops.get("Conv", {"ms": 0.0, "gflop": 0.0}), ops.get("MultiHeadAttention", {"ms": 0.0, "gflop": 0.0})
+                other = total - conv["ms"] - mha["ms"]
+                pk = r["matmul_peak"]
+                fastest = r["median_ms"][r["fastest_eager"]]
+
+                def rate(v: dict[str, float]) -> str:
+                    return _fmt(v["gflop"] / (v["ms"] / 1e3) if v["ms"] else None, ".0f")
+
+                a(f"| {r['size']}×{r['size']} | {r['profile']['calls']} | {r['profile']['wall_ms']:.1f} | "
+                  f"{conv['ms']:.1f} ({100 * conv['ms'] / total:.0f} %) | {rate(conv)} | "
+                  f"{mha['ms']:.1f} ({100 * mha['ms'] / total:.0f} %) | {rate(mha)} | "
+                  f"{other:.1f} ({100 * other / total:.0f} %) | {pk['gflops_median']:.0f} ({pk['best_library']}) | "
+                  f"{(conv['ms'] + mha['ms']) / fastest:.2f}× |")
+            a("")
         a("<!-- INTERLEAVED-NOTES -->\n")
 
     tuning = [r for r in rows if r["label"] in [v[0] for v in TUNING_VARIANTS]]
@@ -848,6 +993,7 @@ def main() -> None:
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--worker-out", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", str(args.threads))  # before numpy is imported (the run's own peak)
     if args.worker:
         job = json.loads(Path(args.worker).read_text())
         result = interleaved_worker(job) if job.get("kind") == "interleaved" else worker(job)
