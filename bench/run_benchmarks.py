@@ -83,8 +83,13 @@ GOAL_SIZES = (32, 64, 128, 256)
 # ---------------------------------------------------------------------------------------------------------------------
 # worker (runs in a subprocess)
 # ---------------------------------------------------------------------------------------------------------------------
+# Seconds to wait between the timed calls and the in-cell peak: the backends' worker threads keep spinning for a
+# while after their last call.
+SETTLE_S = 1.0
+
+
 def cell_matmul_peak(threads: int, n: int = 2048, runs: int = 6) -> dict[str, Any]:
-    """The matmul peak measured inside the cell's own process, just before its timed calls (same load)."""
+    """The matmul peak measured inside the cell's own process, right after its timed calls (same load)."""
     return matmul_peak(threads, n=n, runs=runs, warm=1)
 
 
@@ -119,14 +124,19 @@ def worker(job: dict[str, Any]) -> dict[str, Any]:
     if job["kind"] == "compile":
         extra = _compile(runner, feeds, job)
         settings["compile"] = "torch.compile(module), backend inductor, default mode, static shapes"
-    peak = cell_matmul_peak(threads)
     result = measure(runner, feeds, warmup=job["warmup"], iterations=job["iterations"])
+    peak = None
+    if job.get("peak", True):
+        # After the timed calls, not before: every GEMM library's call slowed ONNX Runtime's next calls by 10-70 %
+        # for seconds (ddpm-cifar10, 64 px: 291 ms before, 328-499 ms after).
+        time.sleep(SETTLE_S)
+        peak = cell_matmul_peak(threads)
     cache_dir = extra.pop("_cache_dir", None)
     if cache_dir:
         import shutil
 
         shutil.rmtree(cache_dir, ignore_errors=True)
-    result.update(load_s=load_s, settings=settings, cell_matmul_peak=peak, batch=b, **extra)
+    result.update(load_s=load_s, settings=settings, cell_matmul_peak=peak, peak_after_calls=True, batch=b, **extra)
     return result
 
 
@@ -162,50 +172,14 @@ def _compile(runner: Any, feeds: dict[str, Any], job: dict[str, Any]) -> dict[st
     return {"compile_s": compile_s, "compile_cache": "cold (fresh TORCHINDUCTOR_CACHE_DIR)", "_cache_dir": cache}
 
 
-def interleaved_worker(job: dict[str, Any]) -> dict[str, Any]:
-    """The three PyTorch eager formulations and ORT's serving form, called in turn in one process.
-
-    On a shared machine, load from other jobs (other virtual machines included, which the load average
-    does not show) changes from one minute to the next; calling the backends in rounds (reference, sdpa,
-    decomposed, ORT, reference, ...) exposes all of them to the same conditions, which makes their ratio
-    much more trustworthy than separate cells.
-    """
-    import numpy as np
-    import torch
-
-    from attn_export.models.loader import source_from_spec
+def profile_worker(job: dict[str, Any]) -> dict[str, Any]:
+    """ONNX Runtime's serving form with its profiler on, in a process of its own (see ort_op_profile)."""
     from attn_export.spec import ModelSpec
 
-    from attn_export.runners.torch_runner import TorchRunner
-    threads = job["threads"]
-    torch.set_num_threads(threads)
     spec = ModelSpec.from_dict(job["spec"])
-    runners: dict[str, Any] = {
-        f"pytorch {impl}": TorchRunner(source_from_spec(spec), attention_impl=impl, spec=spec, threads=threads).activate()
-        for impl in EAGER_IMPLS}
-    runners["onnxruntime"] = _ort_runner(job, spec).activate()
     feeds = spec.make_inputs(1, job["size"], job["size"], seed=0)
-    for r in runners.values():
-        r.infer(feeds)
-    times: dict[str, list[float]] = {k: [] for k in runners}
-    for _ in range(job["pairs"]):
-        for name, r in runners.items():
-            t0 = time.perf_counter()
-            r.infer(feeds)
-            times[name].append(time.perf_counter() - t0)
-    med = {k: float(np.median(v)) * 1e3 for k, v in times.items()}
-    fastest = min((k for k in med if k.startswith("pytorch")), key=lambda k: med[k])
-    # Per round, ORT against the fastest eager call of that round: the ratio both backends saw in the same minute.
-    per_round = [times["onnxruntime"][i] / min(times[k][i] for k in times if k.startswith("pytorch"))
-                 for i in range(job["pairs"])]
-    for r in runners.values():
-        r.deactivate()
-    profile = ort_op_profile(job, spec, feeds, calls=max(1, job["pairs"] // 3))
-    return {"size": job["size"], "threads": threads, "pairs": job["pairs"], "median_ms": med,
-            "min_ms": {k: min(v) * 1e3 for k, v in times.items()}, "fastest_eager": fastest,
-            "ratio": med["onnxruntime"] / med[fastest], "round_ratios": per_round,
-            "round_ratio_median": float(np.median(per_round)), "profile": profile,
-            "matmul_peak": cell_matmul_peak(threads)}
+    return {"size": job["size"], "profile": ort_op_profile(job, spec, feeds, calls=job["calls"]),
+            "matmul_peak": cell_matmul_peak(job["threads"])}
 
 
 # Ops whose FLOPs ort_op_profile counts (everything else is memory-bound by comparison).
@@ -558,21 +532,67 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
     return report
 
 
+ROUNDS = {32: 7, 64: 7, 128: 5}  # rounds of the side-by-side check per size (3 above 128 px)
+ROUND_CALLS = {32: (1, 3), 64: (1, 3), 128: (1, 2)}  # warm-up, timed calls per block (1, 1 above 128 px)
+
+
 def run_interleaved(args: argparse.Namespace, report: dict[str, Any]) -> list[dict[str, Any]]:
-    """The alternating PyTorch/ORT check at each SIZE:THREADS of ``--interleaved``."""
+    """The side-by-side check at each SIZE:THREADS of ``--interleaved``: rounds of one process per backend.
+
+    Each round runs the three PyTorch eager formulations and ORT's serving form one after the other, each in a
+    fresh process (build, warm-up, timed calls), starting with a different backend each round. Backends in one
+    process disturb each other: after PyTorch's calls its OpenMP threads keep spinning, and ORT's calls right
+    after one of them took 15 % longer than ORT alone, PyTorch's after ORT 20 % longer.
+    """
     from attn_export.exporter.metadata import read_spec
 
     onnx_op = report["export"]["op"]["path"]
     spec = read_spec(onnx_op).to_dict()
+    backends = [f"pytorch {i}" for i in EAGER_IMPLS] + ["onnxruntime"]
     out = []
     for item in [i for i in args.interleaved.split(",") if i.strip()]:
         size, threads = (int(v) for v in item.split(":"))
-        pairs = {32: 15, 64: 9, 128: 5}.get(size, 3)
-        job = {"kind": "interleaved", "spec": spec, "size": size, "threads": threads, "pairs": pairs,
-               "onnx": onnx_op, "threads_ort": threads, "attention": "onnxruntime"}
-        print(f"interleaved {size} px, {threads} thread(s) ...", end=" ", flush=True)
-        row = run_job(job, args.guard_gib, args.timeout)
-        print(row["status"], f"ratio {row.get('ratio', float('nan')):.2f}", flush=True)
+        rounds = ROUNDS.get(size, 3)
+        warmup, calls = ROUND_CALLS.get(size, (1, 1))
+        base = {"spec": spec, "shape": [1, size, size], "threads": threads, "warmup": warmup, "iterations": calls,
+                "peak": False}
+        times: dict[str, list[float]] = {k: [] for k in backends}
+        loads: list[float] = []
+        print(f"side by side {size} px, {threads} thread(s), {rounds} rounds ...", end=" ", flush=True)
+        error = None
+        for i in range(rounds):
+            for name in backends[i % len(backends):] + backends[:i % len(backends)]:
+                job = (dict(base, kind="torch", impl=name.split()[-1]) if name.startswith("pytorch") else
+                       dict(base, kind="ort", onnx=onnx_op, export="op", attention="onnxruntime", threads_ort=threads))
+                cell = run_job(job, args.guard_gib, args.timeout)
+                if not _ok(cell):
+                    error = f"{name}: {cell.get('error', cell.get('status'))}"
+                    break
+                times[name].append(cell["latency_ms"]["median"])
+                loads.append(cell.get("load_max", float("nan")))
+            if error:
+                break
+        if error:
+            print("error", error, flush=True)
+            out.append({"size": size, "threads": threads, "status": "error", "error": error})
+            continue
+        med = {k: statistics.median(v) for k, v in times.items()}
+        fastest = min(backends[:-1], key=lambda k: med[k])
+        # Against the formulation fastest over all rounds, not each round's quickest of three: a minimum of three
+        # noisy samples is biased low, which would count the noise against ORT.
+        per_round = [times["onnxruntime"][r] / times[fastest][r] for r in range(rounds)]
+        row: dict[str, Any] = {"size": size, "threads": threads, "pairs": rounds, "calls_per_block": [warmup, calls],
+                               "status": "ok", "median_ms": med, "fastest_eager": fastest,
+                               "ratio": med["onnxruntime"] / med[fastest], "round_ratios": per_round,
+                               "round_ratio_median": statistics.median(per_round), "load_max": max(loads),
+                               "times_ms": times,
+                               "method": "processes"}
+        prof = run_job({"kind": "profile", "spec": spec, "size": size, "threads": threads, "onnx": onnx_op,
+                        "export": "op", "attention": "onnxruntime", "threads_ort": threads,
+                        "calls": max(1, calls)}, args.guard_gib, args.timeout)
+        if _ok(prof):
+            row.update(profile=prof["profile"], matmul_peak=prof["matmul_peak"])
+        print(f"ratio {row['ratio']:.2f}, round ratio {row['round_ratio_median']:.2f}", flush=True)
         out.append(row)
     return out
 
@@ -601,7 +621,7 @@ def _med(r: dict[str, Any] | None) -> float | None:
 
 
 def _peak_gflops(r: dict[str, Any], report: dict[str, Any]) -> float:
-    """The matmul peak of the row's own process (measured just before its timed calls), else the run's."""
+    """The matmul peak of the row's own process (measured right after its timed calls), else the run's."""
     cell = r.get("cell_matmul_peak")
     return cell["gflops_median"] if cell else report["matmul_peak"]["gflops_median"]
 
@@ -703,7 +723,11 @@ def render(report: dict[str, Any]) -> str:
       "exported graph at each size by `attn_export.graph.flops.count_macs` (`python bench/flops.py FILE.onnx`) "
       f"({', '.join(f'{s}: {2 * gmac[s]:.1f}' for s in sorted(gmac))}): the model's real FLOPs, whatever a backend "
       "does internally. *% of matmul peak* divides by the machine's fp32 matmul peak measured **inside the same "
-      "cell's process, just before its timed calls**, so that a cell and its peak see the same load: "
+      + ("cell's process, right after its timed calls** (a GEMM run just before them slowed them by 10-70 %), "
+         if any(r.get("peak_after_calls") for r in rows) else
+         "cell's process, just before its timed calls** (which, found after this run, slows the serving rows: see "
+         "the side-by-side check), ")
+      + "so that a cell and its peak see the same load: "
       + _peak_definition(peak, th)
       + (f"; over this run those cell peaks ranged {min(cell_peaks):.0f}–{max(cell_peaks):.0f} GFLOP/s"
          if cell_peaks else "")
@@ -842,10 +866,15 @@ def render(report: dict[str, Any]) -> str:
     if inter:
         a("### Side by side, round by round\n")
         a(f"Command: `{report.get('interleaved_command', report['command'])}` · same versions and date as above.\n")
-        a("All four backends in one process, called in rounds (PyTorch eager reference, sdpa, decomposed, then ORT's "
-          "serving form from the Attention-op export), so that all of them see the same background load "
-          "(`interleaved_worker` in the script). *Round ratio*: in each round, ORT's time over the fastest eager call "
-          "of that round; its median is the figure least moved by a noisy neighbour. Goal: at most "
+        a("Rounds: in each round the three PyTorch eager formulations and ORT's serving form (from the Attention-op "
+          "export) run one after the other, each in a fresh process (build, warm-up, timed calls: "
+          + ", ".join(f"{s} px {w}+{c}" for s, (w, c) in ROUND_CALLS.items()) + ", 1+1 above), each round starting "
+          "with the next backend (`run_interleaved` in the script). Consecutive blocks see the same minutes of "
+          "background load. Separate processes matter: in one process the backends disturb each other (PyTorch's "
+          "OpenMP threads keep spinning after its calls; ORT called right after PyTorch took 15 % longer than ORT "
+          "alone at 64 px, PyTorch after ORT 20 % longer). *Round ratio*: in each round, ORT's median over the fastest "
+          "eager formulation's median in that round (the formulation fastest over all rounds); its median is the figure "
+          "least moved by a noisy neighbour. Goal: at most "
           f"{GOAL_EAGER_RATIO}×.\n")
         a("| size | threads | rounds | reference ms | sdpa ms | decomposed ms | ORT serving ms | ORT / fastest eager "
           "(medians) | round ratio: median (min–max) | load avg (max) |")
@@ -866,8 +895,9 @@ def render(report: dict[str, Any]) -> str:
         profiled = [r for r in inter if r.get("status") == "ok" and r.get("profile")]
         if profiled:
             a("#### Where ONNX Runtime's time goes\n")
-            a("In the same process, after the rounds: the serving form once more with ONNX Runtime's own profiler on "
-              "(one warm-up call, then the calls counted), time summed per op type. FLOPs of Conv and "
+            a("After the rounds, in a process of its own: the serving form with ONNX Runtime's own profiler on "
+              "(one warm-up call, then the calls counted), time summed per op type; the profiler adds a little time "
+              "to every node, which shows mostly in the small ops. FLOPs of Conv and "
               "MultiHeadAttention are computed from the shapes the profiler recorded (`_node_flops` in the script). "
               "*Peak*: the best of the GEMM libraries, measured in that process right after (see above). *Floor*: "
               "ORT's convolutions and attention alone over the fastest eager median of the rounds, the ratio ORT "
@@ -996,7 +1026,7 @@ def main() -> None:
     os.environ.setdefault("OPENBLAS_NUM_THREADS", str(args.threads))  # before numpy is imported (the run's own peak)
     if args.worker:
         job = json.loads(Path(args.worker).read_text())
-        result = interleaved_worker(job) if job.get("kind") == "interleaved" else worker(job)
+        result = profile_worker(job) if job.get("kind") == "profile" else worker(job)
         Path(args.worker_out).write_text(json.dumps(result))
         return
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
