@@ -387,7 +387,7 @@ def _fill_ratios(rows: list[BenchRow]) -> None:
 def host_info() -> dict[str, Any]:
     """Versions and machine facts that a reader needs to interpret the numbers."""
     info: dict[str, Any] = {"platform": platform.platform(), "python": platform.python_version(),
-                            "cpu_count": os.cpu_count(), "processor": _cpu_model()}
+                            "cpu_count": os.cpu_count(), "processor": _cpu_model(), **_cpu_features()}
     with contextlib.suppress(Exception):
         import torch
 
@@ -412,6 +412,28 @@ def _cpu_model() -> str:
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
     return platform.processor()
+
+
+# The widest vector units decide which kernels ONNX Runtime's MLAS and PyTorch's oneDNN pick; the model name alone
+# ("AMD EPYC") does not tell an AVX2 host from an AVX-512 one, and their ratios differ.
+_SIMD_LEVELS = ("avx512f", "avx2", "avx", "sse4_2", "asimd")
+
+
+def _cpu_features() -> dict[str, Any]:
+    """CPU family/model and the widest SIMD level, from /proc/cpuinfo (empty where it cannot be read)."""
+    info: dict[str, Any] = {}
+    with contextlib.suppress(OSError):
+        fields: dict[str, str] = {}
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if not line.strip():
+                break  # the first processor's block is enough
+            key, _, value = line.partition(":")
+            fields[key.strip()] = value.strip()
+        flags = set((fields.get("flags") or fields.get("Features") or "").split())
+        info["simd"] = next((f for f in _SIMD_LEVELS if f in flags), "unknown")
+        if "cpu family" in fields and "model" in fields:
+            info["cpu_family_model"] = f"{fields['cpu family']}/{fields['model']}"
+    return info
 
 
 def write_json(report: dict[str, Any], path: str | Path) -> None:

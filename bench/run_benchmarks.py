@@ -689,13 +689,21 @@ def _row_note(r: dict[str, Any]) -> str:
     return ""
 
 
+def _cpu_detail(host: dict[str, Any]) -> str:
+    """' (family/model 25/1, AVX2)' where the run recorded them (results from before did not)."""
+    parts = [f"family/model {host['cpu_family_model']}"] if host.get("cpu_family_model") else []
+    if host.get("simd"):
+        parts.append(str(host["simd"]).upper().replace("AVX512F", "AVX-512"))
+    return f" ({', '.join(parts)})" if parts else ""
+
+
 def render(report: dict[str, Any]) -> str:
     """This script's part of docs/benchmarks.md from a saved report (see write_page for the rest of the page)."""
     host, ver = report["host"], report["versions"]
     date = report["date"][:10]
     th = report["threads"]
     stamp = (f"Command: `{report['command']}` · date {date} · torch {ver['torch']}, onnxruntime {ver['onnxruntime']} · "
-             f"{host.get('processor', '?')}, {host.get('cpu_count')} CPUs · threads: torch.set_num_threads({th}), "
+             f"{host.get('processor', '?')}{_cpu_detail(host)}, {host.get('cpu_count')} CPUs · threads: torch.set_num_threads({th}), "
              f"ORT intra_op_num_threads={th} unless stated · fp32, inputs from ModelSpec.make_inputs(seed=0).")
     rows = report.get("rows", [])
     for r in rows:

@@ -143,3 +143,17 @@ def test_pytorch_fp16_needs_a_gpu(tiny_onnx: Path) -> None:
     rows = {r["backend"]: r for r in report["results"]}
     assert rows["pytorch-fp16"]["status"] == "unavailable" and "CUDA GPU only" in rows["pytorch-fp16"]["error"]
     assert rows["pytorch"]["status"] == "ok"
+
+
+@pytest.mark.skipif(not Path("/proc/cpuinfo").exists(), reason="reads /proc/cpuinfo (Linux)")
+def test_host_info_names_the_vector_units() -> None:
+    import platform
+
+    from attn_export.bench import _SIMD_LEVELS, host_info
+
+    info = host_info()
+    assert info["simd"] in _SIMD_LEVELS
+    if platform.machine() == "x86_64":
+        assert info["simd"] in ("avx512f", "avx2", "avx", "sse4_2")
+        family, model = info["cpu_family_model"].split("/")
+        assert family.isdigit() and model.isdigit()
