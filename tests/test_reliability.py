@@ -360,9 +360,13 @@ def test_signal_during_export(work: Path, sig: int, code: int) -> None:
     # arrives while that work is under way.
     proc = _cli("onnx", "--preset", "ddpm-cifar10", "-o", out_dir / "u.onnx", env={"TMPDIR": str(tmp)})
     _wait_for(lambda: any(tmp.iterdir()) or any(out_dir.iterdir()), proc)
+    staged = sorted(p.name for d in (tmp, out_dir) for p in d.iterdir())
     proc.send_signal(sig)
-    assert proc.wait(timeout=120) == code
+    returned = proc.wait(timeout=120)
     err = proc.stderr.read() if proc.stderr else ""
+    # What was staged when the signal went out, and what the command said: a code other than 130/143 here was
+    # seen once under load (-2, as if no handler were installed) and never reproduced since.
+    assert returned == code, f"exit {returned} after a signal sent with {staged} staged; stderr: {err[-2000:]}"
     assert "Traceback" not in err and "interrupted" in err, err
     assert leftovers(out_dir, set()) == [] and leftovers(tmp, set()) == []
 
