@@ -386,8 +386,9 @@ def _fill_ratios(rows: list[BenchRow]) -> None:
 
 def host_info() -> dict[str, Any]:
     """Versions and machine facts that a reader needs to interpret the numbers."""
+    cpu = _cpu_fields()
     info: dict[str, Any] = {"platform": platform.platform(), "python": platform.python_version(),
-                            "cpu_count": os.cpu_count(), "processor": _cpu_model(), **_cpu_features()}
+                            "cpu_count": os.cpu_count(), "processor": _cpu_model(cpu), **_cpu_features(cpu)}
     with contextlib.suppress(Exception):
         import torch
 
@@ -406,12 +407,20 @@ def host_info() -> dict[str, Any]:
     return info
 
 
-def _cpu_model() -> str:
+def _cpu_fields() -> dict[str, str]:
+    """The first processor's block of /proc/cpuinfo, key to value (empty where it cannot be read)."""
+    fields: dict[str, str] = {}
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor()
+            if not line.strip():
+                break  # the first processor's block is enough
+            key, _, value = line.partition(":")
+            fields[key.strip()] = value.strip()
+    return fields
+
+
+def _cpu_model(fields: dict[str, str]) -> str:
+    return fields.get("model name") or platform.processor()
 
 
 # The widest vector units decide which kernels ONNX Runtime's MLAS and PyTorch's oneDNN pick; the model name alone
@@ -419,20 +428,14 @@ def _cpu_model() -> str:
 _SIMD_LEVELS = ("avx512f", "avx2", "avx", "sse4_2", "asimd")
 
 
-def _cpu_features() -> dict[str, Any]:
-    """CPU family/model and the widest SIMD level, from /proc/cpuinfo (empty where it cannot be read)."""
-    info: dict[str, Any] = {}
-    with contextlib.suppress(OSError):
-        fields: dict[str, str] = {}
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if not line.strip():
-                break  # the first processor's block is enough
-            key, _, value = line.partition(":")
-            fields[key.strip()] = value.strip()
-        flags = set((fields.get("flags") or fields.get("Features") or "").split())
-        info["simd"] = next((f for f in _SIMD_LEVELS if f in flags), "unknown")
-        if "cpu family" in fields and "model" in fields:
-            info["cpu_family_model"] = f"{fields['cpu family']}/{fields['model']}"
+def _cpu_features(fields: dict[str, str]) -> dict[str, Any]:
+    """CPU family/model and the widest SIMD level (none where /proc/cpuinfo could not be read)."""
+    if not fields:
+        return {}
+    flags = set((fields.get("flags") or fields.get("Features") or "").split())
+    info: dict[str, Any] = {"simd": next((f for f in _SIMD_LEVELS if f in flags), "unknown")}
+    if "cpu family" in fields and "model" in fields:
+        info["cpu_family_model"] = f"{fields['cpu family']}/{fields['model']}"
     return info
 
 

@@ -20,49 +20,32 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from attn_export.graph.index import GraphIndex, node_attr
 
-class _Graph:
-    """Producers, consumers and initializers of a graph, for the small pattern matches below."""
+
+class _Graph(GraphIndex):
+    """The project's graph index, plus the three edits the rewrites below make."""
 
     def __init__(self, model: onnx.ModelProto) -> None:
-        self.g = model.graph
-        self.consumers: dict[str, list[onnx.NodeProto]] = {}
-        for n in self.g.node:
-            for i in n.input:
-                self.consumers.setdefault(i, []).append(n)
-        self.inits = {t.name: t for t in self.g.initializer}
-        self.outputs = {o.name for o in self.g.output}
+        super().__init__(model.graph)
         self._fresh = 0
 
-    def const(self, name: str) -> np.ndarray | None:
-        t = self.inits.get(name)
-        return None if t is None else numpy_helper.to_array(t)
-
     def only_user(self, tensor: str, op: str) -> onnx.NodeProto | None:
-        users = self.consumers.get(tensor, [])
-        if len(users) != 1 or users[0].op_type != op or tensor in self.outputs:
-            return None
-        return users[0]
+        user = self.only_consumer(tensor)
+        return user if user is not None and user.op_type == op else None
 
     def add_const(self, stem: str, array: np.ndarray) -> str:
         self._fresh += 1
         name = f"bench_variant_{stem}_{self._fresh}"
-        self.g.initializer.append(numpy_helper.from_array(array, name))
+        self.graph.initializer.append(numpy_helper.from_array(array, name))
         return name
 
     def replace(self, old: list[onnx.NodeProto], new: onnx.NodeProto) -> None:
         """Put ``new`` where the first of ``old`` was (its inputs are produced before it) and drop ``old``."""
-        at = list(self.g.node).index(old[0])
+        at = list(self.graph.node).index(old[0])
         for n in old:
-            self.g.node.remove(n)
-        self.g.node.insert(at, new)
-
-
-def _attr(node: onnx.NodeProto, name: str, default: object) -> object:
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return default
+            self.graph.node.remove(n)
+        self.graph.node.insert(at, new)
 
 
 def _per_channel(g: _Graph, node: onnx.NodeProto, data: str) -> np.ndarray | None:
@@ -78,8 +61,9 @@ def _per_channel(g: _Graph, node: onnx.NodeProto, data: str) -> np.ndarray | Non
     return arr.reshape(-1)
 
 
-def _gn_affines(g: _Graph) -> Iterator[tuple[onnx.NodeProto, onnx.NodeProto, np.ndarray, np.ndarray]]:
-    for norm in list(g.g.node):
+def _gn_affines(g: _Graph) -> Iterator[tuple[str, onnx.NodeProto, onnx.NodeProto, np.ndarray, np.ndarray]]:
+    """(normalized tensor, its Mul, the Add, gamma, beta) for each GroupNorm affine after InstanceNormalization."""
+    for norm in list(g.graph.node):
         if norm.op_type != "InstanceNormalization":
             continue
         back = g.only_user(norm.output[0], "Reshape")
@@ -89,15 +73,14 @@ def _gn_affines(g: _Graph) -> Iterator[tuple[onnx.NodeProto, onnx.NodeProto, np.
             continue
         gamma, beta = _per_channel(g, mul, back.output[0]), _per_channel(g, add, mul.output[0])
         if gamma is not None and beta is not None and gamma.shape == beta.shape:
-            yield mul, add, gamma, beta
+            yield back.output[0], mul, add, gamma, beta
 
 
 def gn_affine_bn(model: onnx.ModelProto) -> int:
     """Rewrite (in place) each GroupNorm affine Mul/Add into one BatchNormalization; returns the count."""
     g = _Graph(model)
     count = 0
-    for mul, add, gamma, beta in list(_gn_affines(g)):
-        data = next(i for i in mul.input if i not in g.inits)
+    for data, mul, add, gamma, beta in list(_gn_affines(g)):
         c = gamma.shape[0]
         stats = [g.add_const("gn_gamma", gamma), g.add_const("gn_beta", beta),
                  g.add_const("gn_mean", np.zeros(c, np.float32)), g.add_const("gn_var", np.ones(c, np.float32))]
@@ -115,11 +98,11 @@ _UP2_TAPS = np.array([[0, 0, 1], [0, 1, 1], [1, 1, 0], [1, 0, 0]], dtype=np.floa
 
 
 def _nearest_2x(g: _Graph, node: onnx.NodeProto) -> bool:
-    if node.op_type != "Resize" or _attr(node, "mode", b"nearest") != b"nearest" or len(node.input) < 3:
+    if node.op_type != "Resize" or node_attr(node, "mode", b"nearest") != b"nearest" or len(node.input) < 3:
         return False
-    if _attr(node, "coordinate_transformation_mode", b"half_pixel") != b"asymmetric":
+    if node_attr(node, "coordinate_transformation_mode", b"half_pixel") != b"asymmetric":
         return False
-    if _attr(node, "nearest_mode", b"round_prefer_floor") != b"floor":
+    if node_attr(node, "nearest_mode", b"round_prefer_floor") != b"floor":
         return False
     scales = g.const(node.input[2])
     return scales is not None and [float(s) for s in scales] == [1.0, 1.0, 2.0, 2.0]
@@ -129,11 +112,11 @@ def _plain_3x3(g: _Graph, conv: onnx.NodeProto) -> np.ndarray | None:
     w = g.const(conv.input[1]) if len(conv.input) > 1 else None
     if w is None or w.ndim != 4 or w.shape[2:] != (3, 3):
         return None
-    if _attr(conv, "group", 1) != 1 or list(_attr(conv, "strides", [1, 1])) != [1, 1]:  # type: ignore[call-overload]
+    if node_attr(conv, "group", 1) != 1 or node_attr(conv, "strides", [1, 1]) != [1, 1]:
         return None
-    if list(_attr(conv, "dilations", [1, 1])) != [1, 1] or list(_attr(conv, "pads", [0] * 4)) != [1, 1, 1, 1]:  # type: ignore[call-overload]
+    if node_attr(conv, "dilations", [1, 1]) != [1, 1] or node_attr(conv, "pads", [0] * 4) != [1, 1, 1, 1]:
         return None
-    if _attr(conv, "auto_pad", b"NOTSET") != b"NOTSET":
+    if node_attr(conv, "auto_pad", b"NOTSET") != b"NOTSET":
         return None
     return w
 
@@ -142,7 +125,7 @@ def upsample_convtranspose(model: onnx.ModelProto) -> int:
     """Rewrite (in place) each nearest-2x Resize feeding only a 3x3 Conv into one ConvTranspose; returns the count."""
     g = _Graph(model)
     count = 0
-    for resize in list(g.g.node):
+    for resize in list(g.graph.node):
         if not _nearest_2x(g, resize):
             continue
         conv = g.only_user(resize.output[0], "Conv")

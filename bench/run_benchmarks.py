@@ -71,7 +71,7 @@ TUNING_VARIANTS = [
     ("ORT serving form, upsample + 3x3 conv as one ConvTranspose", "ort",
      {"export": "op", "attention": "onnxruntime", "graph_variant": "upsample_convtranspose"}),
 ]
-ROUND_GRAPH_VARIANTS = ("gn_affine_bn", "upsample_convtranspose")
+ROUND_GRAPH_VARIANTS = tuple(v[2]["graph_variant"] for v in TUNING_VARIANTS if v[2].get("graph_variant"))
 # warmup, iterations per size: enough for a stable median without spending the whole budget at 256 px.
 SCHEDULE = {32: (1, 5), 64: (1, 3), 128: (1, 2), 256: (0, 1)}
 # The serving form is what the goals are about: at 256 px it gets a warm-up call the comparison rows do without.
