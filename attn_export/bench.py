@@ -231,6 +231,7 @@ def make_runner(artifact: str | Path, backend: str, spec: ModelSpec, *, provider
             "threads": opts.intra_op_num_threads or f"default ({os.cpu_count()} cpus)",
             "graph_optimization": graph_optimization,
             "attention": spec.attention,
+            "serving_form": ort_runner.serving_form_parts(),
             "onnxruntime": ort.__version__,
         }
     if backend == "tensorrt":

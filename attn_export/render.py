@@ -338,6 +338,9 @@ def triton(m: Any) -> None:
     if m.attention_rewritten:
         console.print(f"  attention: {m.attention_rewritten} site(s) as MultiHeadAttention (ONNX Runtime's flash attention)",
                       highlight=False)
+    if m.winograd_rewritten:
+        console.print(f"  convolutions: {m.winograd_rewritten} 3x3 as Winograd F(4x4, 3x3) (ONNX Runtime CPU)",
+                      highlight=False)
     console.print(f"  {escape(str(m.config_path))}", highlight=False)
     for p in [m.model_file, *m.copied]:
         console.print(f"  {escape(str(p))}", highlight=False)

@@ -69,6 +69,7 @@ class TritonModel:
     copied: list[Path] = field(default_factory=list)
     validated: bool = False
     attention_rewritten: int = 0  # attention sites served as ONNX Runtime's MultiHeadAttention
+    winograd_rewritten: int = 0   # 3x3 convolutions served as Winograd F(4x4, 3x3) (CPU instances)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -111,23 +112,27 @@ def _engine_io(path: Path) -> tuple[list[TensorConfig], list[TensorConfig], int,
     return ins, outs, max_batch, data
 
 
-def _onnxruntime_form(path: Path) -> tuple[Any, int] | None:
-    """The file with its attention in ONNX Runtime's form and the number of sites rewritten (None: nothing to do).
+def _onnxruntime_form(path: Path, kind: str) -> tuple[Any, Any] | None:
+    """The file in ONNX Runtime's serving form for ``kind`` instances and what was rewritten (None: nothing to do).
 
-    Weights are not loaded: the rewrite changes nodes only, and tensors stored
-    outside keep pointing at their data file.
+    Weights are not loaded where they are kept outside: the rewrite changes
+    nodes, and those tensors keep pointing at their data file.
     """
-    from .exporter.metadata import load_onnx
-    from .exporter.weights import EXTERNAL_DATA_THRESHOLD
-    from .graph import to_onnxruntime_form
+    from .exporter.metadata import load_onnx, spec_from_model
+    from .exporter.weights import EXTERNAL_DATA_THRESHOLD, has_external
+    from .graph import onnxruntime_serving_form
 
     model = load_onnx(path, load_external_data=False)
-    result = to_onnxruntime_form(model, weights_folder=path.parent)
-    if not result.rewritten:
+    # The file's size stands for the model's (ByteSize() costs seconds on a large model).
+    room = None if has_external(model) else max(EXTERNAL_DATA_THRESHOLD - path.stat().st_size - 2**24, 0)
+    provider = "CPUExecutionProvider" if kind == "cpu" else "CUDAExecutionProvider"
+    form = onnxruntime_serving_form(model, provider=provider, hw_multiple=spec_from_model(model).hw_multiple,
+                                    weights_folder=path.parent, max_added_bytes=room)
+    if not form.changed:
         return None
     if model.ByteSize() >= EXTERNAL_DATA_THRESHOLD:
         raise UsageError(f"{path.name} in ONNX Runtime's form would exceed 2 GB in one file; pass --attention as-is")
-    return model, len(result.rewritten)
+    return model, form
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -225,11 +230,12 @@ def write_model_repository(artifact: str | Path, repo: str | Path, *, name: str 
                            force: bool = False, attention: str = "onnxruntime") -> TritonModel:
     """Write ``repo/name/`` for an ONNX file or an engine; refuses an existing model folder unless ``force``.
 
-    ``attention="onnxruntime"`` (the default) writes the ONNX Runtime form of an
-    ONNX file: every FP32 attention site as ``com.microsoft.MultiHeadAttention``,
-    which Triton's ONNX Runtime backend runs as flash attention on CPU and CUDA
-    (memory linear in the sequence length), the same form ``verify`` and
-    ``bench`` run. ``"as-is"`` copies the file unchanged.
+    ``attention="onnxruntime"`` (the default) writes the ONNX Runtime serving
+    form of an ONNX file, the same form ``verify`` and ``bench`` run: every
+    FP32 attention site as ``com.microsoft.MultiHeadAttention``, which Triton's
+    ONNX Runtime backend runs as flash attention on CPU and CUDA (memory linear
+    in the sequence length), and for CPU instances the eligible 3x3
+    convolutions as Winograd F(4x4, 3x3). ``"as-is"`` copies the file unchanged.
 
     The folder is assembled next to its final place and renamed into it, so an
     interrupted run leaves either the old model or the new one, never a mix.
@@ -250,7 +256,7 @@ def write_model_repository(artifact: str | Path, repo: str | Path, *, name: str 
     if attention not in ("onnxruntime", "as-is"):
         raise UsageError(f"--attention must be onnxruntime or as-is (got {attention!r})")
     is_engine = is_engine_path(src)
-    served: tuple[Any, int] | None = None
+    served: tuple[Any, Any] | None = None
     header = [f"written by attn-export from {src.name}"]
     if is_engine:
         inputs, outputs, profile_max, sidecar = _engine_io(src)
@@ -274,12 +280,18 @@ def write_model_repository(artifact: str | Path, repo: str | Path, *, name: str 
         if max_batch is None:
             max_batch = DEFAULT_ONNX_MAX_BATCH
         platform, file_name = "onnxruntime_onnx", "model.onnx"
-        served = _onnxruntime_form(src) if attention == "onnxruntime" else None
-        if served is not None:
-            header.append(f"attention: {served[1]} site(s) as com.microsoft.MultiHeadAttention (ONNX Runtime's flash "
-                          f"attention); {src.name} itself keeps the standard form TensorRT reads")
     if kind not in ("gpu", "cpu"):
         raise UsageError(f"--kind must be gpu or cpu (got {kind!r})")
+    if not is_engine and attention == "onnxruntime":
+        served = _onnxruntime_form(src, kind)
+        if served is not None:
+            if served[1].attention_sites:
+                header.append(f"attention: {served[1].attention_sites} site(s) as com.microsoft.MultiHeadAttention "
+                              "(ONNX Runtime's flash attention)")
+            if served[1].winograd_convolutions:
+                header.append(f"convolutions: {served[1].winograd_convolutions} 3x3 as Winograd F(4x4, 3x3) "
+                              "(faster on ONNX Runtime's CPU provider)")
+            header.append(f"{src.name} itself keeps the standard form TensorRT reads")
     if max_batch < 0:
         raise UsageError(f"--max-batch must be 0 (no batching) or more (got {max_batch})")
     if max_batch > 0:
@@ -336,4 +348,5 @@ def write_model_repository(artifact: str | Path, repo: str | Path, *, name: str 
     return TritonModel(name=name, platform=platform, model_dir=model_dir,
                        model_file=model_dir / str(version) / file_name, config_path=model_dir / "config.pbtxt",
                        config_text=text, max_batch_size=max_batch, inputs=inputs, outputs=outputs, copied=copied,
-                       validated=validated, attention_rewritten=served[1] if served else 0)
+                       validated=validated, attention_rewritten=served[1].attention_sites if served else 0,
+                       winograd_rewritten=served[1].winograd_convolutions if served else 0)

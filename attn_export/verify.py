@@ -357,9 +357,9 @@ def verify(
         cand = ort_cand = OrtRunner(path, providers=providers, spec=spec)
         cand_desc = f"onnxruntime ({ort_cand.provider})"
     cand.activate()
-    if ort_cand is not None and ort_cand.attention_rewritten:
-        # What ran: the ONNX Runtime form of the file (attention as com.microsoft.MultiHeadAttention).
-        cand_desc = f"onnxruntime ({ort_cand.provider}, {ort_cand.attention_rewritten} x MultiHeadAttention)"
+    if ort_cand is not None:
+        # What ran: the serving form of the file (attention as com.microsoft.MultiHeadAttention, Winograd 3x3 convs).
+        cand_desc = f"onnxruntime ({', '.join([ort_cand.provider, *ort_cand.serving_form_parts()])})"
     setup[cand.name] = time.perf_counter() - t0
     # The two never hold memory at once: the reference runs every shape first and is freed before the
     # candidate comes back (its first activation only proved it loads). Peak memory is the larger of the two

@@ -40,8 +40,9 @@ ATTN_DOWNSAMPLE = 2
 # (label, backend kind, options). Torch kinds take an attention formulation; ORT kinds an export, the attention form
 # the session gets ("as-is": the file as written; "onnxruntime": every FP32 attention site rewritten to ONNX Runtime's
 # com.microsoft.MultiHeadAttention, the form OrtRunner serves by default) and session options.
-SERVING_OP = "ORT serving form (MultiHeadAttention), from op export"
-SERVING_DEC = "ORT serving form (MultiHeadAttention), from decomposed export"
+SERVING_OP = "ORT serving form (MultiHeadAttention, Winograd), from op export"
+SERVING_DEC = "ORT serving form (MultiHeadAttention, Winograd), from decomposed export"
+NO_WINOGRAD = "ORT serving form without Winograd (3x3 convolutions as written)"
 COMPILE_LABEL = "torch.compile (inductor), sdpa"
 EAGER_IMPLS = ("reference", "sdpa", "decomposed")
 MAIN_VARIANTS = [
@@ -65,13 +66,16 @@ TUNING_VARIANTS = [
     ("ORT op, graph opt basic", "ort", {"export": "op", "attention": "as-is", "opt": "basic"}),
     ("ORT op, graph opt disabled", "ort", {"export": "op", "attention": "as-is", "opt": "disable"}),
     ("ORT op, no CPU memory arena", "ort", {"export": "op", "attention": "as-is", "arena": False}),
-    # Exact graph rewrites of the serving form (bench/graph_variants.py), against the serving form itself.
+    # Variants of the serving form, against the serving form itself: without its Winograd convolutions, and an
+    # exact graph rewrite (bench/graph_variants.py).
+    (NO_WINOGRAD, "ort", {"export": "op", "attention": "onnxruntime", "winograd": False}),
     ("ORT serving form, GroupNorm affine as BatchNormalization", "ort",
      {"export": "op", "attention": "onnxruntime", "graph_variant": "gn_affine_bn"}),
-    ("ORT serving form, upsample + 3x3 conv as one ConvTranspose", "ort",
-     {"export": "op", "attention": "onnxruntime", "graph_variant": "upsample_convtranspose"}),
 ]
-ROUND_GRAPH_VARIANTS = tuple(v[2]["graph_variant"] for v in TUNING_VARIANTS if v[2].get("graph_variant"))
+# Serving-form variants paired with the serving form round by round in the side-by-side check (name -> job keys),
+# at sizes up to ROUND_VARIANTS_UP_TO.
+ROUND_VARIANTS: dict[str, dict[str, Any]] = {"no_winograd": {"winograd": False}}
+ROUND_VARIANTS_UP_TO = 128
 # warmup, iterations per size: enough for a stable median without spending the whole budget at 256 px.
 SCHEDULE = {32: (1, 5), 64: (1, 3), 128: (1, 2), 256: (0, 1)}
 # The serving form is what the goals are about: at 256 px it gets a warm-up call the comparison rows do without.
@@ -126,6 +130,7 @@ def worker(job: dict[str, Any]) -> dict[str, Any]:
     runner.activate()
     if job["kind"] == "ort":
         settings["attention_sites_rewritten"] = getattr(runner, "attention_rewritten", 0)
+        settings["winograd_convolutions"] = getattr(runner, "winograd_rewritten", 0)
         if job.get("graph_variant"):
             settings["graph_variant"] = job["graph_variant"]
             settings["graph_variant_sites"] = job.get("graph_variant_sites", 0)
@@ -206,6 +211,11 @@ def _node_flops(op: str, inputs: list[list[int]], outputs: list[list[int]]) -> f
         for d in w[1:]:
             per_out *= d
         return 2.0 * n_out * per_out
+    if op == "WinogradProducts" and len(inputs) >= 2 and len(inputs[0]) == 3 and len(inputs[1]) == 4:
+        # The 36 products of a Winograd F(4x4, 3x3) convolution: counted as the direct 3x3 convolution they replace
+        # (the model's real FLOPs), 16 output pixels per tile. U is [36, K, C]; V [N, 36, C, T] or [N, C, 36, T].
+        (_, k, c), (n, t) = inputs[0], (inputs[1][0], inputs[1][3])
+        return 2.0 * n * k * c * 9 * 16 * t
     if op == "MultiHeadAttention" and len(inputs) >= 2:
         (b, sq, hidden), sk = inputs[0], inputs[1][1]  # query (B, S_q, hidden), key (B, S_kv, hidden)
         return 2.0 * 2 * b * sq * sk * hidden  # Q·Kᵀ and P·V over all heads
@@ -243,10 +253,15 @@ def ort_op_profile(job: dict[str, Any], spec: Any, feeds: dict[str, Any], calls:
             continue
         args = e.get("args", {})
         op = args.get("op_name", "?")
-        us[op] += e["dur"]
         shapes_in = [next(iter(d.values())) for d in args.get("input_type_shape", [])]
         shapes_out = [next(iter(d.values())) for d in args.get("output_type_shape", [])]
-        flops[op] += _node_flops(op, shapes_in, shapes_out)
+        if "/winograd/" in e["name"]:
+            # Every node of a Winograd convolution is convolution time; its products carry the convolution's FLOPs.
+            flops["Conv"] += _node_flops("WinogradProducts", shapes_in, shapes_out) if "/products" in e["name"] else 0.0
+            op = "Conv"
+        else:
+            flops[op] += _node_flops(op, shapes_in, shapes_out)
+        us[op] += e["dur"]
     return {"calls": calls, "wall_ms": wall_ms,
             "ops": {op: {"ms": t / 1e3 / calls, "gflop": flops[op] / 1e9 / calls} for op, t in us.most_common()}}
 
@@ -284,7 +299,8 @@ def _ort_runner(job: dict[str, Any], spec: Any) -> Any:
             return model.SerializeToString()
 
     runner = TunedOrtRunner(job["onnx"], spec=spec, attention=job.get("attention", "as-is"),
-                            graph_optimization=job.get("opt", "all"), providers=["cpu"])
+                            graph_optimization=job.get("opt", "all"), providers=["cpu"],
+                            winograd=job.get("winograd", True))
     return runner
 
 
@@ -572,9 +588,9 @@ def run_interleaved(args: argparse.Namespace, report: dict[str, Any]) -> list[di
     out = []
     for item in [i for i in args.interleaved.split(",") if i.strip()]:
         size, threads = (int(v) for v in item.split(":"))
-        # The exact graph rewrites of the tuning table join the rounds where they are cheap: a few percent is
-        # inside one process's noise, a paired comparison round by round is not.
-        rewrites = [f"onnxruntime {v}" for v in ROUND_GRAPH_VARIANTS] if size <= args.tune_up_to else []
+        # Variants of the serving form join the rounds where they are cheap enough: a few percent is inside one
+        # process's noise, a paired comparison round by round is not.
+        rewrites = [f"onnxruntime {v}" for v in ROUND_VARIANTS] if size <= ROUND_VARIANTS_UP_TO else []
         backends = [f"pytorch {i}" for i in EAGER_IMPLS] + ["onnxruntime"] + rewrites
         rounds = ROUNDS.get(size, 3)
         warmup, calls = ROUND_CALLS.get(size, (1, 1))
@@ -588,7 +604,7 @@ def run_interleaved(args: argparse.Namespace, report: dict[str, Any]) -> list[di
             for name in backends[i % len(backends):] + backends[:i % len(backends)]:
                 job = (dict(base, kind="torch", impl=name.split()[-1]) if name.startswith("pytorch") else
                        dict(base, kind="ort", onnx=onnx_op, export="op", attention="onnxruntime", threads_ort=threads,
-                            graph_variant=name.split()[1] if " " in name else None))
+                            **(ROUND_VARIANTS[name.split()[1]] if " " in name else {})))
                 cell = run_job(job, args.guard_gib, args.timeout)
                 if not _ok(cell):
                     error = f"{name}: {cell.get('error', cell.get('status'))}"
@@ -932,10 +948,9 @@ def render(report: dict[str, Any]) -> str:
         a("")
         varied = [r for r in inter if r.get("status") == "ok" and r.get("graph_variants")]
         if varied:
-            a("The exact graph rewrites of the tuning table (below) ran in the same rounds, each in a process of "
-              "its own like the others: *round ratio* here is the rewrite's median over the serving form's in the "
-              "same round.\n")
-            a("| size | rewrite | median ms | serving form ms | ratio of medians | round ratio: median (min–max) |")
+            a("Variants of the serving form ran in the same rounds, each in a process of its own like the others: "
+              "*round ratio* here is the variant's median over the serving form's in the same round.\n")
+            a("| size | variant | median ms | serving form ms | ratio of medians | round ratio: median (min–max) |")
             a("|---|---|---|---|---|---|")
             for r in varied:
                 for name, v in r["graph_variants"].items():

@@ -4,7 +4,8 @@ Every consumer (export fusion, the FP16 audit and conversion, the TensorRT
 readiness check, ``inspect`` and the engine fusion report) reads attention
 through :func:`find_attention`; :func:`canonicalize_attention` rewrites the
 sites it finds into one ONNX ``Attention`` node or the canonical
-Mul(q, scale) -> MatMul -> Softmax -> MatMul chain.
+Mul(q, scale) -> MatMul -> Softmax -> MatMul chain; :func:`onnxruntime_serving_form`
+builds what ONNX Runtime sessions run (MultiHeadAttention, Winograd 3x3 convolutions on CPU).
 """
 
 from __future__ import annotations
@@ -12,8 +13,11 @@ from __future__ import annotations
 from .attention import AttentionSite, Operand, find_attention
 from .index import GraphIndex, TypedIndex, node_attr
 from .rewrite import RewriteResult, canonicalize_attention, to_onnxruntime_form
+from .serving import ServingForm, onnxruntime_serving_form
+from .winograd import WinogradResult, winograd_convolutions
 
 __all__ = [
-    "AttentionSite", "GraphIndex", "Operand", "RewriteResult", "TypedIndex", "canonicalize_attention",
-    "find_attention", "node_attr", "to_onnxruntime_form",
+    "AttentionSite", "GraphIndex", "Operand", "RewriteResult", "ServingForm", "TypedIndex", "WinogradResult",
+    "canonicalize_attention", "find_attention", "node_attr", "onnxruntime_serving_form", "to_onnxruntime_form",
+    "winograd_convolutions",
 ]

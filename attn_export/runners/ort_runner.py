@@ -39,17 +39,20 @@ def resolve_providers(providers: Sequence[str] | None) -> list[str]:
     return out
 
 
-# "onnxruntime": attention sites run as ONNX Runtime's contrib MultiHeadAttention; "as-is": the file's own graph.
+# "onnxruntime": the serving form (attention as ONNX Runtime's contrib MultiHeadAttention, on CPU 3x3 convolutions
+# as Winograd); "as-is": the file's own graph.
 ATTENTION_FORMS = ("onnxruntime", "as-is")
-MHA_PROVIDERS = ("CPUExecutionProvider", "CUDAExecutionProvider")
+SERVING_FORM_MARGIN = 2**24
 
 
 class OrtRunner(Runner):
     """ONNX Runtime behind the common Runner interface, built from an ONNX path.
 
-    ``attention="onnxruntime"`` (the default) serves every FP32 attention site
-    as ONNX Runtime's contrib ``MultiHeadAttention`` on the CPU and CUDA
-    providers: flash attention, memory linear in the sequence length. The file
+    ``attention="onnxruntime"`` (the default) builds the session from the
+    serving form: every FP32 attention site as ONNX Runtime's contrib
+    ``MultiHeadAttention`` on the CPU and CUDA providers (flash attention,
+    memory linear in the sequence length) and, on the CPU provider with
+    ``winograd``, eligible 3x3 convolutions as Winograd F(4x4, 3x3). The file
     itself, the artifact TensorRT reads, is never changed; ``"as-is"`` runs it
     exactly as written.
 
@@ -62,11 +65,14 @@ class OrtRunner(Runner):
     name = "onnxruntime"
 
     def __init__(self, path: str | Path, *, providers: Sequence[str] | None = None, threads: int | None = None,
-                 spec: ModelSpec | None = None, graph_optimization: str = "all", attention: str = "onnxruntime") -> None:
+                 spec: ModelSpec | None = None, graph_optimization: str = "all", attention: str = "onnxruntime",
+                 winograd: bool = True) -> None:
         if attention not in ATTENTION_FORMS:
             raise UsageError(f"attention must be one of {', '.join(ATTENTION_FORMS)} (got {attention!r})")
         self.attention = attention
+        self.winograd = winograd
         self.attention_rewritten = 0
+        self.winograd_rewritten = 0
         self.path = Path(path)
         model = load_onnx(self.path, load_external_data=False)
         super().__init__(spec if spec is not None else spec_from_model(model, origin=str(self.path)))
@@ -118,27 +124,43 @@ class OrtRunner(Runner):
         self.session = ort.InferenceSession(self._model_for_session(opts), opts, providers=self.providers)
 
     def _model_for_session(self, opts: Any) -> str | bytes:
-        """The file, or its ONNX Runtime form: attention as com.microsoft.MultiHeadAttention (flash attention).
+        """The file, or its serving form (:func:`attn_export.graph.onnxruntime_serving_form`).
 
-        Only for the CPU and CUDA providers (the TensorRT provider reads the
-        standard graph). A model with external data is rewritten without its
-        weights: ONNX Runtime reads the data files from the file's folder.
+        A model with external data is rewritten without its weights: ONNX
+        Runtime reads the data files from the file's folder (its convolutions
+        stay as they are: their weights are not loaded).
         """
-        if self.attention != "onnxruntime" or self.providers[0] not in MHA_PROVIDERS:
+        if self.attention != "onnxruntime":
             return str(self.path)
         from ..exporter.weights import EXTERNAL_DATA_THRESHOLD, has_external
-        from ..graph import to_onnxruntime_form
+        from ..graph import onnxruntime_serving_form
         from ..graph.probe import read_external_data_from
 
         model = load_onnx(self.path, load_external_data=False)
-        result = to_onnxruntime_form(model, weights_folder=self.path.parent)
         external = has_external(model)
-        if not result.rewritten or (not external and model.ByteSize() >= EXTERNAL_DATA_THRESHOLD):
+        # The file's size stands for the model's (ByteSize() costs seconds on a large model); the margin covers
+        # what the attention rewrite adds.
+        room = None if external else EXTERNAL_DATA_THRESHOLD - self.path.stat().st_size - SERVING_FORM_MARGIN
+        if room is not None and room < 0:
             return str(self.path)
-        self.attention_rewritten = len(result.rewritten)
+        form = onnxruntime_serving_form(model, provider=self.providers[0], hw_multiple=self.spec.hw_multiple,
+                                        winograd=self.winograd, weights_folder=self.path.parent, max_added_bytes=room)
+        if not form.changed:
+            return str(self.path)
+        self.attention_rewritten = form.attention_sites
+        self.winograd_rewritten = form.winograd_convolutions
         if external:
             read_external_data_from(opts, self.path.parent)
         return model.SerializeToString()
+
+    def serving_form_parts(self) -> list[str]:
+        """What the session runs beyond the file, in words (empty for the file as written)."""
+        parts = []
+        if self.attention_rewritten:
+            parts.append(f"{self.attention_rewritten} x MultiHeadAttention")
+        if self.winograd_rewritten:
+            parts.append(f"{self.winograd_rewritten} x Winograd 3x3 conv")
+        return parts
 
     def _deactivate(self) -> None:
         self.session = None
