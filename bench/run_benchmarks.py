@@ -2,7 +2,8 @@
 """Produce docs/benchmarks.md: ddpm-cifar10 on this machine's CPU: PyTorch eager, torch.compile, ONNX Runtime.
 
 Rows: PyTorch eager (three attention formulations), torch.compile (inductor), ONNX Runtime on each export as
-written, and ONNX Runtime's serving form (attention as com.microsoft.MultiHeadAttention, what OrtRunner uses);
+written, and ONNX Runtime's serving form (attention as com.microsoft.MultiHeadAttention, 3x3 convolutions as Winograd
+F(4x4, 3x3) on CPU: what OrtRunner uses);
 batch 4 and 8 at 64 px; the goal check of the serving form. Only this script's part of the page is rewritten
 (between its begin/end markers); other sections of docs/benchmarks.md are kept.
 
@@ -700,8 +701,9 @@ def _row_note(r: dict[str, Any]) -> str:
     if r["kind"] == "compile" and "compile_s" in r:
         return f"compile {r['compile_s']:.0f} s (first call, excluded)"
     if r["kind"] == "ort" and st.get("attention") == "onnxruntime":
-        n = st.get("attention_sites_rewritten", 0)
-        return f"{n} attention sites → MultiHeadAttention" if n else "**no site rewritten: ran as written**"
+        n, w = st.get("attention_sites_rewritten", 0), st.get("winograd_convolutions", 0)
+        parts = ([f"{n} attention sites → MultiHeadAttention"] if n else []) + ([f"{w} 3x3 convs → Winograd"] if w else [])
+        return ", ".join(parts) if parts else "**nothing rewritten: ran as written**"
     return ""
 
 
@@ -744,9 +746,10 @@ def render(report: dict[str, Any]) -> str:
       "the sdpa formulation, whose compile time is the first call and is reported apart from the latency; ONNX Runtime "
       "on the exported file **as written** (`Attention` op or MatMul/Softmax/MatMul), and in its **serving form**: "
       "the session built from the model with every FP32 attention site rewritten to ONNX Runtime's "
-      "`com.microsoft.MultiHeadAttention` (`attn_export.graph.to_onnxruntime_form`), which is what `OrtRunner`, "
-      "`attn-export verify` and `attn-export bench` use by default. The as-written rows show why the serving form "
-      "exists.\n")
+      "`com.microsoft.MultiHeadAttention` and every 3x3 convolution whose height and width are multiples of 4 for "
+      "every accepted input size rewritten to Winograd F(4x4, 3x3) in standard ONNX ops "
+      "(`attn_export.graph.onnxruntime_serving_form`), which is what `OrtRunner`, `attn-export verify` and "
+      "`attn-export bench` use by default on the CPU. The as-written rows show why the serving form exists.\n")
     a("## Latency and memory, batch 1\n")
     a(stamp + "\n")
     a("| size | backend | median ms | mean ms | p90 ms | timed calls (+ warm-up) | ratio to fastest eager | achieved GFLOP/s | "
@@ -965,6 +968,8 @@ def render(report: dict[str, Any]) -> str:
               "(one warm-up call, then the calls counted), time summed per op type; the profiler adds a little time "
               "to every node, which shows mostly in the small ops. FLOPs of Conv and "
               "MultiHeadAttention are computed from the shapes the profiler recorded (`_node_flops` in the script). "
+              "*Conv* includes every node of the Winograd convolutions (input transform, the 36 products, output "
+              "transform), which count the FLOPs of the direct convolutions they replace. "
               "*Peak*: the best of the GEMM libraries, measured in that process right after (see above). *Floor*: "
               "ORT's convolutions and attention alone over the fastest eager median of the rounds, the ratio ORT "
               "would reach if every other op took no time at all.\n")
