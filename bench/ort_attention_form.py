@@ -1,7 +1,8 @@
 """Latency and peak memory of one ONNX file served by OrtRunner, with and without its ONNX Runtime attention form.
 
 Each form runs in its own process (peak RSS is per process): one warm-up call, then the median of
---calls timed calls at batch 1 and the given size, with 2 intra-op threads.
+--calls timed calls at batch 1 and the given size, with 2 intra-op threads. Only the attention differs:
+the serving form's Winograd convolutions are left out of both (OrtRunner(winograd=False)).
 
     python bench/ort_attention_form.py unet.onnx --size 256 [--calls 3]
 """
@@ -21,7 +22,7 @@ def _child(path: str, form: str, size: int, calls: int) -> None:
 
     from attn_export.runners.ort_runner import OrtRunner
 
-    runner = OrtRunner(path, attention=form, threads=2).activate()
+    runner = OrtRunner(path, attention=form, threads=2, winograd=False).activate()
     x = np.random.default_rng(0).standard_normal((1, runner.spec.in_channels, size, size)).astype(np.float32)
     feeds = {t.name: (x if i == 0 else np.full(t.shape_for(1, size, size), 500).astype(t.dtype))
              for i, t in enumerate(runner.spec.inputs)}

@@ -25,7 +25,7 @@ from onnx import helper
 
 from .index import Dim, GraphIndex, default_opset, drop_unused_initializers, node_attr
 from .probe import probe_index, run_probe
-from .rewrite import ensure_node_names
+from .rewrite import _Names, ensure_node_names
 
 # F(4, 3): Bᵀ (6x6), G (6x3), Aᵀ (4x6), the matrices of Lavin and Gray's paper.
 _BT = np.array([[4, 0, -5, 0, 1, 0], [0, -4, -4, 1, 1, 0], [0, 4, -4, -1, 1, 0],
@@ -45,7 +45,6 @@ MIN_CHANNELS = 64
 @dataclass
 class WinogradResult:
     """What :func:`winograd_convolutions` did: the convolutions rewritten, and those left with the reason."""
-
 
     rewritten: list[str] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
@@ -105,14 +104,17 @@ def _downscale(small: list[Dim] | None, large: list[Dim] | None, p: int) -> int 
 
 
 class _Emitter:
-    def __init__(self, model: onnx.ModelProto, prefix: str, shared: dict[str, str]) -> None:
+    """Nodes and initializers of one rewrite, under fresh names that start with the convolution's."""
+
+    def __init__(self, model: onnx.ModelProto, prefix: str, names: _Names, shared: dict[str, str]) -> None:
         self.model = model
         self.prefix = prefix
+        self.names = names
         self.nodes: list[onnx.NodeProto] = []
         self.shared = shared
 
-    def const(self, what: str, array: np.ndarray) -> str:
-        name = f"{self.prefix}/{what}"
+    def const(self, what: str, array: np.ndarray, *, prefix: str | None = None) -> str:
+        name = self.names.fresh(f"{prefix or self.prefix}/{what}")
         init = self.model.graph.initializer.add()  # built in place: the transformed weights are large
         init.name = name
         init.data_type = helper.np_dtype_to_tensor_dtype(array.dtype)
@@ -123,22 +125,24 @@ class _Emitter:
     def shared_const(self, key: str, make: Callable[[], np.ndarray]) -> str:
         """One initializer for every convolution that needs the same constant (the transforms)."""
         if key not in self.shared:
-            self.shared[key] = self.const(key, make())
+            self.shared[key] = self.const(key, make(), prefix="winograd")
         return self.shared[key]
 
-    def node(self, op: str, inputs: list[str], what: str, **attrs: Any) -> str:
-        out = f"{self.prefix}/{what}"
-        self.nodes.append(helper.make_node(op, inputs, [out], name=out, **attrs))
-        return out
+    def node(self, op: str, inputs: list[str], what: str, *, output: str | None = None, **attrs: Any) -> str:
+        """Append a node; its output is a fresh tensor unless ``output`` names one."""
+        name = self.names.fresh(f"{self.prefix}/{what}")
+        self.nodes.append(helper.make_node(op, inputs, [output or name], name=name, **attrs))
+        return output or name
 
 
-def _build(model: onnx.ModelProto, idx: GraphIndex, conv: onnx.NodeProto, shared: dict[str, str]) -> list[onnx.NodeProto]:
+def _build(model: onnx.ModelProto, idx: GraphIndex, conv: onnx.NodeProto, names: _Names,
+           shared: dict[str, str]) -> list[onnx.NodeProto]:
     """The nodes that replace ``conv`` (H and W at its input are multiples of 4)."""
     w = idx.const(conv.input[1])
     assert w is not None
     k, c = int(w.shape[0]), int(w.shape[1])
     x, y = conv.input[0], conv.output[0]
-    e = _Emitter(model, f"{conv.name}/winograd", shared)
+    e = _Emitter(model, f"{conv.name}/winograd", names, shared)
     i64 = np.int64
     # Input transform: a grouped Conv, the 36 kernels for every channel -> [N, C*36, H/4, W/4], channel-major.
     v = e.node("Conv", [x, e.shared_const(f"input_kernels_{c}", lambda: np.tile(_input_kernels(w.dtype), (c, 1, 1, 1)))],
@@ -153,13 +157,10 @@ def _build(model: onnx.ModelProto, idx: GraphIndex, conv: onnx.NodeProto, shared
     o_shape = e.node("Concat", [e.const("tile_channels", np.array([0, TILE * TILE * k], i64)), tiles_hw],
                      "output_tiles_shape", axis=0)
     o4 = e.node("Reshape", [o, o_shape], "output_tiles_4d")
-    result = e.node("DepthToSpace", [o4], "output", blocksize=TILE, mode="DCR")
     bias = idx.const(conv.input[2]) if len(conv.input) > 2 and conv.input[2] else None
+    result = e.node("DepthToSpace", [o4], "output", output=None if bias is not None else y, blocksize=TILE, mode="DCR")
     if bias is not None:
-        e.nodes.append(helper.make_node("Add", [result, e.const("bias", bias.reshape(1, k, 1, 1))], [y],
-                                        name=f"{conv.name}/winograd/bias"))
-    else:
-        e.nodes.append(helper.make_node("Identity", [result], [y], name=f"{conv.name}/winograd/result"))
+        e.node("Add", [result, e.const("bias", bias.reshape(1, k, 1, 1))], "bias", output=y)
     return e.nodes
 
 
@@ -234,6 +235,7 @@ def winograd_convolutions(model: onnx.ModelProto, hw_multiple: int, *, weights_f
     tiles = _tile_reasons(model, plain, hw_multiple, weights_folder) if plain else {}
     replaced: dict[str, list[onnx.NodeProto]] = {}
     shared: dict[str, str] = {}
+    names = _Names.of(model)
     budget = max_added_bytes
     for conv in plain:
         reason = tiles[conv.name]
@@ -248,7 +250,7 @@ def winograd_convolutions(model: onnx.ModelProto, hw_multiple: int, *, weights_f
         if reason:
             result.skipped[conv.name] = reason
             continue
-        replaced[conv.name] = _build(model, idx, conv, shared)
+        replaced[conv.name] = _build(model, idx, conv, names, shared)
         result.rewritten.append(conv.name)
     if replaced:
         nodes: list[onnx.NodeProto] = []
