@@ -23,10 +23,15 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .engines.sidecar import is_engine_path
 from .errors import UsageError
+
+if TYPE_CHECKING:
+    import onnx
+
+    from .graph import ServingForm
 
 DEFAULT_ONNX_MAX_BATCH = 8
 # numpy dtype name -> Triton data type.
@@ -112,7 +117,7 @@ def _engine_io(path: Path) -> tuple[list[TensorConfig], list[TensorConfig], int,
     return ins, outs, max_batch, data
 
 
-def _onnxruntime_form(path: Path, kind: str) -> tuple[Any, Any] | None:
+def _onnxruntime_form(path: Path, kind: str) -> tuple[onnx.ModelProto, ServingForm] | None:
     """The file in ONNX Runtime's serving form for ``kind`` instances and what was rewritten (None: nothing to do).
 
     Weights are not loaded where they are kept outside: the rewrite changes
@@ -256,7 +261,7 @@ def write_model_repository(artifact: str | Path, repo: str | Path, *, name: str 
     if attention not in ("onnxruntime", "as-is"):
         raise UsageError(f"--attention must be onnxruntime or as-is (got {attention!r})")
     is_engine = is_engine_path(src)
-    served: tuple[Any, Any] | None = None
+    served: tuple[onnx.ModelProto, ServingForm] | None = None
     header = [f"written by attn-export from {src.name}"]
     if is_engine:
         inputs, outputs, profile_max, sidecar = _engine_io(src)

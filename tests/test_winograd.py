@@ -164,3 +164,17 @@ def test_triton_cpu_instances_get_winograd(export_model, tmp_path: Path) -> None
     assert "Winograd" in cpu.config_text and "Winograd" not in gpu.config_text
     ops = Counter(n.op_type for n in onnx.load(str(cpu.model_file)).graph.node)
     assert ops["DepthToSpace"] == cpu.winograd_rewritten
+
+
+def test_new_names_do_not_collide() -> None:
+    # A foreign graph may already hold a tensor under the name the rewrite would pick.
+    model = _conv_model(16, 8)
+    taken = "conv/winograd/products"
+    model.graph.node.append(helper.make_node("Identity", ["x"], [taken], name=taken))
+    model.graph.output.append(helper.make_tensor_value_info(taken, TensorProto.FLOAT, ["batch", 16, "height", "width"]))
+    direct = _session(model)
+    assert winograd_convolutions(model, hw_multiple=4, min_channels=1).rewritten == ["conv"]
+    onnx.checker.check_model(model)
+    x = np.random.default_rng(5).standard_normal((1, 16, 12, 8)).astype(np.float32)
+    ref, got = direct.run(None, {"x": x}), _session(model).run(None, {"x": x})
+    assert np.abs(got[0] - ref[0]).max() < 1e-5 and np.array_equal(got[1], x)

@@ -38,6 +38,10 @@ TILE = 4          # output tile side
 _A = 6            # input tile side
 _XI = _A * _A     # points of the transformed tile
 
+# With ``arrays``, constants over this many elements are handed over as arrays instead of written into the graph.
+HANDED_OVER_ELEMENTS = 8192
+HANDED_OVER = "<handed to the session as an array>"
+
 # Below this many input channels the transforms cost more than the products save (measured in docs/benchmarks.md).
 MIN_CHANNELS = 64
 
@@ -106,12 +110,14 @@ def _downscale(small: list[Dim] | None, large: list[Dim] | None, p: int) -> int 
 class _Emitter:
     """Nodes and initializers of one rewrite, under fresh names that start with the convolution's."""
 
-    def __init__(self, model: onnx.ModelProto, prefix: str, names: _Names, shared: dict[str, str]) -> None:
+    def __init__(self, model: onnx.ModelProto, prefix: str, names: _Names, shared: dict[str, str],
+                 arrays: dict[str, np.ndarray] | None) -> None:
         self.model = model
         self.prefix = prefix
         self.names = names
         self.nodes: list[onnx.NodeProto] = []
         self.shared = shared
+        self.arrays = arrays
 
     def const(self, what: str, array: np.ndarray, *, prefix: str | None = None) -> str:
         name = self.names.fresh(f"{prefix or self.prefix}/{what}")
@@ -119,7 +125,14 @@ class _Emitter:
         init.name = name
         init.data_type = helper.np_dtype_to_tensor_dtype(array.dtype)
         init.dims.extend(array.shape)
-        init.raw_data = np.ascontiguousarray(array).tobytes()
+        if self.arrays is not None and array.size > HANDED_OVER_ELEMENTS:
+            # Handed to the session apart from the graph; the stub names no file that could be read.
+            init.data_location = onnx.TensorProto.EXTERNAL
+            entry = init.external_data.add()
+            entry.key, entry.value = "location", HANDED_OVER
+            self.arrays[name] = np.ascontiguousarray(array)
+        else:
+            init.raw_data = np.ascontiguousarray(array).tobytes()
         return name
 
     def shared_const(self, key: str, make: Callable[[], np.ndarray]) -> str:
@@ -136,13 +149,13 @@ class _Emitter:
 
 
 def _build(model: onnx.ModelProto, idx: GraphIndex, conv: onnx.NodeProto, names: _Names,
-           shared: dict[str, str]) -> list[onnx.NodeProto]:
+           shared: dict[str, str], arrays: dict[str, np.ndarray] | None) -> list[onnx.NodeProto]:
     """The nodes that replace ``conv`` (H and W at its input are multiples of 4)."""
     w = idx.const(conv.input[1])
     assert w is not None
     k, c = int(w.shape[0]), int(w.shape[1])
     x, y = conv.input[0], conv.output[0]
-    e = _Emitter(model, f"{conv.name}/winograd", names, shared)
+    e = _Emitter(model, f"{conv.name}/winograd", names, shared, arrays)
     i64 = np.int64
     # Input transform: a grouped Conv, the 36 kernels for every channel -> [N, C*36, H/4, W/4], channel-major.
     v = e.node("Conv", [x, e.shared_const(f"input_kernels_{c}", lambda: np.tile(_input_kernels(w.dtype), (c, 1, 1, 1)))],
@@ -207,7 +220,8 @@ def added_bytes(w: np.ndarray) -> int:
 
 
 def winograd_convolutions(model: onnx.ModelProto, hw_multiple: int, *, weights_folder: Path | None = None,
-                          min_channels: int = MIN_CHANNELS, max_added_bytes: int | None = None) -> WinogradResult:
+                          min_channels: int = MIN_CHANNELS, max_added_bytes: int | None = None,
+                          arrays: dict[str, np.ndarray] | None = None) -> WinogradResult:
     """Rewrite (in place) every eligible 3x3 convolution of ``model`` into Winograd F(4x4, 3x3).
 
     Eligible: stride 1, padding 1, no groups or dilation, float32 constant weights with at least
@@ -216,6 +230,9 @@ def winograd_convolutions(model: onnx.ModelProto, hw_multiple: int, *, weights_f
     to float rounding: the transforms' constants are not powers of two, about 1e-5 relative in float32.
     ``weights_folder``: where the data files are, for a model loaded without them. ``max_added_bytes``:
     convolutions whose transformed weights would take the model past this many more bytes are left.
+    ``arrays``: where given, the large new constants (the transformed weights) go into it, name -> array,
+    and the graph holds external-data stubs for them, for ONNX Runtime's ``add_external_initializers``:
+    the session gets them without a protobuf copy.
     """
     result = WinogradResult()
     if default_opset(model) < 15:  # Shape's start/end attributes
@@ -250,7 +267,7 @@ def winograd_convolutions(model: onnx.ModelProto, hw_multiple: int, *, weights_f
         if reason:
             result.skipped[conv.name] = reason
             continue
-        replaced[conv.name] = _build(model, idx, conv, names, shared)
+        replaced[conv.name] = _build(model, idx, conv, names, shared, arrays)
         result.rewritten.append(conv.name)
     if replaced:
         nodes: list[onnx.NodeProto] = []
@@ -262,4 +279,4 @@ def winograd_convolutions(model: onnx.ModelProto, hw_multiple: int, *, weights_f
     return result
 
 
-__all__ = ["MIN_CHANNELS", "TILE", "WinogradResult", "added_bytes", "transformed_weights", "winograd_convolutions"]
+__all__ = ["HANDED_OVER", "MIN_CHANNELS", "TILE", "WinogradResult", "added_bytes", "transformed_weights", "winograd_convolutions"]

@@ -80,6 +80,7 @@ class OrtRunner(Runner):
         self.threads = threads
         self.graph_optimization = graph_optimization
         self.session: Any = None
+        self._handed_over: list[Any] = []  # OrtValues the session reads its transformed weights from
         self._lock = threading.Lock()
         self.precision = self.spec.precision
 
@@ -144,9 +145,17 @@ class OrtRunner(Runner):
         if room is not None and room < 0:
             return str(self.path)
         form = onnxruntime_serving_form(model, provider=self.providers[0], hw_multiple=self.spec.hw_multiple,
-                                        winograd=self.winograd, weights_folder=self.path.parent, max_added_bytes=room)
+                                        winograd=self.winograd, weights_folder=self.path.parent, max_added_bytes=room,
+                                        with_arrays=True)
         if not form.changed:
             return str(self.path)
+        if form.arrays:
+            import onnxruntime as ort
+
+            # The transformed weights reach the session as arrays, not through the serialized graph (seconds and
+            # a copy saved on a large model); ONNX Runtime reads them for as long as the session lives.
+            self._handed_over = [ort.OrtValue.ortvalue_from_numpy(a) for a in form.arrays.values()]
+            opts.add_external_initializers(list(form.arrays), self._handed_over)
         self.attention_rewritten = form.attention_sites
         self.winograd_rewritten = form.winograd_convolutions
         if external:
@@ -164,6 +173,7 @@ class OrtRunner(Runner):
 
     def _deactivate(self) -> None:
         self.session = None
+        self._handed_over = []
 
     def _infer(self, feeds: Mapping[str, Any]) -> dict[str, np.ndarray]:
         arrays = {}
