@@ -254,6 +254,8 @@ def ort_op_profile(job: dict[str, Any], spec: Any, feeds: dict[str, Any], calls:
             continue
         args = e.get("args", {})
         op = args.get("op_name", "?")
+        if op == "If":  # its time is its branch's nodes', which are recorded on their own
+            continue
         shapes_in = [next(iter(d.values())) for d in args.get("input_type_shape", [])]
         shapes_out = [next(iter(d.values())) for d in args.get("output_type_shape", [])]
         if "/winograd/" in e["name"]:

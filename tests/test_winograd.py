@@ -16,6 +16,17 @@ from attn_export.graph.winograd import _AT, _BT, _G, transformed_weights
 from attn_export.runners.ort_runner import OrtRunner
 
 
+def _all_ops(graph: onnx.GraphProto) -> Counter:
+    """Op types of a graph's nodes and of the nodes of every subgraph (If branches)."""
+    ops: Counter = Counter()
+    for n in graph.node:
+        ops[n.op_type] += 1
+        for a in n.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                ops.update(_all_ops(a.g))
+    return ops
+
+
 def _session(model: onnx.ModelProto | Path) -> ort.InferenceSession:
     data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
     return ort.InferenceSession(data, providers=["CPUExecutionProvider"])
@@ -65,10 +76,11 @@ def test_one_convolution_matches(bias: bool, shape: tuple[int, int, int]) -> Non
     c, k = 24, 40
     model = _conv_model(c, k, bias=bias)
     direct = _session(model)
-    result = winograd_convolutions(model, hw_multiple=4, min_channels=1)
+    result = winograd_convolutions(model, hw_multiple=4, min_channels=1, max_transformed_bytes=None)
     assert result.rewritten == ["conv"] and not result.skipped
-    ops = Counter(n.op_type for n in model.graph.node)
+    ops = _all_ops(model.graph)
     assert ops["DepthToSpace"] == 1 and ops["MatMul"] == 2 and ops["Conv"] == 1  # the Conv is the input transform
+    assert ops["If"] == 0
     onnx.checker.check_model(model)
     n, h, w = shape
     x = np.random.default_rng(2).standard_normal((n, c, h, w)).astype(np.float32)
@@ -76,6 +88,30 @@ def test_one_convolution_matches(bias: bool, shape: tuple[int, int, int]) -> Non
     got = _session(model).run(None, {"x": x})[0]
     assert got.shape == ref.shape == (n, k, h, w)
     assert np.abs(got - ref).max() <= 1e-5 * max(1.0, float(np.abs(ref).max()))
+    assert not np.array_equal(got, ref)  # rounding differs: the Winograd nodes ran
+
+
+def test_large_inputs_take_the_convolution_as_written() -> None:
+    """The If picks Winograd up to the size limit (per image) and the convolution as written above it."""
+    c, k = 16, 8
+    model = _conv_model(c, k)
+    direct = _session(model)
+    # 12x12 pixels: the transformed input takes 16 * 144 * 36/16 * 4 bytes = 20,736 bytes per image.
+    assert winograd_convolutions(model, hw_multiple=4, min_channels=1, max_transformed_bytes=20736).rewritten
+    ops = _all_ops(model.graph)
+    assert ops["If"] == 1 and ops["DepthToSpace"] == 1 and ops["Conv"] == 2  # transform + the conv as written
+    onnx.checker.check_model(model)
+    served = _session(model)
+    rng = np.random.default_rng(6)
+    for n, h, w, winograd in ((2, 12, 12, True), (1, 8, 16, True), (1, 12, 16, False), (3, 16, 16, False)):
+        x = rng.standard_normal((n, c, h, w)).astype(np.float32)
+        ref, got = direct.run(None, {"x": x})[0], served.run(None, {"x": x})[0]
+        scale = max(1.0, float(np.abs(ref).max()))
+        diff = float(np.abs(got - ref).max())
+        assert diff <= 1e-5 * scale
+        # The two kernels of the convolution as written (in and out of the If) sum in other orders, about 2e-7
+        # apart here (relative); the Winograd transforms, 2e-6 to 3e-6.
+        assert (diff > 5e-7 * scale) == winograd, (n, h, w, diff)
 
 
 @pytest.mark.parametrize("attrs, reason", [
@@ -162,8 +198,8 @@ def test_triton_cpu_instances_get_winograd(export_model, tmp_path: Path) -> None
     assert cpu.winograd_rewritten > 0 and gpu.winograd_rewritten == 0
     assert cpu.attention_rewritten == gpu.attention_rewritten > 0
     assert "Winograd" in cpu.config_text and "Winograd" not in gpu.config_text
-    ops = Counter(n.op_type for n in onnx.load(str(cpu.model_file)).graph.node)
-    assert ops["DepthToSpace"] == cpu.winograd_rewritten
+    ops = _all_ops(onnx.load(str(cpu.model_file)).graph)
+    assert ops["DepthToSpace"] == ops["If"] == cpu.winograd_rewritten
 
 
 def test_new_names_do_not_collide() -> None:

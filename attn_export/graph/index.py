@@ -34,10 +34,25 @@ def swap_last_two(rank: int) -> list[int]:
     return list(range(rank - 2)) + [rank - 1, rank - 2]
 
 
+def read_names(graph: onnx.GraphProto) -> set[str]:
+    """Every tensor name a node of ``graph`` reads, in its subgraphs (If, Loop, Scan bodies) too: a subgraph may
+    read the outer graph's tensors by name."""
+    names: set[str] = set()
+    for n in graph.node:
+        names.update(n.input)
+        for a in n.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                names |= read_names(a.g)
+            elif a.type == onnx.AttributeProto.GRAPHS:
+                for sub in a.graphs:
+                    names |= read_names(sub)
+    return names
+
+
 def drop_unused_initializers(model: onnx.ModelProto) -> None:
-    """Remove initializers no node and no graph output reads."""
+    """Remove initializers no node (of the graph or a subgraph) and no graph output reads."""
     g = model.graph
-    used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
+    used = read_names(g) | {o.name for o in g.output}
     keep = [init for init in g.initializer if init.name in used]
     if len(keep) != len(g.initializer):
         del g.initializer[:]

@@ -23,7 +23,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from .attention import AttentionSite, Operand, find_attention
-from .index import TypedIndex, default_opset, drop_unused_initializers, swap_last_two
+from .index import TypedIndex, default_opset, drop_unused_initializers, read_names, swap_last_two
 
 TARGET_FORMS = ("op", "decomposed")
 _ELEM = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16, "bfloat16": TensorProto.BFLOAT16,
@@ -246,7 +246,7 @@ def remove_dead_nodes(model: onnx.ModelProto) -> int:
     outputs = {o.name for o in g.output}
     dropped = 0
     while True:
-        used = {i for n in g.node for i in n.input} | outputs
+        used = read_names(g) | outputs
         keep = [n for n in g.node if any(o in used for o in n.output if o)]
         if len(keep) == len(g.node):
             break

@@ -42,6 +42,11 @@ _XI = _A * _A     # points of the transformed tile
 HANDED_OVER_ELEMENTS = 8192
 HANDED_OVER = "<handed to the session as an array>"
 
+# Largest transformed input (or products) of one image that a convolution takes the Winograd way. Measured on
+# ddpm-cifar10 (2-core AMD EPYC): faster up to 38 MB (128 px input: level 0, 128 and 256 channels); with every
+# convolution Winograd at 256 px (76-151 MB) no faster, and the peak memory growth nearly doubled (498 -> 948 MiB).
+MAX_TRANSFORMED_BYTES = 64 * 2**20
+
 # Below this many input channels the transforms cost more than the products save (measured in docs/benchmarks.md).
 MIN_CHANNELS = 64
 
@@ -149,13 +154,45 @@ class _Emitter:
 
 
 def _build(model: onnx.ModelProto, idx: GraphIndex, conv: onnx.NodeProto, names: _Names,
-           shared: dict[str, str], arrays: dict[str, np.ndarray] | None) -> list[onnx.NodeProto]:
-    """The nodes that replace ``conv`` (H and W at its input are multiples of 4)."""
+           shared: dict[str, str], arrays: dict[str, np.ndarray] | None, max_bytes: int | None) -> list[onnx.NodeProto]:
+    """The nodes that replace ``conv`` (H and W at its input are multiples of 4).
+
+    With ``max_bytes``, an If runs the Winograd nodes where the transformed input and products of one image
+    take at most that many bytes, and the convolution as written above it.
+    """
     w = idx.const(conv.input[1])
     assert w is not None
     k, c = int(w.shape[0]), int(w.shape[1])
     x, y = conv.input[0], conv.output[0]
     e = _Emitter(model, f"{conv.name}/winograd", names, shared, arrays)
+    if max_bytes is None:
+        _winograd_nodes(e, idx, conv, y)
+        return e.nodes
+    # Per image, the 36 transformed values of every 4x4 tile: 36/16 floats per pixel and channel.
+    max_pixels = max_bytes * TILE * TILE // (_XI * max(c, k) * w.itemsize)
+    pixels = e.node("ReduceProd", [e.node("Shape", [x], "hw", start=2, end=4)], "pixels", keepdims=0)
+    fits = e.node("LessOrEqual", [pixels, e.const("max_pixels", np.array(max_pixels, np.int64))], "fits")
+    outer = e.nodes
+    e.nodes = []
+    w_out = _winograd_nodes(e, idx, conv, None)
+    then_graph = helper.make_graph(e.nodes, f"{conv.name}_winograd", [],
+                                   [helper.make_empty_tensor_value_info(w_out)])
+    direct_out = names.fresh(f"{conv.name}/direct")
+    direct = onnx.NodeProto()
+    direct.CopyFrom(conv)
+    direct.name, direct.output[0] = direct_out, direct_out
+    else_graph = helper.make_graph([direct], f"{conv.name}_direct", [], [helper.make_empty_tensor_value_info(direct_out)])
+    choice = helper.make_node("If", [fits], [y], name=names.fresh(f"{conv.name}/winograd_if_small"),
+                              then_branch=then_graph, else_branch=else_graph)
+    return [*outer, choice]
+
+
+def _winograd_nodes(e: _Emitter, idx: GraphIndex, conv: onnx.NodeProto, y: str | None) -> str:
+    """Append the Winograd nodes of ``conv`` to ``e``; returns their output (``y``, or a fresh name for None)."""
+    w = idx.const(conv.input[1])
+    assert w is not None
+    k, c = int(w.shape[0]), int(w.shape[1])
+    x = conv.input[0]
     i64 = np.int64
     # Input transform: a grouped Conv, the 36 kernels for every channel -> [N, C*36, H/4, W/4], channel-major.
     v = e.node("Conv", [x, e.shared_const(f"input_kernels_{c}", lambda: np.tile(_input_kernels(w.dtype), (c, 1, 1, 1)))],
@@ -173,8 +210,8 @@ def _build(model: onnx.ModelProto, idx: GraphIndex, conv: onnx.NodeProto, names:
     bias = idx.const(conv.input[2]) if len(conv.input) > 2 and conv.input[2] else None
     result = e.node("DepthToSpace", [o4], "output", output=None if bias is not None else y, blocksize=TILE, mode="DCR")
     if bias is not None:
-        e.node("Add", [result, e.const("bias", bias.reshape(1, k, 1, 1))], "bias", output=y)
-    return e.nodes
+        result = e.node("Add", [result, e.const("bias", bias.reshape(1, k, 1, 1))], "bias", output=y)
+    return result
 
 
 def _shapes_at(model: onnx.ModelProto, names: list[str], p: int, weights_folder: Path | None) -> dict[str, list[Dim]]:
@@ -221,7 +258,8 @@ def added_bytes(w: np.ndarray) -> int:
 
 def winograd_convolutions(model: onnx.ModelProto, hw_multiple: int, *, weights_folder: Path | None = None,
                           min_channels: int = MIN_CHANNELS, max_added_bytes: int | None = None,
-                          arrays: dict[str, np.ndarray] | None = None) -> WinogradResult:
+                          arrays: dict[str, np.ndarray] | None = None,
+                          max_transformed_bytes: int | None = MAX_TRANSFORMED_BYTES) -> WinogradResult:
     """Rewrite (in place) every eligible 3x3 convolution of ``model`` into Winograd F(4x4, 3x3).
 
     Eligible: stride 1, padding 1, no groups or dilation, float32 constant weights with at least
@@ -232,7 +270,10 @@ def winograd_convolutions(model: onnx.ModelProto, hw_multiple: int, *, weights_f
     convolutions whose transformed weights would take the model past this many more bytes are left.
     ``arrays``: where given, the large new constants (the transformed weights) go into it, name -> array,
     and the graph holds external-data stubs for them, for ONNX Runtime's ``add_external_initializers``:
-    the session gets them without a protobuf copy.
+    the session gets them without a protobuf copy. ``max_transformed_bytes``: each rewritten convolution
+    chooses at run time, by an If on its input's height and width, between its Winograd form (where the
+    transformed input and products of one image fit in this many bytes) and itself as written (above);
+    None: always Winograd.
     """
     result = WinogradResult()
     if default_opset(model) < 15:  # Shape's start/end attributes
@@ -267,7 +308,7 @@ def winograd_convolutions(model: onnx.ModelProto, hw_multiple: int, *, weights_f
         if reason:
             result.skipped[conv.name] = reason
             continue
-        replaced[conv.name] = _build(model, idx, conv, names, shared, arrays)
+        replaced[conv.name] = _build(model, idx, conv, names, shared, arrays, max_transformed_bytes)
         result.rewritten.append(conv.name)
     if replaced:
         nodes: list[onnx.NodeProto] = []
@@ -279,4 +320,5 @@ def winograd_convolutions(model: onnx.ModelProto, hw_multiple: int, *, weights_f
     return result
 
 
-__all__ = ["HANDED_OVER", "MIN_CHANNELS", "TILE", "WinogradResult", "added_bytes", "transformed_weights", "winograd_convolutions"]
+__all__ = ["HANDED_OVER", "MAX_TRANSFORMED_BYTES", "MIN_CHANNELS", "TILE", "WinogradResult", "added_bytes",
+           "transformed_weights", "winograd_convolutions"]
