@@ -132,7 +132,7 @@ def test_other_convolutions_are_left(attrs: dict, reason: str) -> None:
 
 def test_small_channel_counts_and_size_budget_are_respected() -> None:
     model = _conv_model(16, 16)
-    assert winograd_convolutions(model, hw_multiple=4).skipped == {"conv": "fewer than 64 input channels"}
+    assert winograd_convolutions(model, hw_multiple=4).skipped == {"conv": "fewer than 128 input channels"}
     model = _conv_model(16, 16)
     result = winograd_convolutions(model, hw_multiple=4, min_channels=1, max_added_bytes=1000)
     assert not result.rewritten and "size allowed" in result.skipped["conv"]
@@ -164,7 +164,7 @@ def test_levels_of_a_unet(export_model) -> None:
 
 
 def test_runner_serves_winograd_on_cpu_only(export_model) -> None:
-    path = export_model("tiny", "op", base_channels=64)
+    path = export_model("tiny", "op", base_channels=128)
     served = OrtRunner(path).activate()
     as_written = OrtRunner(path, winograd=False).activate()
     assert served.winograd_rewritten > 0 and as_written.winograd_rewritten == 0
@@ -184,7 +184,7 @@ def test_runner_serves_winograd_on_cpu_only(export_model) -> None:
 def test_verify_names_and_checks_the_serving_form(export_model) -> None:
     from attn_export.verify import verify
 
-    report = verify(export_model("tiny", "op", base_channels=64), shapes=[(1, 16, 16), (2, 8, 24)])
+    report = verify(export_model("tiny", "op", base_channels=128), shapes=[(1, 16, 16), (2, 8, 24)])
     assert report.passed
     assert "Winograd" in report.candidate
 
@@ -192,7 +192,7 @@ def test_verify_names_and_checks_the_serving_form(export_model) -> None:
 def test_triton_cpu_instances_get_winograd(export_model, tmp_path: Path) -> None:
     from attn_export.triton import write_model_repository
 
-    path = export_model("tiny", "op", base_channels=64)
+    path = export_model("tiny", "op", base_channels=128)
     cpu = write_model_repository(path, tmp_path / "repo", name="cpu", kind="cpu")
     gpu = write_model_repository(path, tmp_path / "repo", name="gpu", kind="gpu")
     assert cpu.winograd_rewritten > 0 and gpu.winograd_rewritten == 0

@@ -47,8 +47,9 @@ HANDED_OVER = "<handed to the session as an array>"
 # convolution Winograd at 256 px (76-151 MB) no faster, and the peak memory growth nearly doubled (498 -> 948 MiB).
 MAX_TRANSFORMED_BYTES = 64 * 2**20
 
-# Below this many input channels the transforms cost more than the products save (measured in docs/benchmarks.md).
-MIN_CHANNELS = 64
+# Below this many input channels the transforms cost more than the products save: one convolution at 64
+# channels measured 1.13-1.31x the direct one, at 128 and 256 channels 0.52-0.98x (bench/winograd_layers.py).
+MIN_CHANNELS = 128
 
 
 @dataclass
