@@ -391,8 +391,10 @@ def triton_cmd(
     max_batch: Optional[int] = typer.Option(None, "--max-batch", help="max_batch_size (default: the engine profile's max batch; 8 for ONNX). 0 disables batching."),
     force: bool = typer.Option(False, "--force", help="Replace an existing model folder."),
     attention: str = typer.Option("onnxruntime", "--attention", help=(
-        "ONNX files: onnxruntime (default) writes attention as ONNX Runtime's MultiHeadAttention, flash attention "
-        "on CPU and CUDA with memory linear in the sequence; as-is copies the file unchanged.")),
+        "ONNX files: onnxruntime (default) writes ONNX Runtime's serving form: attention in query chunks for CPU "
+        "instances, as ONNX Runtime's MultiHeadAttention (flash attention) for GPU ones, memory linear in the "
+        "sequence either way; multiheadattention uses that op for CPU instances too; as-is copies the file "
+        "unchanged.")),
 ) -> None:
     from .triton import write_model_repository
 

@@ -336,8 +336,8 @@ def triton(m: Any) -> None:
     console.print(f"wrote Triton model [bold]{escape(m.name)}[/] ({m.platform}, max_batch_size {m.max_batch_size}) "
                   f"in {escape(str(m.model_dir))}", highlight=False)
     if m.attention_rewritten:
-        console.print(f"  attention: {m.attention_rewritten} site(s) as MultiHeadAttention (ONNX Runtime's flash attention)",
-                      highlight=False)
+        console.print(f"  attention: {m.attention_rewritten} site(s) as {m.attention_kind} (memory linear in the "
+                      "sequence length)", highlight=False)
     if m.winograd_rewritten:
         console.print(f"  convolutions: {m.winograd_rewritten} 3x3 as Winograd F(4x4, 3x3) (ONNX Runtime CPU)",
                       highlight=False)

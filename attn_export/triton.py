@@ -73,7 +73,8 @@ class TritonModel:
     outputs: list[TensorConfig]
     copied: list[Path] = field(default_factory=list)
     validated: bool = False
-    attention_rewritten: int = 0  # attention sites served as ONNX Runtime's MultiHeadAttention
+    attention_rewritten: int = 0  # attention sites served in ONNX Runtime's form (see attention_kind)
+    attention_kind: str = ""      # what they became: query-chunked attention or MultiHeadAttention
     winograd_rewritten: int = 0   # 3x3 convolutions served as Winograd F(4x4, 3x3) (CPU instances)
 
 
@@ -117,7 +118,7 @@ def _engine_io(path: Path) -> tuple[list[TensorConfig], list[TensorConfig], int,
     return ins, outs, max_batch, data
 
 
-def _onnxruntime_form(path: Path, kind: str) -> tuple[onnx.ModelProto, ServingForm] | None:
+def _onnxruntime_form(path: Path, kind: str, attention: str) -> tuple[onnx.ModelProto, ServingForm] | None:
     """The file in ONNX Runtime's serving form for ``kind`` instances and what was rewritten (None: nothing to do).
 
     Weights are not loaded where they are kept outside: the rewrite changes
@@ -132,7 +133,8 @@ def _onnxruntime_form(path: Path, kind: str) -> tuple[onnx.ModelProto, ServingFo
     room = None if has_external(model) else max(EXTERNAL_DATA_THRESHOLD - path.stat().st_size - 2**24, 0)
     provider = "CPUExecutionProvider" if kind == "cpu" else "CUDAExecutionProvider"
     form = onnxruntime_serving_form(model, provider=provider, hw_multiple=spec_from_model(model).hw_multiple,
-                                    weights_folder=path.parent, max_added_bytes=room)
+                                    weights_folder=path.parent, max_added_bytes=room,
+                                    attention="auto" if attention == "onnxruntime" else attention)
     if not form.changed:
         return None
     if model.ByteSize() >= EXTERNAL_DATA_THRESHOLD:
@@ -237,10 +239,12 @@ def write_model_repository(artifact: str | Path, repo: str | Path, *, name: str 
 
     ``attention="onnxruntime"`` (the default) writes the ONNX Runtime serving
     form of an ONNX file, the same form ``verify`` and ``bench`` run: every
-    FP32 attention site as ``com.microsoft.MultiHeadAttention``, which Triton's
-    ONNX Runtime backend runs as flash attention on CPU and CUDA (memory linear
-    in the sequence length), and for CPU instances the eligible 3x3
-    convolutions as Winograd F(4x4, 3x3). ``"as-is"`` copies the file unchanged.
+    FP32 attention site in query chunks for CPU instances and as
+    ``com.microsoft.MultiHeadAttention`` (flash attention) for GPU ones, memory
+    linear in the sequence length either way, and for CPU instances the
+    eligible 3x3 convolutions as Winograd F(4x4, 3x3).
+    ``"multiheadattention"`` uses that op for CPU instances too; ``"as-is"``
+    copies the file unchanged.
 
     The folder is assembled next to its final place and renamed into it, so an
     interrupted run leaves either the old model or the new one, never a mix.
@@ -258,8 +262,8 @@ def write_model_repository(artifact: str | Path, repo: str | Path, *, name: str 
         raise UsageError(f"--version must be a positive integer (got {version})")
     if instances < 1:
         raise UsageError(f"--instances must be at least 1 (got {instances})")
-    if attention not in ("onnxruntime", "as-is"):
-        raise UsageError(f"--attention must be onnxruntime or as-is (got {attention!r})")
+    if attention not in ("onnxruntime", "multiheadattention", "as-is"):
+        raise UsageError(f"--attention must be onnxruntime, multiheadattention or as-is (got {attention!r})")
     is_engine = is_engine_path(src)
     served: tuple[onnx.ModelProto, ServingForm] | None = None
     header = [f"written by attn-export from {src.name}"]
@@ -287,12 +291,12 @@ def write_model_repository(artifact: str | Path, repo: str | Path, *, name: str 
         platform, file_name = "onnxruntime_onnx", "model.onnx"
     if kind not in ("gpu", "cpu"):
         raise UsageError(f"--kind must be gpu or cpu (got {kind!r})")
-    if not is_engine and attention == "onnxruntime":
-        served = _onnxruntime_form(src, kind)
+    if not is_engine and attention != "as-is":
+        served = _onnxruntime_form(src, kind, attention)
         if served is not None:
             if served[1].attention_sites:
-                header.append(f"attention: {served[1].attention_sites} site(s) as com.microsoft.MultiHeadAttention "
-                              "(ONNX Runtime's flash attention)")
+                header.append(f"attention: {served[1].attention_sites} site(s) as {served[1].attention_kind} "
+                              "(memory linear in the sequence length)")
             if served[1].winograd_convolutions:
                 header.append(f"convolutions: {served[1].winograd_convolutions} 3x3 as Winograd F(4x4, 3x3) "
                               "(faster on ONNX Runtime's CPU provider)")
@@ -354,4 +358,5 @@ def write_model_repository(artifact: str | Path, repo: str | Path, *, name: str 
                        model_file=model_dir / str(version) / file_name, config_path=model_dir / "config.pbtxt",
                        config_text=text, max_batch_size=max_batch, inputs=inputs, outputs=outputs, copied=copied,
                        validated=validated, attention_rewritten=served[1].attention_sites if served else 0,
+                       attention_kind=served[1].attention_kind if served else "",
                        winograd_rewritten=served[1].winograd_convolutions if served else 0)

@@ -358,7 +358,7 @@ def verify(
         cand_desc = f"onnxruntime ({ort_cand.provider})"
     cand.activate()
     if ort_cand is not None:
-        # What ran: the serving form of the file (attention as com.microsoft.MultiHeadAttention, Winograd 3x3 convs).
+        # What ran: the serving form of the file (its attention and Winograd 3x3 convolutions, by count).
         cand_desc = f"onnxruntime ({', '.join([ort_cand.provider, *ort_cand.serving_form_parts()])})"
     setup[cand.name] = time.perf_counter() - t0
     # The two never hold memory at once: the reference runs every shape first and is freed before the

@@ -2,8 +2,8 @@
 """Produce docs/benchmarks.md: ddpm-cifar10 on this machine's CPU: PyTorch eager, torch.compile, ONNX Runtime.
 
 Rows: PyTorch eager (three attention formulations), torch.compile (inductor), ONNX Runtime on each export as
-written, and ONNX Runtime's serving form (attention as com.microsoft.MultiHeadAttention, 3x3 convolutions as Winograd
-F(4x4, 3x3) on CPU: what OrtRunner uses);
+written, and ONNX Runtime's serving form (on CPU: attention in query chunks, 3x3 convolutions as Winograd
+F(4x4, 3x3): what OrtRunner uses);
 batch 4 and 8 at 64 px; the goal check of the serving form. Only this script's part of the page is rewritten
 (between its begin/end markers); other sections of docs/benchmarks.md are kept.
 
@@ -39,10 +39,12 @@ sys.path.insert(0, str(ROOT))
 ATTN_DOWNSAMPLE = 2
 
 # (label, backend kind, options). Torch kinds take an attention formulation; ORT kinds an export, the attention form
-# the session gets ("as-is": the file as written; "onnxruntime": every FP32 attention site rewritten to ONNX Runtime's
-# com.microsoft.MultiHeadAttention, the form OrtRunner serves by default) and session options.
-SERVING_OP = "ORT serving form (MultiHeadAttention, Winograd), from op export"
-SERVING_DEC = "ORT serving form (MultiHeadAttention, Winograd), from decomposed export"
+# the session gets ("as-is": the file as written; "onnxruntime": the serving form OrtRunner uses by default, on CPU
+# every FP32 attention site in query chunks; "multiheadattention": the same with ONNX Runtime's
+# com.microsoft.MultiHeadAttention instead) and session options.
+SERVING_OP = "ORT serving form (chunked attention, Winograd), from op export"
+SERVING_DEC = "ORT serving form (chunked attention, Winograd), from decomposed export"
+SERVING_MHA = "ORT serving form with MultiHeadAttention instead of chunked attention"
 NO_WINOGRAD = "ORT serving form without Winograd (3x3 convolutions as written)"
 COMPILE_LABEL = "torch.compile (inductor), sdpa"
 EAGER_IMPLS = ("reference", "sdpa", "decomposed")
@@ -70,13 +72,16 @@ TUNING_VARIANTS = [
     # Variants of the serving form, against the serving form itself: without its Winograd convolutions, and an
     # exact graph rewrite (bench/graph_variants.py).
     (NO_WINOGRAD, "ort", {"export": "op", "attention": "onnxruntime", "winograd": False}),
+    (SERVING_MHA, "ort", {"export": "op", "attention": "multiheadattention"}),
     ("ORT serving form, GroupNorm affine as BatchNormalization", "ort",
      {"export": "op", "attention": "onnxruntime", "graph_variant": "gn_affine_bn"}),
 ]
-# Serving-form variants paired with the serving form round by round in the side-by-side check (name -> job keys),
-# at sizes up to ROUND_VARIANTS_UP_TO.
-ROUND_VARIANTS: dict[str, dict[str, Any]] = {"no_winograd": {"winograd": False}}
-ROUND_VARIANTS_UP_TO = 128
+# Serving-form variants paired with the serving form round by round in the side-by-side check:
+# name -> (job keys, largest size it joins the rounds at).
+ROUND_VARIANTS: dict[str, tuple[dict[str, Any], int]] = {
+    "no_winograd": ({"winograd": False}, 128),
+    "multiheadattention": ({"attention": "multiheadattention"}, 256),
+}
 # warmup, iterations per size: enough for a stable median without spending the whole budget at 256 px.
 SCHEDULE = {32: (1, 5), 64: (1, 3), 128: (1, 2), 256: (0, 1)}
 # The serving form is what the goals are about: at 256 px it gets a warm-up call the comparison rows do without.
@@ -197,12 +202,13 @@ def profile_worker(job: dict[str, Any]) -> dict[str, Any]:
             "matmul_peak": cell_matmul_peak(job["threads"])}
 
 
-# Ops whose FLOPs ort_op_profile counts (everything else is memory-bound by comparison).
-COMPUTE_OPS = ("Conv", "MultiHeadAttention")
+# Ops whose FLOPs ort_op_profile counts (everything else is memory-bound by comparison); "attention" is
+# MultiHeadAttention or every node of a query-chunked site.
+COMPUTE_OPS = ("Conv", "attention")
 
 
 def _node_flops(op: str, inputs: list[list[int]], outputs: list[list[int]]) -> float:
-    """FLOPs of one Conv or MultiHeadAttention call from the shapes ONNX Runtime's profiler recorded."""
+    """FLOPs of one Conv, MultiHeadAttention or MatMul call from the shapes ONNX Runtime's profiler recorded."""
     if op == "Conv" and len(inputs) >= 2 and outputs:
         w, y = inputs[1], outputs[0]  # weight (O, I/group, kh, kw), output (N, O, H, W)
         n_out = 1
@@ -220,14 +226,20 @@ def _node_flops(op: str, inputs: list[list[int]], outputs: list[list[int]]) -> f
     if op == "MultiHeadAttention" and len(inputs) >= 2:
         (b, sq, hidden), sk = inputs[0], inputs[1][1]  # query (B, S_q, hidden), key (B, S_kv, hidden)
         return 2.0 * 2 * b * sq * sk * hidden  # Q·Kᵀ and P·V over all heads
+    if op == "MatMul" and len(inputs) >= 2 and inputs[0] and outputs:
+        n_out = 1
+        for d in outputs[0]:
+            n_out *= d
+        return 2.0 * n_out * inputs[0][-1]
     return 0.0
 
 
 def ort_op_profile(job: dict[str, Any], spec: Any, feeds: dict[str, Any], calls: int) -> dict[str, Any]:
     """ONNX Runtime's own profiler on the serving form: time per op type over ``calls`` calls after a warm-up.
 
-    Conv and MultiHeadAttention FLOPs come from the shapes the profiler recorded for each call, so the
-    achieved GFLOP/s of the kernels themselves can be set beside the machine's matmul peak.
+    Conv and attention FLOPs come from the shapes the profiler recorded for each call, so the achieved GFLOP/s
+    of the kernels themselves can be set beside the machine's matmul peak. A query-chunked site counts its two
+    products per chunk (the padding rows of the last chunk included: the kernels compute them).
     """
     import collections
 
@@ -254,7 +266,7 @@ def ort_op_profile(job: dict[str, Any], spec: Any, feeds: dict[str, Any], calls:
             continue
         args = e.get("args", {})
         op = args.get("op_name", "?")
-        if op == "If":  # its time is its branch's nodes', which are recorded on their own
+        if op in ("If", "Loop"):  # their time is their bodies' nodes', which are recorded on their own
             continue
         shapes_in = [next(iter(d.values())) for d in args.get("input_type_shape", [])]
         shapes_out = [next(iter(d.values())) for d in args.get("output_type_shape", [])]
@@ -262,6 +274,13 @@ def ort_op_profile(job: dict[str, Any], spec: Any, feeds: dict[str, Any], calls:
             # Every node of a Winograd convolution is convolution time; its products carry the convolution's FLOPs.
             flops["Conv"] += _node_flops("WinogradProducts", shapes_in, shapes_out) if "/products" in e["name"] else 0.0
             op = "Conv"
+        elif "/chunked/" in e["name"]:
+            # Every node of a query-chunked attention site is attention time; its two products carry the FLOPs.
+            flops["attention"] += _node_flops(op, shapes_in, shapes_out) if op == "MatMul" else 0.0
+            op = "attention"
+        elif op == "MultiHeadAttention":
+            flops["attention"] += _node_flops(op, shapes_in, shapes_out)
+            op = "attention"
         else:
             flops[op] += _node_flops(op, shapes_in, shapes_out)
         us[op] += e["dur"]
@@ -273,7 +292,8 @@ def _ort_runner(job: dict[str, Any], spec: Any) -> Any:
     """OrtRunner with this script's session switches; the model is what OrtRunner would give the session.
 
     ``job["attention"]``: "as-is" builds the session from the file as written; "onnxruntime" from the rewritten
-    model bytes (every FP32 attention site as com.microsoft.MultiHeadAttention), as OrtRunner serves by default.
+    model bytes (its serving form: attention in query chunks, Winograd convolutions), as OrtRunner serves by
+    default; "multiheadattention": the serving form with com.microsoft.MultiHeadAttention.
     """
     from attn_export.runners.ort_runner import OrtRunner
 
@@ -330,10 +350,11 @@ def _rss_kib(pid: int) -> int:
 def attention_need_gib(size: int, kind: str, impl_or_export: str, attention: str = "as-is", batch: int = 1) -> float:
     """Rough peak memory of one forward: ~1.5 GiB of weights, activations and runtime (plus ~1 GiB for
     torch.compile), plus the live N x N fp32 matrices of the largest attention block per image (3 for the
-    reference: product, scaled product, softmax; 2 for the others; none for MultiHeadAttention, which tiles)."""
+    reference: product, scaled product, softmax; 2 for the others; none for the serving form, whose attention
+    holds a bounded chunk of scores)."""
     n = (size // ATTN_DOWNSAMPLE) ** 2
     copies = 3 if (kind == "torch" and impl_or_export == "reference") else 2
-    if kind == "ort" and attention == "onnxruntime":
+    if kind == "ort" and attention in ("onnxruntime", "multiheadattention"):
         copies = 0
     base = 2.5 if kind == "compile" else 1.5
     return base + batch * (copies * n * n * 4 / 2**30 + size * size * 128 * 4 * 8 / 2**30)
@@ -593,7 +614,7 @@ def run_interleaved(args: argparse.Namespace, report: dict[str, Any]) -> list[di
         size, threads = (int(v) for v in item.split(":"))
         # Variants of the serving form join the rounds where they are cheap enough: a few percent is inside one
         # process's noise, a paired comparison round by round is not.
-        rewrites = [f"onnxruntime {v}" for v in ROUND_VARIANTS] if size <= ROUND_VARIANTS_UP_TO else []
+        rewrites = [f"onnxruntime {v}" for v, (_, up_to) in ROUND_VARIANTS.items() if size <= up_to]
         backends = [f"pytorch {i}" for i in EAGER_IMPLS] + ["onnxruntime"] + rewrites
         rounds = ROUNDS.get(size, 3)
         warmup, calls = ROUND_CALLS.get(size, (1, 1))
@@ -606,8 +627,8 @@ def run_interleaved(args: argparse.Namespace, report: dict[str, Any]) -> list[di
         for i in range(rounds):
             for name in backends[i % len(backends):] + backends[:i % len(backends)]:
                 job = (dict(base, kind="torch", impl=name.split()[-1]) if name.startswith("pytorch") else
-                       dict(base, kind="ort", onnx=onnx_op, export="op", attention="onnxruntime", threads_ort=threads,
-                            **(ROUND_VARIANTS[name.split()[1]] if " " in name else {})))
+                       {**base, "kind": "ort", "onnx": onnx_op, "export": "op", "attention": "onnxruntime",
+                        "threads_ort": threads, **(ROUND_VARIANTS[name.split()[1]][0] if " " in name else {})})
                 cell = run_job(job, args.guard_gib, args.timeout)
                 if not _ok(cell):
                     error = f"{name}: {cell.get('error', cell.get('status'))}"
@@ -702,9 +723,10 @@ def _row_note(r: dict[str, Any]) -> str:
     st = r.get("settings", {})
     if r["kind"] == "compile" and "compile_s" in r:
         return f"compile {r['compile_s']:.0f} s (first call, excluded)"
-    if r["kind"] == "ort" and st.get("attention") == "onnxruntime":
+    if r["kind"] == "ort" and st.get("attention") in ("onnxruntime", "multiheadattention"):
         n, w = st.get("attention_sites_rewritten", 0), st.get("winograd_convolutions", 0)
-        parts = ([f"{n} attention sites → MultiHeadAttention"] if n else []) + ([f"{w} 3x3 convs → Winograd"] if w else [])
+        kind = "MultiHeadAttention" if st.get("attention") == "multiheadattention" else "chunked attention"
+        parts = ([f"{n} attention sites → {kind}"] if n else []) + ([f"{w} 3x3 convs → Winograd"] if w else [])
         return ", ".join(parts) if parts else "**nothing rewritten: ran as written**"
     return ""
 
@@ -968,8 +990,9 @@ def render(report: dict[str, Any]) -> str:
             a("#### Where ONNX Runtime's time goes\n")
             a("After the rounds, in a process of its own: the serving form with ONNX Runtime's own profiler on "
               "(one warm-up call, then the calls counted), time summed per op type; the profiler adds a little time "
-              "to every node, which shows mostly in the small ops. FLOPs of Conv and "
-              "MultiHeadAttention are computed from the shapes the profiler recorded (`_node_flops` in the script). "
+              "to every node, which shows mostly in the small ops. FLOPs of Conv and attention are computed from "
+              "the shapes the profiler recorded (`_node_flops` in the script). *Attention* includes every node of "
+              "the query-chunked sites (padding, the loop's slices and both products per chunk). "
               "*Conv* includes every node of the Winograd convolutions (input transform, the 36 products, output "
               "transform), which count the FLOPs of the direct convolutions they replace. "
               "*Peak*: the best of the GEMM libraries, measured in that process right after (see above). *Floor*: "
@@ -981,7 +1004,7 @@ def render(report: dict[str, Any]) -> str:
             for r in profiled:
                 ops = r["profile"]["ops"]
                 total = sum(v["ms"] for v in ops.values())
-                conv, mha = ops.get("Conv", {"ms": 0.0, "gflop": 0.0}), ops.get("MultiHeadAttention", {"ms": 0.0, "gflop": 0.0})
+                conv, mha = ops.get("Conv", {"ms": 0.0, "gflop": 0.0}), ops.get("attention", {"ms": 0.0, "gflop": 0.0})
                 other = total - conv["ms"] - mha["ms"]
                 pk = r["matmul_peak"]
                 fastest = r["median_ms"][r["fastest_eager"]]
@@ -1011,7 +1034,8 @@ def render(report: dict[str, Any]) -> str:
                 return next((r for r in rows if r["size"] == s and r["label"] == label
                              and r.get("batch", 1) == 1 and r["status"] == "ok"), None)
 
-            bases = {"as-is": base_row("ORT as-is, Attention op export"), "onnxruntime": base_row(SERVING_OP)}
+            bases = {"as-is": base_row("ORT as-is, Attention op export"), "onnxruntime": base_row(SERVING_OP),
+                     "multiheadattention": base_row(SERVING_OP)}
             shown: list[dict[str, Any]] = []
             for r in [t for t in tuning if t["size"] == s]:
                 form = next(v[2] for v in TUNING_VARIANTS if v[0] == r["label"]).get("attention", "as-is")

@@ -39,9 +39,10 @@ def resolve_providers(providers: Sequence[str] | None) -> list[str]:
     return out
 
 
-# "onnxruntime": the serving form (attention as ONNX Runtime's contrib MultiHeadAttention, on CPU 3x3 convolutions
-# as Winograd); "as-is": the file's own graph.
-ATTENTION_FORMS = ("onnxruntime", "as-is")
+# "onnxruntime": the serving form (on CPU attention in query chunks and 3x3 convolutions as Winograd, on CUDA
+# ONNX Runtime's contrib MultiHeadAttention); "multiheadattention": the same with MultiHeadAttention on CPU too;
+# "as-is": the file's own graph.
+ATTENTION_FORMS = ("onnxruntime", "multiheadattention", "as-is")
 SERVING_FORM_MARGIN = 2**24
 
 
@@ -49,10 +50,12 @@ class OrtRunner(Runner):
     """ONNX Runtime behind the common Runner interface, built from an ONNX path.
 
     ``attention="onnxruntime"`` (the default) builds the session from the
-    serving form: every FP32 attention site as ONNX Runtime's contrib
-    ``MultiHeadAttention`` on the CPU and CUDA providers (flash attention,
-    memory linear in the sequence length) and, on the CPU provider with
-    ``winograd``, eligible 3x3 convolutions as Winograd F(4x4, 3x3). The file
+    serving form: every FP32 attention site in query chunks on the CPU
+    provider (large GEMMs, scores bounded per chunk) and as ONNX Runtime's
+    contrib ``MultiHeadAttention`` on CUDA (flash attention), both with
+    memory linear in the sequence length (``"multiheadattention"``: that
+    op on the CPU too) and, on the CPU provider with ``winograd``, eligible
+    3x3 convolutions as Winograd F(4x4, 3x3). The file
     itself, the artifact TensorRT reads, is never changed; ``"as-is"`` runs it
     exactly as written.
 
@@ -72,6 +75,7 @@ class OrtRunner(Runner):
         self.attention = attention
         self.winograd = winograd
         self.attention_rewritten = 0
+        self.attention_kind = ""
         self.winograd_rewritten = 0
         self.path = Path(path)
         model = load_onnx(self.path, load_external_data=False)
@@ -131,7 +135,7 @@ class OrtRunner(Runner):
         Runtime reads the data files from the file's folder (its convolutions
         stay as they are: their weights are not loaded).
         """
-        if self.attention != "onnxruntime":
+        if self.attention == "as-is":
             return str(self.path)
         from ..exporter.weights import EXTERNAL_DATA_THRESHOLD, has_external
         from ..graph import onnxruntime_serving_form
@@ -146,7 +150,8 @@ class OrtRunner(Runner):
             return str(self.path)
         form = onnxruntime_serving_form(model, provider=self.providers[0], hw_multiple=self.spec.hw_multiple,
                                         winograd=self.winograd, weights_folder=self.path.parent, max_added_bytes=room,
-                                        with_arrays=True)
+                                        with_arrays=True,
+                                        attention="auto" if self.attention == "onnxruntime" else self.attention)
         if not form.changed:
             return str(self.path)
         if form.arrays:
@@ -157,6 +162,7 @@ class OrtRunner(Runner):
             self._handed_over = [ort.OrtValue.ortvalue_from_numpy(a) for a in form.arrays.values()]
             opts.add_external_initializers(list(form.arrays), self._handed_over)
         self.attention_rewritten = form.attention_sites
+        self.attention_kind = form.attention_kind
         self.winograd_rewritten = form.winograd_convolutions
         if external:
             read_external_data_from(opts, self.path.parent)
@@ -166,7 +172,7 @@ class OrtRunner(Runner):
         """What the session runs beyond the file, in words (empty for the file as written)."""
         parts = []
         if self.attention_rewritten:
-            parts.append(f"{self.attention_rewritten} x MultiHeadAttention")
+            parts.append(f"{self.attention_rewritten} x {self.attention_kind}")
         if self.winograd_rewritten:
             parts.append(f"{self.winograd_rewritten} x Winograd 3x3 conv")
         return parts
