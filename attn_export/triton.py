@@ -122,15 +122,19 @@ def _onnxruntime_form(path: Path, kind: str, attention: str) -> tuple[onnx.Model
     """The file in ONNX Runtime's serving form for ``kind`` instances and what was rewritten (None: nothing to do).
 
     Weights are not loaded where they are kept outside: the rewrite changes
-    nodes, and those tensors keep pointing at their data file.
+    nodes, and those tensors keep pointing at their data file (the weights of
+    the 3x3 convolutions that qualify for Winograd are read; their transformed
+    weights go inside the written graph, at most twice the model's weight bytes).
     """
     from .exporter.metadata import load_onnx, spec_from_model
-    from .exporter.weights import EXTERNAL_DATA_THRESHOLD, has_external
+    from .exporter.weights import EXTERNAL_DATA_THRESHOLD, external_bytes, has_external
     from .graph import onnxruntime_serving_form
 
     model = load_onnx(path, load_external_data=False)
     # The file's size stands for the model's (ByteSize() costs seconds on a large model).
-    room = None if has_external(model) else max(EXTERNAL_DATA_THRESHOLD - path.stat().st_size - 2**24, 0)
+    room = max(EXTERNAL_DATA_THRESHOLD - path.stat().st_size - 2**24, 0)
+    if has_external(model):
+        room = min(room, 2 * external_bytes(model))
     provider = "CPUExecutionProvider" if kind == "cpu" else "CUDAExecutionProvider"
     form = onnxruntime_serving_form(model, provider=provider, hw_multiple=spec_from_model(model).hw_multiple,
                                     weights_folder=path.parent, max_added_bytes=room,

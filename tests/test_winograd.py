@@ -214,3 +214,40 @@ def test_new_names_do_not_collide() -> None:
     x = np.random.default_rng(5).standard_normal((1, 16, 12, 8)).astype(np.float32)
     ref, got = direct.run(None, {"x": x}), _session(model).run(None, {"x": x})
     assert np.abs(got[0] - ref[0]).max() < 1e-5 and np.array_equal(got[1], x)
+
+
+def test_models_with_external_data(export_model, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Weights in a data file: the qualifying 3x3 weights are read from it (and no others), the rest stays there."""
+    from attn_export.exporter.onnx_export import export_onnx
+    from attn_export.graph import index
+    from attn_export.models.loader import ModelSource
+    from attn_export.triton import write_model_repository
+
+    inline = export_model("tiny", "op", base_channels=128)
+    path = tmp_path / "src" / "unet.onnx"
+    path.parent.mkdir()
+    export_onnx(ModelSource(preset="tiny", overrides={"base_channels": 128}), path, check=False,
+                external_data_threshold=1024)
+    assert (path.parent / "unet.onnx.data").is_file()
+
+    read: list[str] = []
+    real = index.read_external
+    monkeypatch.setattr(index, "read_external", lambda init, folder: read.append(init.name) or real(init, folder))
+    light = onnx.load(str(path), load_external_data=False)
+    dims = {i.name: list(i.dims) for i in light.graph.initializer}
+    weights = {n.input[1] for n in light.graph.node if n.op_type == "Conv"}
+    assert not winograd_convolutions(light, hw_multiple=4).rewritten  # no folder: nothing to read the weights from
+    result = winograd_convolutions(light, hw_multiple=4, weights_folder=path.parent)
+    assert result.rewritten and read
+    assert all(name in weights and dims[name][2:] == [3, 3] and dims[name][1] >= 128 for name in read)
+    monkeypatch.undo()
+
+    served, plain = OrtRunner(path).activate(), OrtRunner(path, attention="as-is").activate()
+    assert served.winograd_rewritten == OrtRunner(inline).activate().winograd_rewritten == len(result.rewritten)
+    feeds = {"x": np.random.default_rng(8).standard_normal((2, 3, 16, 24)).astype(np.float32), "t": np.array([3, 800])}
+    assert np.abs(served.infer(feeds)["out"] - plain.infer(feeds)["out"]).max() < 1e-4
+
+    m = write_model_repository(path, tmp_path / "repo", kind="cpu")
+    assert m.winograd_rewritten == len(result.rewritten)
+    copy = ort.InferenceSession(str(m.model_file), providers=["CPUExecutionProvider"])
+    assert np.abs(copy.run(None, feeds)[0] - plain.infer(feeds)["out"]).max() < 1e-4

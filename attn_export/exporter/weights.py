@@ -17,6 +17,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from ..graph.index import external_info, read_external
+
 # From this many initializer bytes on, a model is written as NAME.onnx + NAME.onnx.data: one protobuf cannot exceed
 # 2 GiB, and the graph itself needs room under that limit.
 EXTERNAL_DATA_THRESHOLD = 2**31 - 2**26
@@ -34,9 +36,7 @@ def _set_external(init: TensorProto, location: str, offset: int, length: int) ->
         entry.key, entry.value = key, value
 
 
-def _external_info(init: TensorProto) -> tuple[str, int, int]:
-    info = {e.key: e.value for e in init.external_data}
-    return info["location"], int(info.get("offset", 0)), int(info["length"])
+_external_info = external_info
 
 
 def attach_external(model: onnx.ModelProto, params: Mapping[str, Any], data_path: Path) -> int:
@@ -137,14 +137,7 @@ def read_array(init: TensorProto, folder: Path | None) -> np.ndarray:
         return numpy_helper.to_array(init)
     if folder is None:
         raise ValueError(f"initializer {init.name} is external and no folder was given")
-    loc, offset, length = _external_info(init)
-    dtype = np.dtype(helper.tensor_dtype_to_np_dtype(init.data_type)).newbyteorder("<")
-    with open(folder / loc, "rb") as f:
-        f.seek(offset)
-        data = f.read(length)
-    if len(data) != length:
-        raise OSError(f"external data file {loc} is shorter than its references")
-    return np.frombuffer(data, dtype=dtype).reshape(tuple(init.dims)).astype(dtype.newbyteorder("="))
+    return read_external(init, folder)
 
 
 class DataWriter:

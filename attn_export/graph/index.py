@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
@@ -59,16 +61,43 @@ def drop_unused_initializers(model: onnx.ModelProto) -> None:
         g.initializer.extend(keep)
 
 
+def external_info(init: TensorProto) -> tuple[str, int, int]:
+    """(location, offset, length) of an external initializer."""
+    info = {e.key: e.value for e in init.external_data}
+    return info["location"], int(info.get("offset", 0)), int(info["length"])
+
+
+def read_external(init: TensorProto, folder: Path) -> np.ndarray:
+    """The values of an external initializer, from its data file in ``folder``.
+
+    Its location must have been checked to stay inside ``folder`` (``load_onnx`` does, on loading).
+    """
+    loc, offset, length = external_info(init)
+    dtype = np.dtype(helper.tensor_dtype_to_np_dtype(init.data_type)).newbyteorder("<")
+    with open(folder / loc, "rb") as f:
+        f.seek(offset)
+        data = f.read(length)
+    if len(data) != length:
+        raise OSError(f"external data file {loc} is shorter than its references")
+    return np.frombuffer(data, dtype=dtype).reshape(tuple(init.dims)).astype(dtype.newbyteorder("="))
+
+
 def default_opset(model: onnx.ModelProto) -> int:
     """The model's ai.onnx opset version (0 when it imports none)."""
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
 
 
 class GraphIndex:
-    """Producer/consumer index over a GraphProto, with constant lookup."""
+    """Producer/consumer index over a GraphProto, with constant lookup.
 
-    def __init__(self, graph: onnx.GraphProto) -> None:
+    ``weights_folder``: where the data files of a graph loaded without its external data are; where given,
+    :meth:`const` reads an external initializer from there (once: it is kept for the next lookup).
+    """
+
+    def __init__(self, graph: onnx.GraphProto, weights_folder: Path | None = None) -> None:
         self.graph = graph
+        self.weights_folder = weights_folder
+        self._read: dict[str, np.ndarray] = {}
         self.producer: dict[str, onnx.NodeProto] = {}
         self.consumers: dict[str, list[onnx.NodeProto]] = {}
         for node in graph.node:
@@ -85,7 +114,11 @@ class GraphIndex:
         if name in self.inits:
             init = self.inits[name]
             if init.data_location == TensorProto.EXTERNAL:
-                return None
+                if self.weights_folder is None:
+                    return None
+                if name not in self._read:
+                    self._read[name] = read_external(init, self.weights_folder)
+                return self._read[name]
             return numpy_helper.to_array(init)
         node = self.producer.get(name)
         if node is not None and node.op_type == "Constant":

@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 import numpy as np
 import onnx
-from onnx import helper
+from onnx import TensorProto, helper
 
 from .index import Dim, GraphIndex, default_opset, drop_unused_initializers, node_attr
 from .probe import probe_index, run_probe
@@ -79,11 +79,16 @@ def _output_matrix(dtype: np.dtype) -> np.ndarray:
 
 
 def _plain_3x3(idx: GraphIndex, conv: onnx.NodeProto, min_channels: int) -> str | None:
-    """Why ``conv`` is not a plain 3x3 stride-1 pad-1 FP32 convolution with constant weights (None if it is)."""
-    w = idx.const(conv.input[1]) if len(conv.input) > 1 else None
-    if w is None:
+    """Why ``conv`` is not a plain 3x3 stride-1 pad-1 FP32 convolution with constant weights (None if it is).
+
+    An initializer's declared type and shape and the attributes are checked before its values are read: an
+    external weight is read from disk only for a convolution it may serve.
+    """
+    if len(conv.input) < 2:
         return "weights are not a loaded constant"
-    if w.dtype != np.float32 or w.ndim != 4 or w.shape[2:] != (3, 3):
+    init = idx.inits.get(conv.input[1])
+    if init is not None and (init.data_type != TensorProto.FLOAT or len(init.dims) != 4
+                             or list(init.dims[2:]) != [3, 3]):
         return "not a float32 3x3 kernel"
     if node_attr(conv, "group", 1) != 1:
         return "grouped"
@@ -94,6 +99,13 @@ def _plain_3x3(idx: GraphIndex, conv: onnx.NodeProto, min_channels: int) -> str 
         return "padding is not 1"
     if auto_pad == b"NOTSET" and node_attr(conv, "pads", [0] * 4) != [1] * 4:
         return "padding is not 1"
+    if init is not None and init.dims[1] < min_channels:
+        return f"fewer than {min_channels} input channels"
+    w = idx.const(conv.input[1])
+    if w is None:
+        return "weights are not a loaded constant"
+    if w.dtype != np.float32 or w.ndim != 4 or w.shape[2:] != (3, 3):
+        return "not a float32 3x3 kernel"
     if len(conv.input) > 2 and conv.input[2] and idx.const(conv.input[2]) is None:
         return "bias is not a loaded constant"
     if w.shape[1] < min_channels:
@@ -267,7 +279,8 @@ def winograd_convolutions(model: onnx.ModelProto, hw_multiple: int, *, weights_f
     ``min_channels`` input channels, and H and W multiples of 4 at the convolution for every input size
     the model accepts (``hw_multiple``: every accepted height and width is a multiple of it). Exact up
     to float rounding: the transforms' constants are not powers of two, about 1e-5 relative in float32.
-    ``weights_folder``: where the data files are, for a model loaded without them. ``max_added_bytes``:
+    ``weights_folder``: where the data files are, for a model loaded without them (the weights of the 3x3
+    convolutions that qualify by their declared shape are read from there). ``max_added_bytes``:
     convolutions whose transformed weights would take the model past this many more bytes are left.
     ``arrays``: where given, the large new constants (the transformed weights) go into it, name -> array,
     and the graph holds external-data stubs for them, for ONNX Runtime's ``add_external_initializers``:
@@ -281,7 +294,7 @@ def winograd_convolutions(model: onnx.ModelProto, hw_multiple: int, *, weights_f
         result.skipped["*"] = "opset below 15"
         return result
     ensure_node_names(model)
-    idx = GraphIndex(model.graph)
+    idx = GraphIndex(model.graph, weights_folder=weights_folder)
     plain: list[onnx.NodeProto] = []
     for conv in model.graph.node:
         if conv.op_type != "Conv" or conv.domain not in ("", "ai.onnx"):

@@ -132,20 +132,23 @@ class OrtRunner(Runner):
         """The file, or its serving form (:func:`attn_export.graph.onnxruntime_serving_form`).
 
         A model with external data is rewritten without its weights: ONNX
-        Runtime reads the data files from the file's folder (its convolutions
-        stay as they are: their weights are not loaded).
+        Runtime reads the data files from the file's folder; only the weights
+        of the 3x3 convolutions that qualify for Winograd are read here, and
+        their transformed weights may add at most twice the model's weight bytes.
         """
         if self.attention == "as-is":
             return str(self.path)
-        from ..exporter.weights import EXTERNAL_DATA_THRESHOLD, has_external
+        from ..exporter.weights import EXTERNAL_DATA_THRESHOLD, external_bytes, has_external
         from ..graph import onnxruntime_serving_form
         from ..graph.probe import read_external_data_from
 
         model = load_onnx(self.path, load_external_data=False)
         external = has_external(model)
         # The file's size stands for the model's (ByteSize() costs seconds on a large model); the margin covers
-        # what the attention rewrite adds.
-        room = None if external else EXTERNAL_DATA_THRESHOLD - self.path.stat().st_size - SERVING_FORM_MARGIN
+        # what the attention rewrite adds. With external data the session's bytes stay small (the transformed
+        # weights are handed over as arrays): their memory is what is bounded, to twice the model's weight bytes.
+        room = 2 * external_bytes(model) if external else \
+            EXTERNAL_DATA_THRESHOLD - self.path.stat().st_size - SERVING_FORM_MARGIN
         if room is not None and room < 0:
             return str(self.path)
         form = onnxruntime_serving_form(model, provider=self.providers[0], hw_multiple=self.spec.hw_multiple,
