@@ -391,10 +391,10 @@ def triton_cmd(
     max_batch: Optional[int] = typer.Option(None, "--max-batch", help="max_batch_size (default: the engine profile's max batch; 8 for ONNX). 0 disables batching."),
     force: bool = typer.Option(False, "--force", help="Replace an existing model folder."),
     attention: str = typer.Option("onnxruntime", "--attention", help=(
-        "ONNX files: onnxruntime (default) writes ONNX Runtime's serving form: attention in query chunks for CPU "
-        "instances, as ONNX Runtime's MultiHeadAttention (flash attention) for GPU ones, memory linear in the "
-        "sequence either way; multiheadattention uses that op for CPU instances too; as-is copies the file "
-        "unchanged.")),
+        "ONNX files: onnxruntime (default) writes ONNX Runtime's serving form: attention as its MultiHeadAttention "
+        "(flash attention) or, for CPU instances where that kernel's blocks would be thin (large head sizes), in "
+        "query chunks, memory linear in the sequence either way; multiheadattention or chunked puts that form at "
+        "every site; as-is copies the file unchanged.")),
 ) -> None:
     from .triton import write_model_repository
 

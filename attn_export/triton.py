@@ -74,7 +74,7 @@ class TritonModel:
     copied: list[Path] = field(default_factory=list)
     validated: bool = False
     attention_rewritten: int = 0  # attention sites served in ONNX Runtime's form (see attention_kind)
-    attention_kind: str = ""      # what they became: query-chunked attention or MultiHeadAttention
+    attention_kind: str = ""      # what they became: query-chunked attention and/or MultiHeadAttention
     winograd_rewritten: int = 0   # 3x3 convolutions served as Winograd F(4x4, 3x3) (CPU instances)
 
 
@@ -243,12 +243,13 @@ def write_model_repository(artifact: str | Path, repo: str | Path, *, name: str 
 
     ``attention="onnxruntime"`` (the default) writes the ONNX Runtime serving
     form of an ONNX file, the same form ``verify`` and ``bench`` run: every
-    FP32 attention site in query chunks for CPU instances and as
-    ``com.microsoft.MultiHeadAttention`` (flash attention) for GPU ones, memory
-    linear in the sequence length either way, and for CPU instances the
-    eligible 3x3 convolutions as Winograd F(4x4, 3x3).
-    ``"multiheadattention"`` uses that op for CPU instances too; ``"as-is"``
-    copies the file unchanged.
+    FP32 attention site as ``com.microsoft.MultiHeadAttention`` (flash
+    attention) or, for CPU instances where that kernel's blocks would be thin
+    (large head sizes against this machine's L2 cache), in query chunks;
+    memory linear in the sequence length either way; and for CPU instances
+    the eligible 3x3 convolutions as Winograd F(4x4, 3x3).
+    ``"multiheadattention"`` / ``"chunked"`` put that attention at every
+    site; ``"as-is"`` copies the file unchanged.
 
     The folder is assembled next to its final place and renamed into it, so an
     interrupted run leaves either the old model or the new one, never a mix.
@@ -266,8 +267,8 @@ def write_model_repository(artifact: str | Path, repo: str | Path, *, name: str 
         raise UsageError(f"--version must be a positive integer (got {version})")
     if instances < 1:
         raise UsageError(f"--instances must be at least 1 (got {instances})")
-    if attention not in ("onnxruntime", "multiheadattention", "as-is"):
-        raise UsageError(f"--attention must be onnxruntime, multiheadattention or as-is (got {attention!r})")
+    if attention not in ("onnxruntime", "multiheadattention", "chunked", "as-is"):
+        raise UsageError(f"--attention must be onnxruntime, multiheadattention, chunked or as-is (got {attention!r})")
     is_engine = is_engine_path(src)
     served: tuple[onnx.ModelProto, ServingForm] | None = None
     header = [f"written by attn-export from {src.name}"]

@@ -16,14 +16,13 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from pathlib import Path
-
 import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from attn_export.graph import to_chunked_form, to_onnxruntime_form
+from attn_export.graph.serving import l2_cache_bytes, mha_cpu_kv_block
 
 
 def canonical(heads: int, d: int) -> onnx.ModelProto:
@@ -47,15 +46,6 @@ def session(model: onnx.ModelProto, threads: int) -> ort.InferenceSession:
     return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
 
 
-def l2_bytes() -> int | None:
-    try:
-        text = Path("/sys/devices/system/cpu/cpu0/cache/index2/size").read_text().strip()
-    except OSError:
-        return None
-    units = {"K": 2**10, "M": 2**20}
-    return int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layouts", default="1x256,8x64", help="HEADSxHEAD_SIZE list")
@@ -63,7 +53,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
-    l2 = l2_bytes()
+    l2 = l2_cache_bytes()
     print(f"onnxruntime {ort.__version__}, {args.threads} threads, L2 {l2} bytes\n")
     print("| heads × head size | S | MultiHeadAttention ms | chunked ms | ratio of medians | round ratio: median "
           "(min–max) | MultiHeadAttention GFLOP/s | chunked GFLOP/s | max abs diff | MHA kernel blocks q × kv |")
@@ -88,7 +78,7 @@ def main() -> None:
             med = {k: statistics.median(v) for k, v in times.items()}
             rr = [c / m for c, m in zip(times["chunked"], times["mha"])]
             flops = 4.0 * heads * s * s * d
-            kv = max(l2 // (4 * 4 * 2 * d), 1) if l2 else None
+            kv = mha_cpu_kv_block(d, l2) if l2 else None
             blocks = f"{min(kv, 2 * d, s)} × {min(kv, s)}" if kv else "?"
             print(f"| {heads} × {d} | {s} | {med['mha'] * 1e3:.2f} | {med['chunked'] * 1e3:.2f} | "
                   f"{med['chunked'] / med['mha']:.2f}× | {statistics.median(rr):.2f}× ({min(rr):.2f}–{max(rr):.2f}) | "

@@ -39,12 +39,12 @@ sys.path.insert(0, str(ROOT))
 ATTN_DOWNSAMPLE = 2
 
 # (label, backend kind, options). Torch kinds take an attention formulation; ORT kinds an export, the attention form
-# the session gets ("as-is": the file as written; "onnxruntime": the serving form OrtRunner uses by default, on CPU
-# every FP32 attention site in query chunks; "multiheadattention": the same with ONNX Runtime's
-# com.microsoft.MultiHeadAttention instead) and session options.
-SERVING_OP = "ORT serving form (chunked attention, Winograd), from op export"
-SERVING_DEC = "ORT serving form (chunked attention, Winograd), from decomposed export"
-SERVING_MHA = "ORT serving form with MultiHeadAttention instead of chunked attention"
+# the session gets ("as-is": the file as written; "onnxruntime": the serving form OrtRunner uses by default, each
+# FP32 attention site as ONNX Runtime's com.microsoft.MultiHeadAttention or in query chunks, whichever its head size
+# and the CPU's L2 cache favour; "multiheadattention": MultiHeadAttention at every site) and session options.
+SERVING_OP = "ORT serving form, from op export"
+SERVING_DEC = "ORT serving form, from decomposed export"
+SERVING_MHA = "ORT serving form with MultiHeadAttention at every site"
 NO_WINOGRAD = "ORT serving form without Winograd (3x3 convolutions as written)"
 COMPILE_LABEL = "torch.compile (inductor), sdpa"
 EAGER_IMPLS = ("reference", "sdpa", "decomposed")
@@ -137,6 +137,7 @@ def worker(job: dict[str, Any]) -> dict[str, Any]:
     if job["kind"] == "ort":
         settings["attention_sites_rewritten"] = getattr(runner, "attention_rewritten", 0)
         settings["winograd_convolutions"] = getattr(runner, "winograd_rewritten", 0)
+        settings["serving_form_parts"] = runner.serving_form_parts() if hasattr(runner, "serving_form_parts") else []
         if job.get("graph_variant"):
             settings["graph_variant"] = job["graph_variant"]
             settings["graph_variant_sites"] = job.get("graph_variant_sites", 0)
@@ -292,8 +293,8 @@ def _ort_runner(job: dict[str, Any], spec: Any) -> Any:
     """OrtRunner with this script's session switches; the model is what OrtRunner would give the session.
 
     ``job["attention"]``: "as-is" builds the session from the file as written; "onnxruntime" from the rewritten
-    model bytes (its serving form: attention in query chunks, Winograd convolutions), as OrtRunner serves by
-    default; "multiheadattention": the serving form with com.microsoft.MultiHeadAttention.
+    model bytes (its serving form), as OrtRunner serves by default; "multiheadattention": the serving form with
+    com.microsoft.MultiHeadAttention at every site.
     """
     from attn_export.runners.ort_runner import OrtRunner
 
@@ -723,10 +724,8 @@ def _row_note(r: dict[str, Any]) -> str:
     st = r.get("settings", {})
     if r["kind"] == "compile" and "compile_s" in r:
         return f"compile {r['compile_s']:.0f} s (first call, excluded)"
-    if r["kind"] == "ort" and st.get("attention") in ("onnxruntime", "multiheadattention"):
-        n, w = st.get("attention_sites_rewritten", 0), st.get("winograd_convolutions", 0)
-        kind = "MultiHeadAttention" if st.get("attention") == "multiheadattention" else "chunked attention"
-        parts = ([f"{n} attention sites → {kind}"] if n else []) + ([f"{w} 3x3 convs → Winograd"] if w else [])
+    if r["kind"] == "ort" and st.get("attention", "as-is") != "as-is":
+        parts = st.get("serving_form_parts", [])
         return ", ".join(parts) if parts else "**nothing rewritten: ran as written**"
     return ""
 
@@ -770,7 +769,9 @@ def render(report: dict[str, Any]) -> str:
       "the sdpa formulation, whose compile time is the first call and is reported apart from the latency; ONNX Runtime "
       "on the exported file **as written** (`Attention` op or MatMul/Softmax/MatMul), and in its **serving form**: "
       "the session built from the model with every FP32 attention site rewritten to ONNX Runtime's "
-      "`com.microsoft.MultiHeadAttention` and every 3x3 convolution whose height and width are multiples of 4 for "
+      "`com.microsoft.MultiHeadAttention` or, where that CPU kernel's blocks would be thin (large head sizes "
+      "against the L2 cache), to attention in query chunks in standard ONNX ops (the *notes* column says which), "
+      "and every 3x3 convolution whose height and width are multiples of 4 for "
       "every accepted input size rewritten to Winograd F(4x4, 3x3) in standard ONNX ops "
       "(`attn_export.graph.onnxruntime_serving_form`), which is what `OrtRunner`, `attn-export verify` and "
       "`attn-export bench` use by default on the CPU. The as-written rows show why the serving form exists.\n")

@@ -14,7 +14,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 import attention_zoo
-from attn_export.graph import onnxruntime_serving_form, to_chunked_form
+from attn_export.graph import find_attention, onnxruntime_serving_form, to_chunked_form
 from attn_export.graph.chunked import MIN_ROWS
 from attn_export.runners.ort_runner import OrtRunner
 from attn_export.verify import verify
@@ -118,22 +118,59 @@ def test_files_as_pytorch_writes_them(tmp_path: Path, form: str) -> None:
 
 
 def test_serving_form_per_provider_and_choice(tiny_onnx: Path) -> None:
-    def ops(provider: str, attention: str = "auto", opset: int | None = None) -> Counter:
+    def ops(provider: str, attention: str = "auto", l2: int | None = None) -> Counter:
         model = onnx.load(str(tiny_onnx))
-        if opset is not None:
-            model.opset_import[0].version = opset
-        onnxruntime_serving_form(model, provider=provider, winograd=False, attention=attention)
+        onnxruntime_serving_form(model, provider=provider, winograd=False, attention=attention, l2_bytes=l2)
         return Counter(n.op_type for n in model.graph.node)
 
-    assert ops("CPUExecutionProvider")["Loop"] == 4
-    assert ops("CPUExecutionProvider")["MultiHeadAttention"] == 0
-    assert ops("CUDAExecutionProvider")["MultiHeadAttention"] == 4
-    assert ops("CUDAExecutionProvider")["Loop"] == 0
-    assert ops("CPUExecutionProvider", "multiheadattention")["MultiHeadAttention"] == 4
-    # Below opset 13 (Softmax over one axis, Pad with a pads input) the CPU form falls back to MultiHeadAttention.
-    assert to_chunked_form(_attention_graph(4, 1.0, opset=12)).unfused
+    # tiny's head size is 32: MultiHeadAttention's CPU kernel takes L2 / 2048 keys per block, so chunks from a
+    # 64 KiB L2 down (64 keys), the kernel above.
+    assert ops("CPUExecutionProvider", l2=2**16)["Loop"] == 4
+    assert ops("CPUExecutionProvider", l2=2**17)["MultiHeadAttention"] == 4
+    assert ops("CPUExecutionProvider", l2=2**17)["Loop"] == 0
+    assert ops("CPUExecutionProvider", "chunked", l2=2**30)["Loop"] == 4
+    assert ops("CPUExecutionProvider", "multiheadattention", l2=2**10)["MultiHeadAttention"] == 4
+    assert ops("CUDAExecutionProvider", l2=2**10)["MultiHeadAttention"] == 4
+    assert ops("CUDAExecutionProvider", "chunked")["Loop"] == 0  # no chunks off the CPU
     with pytest.raises(ValueError):
         ops("CPUExecutionProvider", "flash")
+
+
+def _two_head_sizes() -> onnx.ModelProto:
+    """Two attention sites in a row: 2 heads of size 8, then 2 heads of size 64 (heads static, as in exports)."""
+    first, second = _attention_graph(4, 8 ** -0.5), _attention_graph(4, 64 ** -0.5)
+    nodes = list(first.graph.node)
+    # The second site reads y (the first's output, [b, 2, s, 8]) through a 1x1 projection to 64 channels.
+    proj = numpy_helper.from_array(np.random.default_rng(0).standard_normal((8, 64)).astype(np.float32) * 0.3, "proj")
+    nodes.append(helper.make_node("MatMul", ["y", "proj"], ["qkv2"], name="proj"))
+    for n in second.graph.node:
+        n.name += "_2"
+        n.input[:] = ["qkv2" if i in "qkv" else (i + "_2" if i != "scale" else "scale_2") for i in n.input]
+        n.output[:] = [o + "_2" for o in n.output]
+        nodes.append(n)
+    scale2 = numpy_helper.from_array(np.array(64 ** -0.5, np.float32), "scale_2")
+    static = [1, 2, "s", 8]
+    graph = helper.make_graph(nodes, "two", [helper.make_tensor_value_info(n, TensorProto.FLOAT, static) for n in "qkv"],
+                              [helper.make_tensor_value_info("y_2", TensorProto.FLOAT, [1, 2, "s", 64])],
+                              [first.graph.initializer[0], proj, scale2])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+
+
+def test_the_choice_is_per_site() -> None:
+    model = _two_head_sizes()
+    reference = model.SerializeToString()
+    sites = {s.head_size: s for s in find_attention(model)}
+    assert set(sites) == {8, 64} and all(s.heads == 2 for s in sites.values())
+    # With a 128 KiB L2 the kernel would take 64 keys per block at head size 64 (chunks), 512 at head size 8.
+    form = onnxruntime_serving_form(model, winograd=False, l2_bytes=2**17)
+    assert (form.chunked_sites, form.mha_sites) == (1, 1)
+    assert form.parts() == ["1 x query-chunked attention", "1 x MultiHeadAttention"]
+    assert form.attention_kind == "query-chunked attention and MultiHeadAttention"
+    onnx.checker.check_model(model)
+    rng = np.random.default_rng(2)
+    feeds = {n: rng.standard_normal((1, 2, 37, 8)).astype(np.float32) for n in "qkv"}
+    want = _run(onnx.load_from_string(reference), feeds)[0]
+    assert np.abs(_run(model, feeds)[0] - want).max() < 1e-5
 
 
 def test_fp16_sites_stay_as_they_are(tiny_onnx: Path, tmp_path: Path) -> None:
@@ -146,8 +183,8 @@ def test_fp16_sites_stay_as_they_are(tiny_onnx: Path, tmp_path: Path) -> None:
     assert all("float32 only" in (s.problem or "") for s in result.unfused)
 
 
-def test_runner_and_verify(tiny_onnx: Path) -> None:
-    chunked = OrtRunner(tiny_onnx).activate()
+def test_runner_and_verify(tiny_onnx: Path, export_model, monkeypatch: pytest.MonkeyPatch) -> None:
+    chunked = OrtRunner(tiny_onnx, attention="chunked").activate()
     mha = OrtRunner(tiny_onnx, attention="multiheadattention").activate()
     plain = OrtRunner(tiny_onnx, attention="as-is").activate()
     assert (chunked.attention_rewritten, mha.attention_rewritten, plain.attention_rewritten) == (4, 4, 0)
@@ -158,5 +195,9 @@ def test_runner_and_verify(tiny_onnx: Path) -> None:
     want = plain.infer(feeds)["out"]
     for runner in (chunked, mha):
         assert np.abs(runner.infer(feeds)["out"] - want).max() < 1e-5
-    report = verify(tiny_onnx, shapes="1x16x16,2x32x24")
+    # verify serves the default form: with a 512 KiB L2, head size 256 goes to chunks (64 keys per kernel block).
+    from attn_export.graph import serving
+
+    monkeypatch.setattr(serving, "l2_cache_bytes", lambda: 2**19)
+    report = verify(export_model("tiny", "op", base_channels=128), shapes="1x16x16,2x32x24")
     assert report.passed and "4 x query-chunked attention" in report.candidate

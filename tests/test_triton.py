@@ -43,9 +43,10 @@ def test_onnx_repository(tiny_onnx: Path, tmp_path: Path) -> None:
     assert m.validated
     served = onnx.load(str(tmp_path / "repo" / "ddpm_tiny" / "1" / "model.onnx"))
     assert m.attention_rewritten == sum(n.op_type == "Attention" for n in onnx.load(str(tiny_onnx)).graph.node) > 0
-    # CPU instances: every site in query chunks (one Loop each), as OrtRunner serves it on the CPU.
-    assert sum(n.op_type == "Loop" and "/chunked/" in n.name for n in served.graph.node) == m.attention_rewritten
-    assert m.attention_kind == "query-chunked attention" and "query-chunked attention" in m.config_text
+    # CPU instances: every site as MultiHeadAttention or in query chunks (one Loop each), as OrtRunner serves it.
+    assert sum(n.op_type == "Loop" and "/chunked/" in n.name or n.op_type == "MultiHeadAttention"
+               for n in served.graph.node) == m.attention_rewritten
+    assert m.attention_kind and m.attention_kind in m.config_text
     assert read_spec(tmp_path / "repo" / "ddpm_tiny" / "1" / "model.onnx") == read_spec(tiny_onnx)
     pb2, cfg = _parse(tmp_path / "repo" / "ddpm_tiny" / "config.pbtxt")
     assert cfg.name == "ddpm_tiny" and cfg.platform == "onnxruntime_onnx"
@@ -101,10 +102,10 @@ def test_onnx_external_data_is_copied_and_loads(tmp_path: Path) -> None:
             np.testing.assert_array_equal(got, want)
             assert m.attention_rewritten == 0 and "MultiHeadAttention" not in ops
         else:
-            # The serving form (CPU instances): every site in query chunks, the weights still in the copied data file.
+            # The serving form (CPU instances), the weights still in the copied data file.
             sites = sum(n.op_type == "Attention" for n in onnx.load(str(src / "unet.onnx"), load_external_data=False).graph.node)
-            assert m.attention_rewritten == sites > 0 and "Loop" in ops and "Attention" not in ops
-            assert "query-chunked attention" in m.config_text
+            assert m.attention_rewritten == sites > 0 and ops & {"Loop", "MultiHeadAttention"} and "Attention" not in ops
+            assert m.attention_kind in m.config_text
             np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-3)
 
 

@@ -18,6 +18,7 @@ keys differently.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import onnx
@@ -118,20 +119,23 @@ def build_chunked(model: onnx.ModelProto, site: AttentionSite, names: _Names, bu
     return b.nodes
 
 
-def to_chunked_form(model: onnx.ModelProto, *, budget: int = SCORE_BUDGET,
-                    weights_folder: Path | None = None) -> RewriteResult:
+def to_chunked_form(model: onnx.ModelProto, *, budget: int = SCORE_BUDGET, weights_folder: Path | None = None,
+                    select: Callable[[AttentionSite], bool] | None = None) -> RewriteResult:
     """Rewrite (in place) every attention site of ``model`` into query-chunked attention in standard ops.
 
     ``budget``: score elements one chunk may hold (memory linear in the
     sequence length, like flash attention). Models below opset 13 are left
     as they are, every site listed as unfused with the reason.
     ``weights_folder``: where the data files of a model loaded without its
-    external data are (for a scale only a run can tell).
+    external data are (for a scale only a run can tell). ``select``: only
+    the sites it accepts are considered (the result lists no other).
     """
     if budget < 1:
         raise ValueError(f"budget must be positive (got {budget})")
     ensure_node_names(model)
     found = find_attention(model, probe=False, index=TypedIndex(model), weights_folder=weights_folder)
+    if select is not None:
+        found = [site for site in found if select(site)]
     opset = default_opset(model)
 
     def problem(site: AttentionSite) -> str | None:

@@ -8,43 +8,89 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from .chunked import FORM as CHUNKED, MIN_OPSET as CHUNKED_MIN_OPSET, to_chunked_form
+from .attention import AttentionSite
+from .chunked import MIN_OPSET as CHUNKED_MIN_OPSET, to_chunked_form
 from .index import default_opset
-from .rewrite import RewriteResult, to_onnxruntime_form
+from .rewrite import RewriteResult, _mha_problem, to_onnxruntime_form
 from .winograd import WinogradResult, winograd_convolutions
 
 # Providers with a MultiHeadAttention kernel; Winograd in ONNX ops only pays where convolutions are MLAS's (CPU).
 MHA_PROVIDERS = ("CPUExecutionProvider", "CUDAExecutionProvider")
 WINOGRAD_PROVIDERS = ("CPUExecutionProvider",)
-# Where attention in query chunks (large MLAS GEMMs) measured faster than the MultiHeadAttention kernel.
+# Where attention in query chunks (large MLAS GEMMs) can beat the MultiHeadAttention kernel.
 CHUNKED_PROVIDERS = ("CPUExecutionProvider",)
-# "auto": the fastest measured form per provider; "multiheadattention": MultiHeadAttention wherever it runs.
-SERVING_ATTENTION = ("auto", "multiheadattention")
+# "auto": per site, the form measured faster on the provider; "multiheadattention" / "chunked": that form
+# wherever it runs (chunks on the CPU provider only).
+SERVING_ATTENTION = ("auto", "multiheadattention", "chunked")
+# ONNX Runtime's MultiHeadAttention CPU kernel tiles keys in blocks of L2 / (16 * (d_qk + d_v)) (its source:
+# onnxruntime/contrib_ops/cpu/bert/multihead_attention.cc). At 64 keys or fewer per block its GEMMs are too thin:
+# query chunks measured 0.72-0.97x its time there (head sizes 256 and 512 on a 512 KiB L2), and 1.0-1.3x at 128
+# or more (head sizes 64 and 128) (bench/chunked_attention.py).
+CHUNKED_AT_MOST_KV_BLOCK = 64
+# When the L2 size cannot be read: a common server core's.
+DEFAULT_L2_BYTES = 2**20
+
+
+def l2_cache_bytes() -> int | None:
+    """This machine's per-core L2 cache size in bytes (Linux sysfs), None where it cannot be read."""
+    try:
+        text = Path("/sys/devices/system/cpu/cpu0/cache/index2/size").read_text().strip()
+        units = {"K": 2**10, "M": 2**20}
+        return int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text)
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def mha_cpu_kv_block(head_size: int, l2_bytes: int) -> int:
+    """Keys per block of ONNX Runtime's MultiHeadAttention CPU kernel for this head size (q, k and v alike)."""
+    return max(l2_bytes // (4 * 4 * 2 * head_size), 1)
+
+
+def chunked_pays(site: AttentionSite, l2_bytes: int) -> bool:
+    """True where query chunks beat the MultiHeadAttention CPU kernel, or that kernel cannot take the site."""
+    if _mha_problem(site) is not None:
+        return True
+    return site.head_size is not None and mha_cpu_kv_block(site.head_size, l2_bytes) <= CHUNKED_AT_MOST_KV_BLOCK
 
 
 @dataclass
 class ServingForm:
     """What :func:`onnxruntime_serving_form` rewrote."""
 
-    attention: RewriteResult | None = None
+    attention: RewriteResult | None = None   # sites as com.microsoft.MultiHeadAttention
+    chunked: RewriteResult | None = None     # sites as attention in query chunks
     winograd: WinogradResult | None = None
     # Constants the graph names as external-data stubs, to hand to the session (``with_arrays``).
     arrays: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
-    def attention_sites(self) -> int:
+    def mha_sites(self) -> int:
         return len(self.attention.rewritten) if self.attention else 0
+
+    @property
+    def chunked_sites(self) -> int:
+        return len(self.chunked.rewritten) if self.chunked else 0
+
+    @property
+    def attention_sites(self) -> int:
+        return self.mha_sites + self.chunked_sites
 
     @property
     def winograd_convolutions(self) -> int:
         return len(self.winograd.rewritten) if self.winograd else 0
 
+    def parts(self) -> list[str]:
+        """What the form runs beyond the file, in words: "6 x query-chunked attention", ..."""
+        counts = ((self.chunked_sites, "query-chunked attention"), (self.mha_sites, "MultiHeadAttention"),
+                  (self.winograd_convolutions, "Winograd 3x3 conv"))
+        return [f"{n} x {what}" for n, what in counts if n]
+
     @property
     def attention_kind(self) -> str:
         """What the attention sites became, in words."""
-        if self.attention and self.attention.form == CHUNKED:
-            return "query-chunked attention"
-        return "MultiHeadAttention"
+        kinds = [what for n, what in ((self.chunked_sites, "query-chunked attention"),
+                                      (self.mha_sites, "MultiHeadAttention")) if n]
+        return " and ".join(kinds)
 
     @property
     def changed(self) -> bool:
@@ -54,16 +100,18 @@ class ServingForm:
 def onnxruntime_serving_form(model: onnx.ModelProto, *, provider: str = "CPUExecutionProvider", hw_multiple: int = 1,
                              winograd: bool = True, weights_folder: Path | None = None,
                              max_added_bytes: int | None = None, with_arrays: bool = False,
-                             attention: str = "auto") -> ServingForm:
+                             attention: str = "auto", l2_bytes: int | None = None) -> ServingForm:
     """Rewrite (in place) ``model`` into the form ONNX Runtime serves fastest on ``provider``.
 
-    Attention sites (FP32) become, on the CPU provider, attention in query
-    chunks in standard ops (:mod:`.chunked`: large GEMMs, scores bounded per
-    chunk) and, on CUDA or with ``attention="multiheadattention"``,
-    ``com.microsoft.MultiHeadAttention`` (flash attention); both hold memory
-    linear in the sequence length. On the CPU provider, and
-    with ``winograd``, eligible 3x3 convolutions become Winograd F(4x4, 3x3) in
-    standard ops (``hw_multiple``: every accepted height and width is a
+    Attention sites (FP32) become ``com.microsoft.MultiHeadAttention`` (flash
+    attention) or, on the CPU provider, attention in query chunks in standard
+    ops (:mod:`.chunked`: large GEMMs, scores bounded per chunk); both hold
+    memory linear in the sequence length. ``attention="auto"`` picks per
+    site: chunks where MultiHeadAttention's CPU kernel would tile the keys in
+    blocks of 64 or fewer (large head sizes against the L2 cache,
+    ``l2_bytes``, read from this machine when None) or cannot take the site.
+    On the CPU provider, and with ``winograd``, eligible 3x3 convolutions
+    become Winograd F(4x4, 3x3) in standard ops (``hw_multiple``: every accepted height and width is a
     multiple of it; ``max_added_bytes`` bounds the transformed weights).
     ``with_arrays``: the transformed weights are kept out of the graph, in
     ``.arrays``, for ``SessionOptions.add_external_initializers`` (a model
@@ -77,9 +125,12 @@ def onnxruntime_serving_form(model: onnx.ModelProto, *, provider: str = "CPUExec
         form.winograd = winograd_convolutions(model, hw_multiple, weights_folder=weights_folder,
                                               max_added_bytes=max_added_bytes,
                                               arrays=form.arrays if with_arrays else None)
-    if (attention == "auto" and provider in CHUNKED_PROVIDERS
-            and default_opset(model) >= CHUNKED_MIN_OPSET):
-        form.attention = to_chunked_form(model, weights_folder=weights_folder)
-    elif provider in MHA_PROVIDERS:
+    if provider in CHUNKED_PROVIDERS and attention != "multiheadattention" \
+            and default_opset(model) >= CHUNKED_MIN_OPSET:
+        l2 = l2_bytes or l2_cache_bytes() or DEFAULT_L2_BYTES
+        form.chunked = to_chunked_form(model, weights_folder=weights_folder,
+                                       select=None if attention == "chunked" else lambda s: chunked_pays(s, l2))
+    if provider in MHA_PROVIDERS and attention != "chunked":
+        # The sites left (none when every one went to chunks).
         form.attention = to_onnxruntime_form(model, weights_folder=weights_folder)
     return form

@@ -39,10 +39,10 @@ def resolve_providers(providers: Sequence[str] | None) -> list[str]:
     return out
 
 
-# "onnxruntime": the serving form (on CPU attention in query chunks and 3x3 convolutions as Winograd, on CUDA
-# ONNX Runtime's contrib MultiHeadAttention); "multiheadattention": the same with MultiHeadAttention on CPU too;
-# "as-is": the file's own graph.
-ATTENTION_FORMS = ("onnxruntime", "multiheadattention", "as-is")
+# "onnxruntime": the serving form (attention as ONNX Runtime's contrib MultiHeadAttention or, on CPU where it
+# measured faster, in query chunks; on CPU 3x3 convolutions as Winograd); "multiheadattention" / "chunked": the
+# serving form with that attention at every site; "as-is": the file's own graph.
+ATTENTION_FORMS = ("onnxruntime", "multiheadattention", "chunked", "as-is")
 SERVING_FORM_MARGIN = 2**24
 
 
@@ -50,12 +50,13 @@ class OrtRunner(Runner):
     """ONNX Runtime behind the common Runner interface, built from an ONNX path.
 
     ``attention="onnxruntime"`` (the default) builds the session from the
-    serving form: every FP32 attention site in query chunks on the CPU
-    provider (large GEMMs, scores bounded per chunk) and as ONNX Runtime's
-    contrib ``MultiHeadAttention`` on CUDA (flash attention), both with
-    memory linear in the sequence length (``"multiheadattention"``: that
-    op on the CPU too) and, on the CPU provider with ``winograd``, eligible
-    3x3 convolutions as Winograd F(4x4, 3x3). The file
+    serving form: every FP32 attention site as ONNX Runtime's contrib
+    ``MultiHeadAttention`` (flash attention) or, on the CPU provider where
+    that kernel's blocks would be thin (large head sizes), in query chunks
+    (large GEMMs, scores bounded per chunk), memory linear in the sequence
+    length either way (``"multiheadattention"`` / ``"chunked"``: that form
+    at every site) and, on the CPU provider with ``winograd``, eligible 3x3
+    convolutions as Winograd F(4x4, 3x3). The file
     itself, the artifact TensorRT reads, is never changed; ``"as-is"`` runs it
     exactly as written.
 
@@ -75,7 +76,7 @@ class OrtRunner(Runner):
         self.attention = attention
         self.winograd = winograd
         self.attention_rewritten = 0
-        self.attention_kind = ""
+        self._parts: list[str] = []
         self.winograd_rewritten = 0
         self.path = Path(path)
         model = load_onnx(self.path, load_external_data=False)
@@ -155,6 +156,7 @@ class OrtRunner(Runner):
                                         winograd=self.winograd, weights_folder=self.path.parent, max_added_bytes=room,
                                         with_arrays=True,
                                         attention="auto" if self.attention == "onnxruntime" else self.attention)
+        self._parts = form.parts()
         if not form.changed:
             return str(self.path)
         if form.arrays:
@@ -165,7 +167,6 @@ class OrtRunner(Runner):
             self._handed_over = [ort.OrtValue.ortvalue_from_numpy(a) for a in form.arrays.values()]
             opts.add_external_initializers(list(form.arrays), self._handed_over)
         self.attention_rewritten = form.attention_sites
-        self.attention_kind = form.attention_kind
         self.winograd_rewritten = form.winograd_convolutions
         if external:
             read_external_data_from(opts, self.path.parent)
@@ -173,12 +174,7 @@ class OrtRunner(Runner):
 
     def serving_form_parts(self) -> list[str]:
         """What the session runs beyond the file, in words (empty for the file as written)."""
-        parts = []
-        if self.attention_rewritten:
-            parts.append(f"{self.attention_rewritten} x {self.attention_kind}")
-        if self.winograd_rewritten:
-            parts.append(f"{self.winograd_rewritten} x Winograd 3x3 conv")
-        return parts
+        return list(self._parts)
 
     def _deactivate(self) -> None:
         self.session = None
