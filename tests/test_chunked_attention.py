@@ -81,21 +81,6 @@ def test_exact_at_every_length_and_budget(rank: int, budget: int) -> None:
         assert int(got_rows.reshape(-1)[0]) == want
 
 
-@pytest.mark.parametrize("fixture", ["tiny_onnx", "tiny_decomposed_onnx"])
-def test_tiny_exports(request, fixture: str) -> None:
-    path = request.getfixturevalue(fixture)
-    model = onnx.load(str(path))
-    result = to_chunked_form(model, budget=3000)
-    assert len(result.rewritten) == 4 and not result.unfused
-    ops = Counter(n.op_type for n in model.graph.node)
-    assert ops["Loop"] == 4 and ops["Attention"] == 0 and ops["Softmax"] == 0
-    onnx.checker.check_model(model)
-    rng = np.random.default_rng(0)
-    for b, h, w in ((1, 8, 8), (2, 32, 48), (3, 24, 24)):
-        feeds = {"x": rng.standard_normal((b, 3, h, w)).astype(np.float32), "t": np.arange(b, dtype=np.int64) * 300}
-        assert np.abs(_run(model, feeds)[0] - _run(path, feeds)[0]).max() < 1e-5
-
-
 @pytest.mark.parametrize("form", ["seed_bmm", "einsum_channel_first_mh", "sdpa_mh", "einsum_mh", "logits_div"])
 def test_files_as_pytorch_writes_them(tmp_path: Path, form: str) -> None:
     """Foreign layouts (K as [B, C, S], channel-first Einsum, several heads, scale on the logits), never canonicalized."""
@@ -171,16 +156,6 @@ def test_the_choice_is_per_site() -> None:
     feeds = {n: rng.standard_normal((1, 2, 37, 8)).astype(np.float32) for n in "qkv"}
     want = _run(onnx.load_from_string(reference), feeds)[0]
     assert np.abs(_run(model, feeds)[0] - want).max() < 1e-5
-
-
-def test_fp16_sites_stay_as_they_are(tiny_onnx: Path, tmp_path: Path) -> None:
-    from attn_export.exporter.fp16 import convert_fp16
-
-    half = tmp_path / "half.onnx"
-    convert_fp16(tiny_onnx, half, check=False)
-    result = to_chunked_form(onnx.load(str(half)))
-    assert not result.rewritten and len(result.unfused) == 4
-    assert all("float32 only" in (s.problem or "") for s in result.unfused)
 
 
 def test_runner_and_verify(tiny_onnx: Path, export_model, monkeypatch: pytest.MonkeyPatch) -> None:

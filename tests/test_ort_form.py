@@ -1,4 +1,4 @@
-"""The ONNX Runtime serving form: attention sites as com.microsoft.MultiHeadAttention, applied at session creation."""
+"""The ONNX Runtime serving form's attention (com.microsoft.MultiHeadAttention, query chunks), applied at session creation."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 
 from attn_export.runners.ort_runner import OrtRunner
 from attn_export.exporter.onnx_export import export_onnx
-from attn_export.graph import to_onnxruntime_form
+from attn_export.graph import to_chunked_form, to_onnxruntime_form
 from attn_export.models.loader import ModelSource
 
 
@@ -22,16 +22,19 @@ def _run(model: onnx.ModelProto | Path, feeds: dict) -> np.ndarray:
 
 
 @pytest.mark.parametrize("fixture", ["tiny_onnx", "tiny_decomposed_onnx"])
-def test_tiny_sites_become_multiheadattention(request, fixture: str) -> None:
+@pytest.mark.parametrize("rewrite, op", [(to_onnxruntime_form, "MultiHeadAttention"),
+                                         (lambda m: to_chunked_form(m, budget=3000), "Loop")])
+def test_tiny_sites_take_each_serving_attention(request, fixture: str, rewrite, op: str) -> None:
+    """Each attention form of the serving form, on both exports: every site rewritten, the function kept."""
     path = request.getfixturevalue(fixture)
     model = onnx.load(str(path))
-    result = to_onnxruntime_form(model)
+    result = rewrite(model)
     assert len(result.rewritten) == 4 and not result.unfused
     ops = Counter(n.op_type for n in model.graph.node)
-    assert ops["MultiHeadAttention"] == 4 and ops["Attention"] == 0 and ops["Softmax"] == 0
+    assert ops[op] == 4 and ops["Attention"] == 0 and ops["Softmax"] == 0
     onnx.checker.check_model(model)
     rng = np.random.default_rng(0)
-    for b, h, w in ((1, 8, 8), (2, 32, 48), (3, 16, 12)):
+    for b, h, w in ((1, 8, 8), (2, 32, 48), (3, 16, 12), (3, 24, 24)):
         feeds = {"x": rng.standard_normal((b, 3, h, w)).astype(np.float32), "t": np.arange(b, dtype=np.int64) * 300}
         assert np.abs(_run(model, feeds) - _run(path, feeds)).max() < 1e-5
 
@@ -48,12 +51,14 @@ def test_multi_head_and_fp16(tmp_path: Path) -> None:
     assert np.abs(_run(model, feeds) - _run(out, feeds)).max() < 1e-5
 
 
-def test_fp16_sites_stay_as_they_are(tiny_onnx: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("rewrite", [to_onnxruntime_form, to_chunked_form])
+def test_fp16_sites_stay_as_they_are(tiny_onnx: Path, tmp_path: Path, rewrite) -> None:
+    """Both attention forms of the serving form take float32 sites only: the others stay as written, with why."""
     from attn_export.exporter.fp16 import convert_fp16
 
     half = tmp_path / "half.onnx"
     convert_fp16(tiny_onnx, half, check=False)
-    result = to_onnxruntime_form(onnx.load(str(half)))
+    result = rewrite(onnx.load(str(half)))
     assert not result.rewritten and len(result.unfused) == 4
     assert all("float32 only" in (s.problem or "") for s in result.unfused)
 

@@ -25,8 +25,9 @@ import onnx
 from onnx import TensorProto, helper
 
 from .attention import AttentionSite, find_attention
-from .index import TypedIndex, default_opset, swap_last_two
-from .rewrite import _ELEM, _NP, RewriteResult, _Builder, _finish, _Names, _rewrite, ensure_node_names
+from .index import TypedIndex, default_opset
+from .rewrite import (RewriteResult, _Builder, _finish, _Names, _rewrite, ensure_node_names, scaled_operands,
+                      softmax_product)
 
 # Score elements of one chunk: 32 MiB in float32, a few cache-sized GEMM panels per thread.
 SCORE_BUDGET = 8 * 2**20
@@ -63,12 +64,7 @@ def build_chunked(model: onnx.ModelProto, site: AttentionSite, names: _Names, bu
     # One marker in every name, so that a profile can tell these nodes apart (ONNX Runtime keeps node names).
     b.prefix = f"{b.prefix}/{FORM}"
     r = site.rank
-    t_elem = _ELEM.get(site.dtype or site.q.compute_dtype or "", TensorProto.FLOAT)
-    q = b.operand(site.q, "q", t_elem, site.q.perm)
-    k_perm = site.k.perm or list(range(r))
-    kt = b.operand(site.k, "k", t_elem, [k_perm[i] for i in swap_last_two(r)])
-    v = b.operand(site.v, "v", t_elem, site.v.perm)
-    qs = b.node("Mul", [q, b.const(np.array(site.scale, dtype=_NP.get(t_elem, np.float32)), "scale")], "q_scaled")
+    qs, kt, v, t_elem = scaled_operands(b)
 
     # Rows per chunk: budget // (batch x heads x S), at least MIN_ROWS, at most S; then the chunk count and padding.
     shape = b.node("Shape", [qs], "q_shape")
@@ -92,14 +88,7 @@ def build_chunked(model: onnx.ModelProto, site: AttentionSite, names: _Names, bu
     start = b.node("Mul", [it, rows], "chunk_start")
     stop = b.node("Add", [start, rows], "chunk_stop")
     q_i = b.node("Slice", [q_padded, start, stop, _i64(b, [-2], "seq_axis")], "q_chunk")
-    logits = b.node("MatMul", [q_i, kt], "chunk_logits")
-    soft = _ELEM.get(site.softmax_dtype or "", t_elem)
-    if soft != t_elem:
-        logits = b.node("Cast", [logits], "chunk_logits_cast", to=soft)
-    p = b.node("Softmax", [logits], "chunk_weights", axis=-1)
-    if soft != t_elem:
-        p = b.node("Cast", [p], "chunk_weights_cast", to=t_elem)
-    y_i = b.node("MatMul", [p, v], "chunk_y")
+    y_i = softmax_product(b, q_i, kt, v, t_elem, "chunk_")
     cond_out = b.node("Identity", [cond], "chunk_cond_out")
     body = helper.make_graph(
         b.nodes, names.fresh(f"{b.prefix}/chunk_body"),

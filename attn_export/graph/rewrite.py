@@ -140,28 +140,41 @@ def _build_op(model: onnx.ModelProto, site: AttentionSite, names: _Names) -> lis
     return b.nodes
 
 
-def _build_decomposed(model: onnx.ModelProto, site: AttentionSite, names: _Names) -> list[onnx.NodeProto]:
+def scaled_operands(b: _Builder) -> tuple[str, str, str, int]:
+    """Append Mul(q, scale), Kᵀ and v in the [.., S, d] layout and the site's compute dtype to ``b``.
+
+    Returns (scaled q, Kᵀ, v, element type); Kᵀ comes straight from k: the composition of k's layout change
+    and the last-two-axes swap.
+    """
+    site = b.site
     assert site.q and site.k and site.v and site.rank and site.scale is not None
-    b = _Builder(model, site, names)
-    rank = site.rank
     t_elem = _ELEM.get(site.dtype or site.q.compute_dtype or "", TensorProto.FLOAT)
     q = b.operand(site.q, "q", t_elem, site.q.perm)
-    # Kᵀ straight from k: the composition of k's layout change and the last-two-axes swap.
-    k_perm = site.k.perm or list(range(rank))
-    kt = b.operand(site.k, "k", t_elem, [k_perm[i] for i in swap_last_two(rank)])
+    k_perm = site.k.perm or list(range(site.rank))
+    kt = b.operand(site.k, "k", t_elem, [k_perm[i] for i in swap_last_two(site.rank)])
     v = b.operand(site.v, "v", t_elem, site.v.perm)
     scale = b.const(np.array(site.scale, dtype=_NP.get(t_elem, np.float32)), "scale")
-    qs = b.node("Mul", [q, scale], "q_scaled")
-    logits = b.node("MatMul", [qs, kt], "logits")
-    soft = _ELEM.get(site.softmax_dtype or "", t_elem)
-    if soft != t_elem:
-        logits = b.node("Cast", [logits], "logits_cast", to=soft)
-    p = b.node("Softmax", [logits], "weights", axis=-1)
-    if soft != t_elem:
-        p = b.node("Cast", [p], "weights_cast", to=t_elem)
-    y = b.node("MatMul", [p, v], "y")
-    _finish(b, y, t_elem)
+    return b.node("Mul", [q, scale], "q_scaled"), kt, v, t_elem
+
+
+def _build_decomposed(model: onnx.ModelProto, site: AttentionSite, names: _Names) -> list[onnx.NodeProto]:
+    b = _Builder(model, site, names)
+    qs, kt, v, t_elem = scaled_operands(b)
+    _finish(b, softmax_product(b, qs, kt, v, t_elem), t_elem)
     return b.nodes
+
+
+def softmax_product(b: _Builder, qs: str, kt: str, v: str, t_elem: int, what: str = "") -> str:
+    """Append MatMul(qs, kt) -> Softmax(-1) -> MatMul(., v) to ``b`` (the softmax in the site's softmax dtype,
+    between Casts where it differs); returns the result. ``what`` prefixes the new names."""
+    logits = b.node("MatMul", [qs, kt], f"{what}logits")
+    soft = _ELEM.get(b.site.softmax_dtype or "", t_elem)
+    if soft != t_elem:
+        logits = b.node("Cast", [logits], f"{what}logits_cast", to=soft)
+    p = b.node("Softmax", [logits], f"{what}weights", axis=-1)
+    if soft != t_elem:
+        p = b.node("Cast", [p], f"{what}weights_cast", to=t_elem)
+    return b.node("MatMul", [p, v], f"{what}y")
 
 
 MS_DOMAIN = "com.microsoft"
