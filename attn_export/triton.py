@@ -267,8 +267,10 @@ def write_model_repository(artifact: str | Path, repo: str | Path, *, name: str 
         raise UsageError(f"--version must be a positive integer (got {version})")
     if instances < 1:
         raise UsageError(f"--instances must be at least 1 (got {instances})")
-    if attention not in ("onnxruntime", "multiheadattention", "chunked", "as-is"):
-        raise UsageError(f"--attention must be onnxruntime, multiheadattention, chunked or as-is (got {attention!r})")
+    from .runners.ort_runner import ATTENTION_FORMS
+
+    if attention not in ATTENTION_FORMS:
+        raise UsageError(f"--attention must be one of {', '.join(ATTENTION_FORMS)} (got {attention!r})")
     is_engine = is_engine_path(src)
     served: tuple[onnx.ModelProto, ServingForm] | None = None
     header = [f"written by attn-export from {src.name}"]

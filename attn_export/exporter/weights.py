@@ -36,8 +36,6 @@ def _set_external(init: TensorProto, location: str, offset: int, length: int) ->
         entry.key, entry.value = key, value
 
 
-_external_info = external_info
-
 
 def attach_external(model: onnx.ModelProto, params: Mapping[str, Any], data_path: Path) -> int:
     """Turn the graph inputs named in ``params`` (torch tensors) into initializers; returns the bytes written.
@@ -110,7 +108,7 @@ def stage_weights(model: onnx.ModelProto, source_folder: Path, data_path: Path) 
                     continue
                 offset = dst.tell()
                 if init.data_location == TensorProto.EXTERNAL:
-                    loc, start, length = _external_info(init)
+                    loc, start, length = external_info(init)
                     src = files.get(loc) or files.setdefault(loc, open(source_folder / loc, "rb"))
                     _copy_range(src, dst, start, length)
                 elif init.HasField("raw_data"):
@@ -175,7 +173,7 @@ def external_bytes(model: onnx.ModelProto) -> int:
     total = 0
     for init in model.graph.initializer:
         if init.data_location == TensorProto.EXTERNAL:
-            total += _external_info(init)[2]
+            total += external_info(init)[2]
         elif init.HasField("raw_data"):
             total += len(init.raw_data)
         else:
@@ -215,7 +213,7 @@ def compact_external(model: onnx.ModelProto, folder: Path, location: str | Colle
                     init.ClearField("raw_data")
                     _set_external(init, new_location, start, length)
                 continue
-            loc, offset, length = _external_info(init)
+            loc, offset, length = external_info(init)
             if allowed is not None and loc not in allowed:
                 raise ValueError(f"initializer {init.name} refers to {loc}, not {' or '.join(sorted(allowed))}")
             if loc == new_location:
@@ -253,7 +251,7 @@ def write_inline(model: onnx.ModelProto, folder: Path, out: Path) -> None:
                 rec = onnx.ModelProto()
                 t = rec.graph.initializer.add()
                 if init.data_location == TensorProto.EXTERNAL:
-                    loc, offset, length = _external_info(init)
+                    loc, offset, length = external_info(init)
                     src = files.get(loc) or files.setdefault(loc, open(folder / loc, "rb"))
                     src.seek(offset)
                     t.CopyFrom(init)

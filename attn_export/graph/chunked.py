@@ -1,4 +1,4 @@
-"""Attention in query chunks, in standard ONNX ops: the CPU provider's fastest attention form.
+"""Attention in query chunks, in standard ONNX ops: the CPU provider's attention where its own kernel's blocks are thin.
 
 softmax(scale·Q·Kᵀ)·V computed ``rows`` query rows at a time inside a
 ``Loop``: each iteration is Slice(q) -> MatMul(., Kᵀ) -> Softmax -> MatMul(., V)
@@ -6,8 +6,8 @@ on one chunk, so the scores held at once are ``rows`` x S, never S x S.
 ``rows`` is chosen at run time from the sequence length, so that one
 chunk's scores stay within ``budget`` elements whatever the input size.
 Each product is one large GEMM, which ONNX Runtime's CPU provider runs
-faster than the small blocks of its MultiHeadAttention kernel (measured in
-bench/ort_attention_form.py; see docs/benchmarks.md).
+faster than the small blocks its MultiHeadAttention kernel uses at large
+head sizes (measured in bench/chunked_attention.py; see docs/benchmarks.md).
 
 Q is padded with zero rows to a whole number of chunks (every iteration
 then yields the same shape, which ``Loop`` stacks); the padding rows are
@@ -48,7 +48,7 @@ def _chunked_problem(site: AttentionSite) -> str | None:
         return f"the serving form's attention is float32 only (the site computes in {site.dtype})"
     if site.rank not in (3, 4):
         return "the rank of the attention is unknown"
-    if site.scale is None or site.q is None or site.k is None or site.v is None:
+    if site.scale is None or site.k is None or site.v is None:
         return "the site is not fully described"
     return None
 

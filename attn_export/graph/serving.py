@@ -79,18 +79,18 @@ class ServingForm:
     def winograd_convolutions(self) -> int:
         return len(self.winograd.rewritten) if self.winograd else 0
 
+    def _attention_counts(self) -> tuple[tuple[int, str], ...]:
+        return ((self.chunked_sites, "query-chunked attention"), (self.mha_sites, "MultiHeadAttention"))
+
     def parts(self) -> list[str]:
         """What the form runs beyond the file, in words: "6 x query-chunked attention", ..."""
-        counts = ((self.chunked_sites, "query-chunked attention"), (self.mha_sites, "MultiHeadAttention"),
-                  (self.winograd_convolutions, "Winograd 3x3 conv"))
+        counts = (*self._attention_counts(), (self.winograd_convolutions, "Winograd 3x3 conv"))
         return [f"{n} x {what}" for n, what in counts if n]
 
     @property
     def attention_kind(self) -> str:
         """What the attention sites became, in words."""
-        kinds = [what for n, what in ((self.chunked_sites, "query-chunked attention"),
-                                      (self.mha_sites, "MultiHeadAttention")) if n]
-        return " and ".join(kinds)
+        return " and ".join(what for n, what in self._attention_counts() if n)
 
     @property
     def changed(self) -> bool:

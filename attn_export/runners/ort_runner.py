@@ -150,7 +150,7 @@ class OrtRunner(Runner):
         # weights are handed over as arrays): their memory is what is bounded, to twice the model's weight bytes.
         room = 2 * external_bytes(model) if external else \
             EXTERNAL_DATA_THRESHOLD - self.path.stat().st_size - SERVING_FORM_MARGIN
-        if room is not None and room < 0:
+        if room < 0:
             return str(self.path)
         form = onnxruntime_serving_form(model, provider=self.providers[0], hw_multiple=self.spec.hw_multiple,
                                         winograd=self.winograd, weights_folder=self.path.parent, max_added_bytes=room,
