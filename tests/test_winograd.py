@@ -251,3 +251,21 @@ def test_models_with_external_data(export_model, tmp_path: Path, monkeypatch: py
     assert m.winograd_rewritten == len(result.rewritten)
     copy = ort.InferenceSession(str(m.model_file), providers=["CPUExecutionProvider"])
     assert np.abs(copy.run(None, feeds)[0] - plain.infer(feeds)["out"]).max() < 1e-4
+
+
+def test_external_location_outside_the_folder_is_not_read(tmp_path: Path) -> None:
+    """Called as a library on a model it did not load, the rewrite still refuses a location that leaves the folder."""
+    model = _conv_model(128, 128)
+    weight = next(i for i in model.graph.initializer if len(i.dims) == 4)
+    weight.ClearField("raw_data")
+    del weight.float_data[:]
+    weight.data_location = TensorProto.EXTERNAL
+    secret = tmp_path / "secret.bin"
+    secret.write_bytes(b"\0" * 128 * 128 * 9 * 4)
+    for key, value in (("location", "../secret.bin"), ("offset", "0"), ("length", str(128 * 128 * 9 * 4))):
+        entry = weight.external_data.add()
+        entry.key, entry.value = key, value
+    folder = tmp_path / "model"
+    folder.mkdir()
+    with pytest.raises(ValueError, match="outside the model's folder"):
+        winograd_convolutions(model, hw_multiple=8, weights_folder=folder)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path, PurePosixPath, PureWindowsPath
+from pathlib import Path
 
 import onnx
 
 from ..version import __version__
 from ..errors import UsageError
+from ..graph.index import leaves_folder
 from ..spec import METADATA_KEY, ModelSpec
 
 
@@ -57,9 +58,7 @@ def external_data_locations(model: onnx.ModelProto, origin: str | Path = "model"
             if entry.key != "location" or entry.value in out:
                 continue
             loc = entry.value
-            parts = PurePosixPath(loc.replace("\\", "/")).parts
-            if not loc or PurePosixPath(loc).is_absolute() or PureWindowsPath(loc).is_absolute() or ":" in loc \
-                    or ".." in parts or "\x00" in loc:
+            if leaves_folder(loc):
                 raise UsageError(f"{origin}: initializer {init.name[:60]} names external data {loc[:80]!r}, outside the "
                                  "model's folder; refusing to read it")
             out.append(loc)

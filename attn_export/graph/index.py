@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import numpy as np
 import onnx
@@ -67,12 +67,20 @@ def external_info(init: TensorProto) -> tuple[str, int, int]:
     return info["location"], int(info.get("offset", 0)), int(info["length"])
 
 
-def read_external(init: TensorProto, folder: Path) -> np.ndarray:
-    """The values of an external initializer, from its data file in ``folder``.
+def leaves_folder(location: str) -> bool:
+    """True for an external-data location that would name a file outside the model's folder: empty, absolute
+    (POSIX or Windows, a drive), with ``..`` or a NUL. A location is data from the file, never a path to follow."""
+    parts = PurePosixPath(location.replace("\\", "/")).parts
+    return (not location or PurePosixPath(location).is_absolute() or PureWindowsPath(location).is_absolute()
+            or ":" in location or ".." in parts or "\x00" in location)
 
-    Its location must have been checked to stay inside ``folder`` (``load_onnx`` does, on loading).
-    """
+
+def read_external(init: TensorProto, folder: Path) -> np.ndarray:
+    """The values of an external initializer, from its data file in ``folder`` (ValueError for a location
+    outside it)."""
     loc, offset, length = external_info(init)
+    if leaves_folder(loc):
+        raise ValueError(f"initializer {init.name[:60]} names external data {loc[:80]!r}, outside the model's folder")
     dtype = np.dtype(helper.tensor_dtype_to_np_dtype(init.data_type)).newbyteorder("<")
     with open(folder / loc, "rb") as f:
         f.seek(offset)
