@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import tempfile
+import threading
 from pathlib import Path
 from typing import Iterator
 
@@ -65,3 +67,40 @@ def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> None:
 def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
     """Write ``text`` to ``path`` atomically."""
     write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def publish_together(outputs: list[tuple[str | os.PathLike[str], bytes]]) -> None:
+    """Write several files that belong together (an engine and its sidecar) and put them in place as one step.
+
+    Every file is written in full to a temporary name next to its target
+    first; then the renames run with SIGINT and SIGTERM held back (on the main
+    thread), so a signal lands before the first rename or after the last,
+    never between: a reader sees the old pair or the new pair. On any failure
+    before the renames, every temporary file is removed.
+    """
+    with contextlib.ExitStack() as stack:
+        temps = []
+        for path, data in outputs:
+            target = Path(path)
+            try:
+                fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+            except OSError as exc:
+                raise UsageError(f"cannot write in {target.parent}: {exc.strerror or exc}") from None
+            os.close(fd)
+            tmp_path = Path(tmp)
+            stack.callback(tmp_path.unlink, missing_ok=True)
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp_path, 0o666 & ~umask)
+            tmp_path.write_bytes(data)
+            temps.append((tmp_path, target))
+        main = threading.current_thread() is threading.main_thread()
+        held = {signal.SIGINT, signal.SIGTERM}
+        if main:
+            signal.pthread_sigmask(signal.SIG_BLOCK, held)
+        try:
+            for tmp_path, target in temps:
+                os.replace(tmp_path, target)
+        finally:
+            if main:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, held)

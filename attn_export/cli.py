@@ -177,6 +177,7 @@ INPUT_RANGE_HELP = ("Data range of an input, name:LOW:HIGH, e.g. sigma:0.002:80 
 SOURCE_HELP = "Model source: one of --preset (tiny, ddpm-cifar10, ddpm-256), --config FILE.json, --model pkg.module:factory."
 
 # The reference-model options, declared once for every command that rebuilds an artifact's PyTorch model.
+RUNTIME = typer.Option("tensorrt", "--runtime", help="tensorrt (NVIDIA TensorRT; building needs a GPU) or rtx (TensorRT for RTX; builds on a CPU, runs on RTX-class GPUs).")
 REF_PRESET = typer.Option(None, "--preset", help="Reference model: a built-in preset (default: the one the artifact records).")
 REF_CONFIG = typer.Option(None, "--config", help="Reference model: a UNet config JSON.")
 REF_MODEL = typer.Option(None, "--model", help="Reference model: your factory, package.module:function (imported: it is your code).")
@@ -488,18 +489,16 @@ def inspect_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON only."),
     trt: bool = typer.Option(False, "--trt", help="ONNX only: check TensorRT readiness (ops, attention fusion, dims); exit 1 on errors."),
     target: str = typer.Option("10.14", "--target", help=f"TensorRT version for --trt: {TARGETS_HELP}."),
+    runtime: str = RUNTIME,
 ) -> None:
-    from .inspection import inspect_artifact
+    from .inspection import inspect_artifact, trt_readiness
 
     result = inspect_artifact(artifact)
     readiness = None
     if trt:
         if result.kind != "onnx":
             raise UsageError("--trt checks an ONNX file; an engine is already built")
-        from .engines.readiness import check_target, check_trt_readiness
-
-        check_target(target)
-        readiness = check_trt_readiness(artifact, target)
+        readiness = trt_readiness(artifact, target, runtime)
     if as_json:
         data = result.to_dict()
         if readiness is not None:
@@ -616,7 +615,10 @@ def trt_cmd(
     opt_level: int = typer.Option(3, "--opt-level", help="Builder optimization level 0-5."),
     timing_cache: Optional[Path] = typer.Option(None, "--timing-cache", help="Timing cache file: loaded if present, saved after the build."),
     hardware_compat: str = typer.Option("none", "--hardware-compat", help="Hardware compatibility: none, ampere+ or same-cc."),
-    target: str = typer.Option("10.14", "--target", help=f"TensorRT version for the readiness check: {TARGETS_HELP}."),
+    target: str = typer.Option("10.14", "--target", help=f"TensorRT version for the readiness check: {TARGETS_HELP} (not used with --runtime rtx)."),
+    runtime: str = RUNTIME,
+    compute_capability: Optional[list[str]] = typer.Option(None, "--compute-capability", help="TensorRT-RTX: a compute capability X.Y the engine must run on (repeat; default: its own, 8.0, 8.6, 8.9, 12.0)."),
+    allow_unfused: bool = typer.Option(False, "--allow-unfused", help="Write the engine even when an attention site the readiness rules expect to fuse was not fused (default: exit 1, nothing written)."),
     threshold: float = FP16_THRESHOLD,
     calibration_shapes: Optional[str] = FP16_CALIBRATION,
     input_shapes: Optional[list[str]] = typer.Option(None, "--input-shapes", help="With --fp16: " + INPUT_SHAPES_HELP),
@@ -645,8 +647,9 @@ def trt_cmd(
             reference_model=_reference_options(preset, config, ref_model, model_kwargs, checkpoint, checkpoint_key,
                                                allow_checkpoint_mismatch, trust_artifact),
             workspace=workspace * (1 << 20) if workspace is not None else None, opt_level=opt_level, timing_cache=timing_cache,
-            hardware_compatibility=HARDWARE_COMPAT[hardware_compat], force=force, progress=_reporter(prog),
-            on_stage=render.engine_stage)
+            hardware_compatibility=HARDWARE_COMPAT[hardware_compat], runtime=runtime,
+            compute_capabilities=compute_capability or None, allow_unfused=allow_unfused, force=force,
+            progress=_reporter(prog), on_stage=render.engine_stage)
     render.engine_built(result)
 
 

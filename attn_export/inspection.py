@@ -224,3 +224,24 @@ def inspect_artifact(path: str | Path) -> InspectReport:
     if not p.is_file():
         raise UsageError(f"artifact not found: {p}")
     return inspect_engine(p) if is_engine_path(p) else inspect_onnx(p)
+
+
+def trt_readiness(path: str | Path, target: str = "10.14", runtime: str = "tensorrt") -> Any:
+    """``inspect --trt``: the readiness report of an ONNX file for TensorRT ``target`` or for TensorRT-RTX.
+
+    For TensorRT-RTX the file is checked under the profile ``attn-export trt``
+    builds by default (its rules depend on the batch range), where the file
+    carries a description to derive it from.
+    """
+    from .engines.profiles import default_profile
+    from .engines.readiness import check_target, check_trt_readiness
+    from .engines.runtime import RTX, get_runtime
+    from .exporter.metadata import find_spec, load_onnx
+
+    rt = get_runtime(runtime)
+    if rt is not RTX:
+        check_target(target)
+        return check_trt_readiness(path, target)
+    model = load_onnx(path, load_external_data=False)
+    spec = find_spec(model, path)
+    return check_trt_readiness(model, target, [default_profile(spec)] if spec is not None else None, runtime=rt.name)

@@ -16,7 +16,8 @@ from typing import Any, Callable, Sequence, cast
 from .atomic import check_output_path
 from .engines.profiles import Profile, default_profile, validate_profiles
 from .engines.readiness import ReadinessReport, check_target, check_trt_readiness
-from .engines.trt_build import HARDWARE_LEVELS, BuildResult, build_plan
+from .engines.runtime import TENSORRT, get_runtime
+from .engines.trt_build import HARDWARE_LEVELS, BuildResult, build_plan, check_compute_capabilities
 from .errors import UsageError
 from .exporter.audit import DEFAULT_THRESHOLD
 from .exporter.foreign import spec_of_file
@@ -89,6 +90,9 @@ def build_engine(
     opt_level: int = 3,
     timing_cache: str | Path | None = None,
     hardware_compatibility: str = "none",
+    runtime: str = "tensorrt",
+    compute_capabilities: Sequence[str] | None = None,
+    allow_unfused: bool = False,
     force: bool = False,
     progress: ProgressFn | None = None,
     on_stage: Callable[[str, EngineResult], None] | None = None,
@@ -103,7 +107,11 @@ def build_engine(
     :func:`.engines.profiles.default_profile`. ``workspace`` in bytes.
     ``on_stage(name, result)`` is called after each of :data:`STAGES`, so a
     caller can show what was done before a later step fails (a missing
-    TensorRT, say). Returns an :class:`EngineResult`.
+    TensorRT, say). ``runtime``: "tensorrt" (GPU) or "rtx" (TensorRT-RTX,
+    builds on a CPU; ``compute_capabilities`` names its targets, ``target``
+    is not used). ``allow_unfused``: write the engine even when a site the
+    readiness rules expect to fuse was not fused (else exit 1, nothing
+    written). Returns an :class:`EngineResult`.
     """
     onnx_path = Path(onnx_path)
     spec = spec_of_file(onnx_path)
@@ -114,7 +122,10 @@ def build_engine(
         raise UsageError(f"--opt-level must be 0..5 (got {opt_level})")
     if workspace is not None and workspace <= 0:
         raise UsageError(f"--workspace must be a positive number of MiB (got {workspace // (1 << 20)})")
-    check_target(target)
+    rt = get_runtime(runtime)
+    check_compute_capabilities(rt, compute_capabilities)
+    if rt is TENSORRT:
+        check_target(target)
     chosen = list(profiles) if profiles else [default_profile(spec)]
     result = EngineResult(onnx=onnx_path, spec=spec, fp16_requested=fp16, profiles=chosen,
                           profile_warnings=validate_profiles(chosen, spec))
@@ -133,12 +144,13 @@ def build_engine(
     stage("fp16", result)
 
     # The one readiness run: its report goes to the caller and its attention sites to the fusion report.
-    result.readiness = check_trt_readiness(result.built_from, target, chosen, fp16=fp16)
+    result.readiness = check_trt_readiness(result.built_from, target, chosen, fp16=fp16, runtime=rt.name)
     stage("readiness", result)
     result.readiness.raise_for_errors()
 
-    build_say = None if progress is None else (lambda text, done=None, total=None: progress(f"tensorrt: {text}", done, total))
-    result.build = build_plan(result.built_from, engine, chosen, result.readiness, workspace=workspace,
-                              opt_level=opt_level, timing_cache=timing_cache,
-                              hardware_compatibility=hardware_compatibility, force=force, progress=build_say)
+    build_say = None if progress is None else (lambda text, done=None, total=None: progress(f"{rt.name}: {text}", done, total))
+    result.build = build_plan(result.built_from, engine, chosen, result.readiness, runtime=rt.name,
+                              compute_capabilities=compute_capabilities, workspace=workspace,
+                              opt_level=opt_level, timing_cache=timing_cache, hardware_compatibility=hardware_compatibility,
+                              allow_unfused=allow_unfused, force=force, progress=build_say)
     return result

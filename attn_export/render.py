@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 
 # Piped output (logs, CI) gets a wide console: rich's default of 80 columns folds the verify and bench tables.
 _PIPED_WIDTH = None if sys.stdout.isatty() or "COLUMNS" in os.environ else 160
@@ -22,7 +23,7 @@ err_console = Console(stderr=True)
 
 def warning(message: str) -> None:
     """One yellow 'warning:' line on stderr."""
-    err_console.print(f"[yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
+    err_console.print(f"[yellow]warning:[/] {escape(message)}", highlight=False, soft_wrap=True)
 
 
 def _human_size(n: int) -> str:
@@ -35,13 +36,13 @@ def _human_size(n: int) -> str:
 
 
 def _dims(dims: list) -> str:
-    from rich.markup import escape
+
 
     return escape("[" + ", ".join(str(d) for d in dims) + "]")
 
 
 def export_summary(r: Any) -> None:
-    from rich.markup import escape
+
     from rich.table import Table
 
     table = Table(title="attn-export onnx", show_header=False, title_justify="left")
@@ -66,7 +67,7 @@ def export_summary(r: Any) -> None:
 
 
 def bench(report: dict[str, Any]) -> None:
-    from rich.markup import escape
+
     from rich.table import Table
 
     from .spec import format_shape
@@ -108,7 +109,7 @@ def _fmt_err(value: float) -> str:
 
 
 def verify(r: Any) -> None:
-    from rich.markup import escape
+
     from rich.table import Table
 
     console.print(f"[bold]verify[/] {escape(r.artifact)}: {r.candidate} vs {r.reference}, {r.precision}, seed {r.seed}", highlight=False)
@@ -143,7 +144,7 @@ def verify(r: Any) -> None:
 
 
 def inspect_onnx(d: dict[str, Any]) -> None:
-    from rich.markup import escape
+
     from rich.table import Table
 
     table = Table(title=f"attn-export inspect {escape(d['path'])}", show_header=False, title_justify="left")
@@ -188,7 +189,7 @@ def inspect_onnx(d: dict[str, Any]) -> None:
 
 
 def inspect_engine(d: dict[str, Any]) -> None:
-    from rich.markup import escape
+
     from rich.table import Table
 
     table = Table(title=f"attn-export inspect {escape(d['path'])}", show_header=False, title_justify="left")
@@ -226,10 +227,10 @@ def inspect_engine(d: dict[str, Any]) -> None:
 
 
 def readiness(report: Any) -> None:
-    from rich.markup import escape
+
     from rich.table import Table
 
-    table = Table(title=f"TensorRT {report.target} readiness", title_justify="left")
+    table = Table(title=f"{report.target_label} readiness", title_justify="left")
     for col in ("level", "check", "where", "finding"):
         table.add_column(col)
     colors = {"error": "bold red", "warning": "yellow", "ok": "green"}
@@ -242,7 +243,7 @@ def readiness(report: Any) -> None:
 
 
 def fp16(r: Any) -> None:
-    from rich.markup import escape
+
     from rich.table import Table
 
     a = r.audit
@@ -311,7 +312,7 @@ def fp16(r: Any) -> None:
 
 def optimize(r: Any) -> None:
     """``attn-export optimize``: what was rewritten and the check against the input."""
-    from rich.markup import escape
+
     from rich.table import Table
 
     table = Table(title="attn-export optimize", show_header=False, title_justify="left")
@@ -331,7 +332,7 @@ def optimize(r: Any) -> None:
 
 def triton(m: Any) -> None:
     """``attn-export triton``: the model folder and the files written."""
-    from rich.markup import escape
+
 
     console.print(f"wrote Triton model [bold]{escape(m.name)}[/] ({m.platform}, max_batch_size {m.max_batch_size}) "
                   f"in {escape(str(m.model_dir))}", highlight=False)
@@ -373,10 +374,16 @@ def engine_stage(stage: str, r: Any) -> None:
 def engine_built(r: Any) -> None:
     """``attn-export trt``, at the end: the engine, its sidecar, the fused attention and build warnings."""
     built = r.build
-    console.print(f"engine written to {built.engine_path} ({_human_size(built.size_bytes)}, TensorRT {built.tensorrt_version}, "
-                  f"{built.gpu.name}) with sidecar {built.sidecar_path} in {built.seconds:.1f} s", highlight=False)
+    if built.runtime == "rtx":
+        where = (f"TensorRT-RTX {built.tensorrt_version}, for compute capabilities {', '.join(built.compute_capabilities)}, "
+                 f"built {'on ' + built.gpu.name if built.gpu else 'without a GPU'}")
+    else:
+        where = f"TensorRT {built.tensorrt_version}, {built.gpu.name if built.gpu else 'no GPU'}"
+    console.print(f"engine written to {built.engine_path} ({_human_size(built.size_bytes)}, {where}) "
+                  f"with sidecar {built.sidecar_path} in {built.seconds:.1f} s", highlight=False)
     fusion = getattr(built.fusion, "summary", None)
     if fusion:
-        console.print(f"fused attention: {fusion}", highlight=False)
+        console.print(f"fused attention: {fusion()} (from the {built.fusion.source}; "
+                      f"{built.fusion.fused_layer_count} fused attention layer(s) in the engine)", highlight=False)
     for w in built.warnings:
         warning(w)

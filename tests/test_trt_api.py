@@ -49,7 +49,7 @@ def test_our_tensorrt_code_conforms(version: str) -> None:
     assert all(probe["names"].values()) and "trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED" in probe["names"]
     # Both version branches of network_flags: STRONGLY_TYPED asked for on 10.x, nothing on 11.x.
     major = int(version.split(".")[0])
-    assert probe["polygraphy"]["configs"] == 9 and probe["polygraphy"]["loader"] == "EngineFromNetwork"
+    assert probe["polygraphy"]["configs"] == 9 and probe["polygraphy"]["loader"] == "EngineBytesFromNetwork"
     assert probe["network_flags"] == ({"True": 2, "False": 0} if major == 10 else {"True": 0, "False": 0})
 
 

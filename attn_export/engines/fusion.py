@@ -1,8 +1,26 @@
-"""Did TensorRT fuse each attention block? Read from the engine inspector's JSON.
+"""Did TensorRT fuse each attention block? Read from the builder's own layer information.
 
-Input is the text (or parsed dict) of
-``IEngineInspector.get_engine_information(LayerInformationFormat.JSON)``
-in either documented layout:
+Two sources, one report:
+
+* the engine inspector's JSON
+  (``IEngineInspector.get_engine_information(LayerInformationFormat.JSON)``),
+  where a GPU can deserialize the engine;
+* the builder's DETAILED layer log (:func:`parse_build_log`): with
+  ``ProfilingVerbosity.DETAILED`` and a VERBOSE logger the builder logs one
+  line per engine layer, ``Name: ..., LayerType: ..., Inputs: [...], ...,
+  TacticName: ..., StreamId: ..., Metadata: [ONNX Layer: a][ONNX Layer: b]``.
+  This is how a TensorRT-RTX engine built on a CPU is read.
+
+Each site is mapped to its engine layers through the ONNX node names in the
+layers' metadata (``[ONNX Layer: /mid/attention/Softmax]``): a site's nodes
+are the ones the attention analysis walked (Q·Kᵀ, scale, Softmax, ·V, or the
+Attention node). Engines whose layers carry no ONNX names fall back to the
+site's module-path prefix in layer and tensor names. Verdict per site:
+``fused`` (a fused attention layer holds its nodes), ``separate kernels``
+(its nodes run in other layers), ``failed`` (the build failed) or
+``unknown``.
+
+The inspector JSON comes in either documented layout:
 
 * 10.x: top-level ``"Bindings"`` (a list of tensor names) and ``"Layers"``;
   tensors carry a combined ``"Format/Datatype"`` field.
@@ -45,6 +63,7 @@ class LayerInfo:
     metadata: str | None = None
     tensors: list[str] = field(default_factory=list)
     dtypes: list[str] = field(default_factory=list)
+    onnx_nodes: list[str] = field(default_factory=list)  # from the metadata's "[ONNX Layer: NAME]" entries
 
     def text(self) -> str:
         """Everything that may name the ONNX nodes this layer came from."""
@@ -72,21 +91,33 @@ class BlockFusion:
     form: str | None
     head_size: int | None
     dtype: str | None
-    fused: bool | None          # None: the inspector output cannot tell
+    fused: bool | None          # None: the layer information cannot tell
     layers: list[str] = field(default_factory=list)
     tactics: list[str] = field(default_factory=list)
     reason: str | None = None   # why not fused, or why unknown
+    verdict: str = "unknown"    # "fused" | "separate kernels" | "failed" | "unknown"
 
 
 @dataclass
 class FusionReport:
     """Per-block verdicts plus the raw layer list."""
 
-    schema: str                 # "10.x" | "11.x" | "unknown"
+    schema: str                 # "10.x" | "11.x" | "build-log" | "unknown"
     verbosity: str              # "detailed" | "layer_names_only" | "none"
     blocks: list[BlockFusion]
     layers: list[LayerInfo]
     io_tensors: list[dict[str, Any]] = field(default_factory=list)
+    source: str = "inspector"   # "inspector" | "build log" | "none" (the build failed)
+
+    @property
+    def unfused(self) -> list[BlockFusion]:
+        """Sites the builder did not fuse (separate kernels or failed)."""
+        return [b for b in self.blocks if b.verdict in ("separate kernels", "failed")]
+
+    @property
+    def fused_layer_count(self) -> int:
+        """Distinct fused-attention layers in the engine, attributed or not."""
+        return len({layer.name for layer in self.layers if layer.is_mha()})
 
     @property
     def all_fused(self) -> bool:
@@ -104,6 +135,7 @@ class FusionReport:
     def to_dict(self) -> dict[str, Any]:
         return {
             "schema": self.schema,
+            "source": self.source,
             "verbosity": self.verbosity,
             "all_fused": self.all_fused,
             "summary": self.summary(),
@@ -148,7 +180,40 @@ def _layer(raw: Any) -> LayerInfo:
         metadata=str(meta) if meta else None,
         tensors=tensors,
         dtypes=dtypes,
+        onnx_nodes=onnx_nodes(str(meta)) if meta else [],
     )
+
+
+_ONNX_LAYER = re.compile(r"\[ONNX Layer: ([^\]]*)\]")
+# One layer line of the DETAILED build log (TensorRT and TensorRT-RTX print the same fields in this order).
+_LOG_LAYER = re.compile(r"^Name: (?P<name>.*?), LayerType: (?P<type>[^,]*), Inputs: (?P<io>.*?), "
+                        r"TacticName: (?P<tactic>[^,]*), StreamId: [^,]*, Metadata: (?P<meta>.*)$")
+_LOG_TENSOR = re.compile(r"\{ Name: ([^,]+), .*?Datatype: (\w+)")
+
+
+def onnx_nodes(metadata: str) -> list[str]:
+    """The ONNX node names of a layer's metadata ("[ONNX Layer: a][ONNX Layer: b]" -> ["a", "b"])."""
+    return [n for n in _ONNX_LAYER.findall(metadata) if n]
+
+
+def parse_build_log(text: str) -> list[LayerInfo]:
+    """The engine layers of the builder's DETAILED log (the lines after "Layers:"), in order, each once.
+
+    With several optimization profiles the builder may list a layer once per
+    profile; a layer is kept once by name.
+    """
+    out: dict[str, LayerInfo] = {}
+    for line in text.splitlines():
+        m = _LOG_LAYER.match(line.strip())
+        if not m or m.group("name") in out:
+            continue
+        tensors = [t.strip() for t, _ in _LOG_TENSOR.findall(m.group("io"))]
+        dtypes = [d for _, d in _LOG_TENSOR.findall(m.group("io"))]
+        meta = m.group("meta").strip()
+        out[m.group("name")] = LayerInfo(name=m.group("name"), type=m.group("type").strip() or None,
+                                         tactic=m.group("tactic").strip() or None, metadata=meta or None,
+                                         tensors=tensors, dtypes=dtypes, onnx_nodes=onnx_nodes(meta))
+    return list(out.values())
 
 
 def parse_inspector(info: str | bytes | Mapping[str, Any]) -> tuple[str, str, list[LayerInfo], list[dict[str, Any]]]:
@@ -211,20 +276,24 @@ def _not_fused_reason(block: AttentionSite, related: list[LayerInfo]) -> str:
     return "TensorRT chose not to fuse it (performance or other constraints)"
 
 
-def fusion_report(info: str | bytes | Mapping[str, Any], blocks: Sequence[AttentionSite]) -> FusionReport:
-    """Per-block fusion verdicts from inspector JSON and the ONNX attention blocks.
+def _related(layers: list[LayerInfo], b: AttentionSite) -> list[LayerInfo]:
+    """The engine layers that hold site ``b``: by the ONNX node names in their metadata, or by the site's prefix."""
+    mine = set(b.nodes) | {b.anchor}
+    mine.discard("")
+    return [layer for layer in layers if mine.intersection(layer.onnx_nodes) or (b.name and _mentions(layer, b.name))]
 
-    ``blocks`` comes from :func:`attn_export.graph.find_attention` on the engine's ONNX.
-    A block is fused when a layer attributed to it (by name, ONNX metadata or
-    tensor names containing the block's module path) is an MHA / attention
-    layer; not fused when its layers are present but none is; unknown when
-    nothing can be attributed, or only layer names are available and none
-    of them says "mha".
+
+def report_from_layers(layers: list[LayerInfo], blocks: Sequence[AttentionSite], *, schema: str, verbosity: str,
+                       io: list[dict[str, Any]] | None = None, source: str = "inspector",
+                       expected: Mapping[str, str] | None = None) -> FusionReport:
+    """Per-site verdicts from engine layers (see the module docstring for how sites map to layers).
+
+    ``expected``: site name -> why the readiness rules said it would not fuse;
+    that is the reason given when it did not.
     """
-    schema, verbosity, layers, io = parse_inspector(info)
     out: list[BlockFusion] = []
     for b in blocks:
-        related = [layer for layer in layers if b.name and _mentions(layer, b.name)]
+        related = _related(layers, b)
         mha = [layer for layer in related if layer.is_mha()]
         verdict = BlockFusion(name=b.name, form=b.form, head_size=b.head_size, dtype=b.dtype, fused=None,
                               layers=[layer.name for layer in related],
@@ -232,7 +301,7 @@ def fusion_report(info: str | bytes | Mapping[str, Any], blocks: Sequence[Attent
         if verbosity == "none":
             verdict.reason = "the engine has no layer information (built with profiling verbosity NONE)"
         elif mha:
-            verdict.fused = True
+            verdict.fused, verdict.verdict = True, "fused"
             verdict.layers = [layer.name for layer in mha]
             verdict.tactics = [layer.tactic for layer in mha if layer.tactic]
         elif not related:
@@ -242,10 +311,39 @@ def fusion_report(info: str | bytes | Mapping[str, Any], blocks: Sequence[Attent
         elif verbosity != "detailed":
             verdict.reason = "verbosity too low to tell (layer names only); rebuild with DETAILED profiling verbosity"
         else:
-            verdict.fused = False
-            verdict.reason = _not_fused_reason(b, related)
+            verdict.fused, verdict.verdict = False, "separate kernels"
+            verdict.reason = (expected or {}).get(b.name) or _not_fused_reason(b, related)
         out.append(verdict)
-    return FusionReport(schema=schema, verbosity=verbosity, blocks=out, layers=layers, io_tensors=io)
+    return FusionReport(schema=schema, verbosity=verbosity, blocks=out, layers=layers, io_tensors=io or [], source=source)
+
+
+def fusion_report(info: str | bytes | Mapping[str, Any], blocks: Sequence[AttentionSite],
+                  expected: Mapping[str, str] | None = None) -> FusionReport:
+    """Per-block fusion verdicts from inspector JSON and the ONNX attention blocks.
+
+    ``blocks`` comes from :func:`attn_export.graph.find_attention` on the engine's ONNX.
+    A block is fused when a layer attributed to it (by ONNX node names in the
+    layer metadata, else by name or tensor names containing the block's
+    module path) is an MHA / attention layer; separate kernels when its layers
+    are present but none is; unknown when nothing can be attributed, or only
+    layer names are available and none of them says "mha".
+    """
+    schema, verbosity, layers, io = parse_inspector(info)
+    return report_from_layers(layers, blocks, schema=schema, verbosity=verbosity, io=io, expected=expected)
+
+
+def build_log_report(log: str, blocks: Sequence[AttentionSite], expected: Mapping[str, str] | None = None) -> FusionReport:
+    """Per-site verdicts from the builder's DETAILED layer log (an engine that cannot be deserialized here)."""
+    layers = parse_build_log(log)
+    return report_from_layers(layers, blocks, schema="build-log", verbosity="detailed" if layers else "none",
+                              source="build log", expected=expected)
+
+
+def failed_report(blocks: Sequence[AttentionSite], message: str) -> FusionReport:
+    """Every site 'failed': the builder made no engine (``message`` says why)."""
+    out = [BlockFusion(name=b.name, form=b.form, head_size=b.head_size, dtype=b.dtype, fused=False,
+                       reason=f"the build failed: {message}", verdict="failed") for b in blocks]
+    return FusionReport(schema="unknown", verbosity="none", blocks=out, layers=[], source="none")
 
 
 def mha_layers(layers: Iterable[LayerInfo]) -> list[LayerInfo]:

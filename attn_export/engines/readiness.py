@@ -30,7 +30,9 @@ from .profiles import FP16_MAX_KEYS, Profile, attention_levels, validate_profile
 
 # Findings that mean an attention site will not be fused.
 WILL_NOT_FUSE = frozenset({"attention-form", "attention-scale", "head-size", "head-size-unknown", "attention-dtype",
-                           "attention-fp32"})
+                           "attention-fp32", "batch-one"})
+# TensorRT-RTX is checked as the newest TensorRT whose ONNX parser this table covers (its parser imports Attention).
+RTX_TARGET = "rtx"
 
 # onnx-tensorrt docs/operators.md @ release/10.1-GA, rows marked "Y".
 _OPS_10_1 = frozenset("""
@@ -69,7 +71,9 @@ HALF_TYPES = ("float16", "bfloat16")
 
 
 def parse_target(target: str | Sequence[int]) -> tuple[int, int]:
-    """'10.14' / '10.14.1' / '11' -> (major, minor); UsageError for anything else."""
+    """'10.14' / '10.14.1' / '11' -> (major, minor); "rtx" -> the newest TensorRT covered; UsageError otherwise."""
+    if isinstance(target, str) and target.strip().lower() == RTX_TARGET:
+        return MAX_TARGET
     if not isinstance(target, str):
         parts = list(target)
         return int(parts[0]), int(parts[1]) if len(parts) > 1 else 0
@@ -87,8 +91,10 @@ def supported_range() -> str:
 
 
 def check_target(target: str) -> tuple[int, int]:
-    """parse_target, then UsageError unless the release is one of SUPPORTED_TARGETS (`--target`'s choices)."""
+    """parse_target, then UsageError unless the release is one of SUPPORTED_TARGETS (`--target`'s choices) or "rtx"."""
     version = parse_target(target)
+    if target.strip().lower() == RTX_TARGET:
+        return version
     if f"{version[0]}.{version[1]}" not in SUPPORTED_TARGETS:
         raise UsageError(f"TensorRT {version[0]}.{version[1]} is not a supported target; use one of {supported_range()}")
     return version
@@ -137,6 +143,11 @@ class ReadinessReport:
     spec: ModelSpec | None = None
 
     @property
+    def target_label(self) -> str:
+        """'TensorRT 10.14' or 'TensorRT-RTX'."""
+        return self.target if self.target == "TensorRT-RTX" else f"TensorRT {self.target}"
+
+    @property
     def errors(self) -> list[Finding]:
         return [f for f in self.findings if f.level == "error"]
 
@@ -177,7 +188,7 @@ class ReadinessReport:
         errs = self.errors
         if errs:
             more = f" (and {len(errs) - 1} more problem(s); run `attn-export inspect --trt` for all)" if len(errs) > 1 else ""
-            raise UsageError(f"not ready for TensorRT {self.target}: {errs[0].message}{more}")
+            raise UsageError(f"not ready for {self.target_label}: {errs[0].message}{more}")
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -219,8 +230,13 @@ def model_is_fp16(model: onnx.ModelProto, spec: ModelSpec | None = None) -> bool
     )
 
 
-def site_findings(b: AttentionSite, *, model_fp16: bool, version: tuple[int, int] | None = None) -> list[tuple[str, str, str]]:
-    """(level, code, message) for one attention site: will TensorRT fuse it, and if not, why."""
+def site_findings(b: AttentionSite, *, model_fp16: bool, version: tuple[int, int] | None = None,
+                  batch_one: bool = False) -> list[tuple[str, str, str]]:
+    """(level, code, message) for one attention site: will TensorRT fuse it, and if not, why.
+
+    ``batch_one``: every profile the engine is built with has a max batch of 1
+    (TensorRT-RTX 1.7 fuses no single-head site then).
+    """
     out: list[tuple[str, str, str]] = []
     if b.form == "op" and version is not None and version < ATTENTION_OP_SINCE:
         # Already an unsupported-op error; this line says what to do about it.
@@ -251,7 +267,17 @@ def site_findings(b: AttentionSite, *, model_fp16: bool, version: tuple[int, int
                     f"will not fuse: attention inputs are {b.dtype} in an FP16 model; fused kernels need FP16/BF16 Q/K/V"))
     elif not model_fp16 and b.dtype == "float32":
         out.append(("warning", "attention-fp32",
-                    "will not fuse: attention runs in FP32 (strongly typed builds keep ONNX types); export the FP16 variant"))
+                    "will not fuse: attention runs in FP32 (strongly typed builds keep ONNX types) and no fused kernel takes FP32; "
+                    "convert it with `attn-export fp16` or build with `attn-export trt --fp16`"))
+    if batch_one and (b.heads or 1) == 1 and not any(code in WILL_NOT_FUSE for _, code, _ in out):
+        out.append(("warning", "batch-one",
+                    "will not fuse: one attention head at batch 1 (every profile's max batch is 1) has no fused kernel; "
+                    "TensorRT-RTX 1.7 builds it as separate kernels; allow batch 2 or more in a profile to fuse it"))
+    if b.form == "op" and any(code in WILL_NOT_FUSE for _, code, _ in out):
+        out.append(("ok", "attention-decomposable",
+                    "no fused kernel for this Attention node: `attn-export trt` marks it decomposable so the build runs it "
+                    "as separate kernels (a builder that does not, such as trtexec, stops with 'Attention operation was not "
+                    "supported by a dedicated kernel')"))
     if not out:
         out.append(("ok", "attention", f"{b.form} attention, head size {b.head_size}, {b.dtype}: in a fusable form"))
     return out
@@ -274,25 +300,33 @@ def check_trt_readiness(
     profiles: Sequence[Profile] | None = None,
     *,
     fp16: bool | None = None,
+    runtime: str = "tensorrt",
 ) -> ReadinessReport:
     """Check an ONNX model against the TensorRT ``target`` version without TensorRT.
 
     ``profiles`` (optional) are validated against the model's ModelSpec
     (read from the ONNX metadata). ``fp16=True`` says an FP16 engine is
     wanted: a pure-FP32 model then gets a warning (strongly typed builds
-    keep the ONNX's types). Returns a :class:`ReadinessReport`; call
+    keep the ONNX's types). ``runtime="rtx"`` checks for TensorRT-RTX (its
+    parser is taken as the newest TensorRT's; ``target`` is then ignored) and
+    applies the rules measured with its builder (one head at batch 1 does
+    not fuse). Returns a :class:`ReadinessReport`; call
     ``report.raise_for_errors()`` to turn errors into a UsageError.
     """
     model = _load(onnx_path_or_model)
-    version = parse_target(target)
+    rtx = runtime == "rtx"
+    version = parse_target(RTX_TARGET if rtx else target)
     target_s = f"{version[0]}.{version[1]}"
+    batch_one = rtx and bool(profiles) and all(p.max[0] == 1 for p in profiles or [])
     findings: list[Finding] = []
     add = lambda level, code, msg, node=None: findings.append(Finding(level, code, msg, node))  # noqa: E731
     from ..exporter.metadata import find_spec
 
     spec = find_spec(model, onnx_path_or_model if isinstance(onnx_path_or_model, (str, Path)) else "model")
 
-    if version < MIN_TARGET:
+    if rtx:
+        pass
+    elif version < MIN_TARGET:
         add("error", "target", f"TensorRT {target_s} is older than {MIN_TARGET[0]}.{MIN_TARGET[1]}, the oldest attn-export builds for")
     elif target_s not in SUPPORTED_TARGETS:
         # A newer installed TensorRT may well work; its API has not been checked, so say so rather than refuse.
@@ -322,7 +356,7 @@ def check_trt_readiness(
         add("warning", "no-attention", "no attention site found (no Attention node and no Softmax over a Q·Kᵀ product)")
     model_fp16 = model_is_fp16(model, spec)
     for b in blocks:
-        for level, code, message in site_findings(b, model_fp16=model_fp16, version=version):
+        for level, code, message in site_findings(b, model_fp16=model_fp16, version=version, batch_one=batch_one):
             add(level, code, message, b.name)
 
     # 3. dynamic dims on batch/height/width
@@ -366,7 +400,7 @@ def check_trt_readiness(
     if fp16 and not model_fp16:
         add("warning", "fp32-model",
             "an FP16 engine was asked for but the model is pure FP32; strongly typed TensorRT keeps FP32 "
-            "(export the FP16 variant)")
+            "(convert it with `attn-export fp16`, or build with `attn-export trt --fp16`)")
     if model_fp16:
         for node in model.graph.node:
             if node.op_type in NORM_OPS and node.input:
@@ -376,7 +410,22 @@ def check_trt_readiness(
                         f"{node.op_type} runs in {dt}; keep normalization in FP32 (FP16 GroupNorm has overflowed in UNets)",
                         node.name)
 
-    return ReadinessReport(target=target_s, findings=findings, attention=blocks, spec=spec)
+    return ReadinessReport(target="TensorRT-RTX" if rtx else target_s, findings=findings, attention=blocks, spec=spec)
+
+
+def predicted_unfused(report: ReadinessReport) -> dict[str, str]:
+    """Site name -> why the readiness rules expect it not to fuse (its first will-not-fuse finding)."""
+    out: dict[str, str] = {}
+    for f in report.unfused:
+        if f.node is not None and f.node not in out:
+            out[f.node] = f.message.removeprefix("will not fuse reliably: ").removeprefix("will not fuse: ")
+    return out
+
+
+def predicted_fusable(report: ReadinessReport) -> set[str]:
+    """Names of the sites the readiness rules expect the builder to fuse (no will-not-fuse finding)."""
+    unfused = {f.node for f in report.unfused}
+    return {b.name for b in report.attention if b.name not in unfused}
 
 
 def iter_messages(report: ReadinessReport, levels: Iterable[str] = ("error", "warning")) -> list[str]:

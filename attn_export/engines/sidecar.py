@@ -8,9 +8,12 @@ instead of TensorRT's "stdVersionRead == kSERIALIZATION_VERSION failed".
 
 Schema (``format`` = "attn-export-engine/1")::
 
-    format, engine_file (basename), engine_sha256, tensorrt_version,
-    gpu {name, compute_capability "X.Y"}, hardware_compatibility
-    ("none" | "ampere_plus" | "same_compute_capability"),
+    format, engine_file (basename), engine_sha256, tensorrt_version (the
+    runtime's version), runtime ("tensorrt" | "rtx"; absent means "tensorrt"),
+    gpu {name, compute_capability "X.Y"} (the build GPU; null for a
+    TensorRT-RTX engine built without one), compute_capabilities (TensorRT-RTX:
+    the "X.Y" targets the engine runs on), hardware_compatibility
+    ("none" | "ampere_plus" | "same_compute_capability"; TensorRT),
     precision ("fp16" | "fp32" | "mixed"),
     profiles [{min, opt, max: [b, h, w], shapes: {tensor: [min, opt, max]}}],
     io [{name, mode "input"|"output", dtype (numpy name), shape (-1 = dynamic)}],
@@ -42,13 +45,16 @@ REBUILD_HINT = "rebuild the engine with `attn-export trt`"
 ENGINE_SUFFIXES = (".plan", ".engine", ".trt")
 
 _TRIPLE = items(integer(1, MAX_DIM), 3, 3)
+_CC = re.compile(r"^\d{1,2}\.\d{1,2}$")
+RUNTIME_NAMES = ("tensorrt", "rtx")
 SIDECAR_SCHEMA = record({
     "format": text(choices=(SIDECAR_FORMAT,)),
     "engine_file": text(re.compile(r"^[^/\\\x00]{1,255}$")),
     "engine_sha256": optional(text(SHA256_RE)),
     "tensorrt_version": text(re.compile(r"^\d+(\.\d+){0,3}[\w.+-]*$")),
-    "gpu": record({"name": text(), "compute_capability": text(re.compile(r"^\d{1,2}\.\d{1,2}$"))},
-                  ("compute_capability",)),
+    "runtime": text(choices=RUNTIME_NAMES),
+    "gpu": optional(record({"name": text(), "compute_capability": text(_CC)}, ("compute_capability",))),
+    "compute_capabilities": optional(items(text(_CC), 1, 16)),
     "hardware_compatibility": text(choices=HARDWARE_COMPATIBILITY),
     "precision": text(choices=PRECISIONS),
     "profiles": items(record({"min": _TRIPLE, "opt": _TRIPLE, "max": _TRIPLE,
@@ -92,8 +98,8 @@ def make_sidecar(
     engine_path: str | os.PathLike[str],
     engine_sha256: str,
     tensorrt_version: str,
-    gpu_name: str,
-    compute_capability: str,
+    gpu_name: str | None,
+    compute_capability: str | None,
     profiles: Sequence[Profile],
     spec: ModelSpec,
     io: list[dict[str, Any]],
@@ -103,8 +109,12 @@ def make_sidecar(
     fusion: dict[str, Any] | None = None,
     hardware_compatibility: str = "none",
     build: dict[str, Any] | None = None,
+    runtime: str = "tensorrt",
+    compute_capabilities: Sequence[str] | None = None,
 ) -> dict[str, Any]:
-    """Assemble a sidecar dict in the documented schema."""
+    """Assemble a sidecar dict in the documented schema (``gpu_name`` None: built without a GPU)."""
+    if runtime not in RUNTIME_NAMES:
+        raise UsageError(f"unknown runtime {runtime!r}; use one of {', '.join(RUNTIME_NAMES)}")
     if hardware_compatibility not in HARDWARE_COMPATIBILITY:
         raise UsageError(f"unknown hardware compatibility {hardware_compatibility!r}; use one of {', '.join(HARDWARE_COMPATIBILITY)}")
     if precision not in PRECISIONS:
@@ -114,7 +124,9 @@ def make_sidecar(
         "engine_file": Path(engine_path).name,
         "engine_sha256": engine_sha256,
         "tensorrt_version": str(tensorrt_version),
-        "gpu": {"name": gpu_name, "compute_capability": str(compute_capability)},
+        "runtime": runtime,
+        "gpu": {"name": gpu_name, "compute_capability": str(compute_capability)} if gpu_name and compute_capability else None,
+        "compute_capabilities": list(compute_capabilities) if compute_capabilities else None,
         "hardware_compatibility": hardware_compatibility,
         "precision": precision,
         "profiles": profile_entries(profiles, spec),
@@ -126,16 +138,21 @@ def make_sidecar(
     }
 
 
+def sidecar_json(data: dict[str, Any]) -> str:
+    """The sidecar's text; UsageError if a required key is missing."""
+    missing = [k for k in REQUIRED_KEYS if k not in data]
+    if missing:
+        raise UsageError(f"engine sidecar lacks {', '.join(missing)}; not written")
+    return json.dumps(data, indent=2, sort_keys=True) + "\n"
+
+
 def write_sidecar(path: str | os.PathLike[str], data: dict[str, Any]) -> Path:
     """Write ``data`` as JSON at ``path`` atomically; returns the path.
 
     ``path`` is the sidecar path itself (see :func:`sidecar_path`).
     """
-    missing = [k for k in REQUIRED_KEYS if k not in data]
-    if missing:
-        raise UsageError(f"engine sidecar lacks {', '.join(missing)}; not written")
     out = Path(path)
-    write_text_atomic(out, json.dumps(data, indent=2, sort_keys=True) + "\n")
+    write_text_atomic(out, sidecar_json(data))
     return out
 
 
@@ -195,15 +212,38 @@ def _cc_tuple(cc: str) -> tuple[int, int]:
         raise UsageError(f"bad compute capability {cc!r}; expected 'X.Y' such as '8.6'") from None
 
 
-def check_compatible(sidecar: dict[str, Any], trt_version: str, gpu_name: str, compute_capability: str) -> None:
-    """Refuse an engine that this TensorRT or GPU cannot load (UsageError naming both sides).
+def sidecar_runtime(sidecar: dict[str, Any]) -> str:
+    """The runtime an engine was built for: "tensorrt" (also for sidecars written before runtimes were recorded) or "rtx"."""
+    return str(sidecar.get("runtime") or "tensorrt")
 
-    TensorRT versions must agree on major.minor.patch (plans are not portable
-    across versions). GPUs are compared on compute capability: equal, unless
-    the engine was built with ``hardware_compatibility="ampere_plus"``, which
-    runs on any GPU with compute capability 8.0 or later.
+
+def check_compatible(sidecar: dict[str, Any], trt_version: str, gpu_name: str, compute_capability: str,
+                     runtime: str = "tensorrt") -> None:
+    """Refuse an engine that this runtime or GPU cannot load (UsageError naming both sides).
+
+    The runtime must be the one that built it, at the same major.minor.patch
+    (plans are not portable across versions). TensorRT engines: GPUs are
+    compared on compute capability: equal, unless the engine was built with
+    ``hardware_compatibility="ampere_plus"``, which runs on any GPU with
+    compute capability 8.0 or later. TensorRT-RTX engines run on the compute
+    capabilities they were built for (recorded in the sidecar).
     """
     name = sidecar.get("engine_file", "engine")
+    built_rt = sidecar_runtime(sidecar)
+    if built_rt != runtime:
+        shown = {"tensorrt": "TensorRT", "rtx": "TensorRT-RTX"}
+        raise UsageError(f"{name} is a {shown.get(built_rt, built_rt)} engine; load it with {shown.get(built_rt, built_rt)}, "
+                         f"not {shown.get(runtime, runtime)} ({REBUILD_HINT} --runtime {runtime} for this one)")
+    if built_rt == "rtx":
+        built_v = str(sidecar.get("tensorrt_version", "?"))
+        if _version_triple(built_v) != _version_triple(trt_version):
+            raise UsageError(f"{name} was built with TensorRT-RTX {built_v} but this is TensorRT-RTX {trt_version}; "
+                             f"plans only load on the version that built them: {REBUILD_HINT}")
+        targets = [str(c) for c in sidecar.get("compute_capabilities") or []]
+        if targets and compute_capability not in targets:
+            raise UsageError(f"{name} was built for compute capabilities {', '.join(targets)} but this GPU is {gpu_name} "
+                             f"(compute capability {compute_capability}); {REBUILD_HINT} --runtime rtx --compute-capability {compute_capability}")
+        return
     built_v = str(sidecar.get("tensorrt_version", "?"))
     if _version_triple(built_v) != _version_triple(trt_version):
         raise UsageError(

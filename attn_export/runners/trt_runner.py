@@ -23,11 +23,14 @@ from ..errors import EngineFailed, MissingDependencyError, ShapeError, UsageErro
 from ..spec import format_shape
 from .base import Runner
 from ..engines.profiles import describe_profiles, find_profile
-from ..engines.sidecar import check_compatible, read_sidecar, sidecar_profiles, sidecar_spec
-from ..engines.trt_build import dims_list, is_input, numpy_dtype, require_tensorrt
+from ..engines.runtime import RTX, get_runtime
+from ..engines.sidecar import check_compatible, read_sidecar, sidecar_profiles, sidecar_runtime, sidecar_spec
+from ..engines.trt_build import dims_list, is_input, numpy_dtype, require_gpu_runtime
 
-if TYPE_CHECKING:  # the real import stays in _activate: this module imports without TensorRT
+if TYPE_CHECKING:  # typed as the real module; at run time `trt` forwards to the runtime the engine was built for
     import tensorrt as trt
+else:
+    from ..engines.runtime import trt
 
 
 class TrtRunner(Runner):
@@ -59,6 +62,9 @@ class TrtRunner(Runner):
             raise UsageError(f"engine file not found: {self.path}")
         self.sidecar = read_sidecar(self.path)
         super().__init__(sidecar_spec(self.sidecar))
+        self.runtime = get_runtime(sidecar_runtime(self.sidecar))
+        if self.runtime is RTX:
+            self.name = "tensorrt-rtx"
         self.profiles = sidecar_profiles(self.sidecar)
         self.precision = self.sidecar.get("precision", self.spec.precision)
         self.device = device
@@ -98,15 +104,15 @@ class TrtRunner(Runner):
 
     # -- lifecycle ------------------------------------------------------------
     def _activate(self) -> None:
-        gpu = require_tensorrt("running a TensorRT engine")
+        what = f"running a {self.runtime.display} engine"
+        gpu = require_gpu_runtime(self.runtime, what)
         try:
-            import tensorrt as trt
             import torch
         except ImportError as exc:  # torch is a core dependency, but say so clearly if it is absent
-            raise MissingDependencyError(f"running a TensorRT engine needs {exc.name}: pip install \"attn-export[trt]\"") from None
+            raise MissingDependencyError(f"{what} needs {exc.name}: {self.runtime.install_hint}") from None
         if not torch.cuda.is_available():
-            raise MissingDependencyError("running a TensorRT engine needs a CUDA build of PyTorch; this torch has no CUDA support")
-        check_compatible(self.sidecar, str(trt.__version__), gpu.name, gpu.compute_capability)
+            raise MissingDependencyError(f"{what} needs a CUDA build of PyTorch; this torch has no CUDA support")
+        check_compatible(self.sidecar, str(trt.__version__), gpu.name, gpu.compute_capability, self.runtime.name)
         torch.cuda.set_device(self.device)
         logger = trt.Logger(trt.Logger.WARNING)
         runtime = self._runtime = trt.Runtime(logger)
@@ -115,7 +121,7 @@ class TrtRunner(Runner):
         # The bindings return None when deserialization fails (their stubs say ICudaEngine).
         engine: trt.ICudaEngine | None = runtime.deserialize_cuda_engine(self.path.read_bytes())
         if engine is None:
-            raise UsageError(f"TensorRT could not load {self.path.name}; rebuild the engine with `attn-export trt`")
+            raise UsageError(f"{self.runtime.display} could not load {self.path.name}; rebuild the engine with `attn-export trt`")
         self.engine = engine
         self.context = engine.create_execution_context()
         for i in range(engine.num_io_tensors):
