@@ -193,7 +193,7 @@ def _attention_summary(sites: list[AttentionReport]) -> dict[str, Any]:
 
 
 def inspect_engine(path: str | Path) -> InspectReport:
-    """Inspect a TensorRT engine through its sidecar (TensorRT is not needed)."""
+    """Inspect a TensorRT or TensorRT-RTX engine through its sidecar (neither runtime is needed)."""
     from .engines.sidecar import read_sidecar, sidecar_path
 
     p = Path(path)
@@ -202,8 +202,10 @@ def inspect_engine(path: str | Path) -> InspectReport:
     side = read_sidecar(p)
     data = {
         "sidecar": str(sidecar_path(p)),
+        "runtime": side.get("runtime") or "tensorrt",
         "tensorrt_version": side.get("tensorrt_version"),
         "gpu": side.get("gpu"),
+        "compute_capabilities": side.get("compute_capabilities"),
         "hardware_compatibility": side.get("hardware_compatibility"),
         "precision": side.get("precision"),
         "profiles": side.get("profiles"),

@@ -17,7 +17,7 @@ from .atomic import check_output_path
 from .engines.profiles import Profile, default_profile, validate_profiles
 from .engines.readiness import ReadinessReport, check_target, check_trt_readiness
 from .engines.runtime import TENSORRT, get_runtime
-from .engines.trt_build import HARDWARE_LEVELS, BuildResult, build_plan, check_compute_capabilities
+from .engines.trt_build import HARDWARE_LEVELS, BuildResult, build_plan, check_compute_capabilities, check_timing_cache
 from .errors import UsageError
 from .exporter.audit import DEFAULT_THRESHOLD
 from .exporter.foreign import spec_of_file
@@ -124,6 +124,7 @@ def build_engine(
         raise UsageError(f"--workspace must be a positive number of MiB (got {workspace // (1 << 20)})")
     rt = get_runtime(runtime)
     check_compute_capabilities(rt, compute_capabilities)
+    check_timing_cache(rt, timing_cache)
     if rt is TENSORRT:
         check_target(target)
     chosen = list(profiles) if profiles else [default_profile(spec)]

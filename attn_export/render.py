@@ -42,7 +42,6 @@ def _dims(dims: list) -> str:
 
 
 def export_summary(r: Any) -> None:
-
     from rich.table import Table
 
     table = Table(title="attn-export onnx", show_header=False, title_justify="left")
@@ -67,7 +66,6 @@ def export_summary(r: Any) -> None:
 
 
 def bench(report: dict[str, Any]) -> None:
-
     from rich.table import Table
 
     from .spec import format_shape
@@ -109,7 +107,6 @@ def _fmt_err(value: float) -> str:
 
 
 def verify(r: Any) -> None:
-
     from rich.table import Table
 
     console.print(f"[bold]verify[/] {escape(r.artifact)}: {r.candidate} vs {r.reference}, {r.precision}, seed {r.seed}", highlight=False)
@@ -144,7 +141,6 @@ def verify(r: Any) -> None:
 
 
 def inspect_onnx(d: dict[str, Any]) -> None:
-
     from rich.table import Table
 
     table = Table(title=f"attn-export inspect {escape(d['path'])}", show_header=False, title_justify="left")
@@ -189,16 +185,20 @@ def inspect_onnx(d: dict[str, Any]) -> None:
 
 
 def inspect_engine(d: dict[str, Any]) -> None:
-
     from rich.table import Table
 
     table = Table(title=f"attn-export inspect {escape(d['path'])}", show_header=False, title_justify="left")
     table.add_row("size", _human_size(d["file_size"]))
     table.add_row("sidecar", escape(d["sidecar"]))
-    table.add_row("TensorRT", str(d["tensorrt_version"]))
     gpu = d.get("gpu") or {}
-    table.add_row("GPU", escape(f"{gpu.get('name', '?')} (compute capability {gpu.get('compute_capability', '?')}), "
-                                f"hardware compatibility {d.get('hardware_compatibility') or 'none'}"))
+    if d.get("runtime") == "rtx":
+        table.add_row("TensorRT-RTX", str(d["tensorrt_version"]))
+        table.add_row("runs on", escape(f"compute capabilities {', '.join(d.get('compute_capabilities') or ['?'])}; built "
+                                        + (f"on {gpu.get('name')}" if gpu else "without a GPU")))
+    else:
+        table.add_row("TensorRT", str(d["tensorrt_version"]))
+        table.add_row("GPU", escape(f"{gpu.get('name', '?')} (compute capability {gpu.get('compute_capability', '?')}), "
+                                    f"hardware compatibility {d.get('hardware_compatibility') or 'none'}"))
     table.add_row("precision", str(d["precision"]))
     for i, p in enumerate(d.get("profiles") or []):
         fmt = lambda t: "x".join(map(str, t))  # noqa: E731
@@ -227,7 +227,6 @@ def inspect_engine(d: dict[str, Any]) -> None:
 
 
 def readiness(report: Any) -> None:
-
     from rich.table import Table
 
     table = Table(title=f"{report.target_label} readiness", title_justify="left")
@@ -243,7 +242,6 @@ def readiness(report: Any) -> None:
 
 
 def fp16(r: Any) -> None:
-
     from rich.table import Table
 
     a = r.audit
@@ -312,7 +310,6 @@ def fp16(r: Any) -> None:
 
 def optimize(r: Any) -> None:
     """``attn-export optimize``: what was rewritten and the check against the input."""
-
     from rich.table import Table
 
     table = Table(title="attn-export optimize", show_header=False, title_justify="left")
@@ -332,7 +329,6 @@ def optimize(r: Any) -> None:
 
 def triton(m: Any) -> None:
     """``attn-export triton``: the model folder and the files written."""
-
 
     console.print(f"wrote Triton model [bold]{escape(m.name)}[/] ({m.platform}, max_batch_size {m.max_batch_size}) "
                   f"in {escape(str(m.model_dir))}", highlight=False)

@@ -109,6 +109,9 @@ def _engine_io(path: Path) -> tuple[list[TensorConfig], list[TensorConfig], int,
     from .engines.sidecar import read_sidecar  # lazy: the engine side is optional
 
     data = read_sidecar(path)
+    if data.get("runtime") == "rtx":
+        raise UsageError(f"{path.name} is a TensorRT-RTX engine; Triton's TensorRT backend loads TensorRT plans only: "
+                         "build one with `attn-export trt` (--runtime tensorrt), or serve the ONNX file")
     ins: list[TensorConfig] = []
     outs: list[TensorConfig] = []
     for t in data["io"]:

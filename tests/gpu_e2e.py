@@ -1,4 +1,7 @@
-"""The GPU run, end to end, for a machine with an NVIDIA GPU and TensorRT: ``make test-gpu``.
+"""The GPU run, end to end, for a machine with an NVIDIA GPU and TensorRT or TensorRT-RTX: ``make test-gpu``.
+
+With TensorRT-RTX installed and a GPU it targets (an RTX-class GPU), the same presets are built with
+``trt --fp16 --runtime rtx`` and their engines verified too (step names end in " rtx").
 
 Runs the ``gpu``-marked tests, then for the ``tiny`` and ``ddpm-cifar10`` presets:
 export, ``trt --fp16`` (one profile), ``verify`` of the engine (every profile's
@@ -41,7 +44,7 @@ def _environment() -> dict[str, Any]:
     env: dict[str, Any] = {"python": sys.version.split()[0], "platform": platform.platform()}
     gpu = gpu_info()
     env["gpu"] = None if gpu is None else {"name": gpu.name, "compute_capability": gpu.compute_capability}
-    for mod in ("tensorrt", "torch", "polygraphy", "onnxruntime"):
+    for mod in ("tensorrt", "tensorrt_rtx", "torch", "polygraphy", "onnxruntime"):
         try:
             env[mod] = __import__(mod).__version__
         except Exception as exc:  # noqa: BLE001 - recorded, not fatal
@@ -89,15 +92,40 @@ def main(argv: list[str] | None = None) -> int:
     args.work.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {"environment": _environment(), "steps": {}}
     env = report["environment"]
-    if env["gpu"] is None or str(env["tensorrt"]).startswith("unavailable"):
-        report["skipped"] = "needs TensorRT and an NVIDIA GPU: nothing was built or run"
+    from attn_export.engines.runtime import RTX
+
+    has_trt = not str(env["tensorrt"]).startswith("unavailable")
+    has_rtx = (not str(env["tensorrt_rtx"]).startswith("unavailable") and env["gpu"] is not None
+               and env["gpu"]["compute_capability"] in RTX.compute_capabilities)
+    if env["gpu"] is None or not (has_trt or has_rtx):
+        report["skipped"] = "needs TensorRT (or TensorRT-RTX) and an NVIDIA GPU: nothing was built or run"
         args.out.write_text(json.dumps(report, indent=1))
         print(f"{report['skipped']}; report in {args.out}")
         return 0
     cli = [sys.executable, "-c", "from attn_export.cli import main; main()"]
     steps = report["steps"]
-    _run([sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "tests/test_trt_gpu.py"],
-         steps.setdefault("pytest -m gpu", {}))
+    _run([sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "tests/test_trt_gpu.py",
+          "tests/test_rtx_gpu.py"], steps.setdefault("pytest -m gpu", {}))
+    if has_rtx:
+        for preset, (lo, op, hi) in PRESETS.items():
+            s_rtx: dict[str, Any] = steps.setdefault(f"{preset} rtx", {})
+            onnx_path, engine = args.work / f"{preset}.onnx", args.work / f"{preset}.rtx.engine"
+            _run(cli + ["onnx", "--preset", preset, "-o", str(onnx_path), "--force"], s_rtx.setdefault("onnx", {}))
+            _run(cli + ["trt", str(onnx_path), "--fp16", "--runtime", "rtx", "-o", str(engine), "--fp16-onnx",
+                        str(args.work / f"{preset}.rtx.fp16.onnx"), "--min", lo, "--opt", op, "--max", hi, "--force"],
+                 s_rtx.setdefault("trt --fp16 --runtime rtx", {}))
+            if engine.is_file():
+                sidecar = json.loads(Path(str(engine) + ".json").read_text())
+                s_rtx["fusion"] = {"all_fused": sidecar["fusion"]["all_fused"], "summary": sidecar["fusion"]["summary"],
+                                   "source": sidecar["fusion"]["source"]}
+                _run(cli + ["verify", str(engine), "--report", str(args.work / f"{preset}.rtx.verify.json")],
+                     s_rtx.setdefault("verify", {}))
+    if not has_trt:
+        report["passed"] = all(st.get("rc", 0) == 0 for p in steps.values() for st in (p.values() if "rc" not in p else [p])
+                               if isinstance(st, dict))
+        args.out.write_text(json.dumps(report, indent=1, default=str))
+        print(f"{'passed' if report['passed'] else 'FAILED'} (TensorRT-RTX only); report in {args.out}")
+        return 0 if report["passed"] else 1
     for preset, (lo, op, hi) in PRESETS.items():
         s: dict[str, Any] = steps.setdefault(preset, {})
         onnx_path, engine = args.work / f"{preset}.onnx", args.work / f"{preset}.plan"

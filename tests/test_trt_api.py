@@ -23,7 +23,8 @@ import pytest
 from trt_api import check, standin
 
 REPO = Path(__file__).resolve().parents[1]
-NEWEST = check.SUPPORTED_VERSIONS[-1]
+NEWEST = [v for v in check.SUPPORTED_VERSIONS if not v.startswith(check.RTX_PREFIX)][-1]
+RTX_VERSION = next(v for v in check.SUPPORTED_VERSIONS if v.startswith(check.RTX_PREFIX))
 
 
 def _run(version: str, path: Path = check.PACKAGE) -> check.VersionResult:
@@ -47,10 +48,16 @@ def test_our_tensorrt_code_conforms(version: str) -> None:
     assert probe["tensor_io_mode"].endswith("INPUT")
     assert list(probe["nptype"].values()) == ["float32", "float16", "int32", "int64", "bool"]
     assert all(probe["names"].values()) and "trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED" in probe["names"]
-    # Both version branches of network_flags: STRONGLY_TYPED asked for on 10.x, nothing on 11.x.
-    major = int(version.split(".")[0])
-    assert probe["polygraphy"]["configs"] == 9 and probe["polygraphy"]["loader"] == "EngineBytesFromNetwork"
+    # Both version branches of network_flags: STRONGLY_TYPED asked for on 10.x, nothing on 11.x or TensorRT-RTX.
+    rtx = version.startswith(check.RTX_PREFIX)
+    major = 0 if rtx else int(version.split(".")[0])
+    assert probe["polygraphy"]["loader"] == "EngineBytesFromNetwork"
     assert probe["network_flags"] == ({"True": 2, "False": 0} if major == 10 else {"True": 0, "False": 0})
+    # The RTX runtime's own branch ran: CreateConfigRTX, with every compute capability we accept validated by Polygraphy.
+    assert probe["polygraphy"]["config_types"] == (["CreateConfigRTX"] if rtx else ["CreateConfig"])
+    assert probe["polygraphy"]["configs"] == (10 if rtx else 9)
+    # Attention layers can be marked decomposable from 10.14 on, and in TensorRT-RTX.
+    assert probe["polygraphy"]["decomposable"] == (rtx or version >= "10.14")
 
 
 def test_standins_cover_exactly_what_the_module_leaves_undefined() -> None:
@@ -70,7 +77,7 @@ def test_supported_range_is_the_checked_range() -> None:
     from attn_export import cli
     from attn_export.engines import readiness
 
-    checked = [tuple(int(x) for x in v.split(".")[:2]) for v in check.SUPPORTED_VERSIONS]
+    checked = [tuple(int(x) for x in v.split(".")[:2]) for v in check.SUPPORTED_VERSIONS if not v.startswith(check.RTX_PREFIX)]
     assert min(checked) == readiness.MIN_TARGET and max(checked) == readiness.MAX_TARGET
     assert all(f"{a}.{b}" in readiness.SUPPORTED_TARGETS for a, b in checked)
     assert {(10, 14), (11, 0)} <= set(checked)  # first with the Attention op; first 11.x
@@ -137,6 +144,18 @@ def test_member_removed_in_11_fails_only_on_11(tmp_path: Path) -> None:
     assert not result.passed
     assert any(re.search(r"BuilderFlag.*FP16|FP16.*BuilderFlag", e) for e in result.mypy_errors), result.summary()
     assert any("trt.BuilderFlag.FP16" in e for e in result.probe_errors), result.summary()
+    # TensorRT-RTX has no FP16 builder flag either: the same code is checked against its API too.
+    rtx = _run(RTX_VERSION, broken)
+    assert not rtx.passed and any("FP16" in e for e in rtx.mypy_errors), rtx.summary()
+
+
+def test_rtx_branch_is_checked_against_rtx(tmp_path: Path) -> None:
+    """A compute capability TensorRT-RTX has no name for is caught by the RTX check (Polygraphy validates it on the
+    real module), and only there: TensorRT never takes that branch."""
+    broken = _broken_copy(tmp_path, "engines/runtime.py", 'compute_capabilities=("7.5", ', 'compute_capabilities=("9.9", "7.5", ')
+    result = _run(RTX_VERSION, broken)
+    assert not result.passed and any("9" in e and "Polygraphy construction" in e for e in result.probe_errors), result.summary()
+    assert _run(NEWEST, broken).passed
 
 
 def test_stub_repairs_keep_names() -> None:

@@ -590,3 +590,134 @@ class TestWithoutTensorRT:
 
         with pytest.raises(UsageError, match="engine file not found"):
             TrtRunner(tmp_path / "nope.engine")
+
+
+# =========================================================================== TensorRT-RTX: build log, sidecar
+# The layer lines below were logged by TensorRT-RTX 1.7's builder (DETAILED verbosity) for the tiny preset:
+# rtx_layers_fused.txt from its FP16 `op` export (batch 2), rtx_layers_fp32.txt from its FP32 decomposed export.
+def _op_site(prefix: str) -> AttentionSite:
+    node = f"{prefix}/Attention_y"
+    return AttentionSite(name=prefix, form="op", anchor=node, nodes=[node], head_size=32, dtype="float16", heads=1)
+
+
+def _decomposed_site(prefix: str) -> AttentionSite:
+    nodes = [f"{prefix}/Mul_1", f"{prefix}/MatMul", f"{prefix}/Softmax", f"{prefix}/MatMul_1"]
+    return AttentionSite(name=prefix, form="decomposed", anchor=f"{prefix}/Softmax", nodes=nodes, head_size=32,
+                         dtype="float32", scale_placement="q", canonical=True)
+
+
+class TestBuildLog:
+    def test_layers_parsed_with_their_onnx_nodes(self):
+        layers = fusion.parse_build_log((DATA / "rtx_layers_fused.txt").read_text())
+        by_name = {layer.name: layer for layer in layers}
+        mha = by_name["_gemm_mha_v2_myl0_30"]
+        assert mha.type == "kgen" and mha.tactic.startswith("_gemm_mha_v2_0x") and mha.is_mha()
+        assert mha.onnx_nodes == ["/downs.2/attention/Attention_y"] and set(mha.dtypes) == {"Half"}
+        conv = next(layer for layer in layers if layer.name.startswith("/init_conv/Conv"))
+        assert conv.onnx_nodes == ["/init_conv/Conv"] and not conv.is_mha()
+
+    def test_repeated_layers_kept_once(self):
+        text = (DATA / "rtx_layers_fused.txt").read_text()
+        assert len(fusion.parse_build_log(text + "\n" + text)) == len(fusion.parse_build_log(text))
+        assert fusion.parse_build_log("no layers here\nName: broken line") == []
+
+    def test_fused_sites(self):
+        sites = [_op_site("/downs.2/attention"), _op_site("/mids.0/attention")]
+        report = fusion.build_log_report((DATA / "rtx_layers_fused.txt").read_text(), sites)
+        assert report.source == "build log" and report.schema == "build-log" and report.verbosity == "detailed"
+        assert [b.verdict for b in report.blocks] == ["fused", "fused"] and report.all_fused
+        assert report.blocks[0].layers == ["_gemm_mha_v2_myl0_30"] and report.blocks[1].layers == ["_gemm_mha_v2_myl0_55"]
+        assert report.fused_layer_count == 2 and not report.unfused
+
+    def test_separate_kernels_with_the_predicted_reason(self):
+        site = _decomposed_site("/downs.2/attention")
+        text = (DATA / "rtx_layers_fp32.txt").read_text()
+        report = fusion.build_log_report(text, [site])
+        block = report.blocks[0]
+        assert block.verdict == "separate kernels" and block.fused is False and "float32" in block.reason
+        assert any("/downs.2/attention/MatMul_1" in name for name in block.layers)
+        report = fusion.build_log_report(text, [site], {"/downs.2/attention": "one head at batch 1"})
+        assert report.blocks[0].reason == "one head at batch 1" and report.unfused == report.blocks
+
+    def test_site_the_engine_does_not_hold(self):
+        report = fusion.build_log_report((DATA / "rtx_layers_fp32.txt").read_text(), [_op_site("/ups.9/attention")])
+        assert report.blocks[0].verdict == "unknown" and "no engine layer" in report.blocks[0].reason
+        report = fusion.build_log_report("", [_op_site("/ups.9/attention")])
+        assert report.verbosity == "none" and report.blocks[0].verdict == "unknown"
+
+    def test_failed_build(self):
+        report = fusion.failed_report([_op_site("/a"), _op_site("/b")], "Attention operation was not supported")
+        assert [b.verdict for b in report.blocks] == ["failed", "failed"] and len(report.unfused) == 2
+        assert "Attention operation" in report.blocks[0].reason and report.source == "none"
+
+    def test_refusal_only_for_sites_expected_to_fuse(self):
+        from attn_export.engines.trt_build import unfused_failure
+
+        sites = [_op_site("/downs.2/attention"), _op_site("/mids.0/attention")]
+        report = fusion.build_log_report("", sites)  # nothing attributed: unknown, not refused
+        quiet = readiness.ReadinessReport(target="TensorRT-RTX", findings=[], attention=sites)
+        assert unfused_failure(report, quiet) is None
+        report = fusion.failed_report(sites, "x")
+        message = unfused_failure(report, quiet)
+        assert message and "2 attention site(s) that should fuse" in message and "--allow-unfused" in message
+        predicted = readiness.ReadinessReport(target="TensorRT-RTX", attention=sites, findings=[
+            readiness.Finding("warning", "batch-one", "will not fuse: one head at batch 1", s.name) for s in sites])
+        assert readiness.predicted_unfused(predicted) == {s.name: "one head at batch 1" for s in sites}
+        assert unfused_failure(report, predicted) is None
+
+
+class TestRtxSidecar:
+    def _data(self, tmp_path, **changes):
+        data = sidecar.make_sidecar(**{**_make_args(tmp_path), "gpu_name": None, "compute_capability": None,
+                                       "runtime": "rtx", "tensorrt_version": "1.7.1.116", "engine_sha256": "0" * 64, "onnx_sha256": "1" * 64,
+                                       "io": [{"name": "x", "mode": "input", "dtype": "float32", "shape": [-1, 3, -1, -1]}],
+                                       "compute_capabilities": ["8.0", "8.6", "8.9", "12.0"], **changes})
+        return data
+
+    def test_written_and_read_back_without_a_gpu(self, tmp_path):
+        data = self._data(tmp_path, profiles=[Profile((1, 32, 32), (1, 32, 32), (2, 64, 64))], spec=make_spec())
+        sidecar.write_sidecar(sidecar.sidecar_path(tmp_path / "m.engine"), data)
+        back = sidecar.read_sidecar(tmp_path / "m.engine")
+        assert back["runtime"] == "rtx" and back["gpu"] is None and back["compute_capabilities"][-1] == "12.0"
+        assert sidecar.sidecar_runtime(back) == "rtx"
+        assert sidecar.sidecar_runtime({"format": "x"}) == "tensorrt"  # sidecars written before runtimes were recorded
+
+    def test_schema_refuses_bad_runtime_and_targets(self, tmp_path):
+        for key, value in (("runtime", "tensorrt-llm"), ("compute_capabilities", ["sm86"])):
+            data = self._data(tmp_path, profiles=[Profile((1, 32, 32), (1, 32, 32), (2, 64, 64))], spec=make_spec())
+            data[key] = value
+            (tmp_path / "m.engine.json").write_text(json.dumps(data))
+            with pytest.raises(UsageError, match="is invalid"):
+                sidecar.read_sidecar(tmp_path / "m.engine")
+
+    def test_runner_checks(self, tmp_path):
+        data = self._data(tmp_path)
+        sidecar.check_compatible(data, "1.7.1.116", "RTX 4090", "8.9", "rtx")
+        with pytest.raises(UsageError, match="TensorRT-RTX engine; load it with TensorRT-RTX"):
+            sidecar.check_compatible(data, "10.14.1.48", "RTX 4090", "8.9", "tensorrt")
+        with pytest.raises(UsageError, match="built with TensorRT-RTX 1.7.1.116 but this is TensorRT-RTX 1.6"):
+            sidecar.check_compatible(data, "1.6.1.120", "RTX 4090", "8.9", "rtx")
+        with pytest.raises(UsageError, match=r"compute capabilities 8.0, 8.6, 8.9, 12.0 .* 7.5.*--compute-capability 7.5"):
+            sidecar.check_compatible(data, "1.7.1.116", "RTX 2080", "7.5", "rtx")
+        trt_data = sidecar.make_sidecar(**_make_args(tmp_path))
+        with pytest.raises(UsageError, match="TensorRT engine; load it with TensorRT,"):
+            sidecar.check_compatible(trt_data, "1.7.1.116", "RTX 4090", "8.9", "rtx")
+
+
+class TestRuntimes:
+    def test_names_and_refusals(self):
+        from attn_export.engines import runtime
+        from attn_export.engines.trt_build import check_compute_capabilities, check_timing_cache
+
+        assert runtime.get_runtime("rtx").module == "tensorrt_rtx" and runtime.get_runtime("tensorrt").module == "tensorrt"
+        with pytest.raises(UsageError, match="unknown runtime 'cuda'"):
+            runtime.get_runtime("cuda")
+        assert check_compute_capabilities(runtime.RTX, None) == ["8.0", "8.6", "8.9", "12.0"]
+        assert check_compute_capabilities(runtime.RTX, ["7.5", "7.5", "12.0"]) == ["7.5", "12.0"]
+        with pytest.raises(UsageError, match="'9.0' is not one TensorRT-RTX builds for"):
+            check_compute_capabilities(runtime.RTX, ["9.0"])
+        with pytest.raises(UsageError, match="TensorRT-RTX option"):
+            check_compute_capabilities(runtime.TENSORRT, ["8.6"])
+        with pytest.raises(UsageError, match="no-ops"):
+            check_timing_cache(runtime.RTX, "t.cache")
+        check_timing_cache(runtime.TENSORRT, "t.cache")

@@ -188,7 +188,8 @@ class ReadinessReport:
         errs = self.errors
         if errs:
             more = f" (and {len(errs) - 1} more problem(s); run `attn-export inspect --trt` for all)" if len(errs) > 1 else ""
-            raise UsageError(f"not ready for {self.target_label}: {errs[0].message}{more}")
+            where = f" (node {errs[0].node})" if errs[0].node else ""
+            raise UsageError(f"not ready for {self.target_label}: {errs[0].message}{where}{more}")
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -499,6 +499,7 @@ def build_plan(
     if not 0 <= int(opt_level) <= 5:
         raise UsageError(f"builder optimization level must be 0..5 (got {opt_level})")
     caps = check_compute_capabilities(rt, compute_capabilities)
+    check_timing_cache(rt, timing_cache)
     gpu = require_runtime(rt)
     if importlib.util.find_spec("polygraphy") is None:
         raise MissingDependencyError(f"building an engine needs Polygraphy: {rt.install_hint}")
@@ -597,6 +598,13 @@ def _read_engine(plan: bytes, logger: trt.ILogger, log: BuildLog, network: trt.I
             if not fallback:
                 raise
     return build_log_report(log.layers_text, readiness.attention, predicted_unfused(readiness)), _network_io_table(network)
+
+
+def check_timing_cache(rt: Runtime, timing_cache: str | Path | None) -> None:
+    """TensorRT-RTX has no builder timing cache (its timing-cache calls are no-ops since 1.2): refuse the option there."""
+    if timing_cache and rt is RTX:
+        raise UsageError("--timing-cache is a TensorRT option: TensorRT-RTX's timing-cache calls are no-ops since 1.2 "
+                         "(its tuning happens when the engine first runs on a GPU)")
 
 
 def check_compute_capabilities(rt: Runtime, caps: Sequence[str] | None) -> list[str]:

@@ -7,12 +7,20 @@ generate type stubs from it (``stubs.py``), run the runtime probes
 (``probe.py``), and type-check every module under ``--path`` that imports
 ``tensorrt`` with mypy against those stubs and Polygraphy's own source.
 
+TensorRT-RTX's bindings (``tensorrt-rtx-cu13-bindings``, versions written
+``rtx-1.7.1.116``) go through the same check: their stubs are laid out as the
+``tensorrt_rtx`` package and as ``tensorrt`` too, so the code written against
+``tensorrt`` is type-checked against TensorRT-RTX's API, and the probe runs
+with the RTX runtime selected (its own branches: CreateConfigRTX, compute
+capabilities).
+
 This proves API conformance only (names, enum members, signatures, argument
 counts and types, the subclass trampoline). It never builds or runs an engine:
-nothing here is TensorRT's libraries, and nothing here has run on a GPU.
+nothing here is TensorRT's libraries, and nothing here has run on a GPU (the
+real TensorRT-RTX builds are tests/test_rtx_build.py).
 
     python -m tests.trt_api.check                        # the supported versions, attn_export/
-    python -m tests.trt_api.check --versions 10.13.3.9,11.2.1.2 --path /tmp/broken/attn_export
+    python -m tests.trt_api.check --versions 10.13.3.9,11.2.1.2,rtx-1.6.1.120 --path /tmp/broken/attn_export
 """
 
 from __future__ import annotations
@@ -43,9 +51,33 @@ PACKAGE = REPO / "attn_export"
 
 # The supported range: every version named here passes this check (README, readiness --target follow it).
 # Oldest supported 10.x, the first with the ONNX Attention op, newest 10.x, 11.0, newest 11.x.
-SUPPORTED_VERSIONS = ("10.12.0.36", "10.14.1.48.post1", "10.16.1.11", "11.0.0.114", "11.4.0.106")
+SUPPORTED_VERSIONS = ("10.12.0.36", "10.14.1.48.post1", "10.16.1.11", "11.0.0.114", "11.4.0.106", "rtx-1.7.1.116")
+RTX_PREFIX = "rtx-"
+
+
+@dataclass(frozen=True)
+class Flavour:
+    """Where one family of bindings comes from and how its packages are laid out."""
+
+    distribution: str         # the bindings wheel on PyPI
+    package: str              # the package inside it
+    extension: str            # its extension module's file name
+    fronts: tuple[str, ...]   # front packages re-exporting it (the first is the runtime's own name)
+    runtime: str              # attn-export's runtime name
+
+
 # cu12 wheels exist for every 10.x and 11.x release; the Python API is the same in the cu13 wheels.
-DISTRIBUTION = "tensorrt-cu12-bindings"
+TENSORRT = Flavour("tensorrt-cu12-bindings", "tensorrt_bindings", "tensorrt.so", ("tensorrt",), "tensorrt")
+# TensorRT-RTX: also presented as `tensorrt`, the name the shared builder and runner code is typed against.
+RTX = Flavour("tensorrt-rtx-cu13-bindings", "tensorrt_rtx_bindings", "tensorrt_rtx.so", ("tensorrt_rtx", "tensorrt"), "rtx")
+DISTRIBUTION = TENSORRT.distribution
+
+
+def flavour(version: str) -> tuple[Flavour, str]:
+    """("rtx-1.7.1.116" -> (RTX, "1.7.1.116"); "11.4.0.106" -> (TENSORRT, "11.4.0.106"))."""
+    if version.startswith(RTX_PREFIX):
+        return RTX, version[len(RTX_PREFIX):]
+    return TENSORRT, version
 PYTHON_TAG = f"{sys.version_info.major}.{sys.version_info.minor}"
 
 # Imported modules mypy reads only as far as their names: they are big and not what is checked here.
@@ -114,48 +146,57 @@ class VersionResult:
 def fetch_wheel(version: str, cache: Path = BUILD / "wheels") -> Path:
     """The bindings wheel of ``version`` for this Python on linux x86_64, downloaded once into ``cache``."""
     cache.mkdir(parents=True, exist_ok=True)
-    name = DISTRIBUTION.replace("-", "_")
+    fl, version = flavour(version)
+    name = fl.distribution.replace("-", "_")
     cp = f"cp{PYTHON_TAG.replace('.', '')}"
     found = sorted(cache.glob(f"{name}-{version}-{cp}-*.whl"))
     if found:
         return found[0]
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:", "--python-version", PYTHON_TAG,
            "--platform", "manylinux_2_28_x86_64", "--platform", "manylinux_2_17_x86_64", "--platform", "manylinux2014_x86_64",
-           "--retries", "1", "--timeout", "20", "-d", str(cache), f"{DISTRIBUTION}=={version}"]
+           "--retries", "1", "--timeout", "20", "-d", str(cache), f"{fl.distribution}=={version}"]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     found = sorted(cache.glob(f"{name}-{version}-{cp}-*.whl"))
     if proc.returncode == 0 and found:
         return found[0]
     text = proc.stdout + proc.stderr
     if any(s.lower() in text.lower() for s in NETWORK_ERRORS):
-        raise IndexUnreachable(f"no package index reachable to download {DISTRIBUTION}=={version}")
-    raise RuntimeError(f"pip could not download {DISTRIBUTION}=={version}: {text.strip().splitlines()[-1:]}")
+        raise IndexUnreachable(f"no package index reachable to download {fl.distribution}=={version}")
+    raise RuntimeError(f"pip could not download {fl.distribution}=={version}: {text.strip().splitlines()[-1:]}")
 
 
-def unpack(wheel: Path, site: Path) -> Path:
-    """Unpack the wheel into ``site`` and add the ``tensorrt`` front package, as ``pip install tensorrt-cu12`` lays it out."""
-    from .stubs import FRONT_PACKAGE
+def unpack(wheel: Path, site: Path, fl: Flavour = TENSORRT) -> Path:
+    """Unpack the wheel into ``site`` and add its front packages, as ``pip install tensorrt-cu12`` lays them out.
 
-    module = site / "tensorrt_bindings" / "tensorrt.so"
+    For TensorRT-RTX an empty ``tensorrt_rtx_libs`` is added too: the bindings
+    import it to load the real libraries, and here the stand-ins take their place.
+    """
+    from .stubs import front_package
+
+    module = site / fl.package / fl.extension
     if not module.is_file():
         tmp = site.with_name(f"{site.name}.tmp{os.getpid()}")  # several test workers may unpack at once
         shutil.rmtree(tmp, ignore_errors=True)
         with zipfile.ZipFile(wheel) as zf:
             zf.extractall(tmp)
-        (tmp / "tensorrt").mkdir(exist_ok=True)
-        (tmp / "tensorrt" / "__init__.py").write_text(FRONT_PACKAGE)
+        for front in fl.fronts:
+            (tmp / front).mkdir(exist_ok=True)
+            (tmp / front / "__init__.py").write_text(front_package(fl.package))
+        if fl is RTX:
+            (tmp / "tensorrt_rtx_libs").mkdir(exist_ok=True)
+            (tmp / "tensorrt_rtx_libs" / "__init__.py").write_text("")
         try:
             tmp.rename(site)
         except OSError:  # another process finished first
             shutil.rmtree(tmp, ignore_errors=True)
     if not module.is_file():
-        raise RuntimeError(f"{wheel.name} holds no tensorrt_bindings/tensorrt.so")
+        raise RuntimeError(f"{wheel.name} holds no {fl.package}/{fl.extension}")
     return module
 
 
 # --------------------------------------------------------------------------- modules to check
 def trt_modules(path: Path) -> list[Path]:
-    """Python files under ``path`` (a file or folder) that import ``tensorrt``."""
+    """Python files under ``path`` (a file or folder) that import ``tensorrt`` (or ``tensorrt_rtx``)."""
     files = [path] if path.is_file() else sorted(path.rglob("*.py"))
     out = []
     for f in files:
@@ -163,7 +204,7 @@ def trt_modules(path: Path) -> list[Path]:
         for node in ast.walk(tree):
             names = ([a.name for a in node.names] if isinstance(node, ast.Import)
                      else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
-            if any(n == "tensorrt" or n.startswith("tensorrt.") for n in names):
+            if any(n in ("tensorrt", "tensorrt_rtx") or n.startswith(("tensorrt.", "tensorrt_rtx.")) for n in names):
                 out.append(f)
                 break
     return out
@@ -234,7 +275,8 @@ def run_mypy(modules: list[Path], stub_dir: Path, work: Path, cache: Path) -> li
         "no_error_summary = True\n"
         f"[mypy-{skipped}]\nfollow_imports = skip\n"
         # The bindings and Polygraphy must be found: never let them fall back to Any.
-        "[mypy-tensorrt,tensorrt.*,tensorrt_bindings,tensorrt_bindings.*,polygraphy,polygraphy.*]\n"
+        "[mypy-tensorrt,tensorrt.*,tensorrt_bindings,tensorrt_bindings.*,tensorrt_rtx,tensorrt_rtx.*,"
+        "tensorrt_rtx_bindings,tensorrt_rtx_bindings.*,polygraphy,polygraphy.*]\n"
         "ignore_missing_imports = False\n"
     )
     targets = [str(m.resolve()) for m in modules] + [str(canary.resolve())]
@@ -275,14 +317,16 @@ def check_version(version: str, path: Path = PACKAGE) -> VersionResult:
     if not modules:
         result.probe_errors.append(f"no module under {path} imports tensorrt")
         return result
+    fl, _ = flavour(version)
     where = BUILD / version
     wheel = fetch_wheel(version)
-    module = unpack(wheel, where / "site")
+    module = unpack(wheel, where / "site", fl)
     standin.build_standins(module, where / "standin-libs")
     stub_dir = where / "stubs"
     out = where / f"probe-{os.getpid()}-{_key(path)}.json"
     cmd = [sys.executable, str(Path(__file__).with_name("probe.py")), "--site", str(where / "site"),
-           "--standins", str(where / "standin-libs"), "--code-root", str(package_root(modules[0])), "--json", str(out)]
+           "--standins", str(where / "standin-libs"), "--code-root", str(package_root(modules[0])), "--json", str(out),
+           "--package", fl.package, "--runtime", fl.runtime, *[a for f in fl.fronts for a in ("--front", f)]]
     if not (stub_dir / "tensorrt" / "__init__.pyi").is_file():
         cmd += ["--stubs", str(stub_dir)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -292,8 +336,9 @@ def check_version(version: str, path: Path = PACKAGE) -> VersionResult:
     result.probe = json.loads(out.read_text())
     out.unlink()
     result.probe_errors += result.probe.get("errors", [])
-    if result.probe.get("version") not in (None, version.split(".post")[0]) and not version.startswith(str(result.probe.get("version"))):
-        result.probe_errors.append(f"imported TensorRT {result.probe.get('version')}, expected {version}")
+    wanted = flavour(version)[1]
+    if result.probe.get("version") not in (None, wanted.split(".post")[0]) and not wanted.startswith(str(result.probe.get("version"))):
+        result.probe_errors.append(f"imported {fl.runtime} {result.probe.get('version')}, expected {wanted}")
     if not (stub_dir / "tensorrt" / "__init__.pyi").is_file():
         result.probe_errors.append("no stubs were generated")
         return result
@@ -316,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tests.trt_api.check", description=(
         "TensorRT API-conformance check on CPU (API only: builds and runs nothing)."))
     ap.add_argument("--versions", default=",".join(SUPPORTED_VERSIONS),
-                    help=f"comma-separated {DISTRIBUTION} versions (default: {','.join(SUPPORTED_VERSIONS)})")
+                    help=f"comma-separated {DISTRIBUTION} versions, rtx-X for {RTX.distribution} (default: {','.join(SUPPORTED_VERSIONS)})")
     ap.add_argument("--path", type=Path, default=PACKAGE, help="a module or folder to check (default: attn_export/)")
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--json", type=Path, default=None, help="also write the findings as JSON")

@@ -52,13 +52,22 @@ def _resolve(trt: Any, chain: str) -> Any:
     return obj
 
 
-def probe(code_root: Path, errors: list[str]) -> dict[str, Any]:
-    """Runtime checks of the attn_export TensorRT code under ``code_root`` against the imported ``tensorrt``."""
+def probe(code_root: Path, errors: list[str], runtime: str = "tensorrt") -> dict[str, Any]:
+    """Runtime checks of the attn_export TensorRT code under ``code_root`` against the imported ``tensorrt``.
+
+    ``runtime="rtx"``: the bindings are TensorRT-RTX's, and attn-export's RTX
+    runtime is selected first, so its own branches run.
+    """
     import tensorrt as trt
 
     sys.path.insert(0, str(code_root))
     from attn_export.engines import trt_build
     from attn_export.runners import trt_runner
+
+    if runtime != "tensorrt":
+        from attn_export.engines import runtime as runtimes
+
+        runtimes.select(runtime)
 
     seen: dict[str, Any] = {"version": str(trt.__version__)}
 
@@ -121,8 +130,16 @@ def probe(code_root: Path, errors: list[str]) -> dict[str, Any]:
                 cfg = trt_build.polygraphy_config(profiles, opt_level=3, hardware_compatibility=hw, verbosity=verb,
                                                   workspace=1 << 30, timing_cache=_P(__file__), monitor=None)
                 seen_cfg[f"{hw}/{verb}"] = type(cfg).__name__
+        if runtime == "rtx":  # every compute capability attn-export accepts, validated by Polygraphy on the real module
+            from attn_export.engines.runtime import RTX
+
+            cfg = trt_build.polygraphy_config(profiles, opt_level=3, hardware_compatibility="none", verbosity="detailed",
+                                              workspace=None, timing_cache=None, monitor=None,
+                                              compute_capabilities=list(RTX.compute_capabilities))
+            seen_cfg["compute_capabilities"] = type(cfg).__name__
         loader = trt_build.polygraphy_loader(None, cfg, "timing.cache")  # no network: construction only
-        return {"profiles": [str(p) for p in profiles], "configs": len(seen_cfg), "loader": type(loader).__name__}
+        return {"profiles": [str(p) for p in profiles], "configs": len(seen_cfg), "loader": type(loader).__name__,
+                "config_types": sorted(set(seen_cfg.values())), "decomposable": trt_build.attention_layers_supported()}
 
     seen["polygraphy"] = check("Polygraphy construction", polygraphy)
 
@@ -145,6 +162,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--code-root", required=True, type=Path)
     ap.add_argument("--json", required=True, type=Path)
     ap.add_argument("--stubs", type=Path, default=None)
+    ap.add_argument("--package", default="tensorrt_bindings")
+    ap.add_argument("--front", action="append", default=None)
+    ap.add_argument("--runtime", default="tensorrt")
     args = ap.parse_args(argv)
 
     sys.path.insert(0, str(HERE.parent))  # for `trt_api`
@@ -160,8 +180,8 @@ def main(argv: list[str] | None = None) -> int:
         import tensorrt  # noqa: F401 - the real bindings, through the front package
 
         if args.stubs is not None:
-            stubs.generate(args.stubs)
-        result.update(probe(args.code_root, errors))
+            stubs.generate(args.stubs, args.package, tuple(args.front or ["tensorrt"]))
+        result.update(probe(args.code_root, errors, args.runtime))
     except Exception:  # noqa: BLE001
         errors.append("probe failed:\n" + traceback.format_exc())
     args.json.write_text(json.dumps(result, indent=1, default=str))

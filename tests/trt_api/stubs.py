@@ -24,9 +24,16 @@ import shutil
 import sys
 from pathlib import Path
 
-# The real tensorrt front package's __init__.py is these two imports (tensorrt-cu12 / -cu13 sdist).
-FRONT_PACKAGE = "from tensorrt_bindings import *\nfrom tensorrt_bindings import __version__\n"
-FRONT_STUB = "from tensorrt_bindings import *\nfrom tensorrt_bindings import __version__ as __version__\n"
+# The real front packages' __init__.py is these two imports (tensorrt-cu12 / -cu13 and tensorrt-rtx-cu13 sdists).
+def front_package(package: str) -> str:
+    """The front package's ``__init__.py`` over the bindings package ``package``."""
+    return f"from {package} import *\nfrom {package} import __version__\n"
+
+
+def front_stub(package: str) -> str:
+    """Its stub: the same re-export, written so that mypy keeps ``__version__``."""
+    return f"from {package} import *\nfrom {package} import __version__ as __version__\n"
+
 
 
 def _split_params(params: str) -> list[str]:
@@ -108,31 +115,33 @@ def add_buffer_protocol(text: str) -> str:
     return "".join(lines)
 
 
-def generate(out_dir: Path) -> Path:
-    """Write ``tensorrt_bindings`` and ``tensorrt`` stubs for the imported bindings into ``out_dir``."""
+def generate(out_dir: Path, package: str = "tensorrt_bindings", fronts: tuple[str, ...] = ("tensorrt",)) -> Path:
+    """Write stubs of the imported bindings ``package`` and of its front packages ``fronts`` into ``out_dir``."""
     from pybind11_stubgen import main as stubgen_main
 
+    extension = {"tensorrt_bindings": "tensorrt", "tensorrt_rtx_bindings": "tensorrt_rtx"}[package]
     tmp = out_dir.with_name(f"{out_dir.name}.tmp{os.getpid()}")  # several test workers may generate at once
     shutil.rmtree(tmp, ignore_errors=True)
     argv = sys.argv
-    sys.argv = ["pybind11-stubgen", "tensorrt_bindings", "-o", str(tmp), "--ignore-all-errors"]
+    sys.argv = ["pybind11-stubgen", package, "-o", str(tmp), "--ignore-all-errors"]
     try:
         stubgen_main()
     finally:
         sys.argv = argv
-    pkg = tmp / "tensorrt_bindings"
-    if not (pkg / "tensorrt.pyi").is_file():
+    pkg = tmp / package
+    if not (pkg / f"{extension}.pyi").is_file():
         raise RuntimeError(f"pybind11-stubgen wrote no stubs for the extension module under {pkg}")
     for pyi in pkg.rglob("*.pyi"):
         text = add_buffer_protocol(repair(pyi.read_text()))
         if pyi.name == "__init__.pyi" and pyi.parent == pkg:
             # The package stub names the extension module's types as `tensorrt.X` (its pybind11 name).
             text = text.replace("from __future__ import annotations\n",
-                                "from __future__ import annotations\nfrom tensorrt_bindings import tensorrt as tensorrt\n", 1)
+                                f"from __future__ import annotations\nfrom {package} import {extension} as {extension}\n", 1)
         pyi.write_text(text)
-    front = tmp / "tensorrt"
-    front.mkdir()
-    (front / "__init__.pyi").write_text(FRONT_STUB)
+    for name in fronts:
+        front = tmp / name
+        front.mkdir()
+        (front / "__init__.pyi").write_text(front_stub(package))
     try:
         tmp.rename(out_dir)
     except OSError:  # another process finished first: its stubs are the same
