@@ -85,7 +85,9 @@ def main() -> None:
             rows.append({"preset": preset, "runs": runs, "median": med, "seconds_range": spread,
                          "onnx_mib": path.stat().st_size / 2**20, **{k: runs[0][k] for k in ("sites", "fused", "fused_layers",
                                                                                                 "profile", "version")}})
-    print(f"host: {host.get('cpu', platform.processor())}; TensorRT-RTX {rows[0]['version'] if rows else '?'}; {args.runs} builds each")
+    print(f"host: {host.get('processor') or platform.processor()} (family/model {host.get('cpu_family_model')}, "
+          f"{host.get('simd')}, {host.get('cpu_count')} cores), no GPU; TensorRT-RTX {rows[0]['version'] if rows else '?'}; "
+          f"{args.runs} builds each, each in a fresh process")
     print("| preset | FP16 ONNX | profile | build time, median (min-max) | builder peak RSS (before the build) | engine | fused attention |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:

@@ -45,8 +45,21 @@ BATCH_ONE = Profile((1, 32, 32), (1, 32, 32), (1, 64, 64))
 
 
 # --------------------------------------------------------------------------- an independent build
+def independent_build_profiles(onnx_path: Path, profiles: list[Profile]) -> list[str]:
+    """The names of the fused attention layers of a raw TensorRT-RTX build with several profiles."""
+    result = _raw_build(onnx_path, profiles, decomposable=True)
+    assert result is not None, "the independent build failed"
+    return list(result)
+
+
 def independent_build(onnx_path: Path, profile: Profile, *, decomposable: bool = True) -> list[list[str]] | None:
-    """Build ``onnx_path`` with the raw TensorRT-RTX API; the ONNX nodes of each fused attention layer (None: no engine).
+    """Build ``onnx_path`` with the raw TensorRT-RTX API; the ONNX nodes of each fused attention layer (None: no engine)."""
+    result = _raw_build(onnx_path, [profile], decomposable=decomposable)
+    return None if result is None else list(result.values())
+
+
+def _raw_build(onnx_path: Path, profiles: list[Profile], *, decomposable: bool) -> dict[str, list[str]] | None:
+    """Build ``onnx_path`` with the raw TensorRT-RTX API: each fused attention layer and its ONNX nodes (None: no engine).
 
     Nothing of attn-export is used: parser, profile, builder and the layer
     log are TensorRT-RTX's own. ``decomposable`` marks the Attention layers as
@@ -77,12 +90,13 @@ def independent_build(onnx_path: Path, profile: Profile, *, decomposable: bool =
                 layer.attention.decomposable = True
     config = builder.create_builder_config()
     config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
-    opt = builder.create_optimization_profile()
-    for i in range(network.num_inputs):
-        t = network.get_input(i)
-        shapes = [(b, t.shape[1], h, w) if len(t.shape) == 4 else (b,) for b, h, w in (profile.min, profile.opt, profile.max)]
-        opt.set_shape(t.name, *shapes)
-    config.add_optimization_profile(opt)
+    for profile in profiles:
+        opt = builder.create_optimization_profile()
+        for i in range(network.num_inputs):
+            t = network.get_input(i)
+            shapes = [(b, t.shape[1], h, w) if len(t.shape) == 4 else (b,) for b, h, w in (profile.min, profile.opt, profile.max)]
+            opt.set_shape(t.name, *shapes)
+        config.add_optimization_profile(opt)
     if builder.build_serialized_network(network, config) is None:
         return None
     fused: dict[str, list[str]] = {}
@@ -90,7 +104,7 @@ def independent_build(onnx_path: Path, profile: Profile, *, decomposable: bool =
         m = re.match(r"Name: (_gemm_mha\w*), .*Metadata: (.*)$", line.strip())
         if m:
             fused[m.group(1)] = re.findall(r"\[ONNX Layer: ([^\]]*)\]", m.group(2))
-    return list(fused.values())
+    return fused
 
 
 def assert_agrees(result: EngineResult, onnx_path: Path, profile: Profile) -> None:
@@ -165,6 +179,22 @@ def test_batch_one_profile_does_not_fuse_one_head(export_model, half, tmp_path: 
     assert "batch-one" in result.readiness.codes("warning")
     assert_agrees(result, path, BATCH_ONE)
     assert all(b.verdict == "separate kernels" and "batch 1" in (b.reason or "") for b in result.build.fusion.blocks)
+    _written(tmp_path)
+
+
+def test_profiles_get_their_own_verdicts(export_model, half, tmp_path: Path) -> None:
+    # Two profiles, one fixed at batch 1: each profile is its own graph; the site fuses in the range profile only.
+    path = half(export_model("tiny", "op"))
+    result = build_engine(path, tmp_path / "m.plan", [BATCH_ONE, RANGE], runtime="rtx")
+    assert any(f.code == "batch-one" and "in profile 0" in f.message for f in result.readiness.findings)
+    report = result.build.fusion
+    for block in report.blocks:
+        assert block.verdict == "partly fused" and block.profiles == {"0": "separate kernels", "1": "fused"}, block
+        assert "separate kernels in profile 0 (one attention head at batch 1" in block.reason
+    assert not report.all_fused and "partly fused" in report.summary()
+    # The independent build's fused layers: one per site, all in the second profile's graph.
+    independent = independent_build_profiles(path, [BATCH_ONE, RANGE])
+    assert len(independent) == len(report.blocks) and all("_myl1_" in name for name in independent)
     _written(tmp_path)
 
 

@@ -48,11 +48,11 @@ def test_our_tensorrt_code_conforms(version: str) -> None:
     assert probe["tensor_io_mode"].endswith("INPUT")
     assert list(probe["nptype"].values()) == ["float32", "float16", "int32", "int64", "bool"]
     assert all(probe["names"].values()) and "trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED" in probe["names"]
-    # Both version branches of network_flags: STRONGLY_TYPED asked for on 10.x, nothing on 11.x or TensorRT-RTX.
+    # Both version branches of network_flags: STRONGLY_TYPED asked for on 10.x and TensorRT-RTX, nothing on 11.x.
     rtx = version.startswith(check.RTX_PREFIX)
     major = 0 if rtx else int(version.split(".")[0])
     assert probe["polygraphy"]["loader"] == "EngineBytesFromNetwork"
-    assert probe["network_flags"] == ({"True": 2, "False": 0} if major == 10 else {"True": 0, "False": 0})
+    assert probe["network_flags"] == ({"True": 2, "False": 0} if major == 10 or rtx else {"True": 0, "False": 0})
     # The RTX runtime's own branch ran: CreateConfigRTX, with every compute capability we accept validated by Polygraphy.
     assert probe["polygraphy"]["config_types"] == (["CreateConfigRTX"] if rtx else ["CreateConfig"])
     assert probe["polygraphy"]["configs"] == (10 if rtx else 9)

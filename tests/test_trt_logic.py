@@ -645,11 +645,6 @@ class TestBuildLog:
         report = fusion.build_log_report("", [_op_site("/ups.9/attention")])
         assert report.verbosity == "none" and report.blocks[0].verdict == "unknown"
 
-    def test_failed_build(self):
-        report = fusion.failed_report([_op_site("/a"), _op_site("/b")], "Attention operation was not supported")
-        assert [b.verdict for b in report.blocks] == ["failed", "failed"] and len(report.unfused) == 2
-        assert "Attention operation" in report.blocks[0].reason and report.source == "none"
-
     def test_refusal_only_for_sites_expected_to_fuse(self):
         from attn_export.engines.trt_build import unfused_failure
 
@@ -657,12 +652,18 @@ class TestBuildLog:
         report = fusion.build_log_report("", sites)  # nothing attributed: unknown, not refused
         quiet = readiness.ReadinessReport(target="TensorRT-RTX", findings=[], attention=sites)
         assert unfused_failure(report, quiet) is None
-        report = fusion.failed_report(sites, "x")
+        report = fusion.build_log_report((DATA / "rtx_layers_fused.txt").read_text(), sites,
+                                         {s.name: "one head at batch 1" for s in sites})
+        assert unfused_failure(report, quiet) is None  # both fused
+        report = fusion.build_log_report((DATA / "rtx_layers_fp32.txt").read_text(),
+                                         [_decomposed_site("/downs.2/attention"), _op_site("/mids.0/attention")])
+        quiet.attention = [_decomposed_site("/downs.2/attention"), _op_site("/mids.0/attention")]
         message = unfused_failure(report, quiet)
-        assert message and "2 attention site(s) that should fuse" in message and "--allow-unfused" in message
-        predicted = readiness.ReadinessReport(target="TensorRT-RTX", attention=sites, findings=[
-            readiness.Finding("warning", "batch-one", "will not fuse: one head at batch 1", s.name) for s in sites])
-        assert readiness.predicted_unfused(predicted) == {s.name: "one head at batch 1" for s in sites}
+        assert message and "1 attention site(s) that should fuse" in message and "--allow-unfused" in message
+        assert "/downs.2/attention: separate kernels" in message
+        predicted = readiness.ReadinessReport(target="TensorRT-RTX", attention=quiet.attention, findings=[
+            readiness.Finding("warning", "attention-fp32", "will not fuse: attention runs in FP32", "/downs.2/attention")])
+        assert readiness.predicted_unfused(predicted) == {"/downs.2/attention": "attention runs in FP32"}
         assert unfused_failure(report, predicted) is None
 
 
@@ -721,3 +722,26 @@ class TestRuntimes:
         with pytest.raises(UsageError, match="no-ops"):
             check_timing_cache(runtime.RTX, "t.cache")
         check_timing_cache(runtime.TENSORRT, "t.cache")
+
+
+class TestPublishTogether:
+    def test_both_or_neither(self, tmp_path, monkeypatch):
+        from attn_export.atomic import publish_together
+
+        engine, side = tmp_path / "m.engine", tmp_path / "m.engine.json"
+        publish_together([(engine, b"plan"), (side, b"{}")])
+        assert engine.read_bytes() == b"plan" and side.read_bytes() == b"{}"
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["m.engine", "m.engine.json"]
+        # The second file cannot be written: neither the new engine nor any temporary file is left; the old pair stays.
+        real = Path.write_bytes
+
+        def failing(self: Path, data: bytes) -> int:
+            if data == b"new sidecar":
+                raise OSError(28, "No space left on device")
+            return real(self, data)
+
+        monkeypatch.setattr(Path, "write_bytes", failing)
+        with pytest.raises(OSError):
+            publish_together([(engine, b"new plan"), (side, b"new sidecar")])
+        assert engine.read_bytes() == b"plan" and side.read_bytes() == b"{}"
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["m.engine", "m.engine.json"]

@@ -17,8 +17,9 @@ are the ones the attention analysis walked (Q·Kᵀ, scale, Softmax, ·V, or the
 Attention node). Engines whose layers carry no ONNX names fall back to the
 site's module-path prefix in layer and tensor names. Verdict per site:
 ``fused`` (a fused attention layer holds its nodes), ``separate kernels``
-(its nodes run in other layers), ``failed`` (the build failed) or
-``unknown``.
+(its nodes run in other layers) or ``unknown``. A build that fails makes no
+report: the command stops with the builder's message (and with attention
+layers decomposable, no attention site alone can make it fail).
 
 The inspector JSON comes in either documented layout:
 
@@ -49,6 +50,7 @@ from ..graph import AttentionSite
 from .readiness import HALF_TYPES, head_size_fusable
 
 _MHA = re.compile(r"mha|flash_?attn", re.IGNORECASE)
+_PROFILE = re.compile(r"_myl(\d+)_\d+$|\[profile (\d+)\]")
 _GEMM = re.compile(r"gemm|matmul|matrixmultiply|cublas", re.IGNORECASE)
 _SOFTMAX = re.compile(r"softmax|\bsoft\b", re.IGNORECASE)
 
@@ -64,6 +66,19 @@ class LayerInfo:
     tensors: list[str] = field(default_factory=list)
     dtypes: list[str] = field(default_factory=list)
     onnx_nodes: list[str] = field(default_factory=list)  # from the metadata's "[ONNX Layer: NAME]" entries
+
+    @property
+    def profile(self) -> int | None:
+        """The optimization profile this layer was built for, where its name says (None: shared or not said).
+
+        Observed with TensorRT-RTX 1.7: each profile is its own Myelin graph and
+        its layers end in ``_myl<profile>_<n>``; TensorRT's inspector marks
+        later profiles with `` [profile N]``.
+        """
+        m = _PROFILE.search(self.name)
+        if m is None:
+            return None
+        return int(m.group(1) or m.group(2))
 
     def text(self) -> str:
         """Everything that may name the ONNX nodes this layer came from."""
@@ -95,7 +110,8 @@ class BlockFusion:
     layers: list[str] = field(default_factory=list)
     tactics: list[str] = field(default_factory=list)
     reason: str | None = None   # why not fused, or why unknown
-    verdict: str = "unknown"    # "fused" | "separate kernels" | "failed" | "unknown"
+    verdict: str = "unknown"    # "fused" | "separate kernels" | "partly fused" (in some profiles) | "unknown"
+    profiles: dict[str, str] = field(default_factory=dict)  # profile index -> "fused" | "separate kernels"
 
 
 @dataclass
@@ -107,12 +123,12 @@ class FusionReport:
     blocks: list[BlockFusion]
     layers: list[LayerInfo]
     io_tensors: list[dict[str, Any]] = field(default_factory=list)
-    source: str = "inspector"   # "inspector" | "build log" | "none" (the build failed)
+    source: str = "inspector"   # "inspector" | "build log"
 
     @property
     def unfused(self) -> list[BlockFusion]:
-        """Sites the builder did not fuse (separate kernels or failed)."""
-        return [b for b in self.blocks if b.verdict in ("separate kernels", "failed")]
+        """Sites the builder did not fuse, in every profile or in some (run as separate kernels there)."""
+        return [b for b in self.blocks if b.verdict in ("separate kernels", "partly fused")]
 
     @property
     def fused_layer_count(self) -> int:
@@ -129,7 +145,8 @@ class FusionReport:
         parts = [f"{n}/{len(self.blocks)} attention blocks fused"]
         for b in self.blocks:
             if b.fused is not True:
-                parts.append(f"{b.name}: {'unknown' if b.fused is None else 'not fused'} ({b.reason})")
+                state = {"partly fused": "partly fused", "unknown": "unknown"}.get(b.verdict, "not fused")
+                parts.append(f"{b.name}: {state} ({b.reason})")
         return "; ".join(parts)
 
     def to_dict(self) -> dict[str, Any]:
@@ -283,6 +300,13 @@ def _related(layers: list[LayerInfo], b: AttentionSite) -> list[LayerInfo]:
     return [layer for layer in layers if mine.intersection(layer.onnx_nodes) or (b.name and _mentions(layer, b.name))]
 
 
+def _per_profile(related: list[LayerInfo]) -> dict[str, str]:
+    """Profile index -> "fused" / "separate kernels", for layers whose names say their profile ({} if none do)."""
+    marked = sorted({layer.profile for layer in related if layer.profile is not None})
+    return {str(i): "fused" if any(layer.is_mha() for layer in related if layer.profile in (i, None)) else "separate kernels"
+            for i in marked}
+
+
 def report_from_layers(layers: list[LayerInfo], blocks: Sequence[AttentionSite], *, schema: str, verbosity: str,
                        io: list[dict[str, Any]] | None = None, source: str = "inspector",
                        expected: Mapping[str, str] | None = None) -> FusionReport:
@@ -301,9 +325,16 @@ def report_from_layers(layers: list[LayerInfo], blocks: Sequence[AttentionSite],
         if verbosity == "none":
             verdict.reason = "the engine has no layer information (built with profiling verbosity NONE)"
         elif mha:
-            verdict.fused, verdict.verdict = True, "fused"
+            verdict.profiles = _per_profile(related)
             verdict.layers = [layer.name for layer in mha]
             verdict.tactics = [layer.tactic for layer in mha if layer.tactic]
+            separate = sorted(k for k, v in verdict.profiles.items() if v != "fused")
+            if separate:
+                verdict.fused, verdict.verdict = False, "partly fused"
+                why = (expected or {}).get(b.name) or _not_fused_reason(b, related)
+                verdict.reason = f"separate kernels in profile {', '.join(separate)} ({why}); fused in the others"
+            else:
+                verdict.fused, verdict.verdict = True, "fused"
         elif not related:
             verdict.reason = "no engine layer could be attributed to this block"
             if verbosity != "detailed":
@@ -337,13 +368,6 @@ def build_log_report(log: str, blocks: Sequence[AttentionSite], expected: Mappin
     layers = parse_build_log(log)
     return report_from_layers(layers, blocks, schema="build-log", verbosity="detailed" if layers else "none",
                               source="build log", expected=expected)
-
-
-def failed_report(blocks: Sequence[AttentionSite], message: str) -> FusionReport:
-    """Every site 'failed': the builder made no engine (``message`` says why)."""
-    out = [BlockFusion(name=b.name, form=b.form, head_size=b.head_size, dtype=b.dtype, fused=False,
-                       reason=f"the build failed: {message}", verdict="failed") for b in blocks]
-    return FusionReport(schema="unknown", verbosity="none", blocks=out, layers=[], source="none")
 
 
 def mha_layers(layers: Iterable[LayerInfo]) -> list[LayerInfo]:

@@ -232,11 +232,11 @@ def model_is_fp16(model: onnx.ModelProto, spec: ModelSpec | None = None) -> bool
 
 
 def site_findings(b: AttentionSite, *, model_fp16: bool, version: tuple[int, int] | None = None,
-                  batch_one: bool = False) -> list[tuple[str, str, str]]:
+                  batch_one: list[str] | None = None) -> list[tuple[str, str, str]]:
     """(level, code, message) for one attention site: will TensorRT fuse it, and if not, why.
 
-    ``batch_one``: every profile the engine is built with has a max batch of 1
-    (TensorRT-RTX 1.7 fuses no single-head site then).
+    ``batch_one``: the profiles (their indices, or ["*"] for all) whose max
+    batch is 1; TensorRT-RTX 1.7 fuses no single-head site in those.
     """
     out: list[tuple[str, str, str]] = []
     if b.form == "op" and version is not None and version < ATTENTION_OP_SINCE:
@@ -271,9 +271,10 @@ def site_findings(b: AttentionSite, *, model_fp16: bool, version: tuple[int, int
                     "will not fuse: attention runs in FP32 (strongly typed builds keep ONNX types) and no fused kernel takes FP32; "
                     "convert it with `attn-export fp16` or build with `attn-export trt --fp16`"))
     if batch_one and (b.heads or 1) == 1 and not any(code in WILL_NOT_FUSE for _, code, _ in out):
+        which = "" if batch_one == ["*"] else f" in profile {', '.join(batch_one)}"
         out.append(("warning", "batch-one",
-                    "will not fuse: one attention head at batch 1 (every profile's max batch is 1) has no fused kernel; "
-                    "TensorRT-RTX 1.7 builds it as separate kernels; allow batch 2 or more in a profile to fuse it"))
+                    f"will not fuse{which}: one attention head at batch 1 (a profile whose max batch is 1) has no fused kernel; "
+                    "TensorRT-RTX 1.7 builds it as separate kernels; allow batch 2 or more in the profile to fuse it"))
     if b.form == "op" and any(code in WILL_NOT_FUSE for _, code, _ in out):
         out.append(("ok", "attention-decomposable",
                     "no fused kernel for this Attention node: `attn-export trt` marks it decomposable so the build runs it "
@@ -318,7 +319,8 @@ def check_trt_readiness(
     rtx = runtime == "rtx"
     version = parse_target(RTX_TARGET if rtx else target)
     target_s = f"{version[0]}.{version[1]}"
-    batch_one = rtx and bool(profiles) and all(p.max[0] == 1 for p in profiles or [])
+    ones = [str(i) for i, p in enumerate(profiles or []) if p.max[0] == 1] if rtx else []
+    batch_one = ["*"] if ones and len(ones) == len(profiles or []) else ones
     findings: list[Finding] = []
     add = lambda level, code, msg, node=None: findings.append(Finding(level, code, msg, node))  # noqa: E731
     from ..exporter.metadata import find_spec
@@ -419,7 +421,7 @@ def predicted_unfused(report: ReadinessReport) -> dict[str, str]:
     out: dict[str, str] = {}
     for f in report.unfused:
         if f.node is not None and f.node not in out:
-            out[f.node] = f.message.removeprefix("will not fuse reliably: ").removeprefix("will not fuse: ")
+            out[f.node] = re.sub(r"^will not fuse( reliably| in profile [\d, ]+)?: ", "", f.message)
     return out
 
 

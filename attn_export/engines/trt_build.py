@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import hashlib
 import importlib.util
 import time
 from dataclasses import dataclass, field
@@ -37,10 +38,11 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence, SupportsInt
 
 from ..atomic import check_output_path, publish_together
 from ..errors import CheckFailed, EngineFailed, MissingDependencyError, UsageError
+from ..files import file_sha256
 from ..progress import ProgressFn
 from ..spec import ModelSpec
 from . import runtime as runtimes
-from .fusion import FusionReport, build_log_report, failed_report, fusion_report
+from .fusion import FusionReport, build_log_report, fusion_report
 from .profiles import Profile, default_profile, tensor_shapes
 from .readiness import ReadinessReport, predicted_fusable, predicted_unfused
 from .runtime import RTX, TENSORRT, Runtime
@@ -196,9 +198,13 @@ def profiling_verbosity(name: str) -> trt.ProfilingVerbosity:
 
 
 def network_flags(strongly_typed: bool) -> int:
-    """``create_network`` flags: STRONGLY_TYPED on TensorRT 10.x; 0 on 11.x and TensorRT-RTX, which type strongly always."""
-    if runtimes.selected() is TENSORRT and trt_version() < (11, 0) and strongly_typed:
-        # 10.x: weak typing is the default (deprecated since 10.12); ask for strong typing.
+    """``create_network`` flags: STRONGLY_TYPED on TensorRT 10.x and TensorRT-RTX; 0 on TensorRT 11.x.
+
+    TensorRT 11 types every network strongly (the flag is ignored there);
+    TensorRT-RTX supports strongly typed networks only and warns unless the
+    flag is given.
+    """
+    if strongly_typed and (runtimes.selected() is RTX or trt_version() < (11, 0)):
         return 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
     return 0
 
@@ -514,22 +520,6 @@ def build_plan(
     log = BuildLog()
     logger = make_logger(log)
     t0 = time.perf_counter()
-    from polygraphy.logger import G_LOGGER
-
-    # Polygraphy's own log lines would interleave with the command's output; the builder's go to `log`.
-    with G_LOGGER.verbosity(G_LOGGER.CRITICAL):
-        return _build(onnx_path, out, rt, gpu, caps, readiness, spec, profiles, warnings, log, logger, t0,
-                      opt_level=opt_level, hardware_compatibility=hardware_compatibility, verbosity=verbosity,
-                      workspace=workspace, timing_cache=timing_cache, strongly_typed=strongly_typed,
-                      allow_unfused=allow_unfused, progress=progress)
-
-
-def _build(onnx_path: Path, out: Path, rt: Runtime, gpu: GpuInfo | None, caps: list[str], readiness: ReadinessReport,
-           spec: ModelSpec, profiles: list[Profile], warnings: list[str], log: BuildLog, logger: trt.ILogger, t0: float, *,
-           opt_level: int, hardware_compatibility: str, verbosity: str, workspace: int | None,
-           timing_cache: str | Path | None, strongly_typed: bool, allow_unfused: bool,
-           progress: ProgressFn | None) -> BuildResult:
-    """The build itself, once every option is checked (see :func:`build_plan`)."""
     poly_profiles = polygraphy_profiles([tensor_shapes(p, spec) for p in profiles])
     config = polygraphy_config(poly_profiles, opt_level=opt_level, hardware_compatibility=hardware_compatibility,
                                verbosity=verbosity, workspace=workspace, timing_cache=timing_cache,
@@ -537,13 +527,16 @@ def _build(onnx_path: Path, out: Path, rt: Runtime, gpu: GpuInfo | None, caps: l
                                compute_capabilities=caps if rt is RTX else None)
     network = _parse_network(onnx_path, strongly_typed, logger)
     loader = polygraphy_loader(network, config, timing_cache)
+    from polygraphy.logger import G_LOGGER
+
     try:
-        plan = bytes(loader())
+        # Polygraphy's own log lines would interleave with the command's output; the builder's go to `log`.
+        with G_LOGGER.verbosity(G_LOGGER.CRITICAL):
+            plan = bytes(loader())
     except Exception as exc:  # noqa: BLE001 - Polygraphy raises PolygraphyException on build failure
         said = log.errors[-1] if log.errors else (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
-        report = failed_report(readiness.attention, said)
         raise EngineFailed(
-            f"{rt.display} could not build {onnx_path.name}: {said} ({len(report.blocks)} attention site(s) in it; "
+            f"{rt.display} could not build {onnx_path.name}: {said} ({len(readiness.attention)} attention site(s) in it; "
             "an out-of-memory build often reports 'Could not find any implementation'; try a smaller max profile or a larger workspace)"
         ) from None
     seconds = time.perf_counter() - t0
@@ -554,13 +547,11 @@ def _build(onnx_path: Path, out: Path, rt: Runtime, gpu: GpuInfo | None, caps: l
         raise CheckFailed(refusal)
     warnings += [f"attention site {b.name} not fused: {b.verdict} ({b.reason})" for b in report.unfused]
 
-    import hashlib
-
     sidecar = make_sidecar(
         engine_path=out, engine_sha256=hashlib.sha256(plan).hexdigest(), tensorrt_version=runtimes.version(),
         runtime=rt.name, gpu_name=gpu.name if gpu else None, compute_capability=gpu.compute_capability if gpu else None,
         compute_capabilities=list(caps) if rt is RTX else None,
-        profiles=profiles, spec=spec, io=io, onnx_path=onnx_path.resolve(), onnx_sha256=_file_sha256(onnx_path),
+        profiles=profiles, spec=spec, io=io, onnx_path=onnx_path.resolve(), onnx_sha256=file_sha256(onnx_path),
         precision=_precision(onnx_path, spec), fusion=report.to_dict(), hardware_compatibility=hardware_compatibility,
         build={
             "seconds": round(seconds, 3), "builder_optimization_level": int(opt_level), "workspace_bytes": workspace,
@@ -575,12 +566,6 @@ def _build(onnx_path: Path, out: Path, rt: Runtime, gpu: GpuInfo | None, caps: l
         gpu=gpu, profiles=profiles, fusion=report, readiness=readiness, sidecar=sidecar, warnings=warnings,
         runtime=rt.name, compute_capabilities=list(caps),
     )
-
-
-def _file_sha256(path: Path) -> str:
-    from ..files import file_sha256
-
-    return file_sha256(path)
 
 
 def _read_engine(plan: bytes, logger: trt.ILogger, log: BuildLog, network: trt.INetworkDefinition,
