@@ -128,7 +128,14 @@ EngineRunner::EngineRunner(const std::string& plan_path, const std::string& side
     // A plan only loads on the TensorRT release that built it: refuse early
     // with an actionable message instead of a deserialization failure.
     const std::string sidecar = sidecar_path.empty() ? plan_path + ".json" : sidecar_path;
-    const std::string built_with = read_sidecar_tensorrt_version(sidecar);
+    const SidecarVersion recorded = read_sidecar_version(sidecar);
+    if (recorded.runtime != "tensorrt") {
+        // TensorRT-RTX engines need its own library (libtensorrt_rtx); this runner links TensorRT.
+        throw std::runtime_error(plan_path + ": is a " + (recorded.runtime == "rtx" ? std::string("TensorRT-RTX") : recorded.runtime) +
+                                 " engine and this program uses TensorRT; load it with the Python runner "
+                                 "(attn_export.TrtRunner), or build a TensorRT engine with `attn-export trt`");
+    }
+    const std::string built_with = recorded.version;
     const std::string linked = linked_tensorrt_version();
     if (!same_tensorrt_release(built_with, linked)) {
         throw std::runtime_error(plan_path + ": engine was built with TensorRT " + built_with + " but this program uses TensorRT " +

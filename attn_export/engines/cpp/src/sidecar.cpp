@@ -26,9 +26,7 @@ std::array<long, 3> release_of(const std::string& version) {
     return out;
 }
 
-}  // namespace
-
-std::string sidecar_tensorrt_version(const std::string& text, const std::string& what) {
+nlohmann::json parse_object(const std::string& text, const std::string& what) {
     nlohmann::json doc;
     try {
         doc = nlohmann::json::parse(text);
@@ -36,6 +34,36 @@ std::string sidecar_tensorrt_version(const std::string& text, const std::string&
         throw std::runtime_error(what + ": not valid JSON (" + e.what() + ")");
     }
     if (!doc.is_object()) throw std::runtime_error(what + ": not a JSON object");
+    return doc;
+}
+
+std::string read_text(const std::string& sidecar_path) {
+    std::ifstream in(sidecar_path);
+    if (!in) {
+        throw std::runtime_error(sidecar_path + ": cannot read the engine sidecar; `attn-export trt` writes it next to the engine");
+    }
+    std::ostringstream text;
+    text << in.rdbuf();
+    return text.str();
+}
+
+}  // namespace
+
+std::string sidecar_runtime(const std::string& text, const std::string& what) {
+    const nlohmann::json doc = parse_object(text, what);
+    const auto it = doc.find("runtime");
+    if (it == doc.end() || it->is_null()) return "tensorrt";
+    if (!it->is_string()) throw std::runtime_error(what + ": \"runtime\" is not a string");
+    return it->get<std::string>();
+}
+
+SidecarVersion read_sidecar_version(const std::string& sidecar_path) {
+    const std::string text = read_text(sidecar_path);
+    return SidecarVersion{sidecar_runtime(text, sidecar_path), sidecar_tensorrt_version(text, sidecar_path)};
+}
+
+std::string sidecar_tensorrt_version(const std::string& text, const std::string& what) {
+    const nlohmann::json doc = parse_object(text, what);
     // Only the top-level field counts: the same key inside a nested object or a string is not it.
     const auto it = doc.find("tensorrt_version");
     if (it == doc.end()) throw std::runtime_error(what + ": no \"tensorrt_version\" field");
@@ -44,13 +72,7 @@ std::string sidecar_tensorrt_version(const std::string& text, const std::string&
 }
 
 std::string read_sidecar_tensorrt_version(const std::string& sidecar_path) {
-    std::ifstream in(sidecar_path);
-    if (!in) {
-        throw std::runtime_error(sidecar_path + ": cannot read the engine sidecar; `attn-export trt` writes it next to the engine");
-    }
-    std::ostringstream text;
-    text << in.rdbuf();
-    return sidecar_tensorrt_version(text.str(), sidecar_path);
+    return sidecar_tensorrt_version(read_text(sidecar_path), sidecar_path);
 }
 
 bool same_tensorrt_release(const std::string& a, const std::string& b) { return release_of(a) == release_of(b); }

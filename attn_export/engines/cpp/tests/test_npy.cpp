@@ -2,6 +2,7 @@
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
+#include <fstream>
 #include <functional>
 #include <iostream>
 #include <stdexcept>
@@ -170,6 +171,7 @@ void test_save_and_load_file() {
 }
 
 void test_sidecar() {
+    namespace fs = std::filesystem;
     const std::string json =
         R"({"format": "attn-export-engine/1", "tensorrt_version" : "10.14.1.48", "gpu": {"name": "x"}})";
     CHECK(attn_export::sidecar_tensorrt_version(json) == "10.14.1.48");
@@ -187,6 +189,21 @@ void test_sidecar() {
     CHECK(!attn_export::same_tensorrt_release("10.14.1.48", "10.14.2"));
     CHECK(!attn_export::same_tensorrt_release("10.14.1", "11.14.1"));
     CHECK_THROWS(attn_export::read_sidecar_tensorrt_version("/nonexistent/engine.plan.json"), "attn-export trt");
+    // The runtime: TensorRT unless the sidecar says TensorRT-RTX.
+    CHECK(attn_export::sidecar_runtime(json) == "tensorrt");
+    CHECK(attn_export::sidecar_runtime(R"({"runtime": null, "tensorrt_version": "10.14"})") == "tensorrt");
+    CHECK(attn_export::sidecar_runtime(R"({"runtime": "rtx", "tensorrt_version": "1.7.1.116"})") == "rtx");
+    CHECK(attn_export::sidecar_runtime(R"({"gpu": {"runtime": "rtx"}})") == "tensorrt");
+    CHECK_THROWS(attn_export::sidecar_runtime(R"({"runtime": 1})"), "not a string");
+    CHECK_THROWS(attn_export::read_sidecar_version("/nonexistent/engine.plan.json"), "attn-export trt");
+    const fs::path side = fs::temp_directory_path() / "attn_export_test_sidecar.json";
+    {
+        std::ofstream out(side);
+        out << R"({"runtime": "rtx", "tensorrt_version": "1.7.1.116"})";
+    }
+    const attn_export::SidecarVersion v = attn_export::read_sidecar_version(side.string());
+    CHECK(v.runtime == "rtx" && v.version == "1.7.1.116");
+    fs::remove(side);
 }
 
 }  // namespace
