@@ -16,9 +16,9 @@ from typing import Any, Callable, Sequence, cast
 from .atomic import check_output_path
 from .engines.profiles import Profile, default_profile, validate_profiles
 from .engines.readiness import ReadinessReport, check_target, check_trt_readiness
-from .engines.runtime import TENSORRT, get_runtime
+from .engines.runtime import TENSORRT, get_runtime, installed
 from .engines.trt_build import HARDWARE_LEVELS, BuildResult, build_plan, check_compute_capabilities, check_timing_cache
-from .errors import UsageError
+from .errors import MissingDependencyError, UsageError
 from .exporter.audit import DEFAULT_THRESHOLD
 from .exporter.foreign import spec_of_file
 from .exporter.fp16 import Fp16Result
@@ -123,6 +123,9 @@ def build_engine(
     if workspace is not None and workspace <= 0:
         raise UsageError(f"--workspace must be a positive number of MiB (got {workspace // (1 << 20)})")
     rt = get_runtime(runtime)
+    if rt.builds_without_gpu and not installed(rt):
+        # Installable on any machine, so nothing is converted first (for TensorRT the FP16 file is made, to carry over).
+        raise MissingDependencyError(f"{rt.display} is not installed; {rt.install_hint}")
     check_compute_capabilities(rt, compute_capabilities)
     check_timing_cache(rt, timing_cache)
     if rt is TENSORRT:

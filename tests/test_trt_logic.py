@@ -723,6 +723,16 @@ class TestRuntimes:
             check_timing_cache(runtime.RTX, "t.cache")
         check_timing_cache(runtime.TENSORRT, "t.cache")
 
+    def test_missing_rtx_stops_before_any_work(self, tiny_onnx, tmp_path, monkeypatch):
+        from attn_export import pipeline
+        from attn_export.engines import runtime
+
+        monkeypatch.setattr(pipeline, "installed", lambda rt: False)
+        with pytest.raises(MissingDependencyError, match=r"TensorRT-RTX is not installed.*attn-export\[rtx\]") as exc:
+            pipeline.build_engine(tiny_onnx, tmp_path / "m.engine", fp16=True, runtime="rtx")
+        assert exc.value.exit_code == 2 and list(tmp_path.iterdir()) == []
+        assert runtime.RTX.builds_without_gpu and not runtime.TENSORRT.builds_without_gpu
+
 
 class TestPublishTogether:
     def test_both_or_neither(self, tmp_path, monkeypatch):
