@@ -52,7 +52,9 @@ def test_our_tensorrt_code_conforms(version: str) -> None:
     rtx = version.startswith(check.RTX_PREFIX)
     major = 0 if rtx else int(version.split(".")[0])
     assert probe["polygraphy"]["loader"] == "EngineBytesFromNetwork"
-    assert probe["network_flags"] == ({"True": 2, "False": 0} if major == 10 or rtx else {"True": 0, "False": 0})
+    # (the flag's bit: NetworkDefinitionCreationFlag.STRONGLY_TYPED is member 1 in TensorRT, member 0 in TensorRT-RTX)
+    assert probe["network_flags"] == ({"True": 1, "False": 0} if rtx else {"True": 2, "False": 0} if major == 10
+                                      else {"True": 0, "False": 0})
     # The RTX runtime's own branch ran: CreateConfigRTX, with every compute capability we accept validated by Polygraphy.
     assert probe["polygraphy"]["config_types"] == (["CreateConfigRTX"] if rtx else ["CreateConfig"])
     assert probe["polygraphy"]["configs"] == (10 if rtx else 9)
