@@ -252,7 +252,7 @@ def onnx_cmd(
     force: bool = typer.Option(False, "--force", help="Replace an existing output file."),
     check: bool = typer.Option(True, "--check/--no-check", help="Compare with PyTorch in ONNX Runtime at an unseen shape before writing."),
     allow_unfused: bool = typer.Option(False, "--allow-unfused", help="Write the file even when an attention site cannot be rewritten into the --attention form, and list each such site (default: exit 1 naming it)."),
-    exporter: str = typer.Option("torchscript", "--exporter", help="torchscript (default, PyTorch's TorchScript tracer, deprecated by PyTorch) or dynamo (torch.export based; slower, same passes and checks)."),
+    exporter: str = typer.Option("auto", "--exporter", help="auto (default: PyTorch's TorchScript tracer, and its torch.export-based dynamo exporter where the tracer fails), torchscript or dynamo; the one used is recorded in the file."),
 ) -> None:
     from .exporter.onnx_export import export_onnx
     from .models.loader import ModelSource

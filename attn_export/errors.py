@@ -40,6 +40,10 @@ class CheckFailed(AttnExportError):
     exit_code = 1
 
 
+class ExportFailed(CheckFailed):
+    """No PyTorch exporter could export a model that runs in PyTorch: exit 1."""
+
+
 class EngineFailed(CheckFailed):
     """TensorRT could not build or run an engine from valid input: exit 1."""
 

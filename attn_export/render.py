@@ -48,6 +48,9 @@ def export_summary(r: Any) -> None:
     table.add_row("file", str(r.path) + (f" (+ {r.external_data.name})" if r.external_data else ""))
     table.add_row("size", _human_size(r.size_bytes))
     table.add_row("opset", str(r.opset))
+    shown = {"torchscript": "TorchScript tracer", "dynamo": "dynamo (torch.export)"}
+    table.add_row("exporter", shown.get(r.exporter, r.exporter)
+                  + (escape(f", after the TorchScript tracer failed ({r.fallback})") if r.fallback else ""))
     table.add_row("parameters", f"{r.num_parameters:,}")
     for name, dtype, dims in r.inputs:
         table.add_row(f"input {name}", f"{dtype} {_dims(dims)}")

@@ -223,5 +223,6 @@ def model_spec(max_format: int) -> Check:
         "precision": text(choices=("fp32", "fp16")),
         "export_shape": export_shape,
         "tool_version": text(),
+        "exporter": text(choices=("", "torchscript", "dynamo")),
         "input_ranges": mapping(value_range),
     }, ("inputs", "outputs", "hw_multiple"))

@@ -65,6 +65,7 @@ class ModelSpec:
     precision: str = "fp32"
     export_shape: list[int] = field(default_factory=lambda: [2, 32, 32])
     tool_version: str = ""
+    exporter: str = ""  # the PyTorch exporter that wrote the graph ("torchscript" | "dynamo"; "" for files from elsewhere)
     format: int = SPEC_FORMAT
     # Per-input data ranges [low, high] for make_inputs (files from elsewhere: sigma, conditioning scalars).
     input_ranges: dict[str, list[float]] = field(default_factory=dict)

@@ -15,12 +15,14 @@ import contextlib
 import io
 import gc
 import os
+import sys
 import tempfile
 import time
+import traceback
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 import numpy as np
 import onnx
@@ -29,7 +31,7 @@ import torch
 
 from ..atomic import atomic_path, check_output_path
 from ..compare import Tolerances, compare_arrays, resolve_tolerances
-from ..errors import CheckFailed, UsageError
+from ..errors import CheckFailed, ExportFailed, UsageError
 from ..graph import canonicalize_attention
 from ..models.loader import LoadedModel, ModelSource, load_model
 from ..spec import ModelSpec
@@ -43,7 +45,11 @@ MIN_OPSET = 17
 TORCHSCRIPT_MAX_OPSET = 20
 # "torchscript": torch.onnx's TorchScript tracer (the default; PyTorch deprecates it). "dynamo": torch.export
 # based, the exporter PyTorch keeps; slower to run, and its graph goes through the same passes and checks.
-EXPORTERS = ("torchscript", "dynamo")
+EXPORTERS = ("auto", "torchscript", "dynamo")
+# "auto" tries them in this order: the TorchScript tracer is several times faster (docs/export.md), and the
+# dynamo exporter takes what it cannot (autograd.Function wrappers, kernels computed at run time).
+AUTO_ORDER = ("torchscript", "dynamo")
+T = TypeVar("T")
 # Protobuf cannot serialize a message of 2 GiB or more; stay clear of it.
 
 ProgressFn = Callable[[str], None]
@@ -67,6 +73,8 @@ class ExportResult:
     check: dict[str, Any] | None = None
     steps: dict[str, float] = field(default_factory=dict)
     unfused: list[dict[str, str]] = field(default_factory=list)  # attention sites left as they were (see allow_unfused)
+    exporter: str = "torchscript"                 # the PyTorch exporter that wrote the graph
+    fallback: str | None = None                   # why the first exporter of "auto" did not (its first line)
 
 
 def _max_opset() -> int:
@@ -206,6 +214,106 @@ def _trace_weightless(loaded: LoadedModel, opset: int, workdir: Path) -> tuple[o
     return model, {name: captured[name] for name in extra}
 
 
+def _shapes_text(loaded: LoadedModel, shape: Sequence[int]) -> str:
+    """'x:2x3x16x24, t:2': the inputs the model is called with at (batch, height, width) ``shape``."""
+    b, h, w = (int(v) for v in shape)
+    feeds = loaded.spec.make_inputs(b, h, w, seed=0)
+    return ", ".join(f"{name}:{'x'.join(map(str, a.shape)) or 'scalar'}" for name, a in feeds.items())
+
+
+def call_model(fn: Callable[[], T], loaded: LoadedModel, shape: Sequence[int]) -> T:
+    """``fn()``, which runs the model at ``shape``; an exception from it is the model's: UsageError (exit 2) naming the shapes."""
+    try:
+        return fn()
+    except (UsageError, KeyboardInterrupt):
+        raise
+    except Exception as exc:  # noqa: BLE001 - the user's forward can raise anything
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        raise UsageError(f"the model raised {type(exc).__name__} when called with {_shapes_text(loaded, shape)}: {first}") from None
+
+
+def call_model_once(loaded: LoadedModel, shape: Sequence[int]) -> None:
+    """Run the model once at the export shape, so that its own errors are reported as its own before any exporter runs."""
+    b, h, w = (int(v) for v in shape)
+
+    def run() -> None:
+        feeds = _torch_feeds(loaded.spec, b, h, w)
+        with torch.no_grad():
+            loaded.module(*(feeds[t.name] for t in loaded.spec.inputs))
+
+    call_model(run, loaded, shape)
+
+
+@contextlib.contextmanager
+def _diagnostics_to(log: Path) -> Iterator[None]:
+    """Send what the exporters print (Python and C++ alike: file descriptors 1 and 2) to ``log`` while they run."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    with open(log, "ab") as f:
+        os.dup2(f.fileno(), 1)
+        os.dup2(f.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)
+
+
+def _trace_one(loaded: LoadedModel, opset: int, stage: Path, raw: Path, exporter: str) -> onnx.ModelProto:
+    """The graph from one exporter, its weights detached to ``raw``."""
+    if exporter == "dynamo":
+        model = _trace_dynamo(loaded, opset, stage)
+        weights.detach_inline(model, raw)
+        return model
+    traced = _trace_weightless(loaded, opset, stage)
+    if traced is not None:
+        model, params = traced
+        weights.attach_external(model, params, raw)
+        return model
+    model = _trace(loaded, opset, stage)
+    weights.detach_inline(model, raw)
+    return model
+
+
+def _trace_with(loaded: LoadedModel, opset: int, stage: Path, raw: Path,
+                exporter: str) -> tuple[onnx.ModelProto, str, str | None]:
+    """(graph, the exporter that wrote it, why the one before it failed) for ``exporter`` ("auto" tries both).
+
+    The exporters' output goes to a log file; it is removed when an exporter
+    succeeds (kept with ``ATTN_EXPORT_DEBUG``) and named when none does.
+    """
+    order = AUTO_ORDER if exporter == "auto" else (exporter,)
+    fd, name = tempfile.mkstemp(prefix="attn-export-", suffix=".export.log")
+    os.close(fd)
+    log = Path(name)
+    failures: list[str] = []
+    keep = bool(os.environ.get("ATTN_EXPORT_DEBUG"))
+    try:
+        for which in order:
+            try:
+                with _diagnostics_to(log):
+                    model = _trace_one(loaded, opset, stage, raw, which)
+            except (UsageError, KeyboardInterrupt):
+                raise
+            except Exception as exc:  # noqa: BLE001 - an exporter's failure on a model that runs in PyTorch
+                with open(log, "a") as f:
+                    f.write(f"\n==== the {which} exporter failed ====\n{traceback.format_exc()}\n")
+                raw.unlink(missing_ok=True)
+                failures.append(f"{which}: {type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:200]}")
+                continue
+            return model, which, failures[0] if failures else None
+        keep = True
+        raise ExportFailed(f"no exporter could export the model ({'; '.join(failures)}); the exporters' output is in {log}")
+    finally:
+        if not keep:
+            log.unlink(missing_ok=True)
+
+
 def _convert_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
     current = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
     if current == opset:
@@ -317,7 +425,7 @@ def export_onnx(
     progress: ProgressFn | None = None,
     external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
     allow_unfused: bool = False,
-    exporter: str = "torchscript",
+    exporter: str = "auto",
 ) -> ExportResult:
     """Export the model described by ``source`` to an ONNX file at ``output``.
 
@@ -326,7 +434,12 @@ def export_onnx(
     the graph analysis finds is rewritten into that form, and a site it cannot
     rewrite fails the export (:class:`CheckFailed`) unless ``allow_unfused``,
     which writes the file and lists the site in ``ExportResult.unfused``.
-    ``exporter``: "torchscript" (default) or "dynamo" (torch.export based).
+    ``exporter``: "auto" (default: the TorchScript tracer, and the dynamo
+    exporter where it fails), "torchscript" or "dynamo" (torch.export
+    based); the one that wrote the file is recorded in its spec. The model is
+    called once in PyTorch before the export: an exception raised there is
+    the model's own (UsageError naming the input shapes, exit 2). The
+    exporters' diagnostics go to a log file named in the error line.
     ``check`` runs the result in ONNX Runtime against PyTorch at an unseen
     shape before the file is put in place.
     """
@@ -347,10 +460,11 @@ def export_onnx(
     spec.export_shape = list(example_shape(spec))
     num_parameters = loaded.num_parameters
     reference: Reference | None = None
+    call_model_once(loaded, example_shape(spec))
     if check:
         # PyTorch's answer is taken now, so the model can be freed before the graph work starts.
         with _step(steps, "PyTorch reference", progress):
-            reference = torch_reference(loaded, [check_shape_for(spec)])
+            reference = call_model(lambda: torch_reference(loaded, [check_shape_for(spec)]), loaded, check_shape_for(spec))
     data_name = out.name + ".data"
     # Everything is written in a hidden folder next to the output: the weights go there once, straight from
     # PyTorch, and the graph passes run on the weightless graph. Only a checked result is moved into place;
@@ -359,17 +473,8 @@ def export_onnx(
         stage = Path(tmpdir)
         raw = stage / "traced.data"
         with _step(steps, "trace", progress):
-            traced = _trace_weightless(loaded, opset, stage) if exporter == "torchscript" else None
-            if exporter == "dynamo":
-                model = _trace_dynamo(loaded, opset, stage)
-                weights.detach_inline(model, raw)
-            elif traced is not None:
-                model, params = traced
-                weights.attach_external(model, params, raw)
-                del traced, params
-            else:
-                model = _trace(loaded, opset, stage)
-                weights.detach_inline(model, raw)
+            model, used, fallback = _trace_with(loaded, opset, stage, raw, exporter)
+        spec.exporter = used
         # The PyTorch model is not needed any more (its reference output is kept): free its weights.
         # LoadedModel.module is an nn.Module for every other reader; after the export nothing reads it again.
         loaded.module = None  # type: ignore[assignment]
@@ -431,4 +536,5 @@ def export_onnx(
         path=out, size_bytes=size, opset=opset, attention=attention, attention_nodes=n_attention,
         inputs=io(model.graph.input), outputs=io(model.graph.output), num_parameters=num_parameters,
         seconds=seconds, external_data=data_path, spec=spec, check=check_result, steps=steps, unfused=unfused,
+        exporter=used, fallback=fallback,
     )

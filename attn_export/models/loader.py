@@ -146,6 +146,7 @@ def _unet_spec(config: UNetConfig) -> tuple[list[TensorSpec], list[TensorSpec]]:
 
 def _probe_imported(module: nn.Module, in_channels: int, takes_y: bool, num_classes: int | None) -> tuple[int, int]:
     """Find the smallest H/W multiple the model serves, and its output channels, by running it."""
+    last = ""
     with torch.no_grad():
         for m in (1, 2, 4, 8, 16, 32, 64):
             size = 3 * m  # an odd multiple of m fails whenever m is too small
@@ -154,11 +155,15 @@ def _probe_imported(module: nn.Module, in_channels: int, takes_y: bool, num_clas
             y = torch.zeros(1, dtype=torch.int64) if takes_y else None
             try:
                 out = module(x, t, y)
-            except Exception:  # noqa: BLE001 - a failing probe size just means "not this multiple"
+            except Exception as exc:  # noqa: BLE001 - a failing probe size just means "not this multiple"
+                first = (str(exc).strip().splitlines() or [""])[0][:200]
+                last = f"; at {size}x{size} (x:1x{in_channels}x{size}x{size}) the model raised {type(exc).__name__}: {first}"
                 continue
             if out.dim() == 4 and tuple(out.shape[2:]) == (size, size):
                 return m, int(out.shape[1])
-    raise UsageError("could not find an H/W size the imported model serves; pass --hw-multiple")
+            last = f"; at {size}x{size} it returned {tuple(out.shape)}"
+    raise UsageError(f"could not find an H/W size the imported model serves (tried 3, 6, 12 ... 192 px){last}; "
+                     "pass --hw-multiple")
 
 
 def _in_channels_of(module: nn.Module) -> int:

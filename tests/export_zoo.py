@@ -1,0 +1,96 @@
+"""TEST CODE: small denoisers written the way some released UNet codebases write theirs, which the TorchScript
+tracer cannot export (an autograd.Function around attention, a convolution kernel computed at run time), and
+models whose own forward raises."""
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+
+class _Checkpointed(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, fn, x):
+        with torch.no_grad():
+            return fn(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise NotImplementedError
+
+
+class Att(nn.Module):
+    def __init__(self, ch):
+        super().__init__()
+        self.norm = nn.GroupNorm(8, ch)
+        self.qkv = nn.Conv1d(ch, 3 * ch, 1)
+        self.out = nn.Conv1d(ch, ch, 1)
+
+    def inner(self, x):
+        b, c, h, w = x.shape
+        q, k, v = self.qkv(self.norm(x).reshape(b, c, -1)).chunk(3, dim=1)
+        a = torch.softmax(torch.einsum("bct,bcs->bts", q * c ** -0.25, k * c ** -0.25), dim=-1)
+        return x + self.out(torch.einsum("bts,bcs->bct", a, v)).reshape(b, c, h, w)
+
+    def forward(self, x):
+        return _Checkpointed.apply(self.inner, x)
+
+
+class GuidedLike(nn.Module):
+    def __init__(self, ch=32):
+        super().__init__()
+        self.inp = nn.Conv2d(3, ch, 3, padding=1)
+        self.t = nn.Linear(1, ch)
+        self.att = Att(ch)
+        self.outc = nn.Conv2d(ch, 3, 3, padding=1)
+
+    def forward(self, x, t):
+        h = self.inp(x) + self.t(t.float()[:, None] / 1000)[:, :, None, None]
+        return self.outc(self.att(h))
+
+
+class RuntimeKernel(nn.Module):
+    def __init__(self, ch=32):
+        super().__init__()
+        self.inp = nn.Conv2d(3, ch, 3, padding=1)
+        self.register_buffer("k1", torch.tensor([1.0, 3.0, 3.0, 1.0]) / 8)
+        self.att = Att(ch)
+        self.outc = nn.Conv2d(ch, 3, 3, padding=1)
+        self.up = nn.Upsample(scale_factor=2)
+
+    def forward(self, x, t):
+        h = self.inp(x)
+        c = h.shape[1]
+        kernel = (self.k1[None, :] * self.k1[:, None]).expand(c, 1, 4, 4)
+        h = F.conv2d(F.pad(h, (1, 1, 1, 1), mode="reflect"), kernel, stride=2, groups=c)
+        h = Att.inner(self.att, h)
+        return self.outc(self.up(h))
+
+
+def guided():
+    torch.manual_seed(0)
+    return GuidedLike().eval()
+
+
+def runtime_kernel():
+    torch.manual_seed(0)
+    return RuntimeKernel().eval()
+
+
+class Broken(GuidedLike):
+    def forward(self, x, t):
+        if x.shape[-1] != x.shape[-2]:
+            raise ValueError("this model wants square images")
+        return super().forward(x, t)
+
+
+def broken():
+    torch.manual_seed(0)
+    return Broken().eval()
+
+
+class AlwaysBroken(GuidedLike):
+    def forward(self, x, t):
+        return self.att.no_such_method(x)
+
+
+def always_broken():
+    return AlwaysBroken().eval()
