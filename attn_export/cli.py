@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import os
 import signal
 import sys
@@ -209,6 +210,15 @@ def _check_report_path(report: Optional[Path]) -> None:
         raise UsageError(f"cannot write the report to {report}: " + ("it is a folder" if report.is_dir() else f"folder {report.parent} does not exist"))
 
 
+def _static_hw(text: Optional[str]) -> Optional[tuple[int, int]]:
+    if text is None:
+        return None
+    m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
+    if not m:
+        raise UsageError(f"--static-hw must be HEIGHTxWIDTH such as 32x32 (got {text!r})")
+    return int(m.group(1)), int(m.group(2))
+
+
 def _max_memory(text: Optional[str]) -> Optional[int]:
     from .graph.memory import parse_memory
 
@@ -247,6 +257,7 @@ def onnx_cmd(
     norm: Optional[str] = typer.Option(None, "--norm", help="Override the preset's normalization: gn, in, bn or none."),
     num_classes: Optional[int] = typer.Option(None, "--num-classes", help="Class-conditional preset, or the class count of an imported model."),
     hw_multiple: Optional[int] = typer.Option(None, "--hw-multiple", help="Imported models: H/W must be multiples of this (probed if omitted)."),
+    static_hw: Optional[str] = typer.Option(None, "--static-hw", help="HEIGHTxWIDTH for a model that serves one size: H and W are static in the file (batch stays dynamic), and verify, fp16, profiles and Triton follow."),
     attention: str = typer.Option("op", "--attention", help="op: one ONNX Attention node per block (opset>=23, TensorRT>=10.14). decomposed: Mul(q,scale), MatMul, Softmax, MatMul (any TensorRT 10.x)."),
     opset: int = typer.Option(23, "--opset", help="ONNX opset. 23 is the first with the Attention op; TensorRT 10.14+/11 and ONNX Runtime >= 1.23 read it."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output file."),
@@ -266,6 +277,7 @@ def onnx_cmd(
         preset=preset, config=config, model=model, model_kwargs=_json_option(model_kwargs, "--model-kwargs"),
         checkpoint=checkpoint, checkpoint_key=checkpoint_key, seed=seed, overrides=overrides,
         num_classes=num_classes if model is not None else None, hw_multiple=hw_multiple,
+        static_hw=_static_hw(static_hw),
     )
     with _spinner("exporting") as prog:
         result = export_onnx(source, output, attention=attention, opset=opset, force=force, check=check,

@@ -193,6 +193,7 @@ SOURCE = record({
     "model_kwargs": all_of(record({}, open_keys=True), json_value),
     "num_classes": optional(integer(1, 1_000_000)),
     "hw_multiple": optional(integer(1, 4096)),
+    "static_hw": optional(items(integer(1, MAX_DIM), 2, 2)),
     "origin": text(),
 })
 CHECKPOINT = record({

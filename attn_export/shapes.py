@@ -59,8 +59,16 @@ def fit_shapes(spec: ModelSpec, candidates: Iterable[Shape], *, limit: int | Non
 
     Widening: instance norm needs more than one position at the deepest
     level. A candidate no width fixes is dropped; ``limit`` keeps the first N.
+    A model with static H and W gets each candidate's batch at its one size.
     """
     out: list[Shape] = []
+    fixed = spec.fixed_hw
+    if fixed is not None:
+        # A model of one size: every candidate keeps its batch at that size.
+        for b, _, _ in candidates:
+            if accepts(spec, (b, *fixed)) and (b, *fixed) not in out:
+                out.append((b, *fixed))
+        return out if limit is None else out[:limit]
     for b, h, w in candidates:
         for k in range(1, 5):
             if accepts(spec, (b, h, w * k)):

@@ -83,6 +83,14 @@ class ModelSpec:
         return self.inputs[0]
 
     @property
+    def fixed_hw(self) -> tuple[int, int] | None:
+        """(height, width) when the image input's H and W are static, else None."""
+        dims = self.image_input.dims
+        if len(dims) == 4 and isinstance(dims[2], int) and isinstance(dims[3], int):
+            return dims[2], dims[3]
+        return None
+
+    @property
     def in_channels(self) -> int:
         return int(self.image_input.dims[1])
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import onnx
 import pytest
 
 from attn_export.errors import ExportFailed
+from attn_export.exporter.fp16 import convert_fp16
 from attn_export.exporter.metadata import find_spec
 from attn_export.exporter.onnx_export import export_onnx
 from attn_export.graph import find_attention
@@ -22,12 +24,20 @@ from attn_export.models.loader import ModelSource
 from conftest import run_cli_in_process as run
 
 
-def _logs() -> set[str]:
-    return set(glob.glob(os.path.join(tempfile.gettempdir(), "attn-export-*.export.log")))
+@pytest.fixture
+def log_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A temporary folder of this test's own for the exporters' log (other runs may share the system's)."""
+    folder = tmp_path / "tmp"
+    folder.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(folder))
+    return folder
 
 
-def test_autograd_function_falls_back_to_dynamo(tmp_path: Path) -> None:
-    before = _logs()
+def _logs(folder: Path) -> list[str]:
+    return sorted(glob.glob(os.path.join(folder, "attn-export-*.export.log")))
+
+
+def test_autograd_function_falls_back_to_dynamo(tmp_path: Path, log_dir: Path) -> None:
     out = tmp_path / "g.onnx"
     r = export_onnx(ModelSource(model="export_zoo:guided"), out)
     assert r.exporter == "dynamo" and r.fallback and r.fallback.startswith("torchscript: RuntimeError")
@@ -35,7 +45,7 @@ def test_autograd_function_falls_back_to_dynamo(tmp_path: Path) -> None:
     model = onnx.load(str(out))
     assert find_spec(model, out).exporter == "dynamo"
     assert len(find_attention(model)) == 1
-    assert _logs() == before  # the exporters' log goes once an exporter succeeds
+    assert _logs(log_dir) == []  # the exporters' log goes once an exporter succeeds
 
 
 def test_runtime_kernel_one_line_no_ir_dump(tmp_path: Path, wide_console) -> None:
@@ -51,18 +61,18 @@ def test_presets_keep_the_tracer(tmp_path: Path) -> None:
     assert find_spec(onnx.load(str(tmp_path / "t.onnx")), "t").exporter == "torchscript"
 
 
-def test_forced_exporter_failure_names_its_log(tmp_path: Path) -> None:
-    before = _logs()
+def test_forced_exporter_failure_names_its_log(tmp_path: Path, log_dir: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
     with pytest.raises(ExportFailed) as exc:
-        export_onnx(ModelSource(model="export_zoo:guided"), tmp_path / "g.onnx", exporter="torchscript")
+        export_onnx(ModelSource(model="export_zoo:guided"), out / "g.onnx", exporter="torchscript")
     message = str(exc.value)
     assert exc.value.exit_code == 1 and "\n" not in message and "torchscript: RuntimeError" in message
-    new = _logs() - before
-    assert len(new) == 1 and next(iter(new)) in message
-    log = Path(next(iter(new)))
-    assert "the torchscript exporter failed" in log.read_text() and "Traceback" in log.read_text()
-    log.unlink()
-    assert list(tmp_path.iterdir()) == []
+    logs = _logs(log_dir)
+    assert len(logs) == 1 and logs[0] in message
+    text = Path(logs[0]).read_text()
+    assert "the torchscript exporter failed" in text and "Traceback" in text
+    assert list(out.iterdir()) == []
 
 
 @pytest.mark.parametrize("factory, raised, says", [
@@ -76,3 +86,49 @@ def test_the_models_own_error(factory: str, raised: str, says: str, tmp_path: Pa
     assert "\n" not in line and "internal error" not in line and raised in line and says in line
     assert "x:" in line  # the input shapes it was called with
     assert list(tmp_path.iterdir()) == []
+
+
+# --------------------------------------------------------------------------- a model that serves one size
+@pytest.fixture(scope="module")
+def one_size(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("static") / "one.onnx"
+    r = run("onnx", "--model", "export_zoo:one_size", "--static-hw", "32x32", "-o", out)
+    assert r.exit_code == 0, r.output
+    return out
+
+
+def test_probe_failure_says_why_and_suggests_static_hw(tmp_path: Path) -> None:
+    r = run("onnx", "--model", "export_zoo:one_size", "-o", tmp_path / "o.onnx")
+    assert r.exit_code == 2 and "--static-hw" in r.output and "must match the size of tensor b (32)" in r.output
+
+
+def test_static_hw_export(one_size: Path) -> None:
+    model = onnx.load(str(one_size))
+    dims = [(d.dim_param or d.dim_value) for d in model.graph.input[0].type.tensor_type.shape.dim]
+    assert dims == ["batch", 3, 32, 32]
+    spec = find_spec(model, one_size)
+    assert spec.fixed_hw == (32, 32) and spec.source["static_hw"] == [32, 32]
+    from attn_export.engines.profiles import default_profile
+
+    p = default_profile(spec)
+    assert p.min[1:] == p.opt[1:] == p.max[1:] == (32, 32) and p.max[0] > 1
+
+
+def test_static_hw_verify_and_fp16_follow(one_size: Path, tmp_path: Path, wide_console) -> None:
+    r = run("verify", one_size, "--model", "export_zoo:one_size")
+    assert r.exit_code == 0 and "PASSED" in r.output, r.output
+    shapes = re.findall(r"^\W*(\d+)x(\d+)x(\d+)\W", r.output, re.MULTILINE)
+    assert len(shapes) >= 2 and all((h, w) == ("32", "32") for _, h, w in shapes), r.output
+    assert len({b for b, _, _ in shapes}) >= 2  # the sweep varies the batch instead
+    half = convert_fp16(one_size, tmp_path / "half.onnx", check=False)
+    assert half.audit.calibration_shapes and all(s[1:] == (32, 32) for s in half.audit.calibration_shapes)
+
+
+def test_static_hw_bad_values(tmp_path: Path) -> None:
+    r = run("onnx", "--preset", "tiny", "--static-hw", "32", "-o", tmp_path / "t.onnx")
+    assert r.exit_code == 2 and "HEIGHTxWIDTH" in r.output
+    r = run("onnx", "--preset", "tiny", "--static-hw", "30x30", "-o", tmp_path / "t.onnx")
+    assert r.exit_code == 2 and "multiples of 4" in r.output
+    r = run("onnx", "--preset", "tiny", "--static-hw", "32x64", "-o", tmp_path / "t.onnx")
+    assert r.exit_code == 0, r.output
+    assert find_spec(onnx.load(str(tmp_path / "t.onnx")), "t").fixed_hw == (32, 64)

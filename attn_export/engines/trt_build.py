@@ -515,7 +515,7 @@ def build_plan(
     if spec is None:
         raise UsageError(f"{onnx_path} carries no attn-export description; export it with `attn-export onnx`")
     profiles = list(profiles) if profiles else [default_profile(spec)]
-    warnings = [str(f) for f in readiness.warnings]
+    warnings = [str(f).removeprefix("warning: ") for f in readiness.warnings]
 
     log = BuildLog()
     logger = make_logger(log)

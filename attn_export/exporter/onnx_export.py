@@ -93,13 +93,20 @@ def validate_export_options(attention: str, opset: int) -> None:
 
 
 def example_shape(spec: ModelSpec) -> tuple[int, int, int]:
-    """Trace shape: batch 2 and a non-square H/W, so no dynamic dim can be frozen at 1 or tied to another."""
+    """Trace shape: batch 2 and a non-square H/W, so no dynamic dim can be frozen at 1 or tied to another.
+
+    A model with static H/W is traced at its size.
+    """
+    if spec.fixed_hw is not None:
+        return 2, *spec.fixed_hw
     m = spec.hw_multiple
     return 2, 2 * m, 3 * m
 
 
 def check_shape_for(spec: ModelSpec) -> tuple[int, int, int]:
-    """A shape the trace never saw, for the post-export check."""
+    """A shape the trace never saw, for the post-export check (another batch, for a model with static H/W)."""
+    if spec.fixed_hw is not None:
+        return 3, *spec.fixed_hw
     m = spec.hw_multiple
     return 3, 4 * m, 2 * m
 

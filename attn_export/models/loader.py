@@ -51,6 +51,8 @@ class ModelSource:
     # For imported models, which cannot always be introspected:
     num_classes: int | None = None
     hw_multiple: int | None = None
+    # (height, width) for a model that serves one size: H and W become static in the export (batch stays dynamic).
+    static_hw: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         given = [n for n in ("preset", "config", "model") if getattr(self, n) is not None]
@@ -62,6 +64,11 @@ class ModelSource:
             raise UsageError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
         if self.model_kwargs and self.model is None:
             raise UsageError("--model-kwargs needs --model")
+        if self.static_hw is not None:
+            h, w = (int(v) for v in self.static_hw)
+            if h < 1 or w < 1 or h > 65536 or w > 65536:
+                raise UsageError(f"--static-hw must be HEIGHTxWIDTH, each 1..65536 (got {h}x{w})")
+            self.static_hw = (h, w)
 
 
 @dataclass
@@ -163,7 +170,7 @@ def _probe_imported(module: nn.Module, in_channels: int, takes_y: bool, num_clas
                 return m, int(out.shape[1])
             last = f"; at {size}x{size} it returned {tuple(out.shape)}"
     raise UsageError(f"could not find an H/W size the imported model serves (tried 3, 6, 12 ... 192 px){last}; "
-                     "pass --hw-multiple")
+                     "pass --hw-multiple, or --static-hw HxW for a model that serves one size only")
 
 
 def _in_channels_of(module: nn.Module) -> int:
@@ -255,12 +262,10 @@ def load_model(source: ModelSource, attention_impl: AttentionImpl = "reference")
     else:
         in_ch = _in_channels_of(inner)
         takes_y = isinstance(module, DenoiserAdapter) and module.takes_y
-        if source.hw_multiple is not None:
-            multiple = source.hw_multiple
-            with torch.no_grad():
-                probe = module(torch.zeros(1, in_ch, multiple * 2, multiple * 2), torch.zeros(1, dtype=torch.int64),
-                               torch.zeros(1, dtype=torch.int64) if takes_y else None)
-            out_ch = int(probe.shape[1])
+        if source.hw_multiple is not None or source.static_hw is not None:
+            multiple = source.hw_multiple or 1
+            h, w = source.static_hw or (multiple * 2, multiple * 2)
+            out_ch = _output_channels(module, in_ch, takes_y, h, w)
         else:
             multiple, out_ch = _probe_imported(module, in_ch, takes_y, num_classes)
         inputs = [TensorSpec("x", "float32", ["batch", in_ch, "height", "width"]), TensorSpec("t", "int64", ["batch"])]
@@ -269,11 +274,46 @@ def load_model(source: ModelSource, attention_impl: AttentionImpl = "reference")
         outputs = [TensorSpec("out", "float32", ["batch", out_ch, "height", "width"])]
         description["hw_multiple"] = multiple
         description["num_classes"] = num_classes
+        if source.static_hw is not None:
+            description["static_hw"] = list(source.static_hw)
         spec = ModelSpec(
             inputs=inputs, outputs=outputs, hw_multiple=multiple, num_classes=num_classes,
             source=description, checkpoint=ckpt_info, tool_version=__version__,
         )
+    if source.static_hw is not None:
+        if config is not None:
+            description["static_hw"] = list(source.static_hw)
+        spec = with_static_hw(spec, *source.static_hw)
     return LoadedModel(module=module, spec=spec, config=config)
+
+
+def _output_channels(module: nn.Module, in_ch: int, takes_y: bool, h: int, w: int) -> int:
+    """Run the imported model once at 1 x in_ch x h x w; its output channels. Its own error is reported as its own."""
+    try:
+        with torch.no_grad():
+            out = module(torch.zeros(1, in_ch, h, w), torch.zeros(1, dtype=torch.int64),
+                         torch.zeros(1, dtype=torch.int64) if takes_y else None)
+    except Exception as exc:  # noqa: BLE001 - the user's forward can raise anything
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise UsageError(f"the model raised {type(exc).__name__} when called with x:1x{in_ch}x{h}x{w}, t:1: {first}") from None
+    if out.dim() != 4 or tuple(out.shape[2:]) != (h, w):
+        raise UsageError(f"the model returned {tuple(out.shape)} for a 1x{in_ch}x{h}x{w} input; "
+                         "a denoiser returns an image of its input's height and width")
+    return int(out.shape[1])
+
+
+def with_static_hw(spec: ModelSpec, height: int, width: int) -> ModelSpec:
+    """``spec`` with its height and width dims fixed at ``height`` x ``width`` (batch stays dynamic).
+
+    UsageError when the size is not one the model's H/W multiple allows.
+    """
+    m = spec.hw_multiple
+    if height % m or width % m:
+        raise UsageError(f"--static-hw {height}x{width}: H and W must be multiples of {m} for this model")
+    fixed = {"height": height, "width": width}
+    for t in spec.inputs + spec.outputs:
+        t.dims = [fixed.get(d, d) if isinstance(d, str) else d for d in t.dims]
+    return spec
 
 
 def source_from_spec(spec: ModelSpec, options: ReferenceOptions | None = None) -> ModelSource:
@@ -291,8 +331,10 @@ def source_from_spec(spec: ModelSpec, options: ReferenceOptions | None = None) -
     recorded = spec.checkpoint
     seed = int(src.get("seed", DEFAULT_SEED))
     if o.preset is not None or o.config is not None or o.model is not None:
+        # The size the artifact was exported for stays its size, whichever model the user names to rebuild it.
         source = ModelSource(preset=o.preset, config=o.config, model=o.model, model_kwargs=o.model_kwargs or {},
-                             seed=seed)
+                             seed=seed, static_hw=_static_hw_of(src),
+                             hw_multiple=src.get("hw_multiple") if o.model is not None else None)
     elif src.get("kind") == "import":
         if not o.trust_artifact:
             raise UsageError(
@@ -300,10 +342,11 @@ def source_from_spec(spec: ModelSpec, options: ReferenceOptions | None = None) -
                 "an artifact is data, so it is not imported: name it yourself with --model (and --model-kwargs), or "
                 f"pass {TRUST_FLAG} to run what the file names")
         source = ModelSource(model=src["model"], model_kwargs=dict(src.get("model_kwargs") or {}), seed=seed,
-                             num_classes=src.get("num_classes"), hw_multiple=src.get("hw_multiple"))
+                             num_classes=src.get("num_classes"), hw_multiple=src.get("hw_multiple"),
+                             static_hw=_static_hw_of(src))
     elif src.get("kind") in ("preset", "config") and "config" in src:
         # The full config is recorded, so a preset changed in a later version still rebuilds the same model.
-        source = ModelSource(config=dict(src["config"]), seed=seed)
+        source = ModelSource(config=dict(src["config"]), seed=seed, static_hw=_static_hw_of(src))
     else:
         raise UsageError("the artifact does not say how to rebuild its PyTorch model; pass --preset, --config or --model")
 
@@ -337,6 +380,11 @@ def source_from_spec(spec: ModelSpec, options: ReferenceOptions | None = None) -
         source.checkpoint = path
         source.checkpoint_key = recorded.get("key")
     return source
+
+
+def _static_hw_of(src: dict[str, Any]) -> tuple[int, int] | None:
+    fixed = src.get("static_hw")
+    return (int(fixed[0]), int(fixed[1])) if fixed else None
 
 
 def describe_presets() -> str:
