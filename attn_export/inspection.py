@@ -94,6 +94,14 @@ def _spec_of(model: onnx.ModelProto, origin: Path) -> tuple[ModelSpec | None, di
     return find_spec(model, origin), {p.key: p.value for p in model.metadata_props if p.key != METADATA_KEY}
 
 
+def _placement(site: Any) -> str:
+    """Where the scale sits; factors on Q and K before a reshape are named as such."""
+    if site.upstream_scale == 1.0:
+        return str(site.scale_placement)
+    upstream = "q+k before a reshape"
+    return upstream if site.scale_placement == "none" else f"{site.scale_placement}, {upstream}"
+
+
 def _attention(model: onnx.ModelProto, spec: ModelSpec | None, typed: TypedIndex, probed: TypedIndex | None,
                p: int) -> list[AttentionReport]:
     from .engines.readiness import model_is_fp16, site_verdict
@@ -103,7 +111,8 @@ def _attention(model: onnx.ModelProto, spec: ModelSpec | None, typed: TypedIndex
     for site in find_attention(model, index=typed, probed=probed, p=p):
         out.append(AttentionReport(
             name=site.name, form=site.form, form_description=site.form_description,
-            scale_before_product=site.scale_before_product, scale=site.scale, scale_placement=site.scale_placement,
+            scale_before_product=site.scale_before_product, scale=site.total_scale,
+            scale_placement=_placement(site),
             scale_source=site.scale_source, level=site.level, seq_len=site.seq_len, heads=site.heads,
             head_size=site.head_size, dtype=site.dtype, canonical=site.canonical, problem=site.problem,
             trt_fusion=site_verdict(site, model_fp16=fp16), nodes=list(site.nodes),

@@ -117,3 +117,35 @@ class OneSize(nn.Module):
 def one_size():
     torch.manual_seed(0)
     return OneSize().eval()
+
+
+class QKVNewOrder(nn.Module):
+    """guided-diffusion's QKVAttention (new order): √scale on q and on k, then a view that splits the heads."""
+
+    def __init__(self, ch=64, heads=2):
+        super().__init__()
+        self.heads = heads
+        self.inp = nn.Conv2d(3, ch, 3, padding=1)
+        self.norm = nn.GroupNorm(8, ch)
+        self.qkv = nn.Conv1d(ch, 3 * ch, 1)
+        self.proj = nn.Conv1d(ch, ch, 1)
+        self.outc = nn.Conv2d(ch, 3, 3, padding=1)
+
+    def forward(self, x, t):
+        h = self.inp(x)
+        b, c, hh, ww = h.shape
+        qkv = self.qkv(self.norm(h).reshape(b, c, -1))
+        length = qkv.shape[-1]
+        ch = c // self.heads
+        q, k, v = qkv.chunk(3, dim=1)
+        scale = 1 / ch ** 0.25
+        weight = torch.einsum("bct,bcs->bts", (q * scale).reshape(b * self.heads, ch, length),
+                              (k * scale).reshape(b * self.heads, ch, length))
+        weight = torch.softmax(weight, dim=-1)
+        a = torch.einsum("bts,bcs->bct", weight, v.reshape(b * self.heads, ch, length))
+        return self.outc(h + self.proj(a.reshape(b, -1, length)).reshape(b, c, hh, ww))
+
+
+def qkv_new_order():
+    torch.manual_seed(0)
+    return QKVNewOrder().eval()

@@ -132,3 +132,27 @@ def test_static_hw_bad_values(tmp_path: Path) -> None:
     r = run("onnx", "--preset", "tiny", "--static-hw", "32x64", "-o", tmp_path / "t.onnx")
     assert r.exit_code == 0, r.output
     assert find_spec(onnx.load(str(tmp_path / "t.onnx")), "t").fixed_hw == (32, 64)
+
+
+def test_total_scale_counts_factors_before_a_reshape(tmp_path: Path) -> None:
+    # guided-diffusion's QKVAttention: (q * ch**-0.25).view(...), (k * ch**-0.25).view(...): the softmax scale is
+    # ch**-0.5 (ch = 32 per head), reported whole; the rewrite keeps those Muls and puts no second scale on the site.
+    import torch
+
+    import export_zoo
+
+    path = tmp_path / "qkv.onnx"
+    torch.onnx.export(export_zoo.qkv_new_order(), (torch.randn(2, 3, 16, 24), torch.tensor([1, 2])), str(path),
+                      dynamo=False, opset_version=18, input_names=["x", "t"], output_names=["out"],
+                      dynamic_axes={"x": {0: "N", 2: "H", 3: "W"}, "t": {0: "N"}, "out": {0: "N", 2: "H", 3: "W"}})
+    site = find_attention(onnx.load(str(path)))[0]
+    assert site.scale == pytest.approx(1.0) and site.total_scale == pytest.approx(32 ** -0.5, rel=1e-6)
+    r = run("inspect", path, "--json")
+    assert r.exit_code == 0
+    import json
+
+    reported = json.loads(r.output)["attention"][0]
+    assert reported["scale"] == pytest.approx(32 ** -0.5, rel=1e-6) and "before a reshape" in reported["scale_placement"]
+    # optimize rewrites the site and checks it against the file: the same numbers.
+    r = run("optimize", path, "-o", tmp_path / "opt.onnx", "--input-shapes", "x:1x3x16x16")
+    assert r.exit_code == 0, r.output

@@ -255,7 +255,7 @@ def site_findings(b: AttentionSite, *, model_fp16: bool, version: tuple[int, int
         out.append(("warning", "attention-form",
                     f"will not fuse reliably: {b.form_description} with the scale on {b.scale_placement}{layout}; "
                     "TensorRT fuses the Attention op or Mul(q, scale) → MatMul → Softmax → MatMul; rewrite it with "
-                    "`attn-export onnx --attention op|decomposed`"))
+                    "`attn-export optimize` (or export again with `attn-export onnx`)"))
     fits = head_size_fusable(b.head_size)
     if fits is False:
         out.append(("warning", "head-size",

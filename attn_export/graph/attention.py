@@ -32,6 +32,8 @@ from .probe import DEFAULT_P, eval_dim_expression, level_of, probe_index, run_pr
 from .scalar import eval_scalar
 
 PASS_THROUGH = ("Cast", "Identity")
+# Ops that move elements without changing them (a scalar factor behind one still scales every element).
+_MOVES_ONLY = ("Cast", "Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose")
 # How far back from a Softmax to look for a Q·Kᵀ product behind ops the finder does not understand.
 _LOOKBACK = 6
 
@@ -117,6 +119,14 @@ class AttentionSite:
     factors: list[Factor] = field(default_factory=list)
     canonical: bool = False         # exactly Mul(q, scale) -> MatMul(., Kᵀ) -> Softmax(-1) -> MatMul(., v)
     problem: str | None = None      # why the site cannot be rewritten (None: it can)
+    # Scalar factors on Q and K further up, behind reshapes or transposes (guided-diffusion's QKVAttention:
+    # (q * √scale).view(...)): part of the softmax scale, but they stay in the graph on a rewrite.
+    upstream_scale: float = 1.0
+
+    @property
+    def total_scale(self) -> float | None:
+        """The whole softmax scale: the site's own factors times those on Q and K further up."""
+        return None if self.scale is None else self.scale * self.upstream_scale
 
     @property
     def scale_before_product(self) -> bool:
@@ -179,6 +189,34 @@ class _Finder:
         return None
 
     # -- walks -----------------------------------------------------------------------------------------------------
+    def upstream_scale(self, site: AttentionSite) -> float:
+        """The product of constant scalar Mul/Div on Q and on K behind ops that only move elements.
+
+        A Split, Slice or anything that mixes elements ends the walk: a factor
+        behind it would also scale V, or only part of a tensor.
+        """
+        total = 1.0
+        for operand in (site.q, site.k):
+            if operand is None:
+                continue
+            tensor = operand.tensor
+            for _ in range(16):
+                node = self.idx.producer.get(tensor)
+                if node is None:
+                    break
+                scaled = self._scale_factor(node)
+                if scaled is not None:
+                    tensor, factor = scaled
+                    if factor.value is None or factor.source == "dynamic":
+                        break
+                    total *= float(factor.value)
+                    continue
+                if node.op_type in _MOVES_ONLY:
+                    tensor = node.input[0]
+                    continue
+                break
+        return total
+
     def strip(self, tensor: str, *, transposes: bool = False) -> tuple[str, list[int] | None, list[Factor],
                                                                        list[onnx.NodeProto], int]:
         """Walk back over Casts, scalar Mul/Div and (optionally) Transposes.
@@ -616,6 +654,7 @@ def find_attention(model: onnx.ModelProto, *, probe: bool = True, index: TypedIn
     for site in sites:
         if site.form == "op" and site.scale is None and site.head_size:
             site.scale = 1.0 / math.sqrt(site.head_size)  # the Attention op's default
+        site.upstream_scale = finder.upstream_scale(site)
     names = [s.name for s in sites]
     for i, site in enumerate(sites):
         if names.count(site.name) > 1:
