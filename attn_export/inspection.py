@@ -42,6 +42,8 @@ class AttentionReport:
     scale_source: str             # "constant" | "shape" | "dynamic"
     level: int | None             # resolution level: the sequence is (H/2^level)*(W/2^level)
     seq_len: int | str | None     # symbolic, e.g. "(height/2)*(width/2)"
+    kind: str                     # "self" | "cross" (K/V from other inputs than the image)
+    kv_len: int | str | None      # the key/value sequence length
     heads: int | None
     head_size: int | None
     dtype: str | None
@@ -113,7 +115,8 @@ def _attention(model: onnx.ModelProto, spec: ModelSpec | None, typed: TypedIndex
             name=site.name, form=site.form, form_description=site.form_description,
             scale_before_product=site.scale_before_product, scale=site.total_scale,
             scale_placement=_placement(site),
-            scale_source=site.scale_source, level=site.level, seq_len=site.seq_len, heads=site.heads,
+            scale_source=site.scale_source, level=site.level, seq_len=site.seq_len, kind=site.kind,
+            kv_len=site.kv_len, heads=site.heads,
             head_size=site.head_size, dtype=site.dtype, canonical=site.canonical, problem=site.problem,
             trt_fusion=site_verdict(site, model_fp16=fp16), nodes=list(site.nodes),
         ))

@@ -175,14 +175,15 @@ def inspect_onnx(d: dict[str, Any]) -> None:
     console.print(table, soft_wrap=True)
 
     att = Table(title=f"attention: {d['attention_summary']['count']} site(s)", title_justify="left")
-    for col in ("site", "form", "scale", "seq len", "heads x size", "dtype", "TensorRT fusion"):
+    for col in ("site", "form", "scale", "kind: q len / kv len", "heads x size", "dtype", "TensorRT fusion"):
         att.add_column(col, overflow="fold")  # fold rather than cut names on narrow terminals
     for a in d["attention"]:
         scale = f"{a['scale']:.4g} on {a['scale_placement']}" if a["scale"] is not None else f"? on {a['scale_placement']}"
         if a["scale_source"] == "shape":
             scale += " (from the shape)"
         att.add_row(escape(a["name"]), a["form_description"] + ("" if a["problem"] is None else " [red](cannot rewrite)[/]"),
-                    escape(scale), escape(str(a["seq_len"] or "?")), f"{a['heads'] or '?'} x {a['head_size'] or '?'}",
+                    escape(scale), escape(f"{a['kind']}: {a['seq_len'] or '?'} / {a['kv_len'] or '?'}"),
+                    f"{a['heads'] or '?'} x {a['head_size'] or '?'}",
                     str(a["dtype"] or "?"), escape(a["trt_fusion"]))
     console.print(att)
 

@@ -149,3 +149,30 @@ class QKVNewOrder(nn.Module):
 def qkv_new_order():
     torch.manual_seed(0)
     return QKVNewOrder().eval()
+
+
+class CrossAttend(nn.Module):
+    """Self-attention on the image, then cross-attention to a text context [B, 7, 48] (Stable Diffusion's layout)."""
+
+    def __init__(self, ch=32, ctx=48, heads=2):
+        super().__init__()
+        self.heads = heads
+        self.inp = nn.Conv2d(3, ch, 3, padding=1)
+        self.self_qkv = nn.Linear(ch, 3 * ch)
+        self.q = nn.Linear(ch, ch)
+        self.kv = nn.Linear(ctx, 2 * ch)
+        self.outc = nn.Conv2d(ch, 3, 3, padding=1)
+
+    def _attend(self, q, k, v):
+        b, s, c = q.shape
+        split = lambda t: t.reshape(b, t.shape[1], self.heads, c // self.heads).transpose(1, 2)  # noqa: E731
+        out = torch.nn.functional.scaled_dot_product_attention(split(q), split(k), split(v))
+        return out.transpose(1, 2).reshape(b, s, c)
+
+    def forward(self, x, t, context):
+        h = self.inp(x)
+        b, c, hh, ww = h.shape
+        seq = h.flatten(2).transpose(1, 2)
+        seq = seq + self._attend(*self.self_qkv(seq).chunk(3, dim=-1))
+        seq = seq + self._attend(self.q(seq), *self.kv(context).chunk(2, dim=-1))
+        return self.outc(seq.transpose(1, 2).reshape(b, c, hh, ww))

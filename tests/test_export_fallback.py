@@ -156,3 +156,27 @@ def test_total_scale_counts_factors_before_a_reshape(tmp_path: Path) -> None:
     # optimize rewrites the site and checks it against the file: the same numbers.
     r = run("optimize", path, "-o", tmp_path / "opt.onnx", "--input-shapes", "x:1x3x16x16")
     assert r.exit_code == 0, r.output
+
+
+def test_cross_attention_is_reported_as_such(tmp_path: Path, wide_console) -> None:
+    # A context input [B, 7, 48]: the second site's K and V come from it alone.
+    import json
+
+    import torch
+
+    import export_zoo
+
+    torch.manual_seed(0)
+    path = tmp_path / "cross.onnx"
+    torch.onnx.export(export_zoo.CrossAttend().eval(), (torch.randn(2, 3, 8, 12), torch.tensor([1, 2]), torch.randn(2, 7, 48)),
+                      str(path), dynamo=False, opset_version=18, input_names=["x", "t", "context"], output_names=["out"],
+                      dynamic_axes={"x": {0: "N", 2: "H", 3: "W"}, "t": {0: "N"}, "context": {0: "N"},
+                                    "out": {0: "N", 2: "H", 3: "W"}})
+    sites = find_attention(onnx.load(str(path)))
+    assert [s.kind for s in sites] == ["self", "cross"]
+    assert sites[1].kv_len == 7 and sites[0].kv_len == sites[0].seq_len
+    r = run("inspect", path, "--json")
+    reported = json.loads(r.output)["attention"]
+    assert [a["kind"] for a in reported] == ["self", "cross"] and reported[1]["kv_len"] == 7
+    r = run("inspect", path)
+    assert "cross: " in r.output and "/ 7" in r.output

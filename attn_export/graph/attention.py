@@ -113,6 +113,8 @@ class AttentionSite:
     heads: int | None = None
     head_size: int | None = None
     seq_len: int | str | None = None
+    kv_len: int | str | None = None  # the key/value sequence length (the query's is seq_len)
+    kind: str = "self"              # "self" (K/V from the image path) | "cross" (K/V from other inputs only)
     level: int | None = None        # resolution level: seq_len = (H/2**level)*(W/2**level)
     dtype: str | None = None        # element type of the Q·Kᵀ product
     softmax_dtype: str | None = None
@@ -189,6 +191,45 @@ class _Finder:
         return None
 
     # -- walks -----------------------------------------------------------------------------------------------------
+    def inputs_behind(self, tensor: str, limit: int = 20000) -> set[str]:
+        """The graph tensors without a producer (inputs, weights) whose values ``tensor`` is computed from.
+
+        A Shape or Size node reads only its input's dims, not its values: the
+        walk does not pass it (a reshape of K sized from the image is still K).
+        """
+        seen: set[str] = set()
+        out: set[str] = set()
+        todo = [tensor]
+        while todo and len(seen) < limit:
+            t = todo.pop()
+            if not t or t in seen:
+                continue
+            seen.add(t)
+            node = self.idx.producer.get(t)
+            if node is None:
+                out.add(t)
+            elif node.op_type not in ("Shape", "Size"):
+                todo.extend(node.input)
+        return out
+
+    def kind(self, site: AttentionSite, model: onnx.ModelProto) -> str:
+        """"cross" when K is computed from graph inputs that Q does not use (a text context), else "self"."""
+        if site.q is None or site.k is None:
+            return "self"
+        inputs = {i.name for i in model.graph.input} - {i.name for i in model.graph.initializer}
+        q_in = self.inputs_behind(site.q.tensor) & inputs
+        k_in = self.inputs_behind(site.k.tensor) & inputs
+        if not k_in or k_in & q_in:
+            return "self"
+        if site.kv_len is None:
+            # Shape inference often loses K's length behind the head split: a [B, S, D] context input names it.
+            for vi in model.graph.input:
+                dims = vi.type.tensor_type.shape.dim
+                if vi.name in k_in and len(dims) == 3:
+                    site.kv_len = dims[1].dim_value if dims[1].HasField("dim_value") else (dims[1].dim_param or None)
+                    break
+        return "cross"
+
     def upstream_scale(self, site: AttentionSite) -> float:
         """The product of constant scalar Mul/Div on Q and on K behind ops that only move elements.
 
@@ -556,6 +597,11 @@ def _fill_shapes(site: AttentionSite, idx: TypedIndex, probe: TypedIndex | None,
             continue
         if site.head_size is None and isinstance(qs[-1], int) and qs[-1] > 0:
             site.head_size = qs[-1]
+        ks = site.k.canonical_shape(index.shapes.get(site.k.tensor)) if site.k is not None else None
+        if ks and len(ks) >= 2 and site.kv_len is None:
+            kv = ks[-2]
+            if isinstance(kv, int) or (isinstance(kv, str) and not kv.startswith("unk__")):
+                site.kv_len = kv
         if site.heads is None:
             if len(qs) == 4 and isinstance(qs[1], int) and qs[1] > 0:
                 site.heads = qs[1]
@@ -655,6 +701,9 @@ def find_attention(model: onnx.ModelProto, *, probe: bool = True, index: TypedIn
         if site.form == "op" and site.scale is None and site.head_size:
             site.scale = 1.0 / math.sqrt(site.head_size)  # the Attention op's default
         site.upstream_scale = finder.upstream_scale(site)
+        site.kind = finder.kind(site, model)
+        if site.kind == "self" and site.kv_len is None:
+            site.kv_len = site.seq_len  # self-attention: the keys are the queries' positions
     names = [s.name for s in sites]
     for i, site in enumerate(sites):
         if names.count(site.name) > 1:
