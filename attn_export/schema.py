@@ -194,6 +194,7 @@ SOURCE = record({
     "num_classes": optional(integer(1, 1_000_000)),
     "hw_multiple": optional(integer(1, 4096)),
     "static_hw": optional(items(integer(1, MAX_DIM), 2, 2)),
+    "extra_inputs": items(tensor(input_dim), 0, 16),
     "origin": text(),
 })
 CHECKPOINT = record({

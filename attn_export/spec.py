@@ -127,6 +127,8 @@ class ModelSpec:
                 low, high = self.input_ranges[t.name]
                 value = rng.uniform(low, high, size=shape)
                 feeds[t.name] = (value if floating else np.floor(value)).astype(t.dtype)
+            elif t.dtype == "bool":
+                feeds[t.name] = np.ones(shape, dtype=bool)  # a mask that attends everywhere
             elif floating and i > 0:
                 feeds[t.name] = rng.uniform(0.0, 1.0, size=shape).astype(t.dtype)  # sigma, conditioning scalars
             elif floating:

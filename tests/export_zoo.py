@@ -161,6 +161,7 @@ class CrossAttend(nn.Module):
         self.self_qkv = nn.Linear(ch, 3 * ch)
         self.q = nn.Linear(ch, ch)
         self.kv = nn.Linear(ctx, 2 * ch)
+        self.temb = nn.Linear(1, ch)
         self.outc = nn.Conv2d(ch, 3, 3, padding=1)
 
     def _attend(self, q, k, v):
@@ -169,10 +170,19 @@ class CrossAttend(nn.Module):
         out = torch.nn.functional.scaled_dot_product_attention(split(q), split(k), split(v))
         return out.transpose(1, 2).reshape(b, s, c)
 
-    def forward(self, x, t, context):
-        h = self.inp(x)
+    def forward(self, x, t, *, context):  # keyword-only, as diffusers' encoder_hidden_states is passed
+        h = self.inp(x) + self.temb(t.float()[:, None] / 1000)[:, :, None, None]
         b, c, hh, ww = h.shape
         seq = h.flatten(2).transpose(1, 2)
         seq = seq + self._attend(*self.self_qkv(seq).chunk(3, dim=-1))
         seq = seq + self._attend(self.q(seq), *self.kv(context).chunk(2, dim=-1))
         return self.outc(seq.transpose(1, 2).reshape(b, c, hh, ww))
+
+
+def cross_attend():
+    torch.manual_seed(0)
+    model = CrossAttend().eval()
+    with torch.no_grad():
+        for p in model.parameters():  # attention that is not near-uniform
+            p.mul_(1.5)
+    return model

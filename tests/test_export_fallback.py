@@ -168,8 +168,16 @@ def test_cross_attention_is_reported_as_such(tmp_path: Path, wide_console) -> No
 
     torch.manual_seed(0)
     path = tmp_path / "cross.onnx"
-    torch.onnx.export(export_zoo.CrossAttend().eval(), (torch.randn(2, 3, 8, 12), torch.tensor([1, 2]), torch.randn(2, 7, 48)),
-                      str(path), dynamo=False, opset_version=18, input_names=["x", "t", "context"], output_names=["out"],
+    class Positional(torch.nn.Module):  # plain torch.onnx.export passes every input by position
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = export_zoo.CrossAttend().eval()
+
+        def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+            return self.inner(x, t, context=context)
+
+    torch.onnx.export(Positional().eval(), (torch.randn(2, 3, 8, 12), torch.tensor([1, 2]), torch.randn(2, 7, 48)), str(path),
+                      dynamo=False, opset_version=18, input_names=["x", "t", "context"], output_names=["out"],
                       dynamic_axes={"x": {0: "N", 2: "H", 3: "W"}, "t": {0: "N"}, "context": {0: "N"},
                                     "out": {0: "N", 2: "H", 3: "W"}})
     sites = find_attention(onnx.load(str(path)))
@@ -180,3 +188,46 @@ def test_cross_attention_is_reported_as_such(tmp_path: Path, wide_console) -> No
     assert [a["kind"] for a in reported] == ["self", "cross"] and reported[1]["kv_len"] == 7
     r = run("inspect", path)
     assert "cross: " in r.output and "/ 7" in r.output
+
+
+# --------------------------------------------------------------------------- conditioning inputs
+def test_extra_input_through_the_path(tmp_path: Path, wide_console) -> None:
+    """A text-context input [B, 7, 48], passed by keyword: export, inspect, verify, Triton config, engine profiles."""
+    import json
+
+    out = tmp_path / "c.onnx"
+    r = run("onnx", "--model", "export_zoo:cross_attend", "--extra-input", "context:float32:batch,7,48", "-o", out)
+    assert r.exit_code == 0, r.output
+    model = onnx.load(str(out))
+    dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in model.graph.input}
+    assert dims["context"] == ["batch", 7, 48]
+    spec = find_spec(model, out)
+    assert [t.name for t in spec.inputs] == ["x", "t", "context"] and spec.source["extra_inputs"][0]["name"] == "context"
+    sites = json.loads(run("inspect", out, "--json").output)["attention"]
+    assert [(a["kind"], a["kv_len"]) for a in sites] == [("self", "height*width"), ("cross", 7)]
+    r = run("verify", out, "--model", "export_zoo:cross_attend")
+    assert r.exit_code == 0 and "PASSED" in r.output, r.output
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    r = run("triton", out, "--repo", repo)
+    assert r.exit_code == 0, r.output
+    config = (repo / "c" / "config.pbtxt").read_text()
+    assert 'name: "context"' in config and "dims: [ 7, 48 ]" in config
+    from attn_export.engines.profiles import default_profile, tensor_shapes
+
+    shapes = tensor_shapes(default_profile(spec), spec)
+    assert shapes["context"] == ((1, 7, 48), (1, 7, 48), (4, 7, 48))
+
+
+@pytest.mark.parametrize("text, says", [
+    ("context:float32", "NAME:DTYPE:DIMS"),
+    ("context:float64:batch,7", "dtype must be one of"),
+    ("context:float32:batch,seq,48", "dynamic axis other than batch"),
+    ("context:float32:7,batch", "batch must be the first dim"),
+    ("t:float32:batch,7", "the name is taken"),
+])
+def test_extra_input_refusals(text: str, says: str, tmp_path: Path) -> None:
+    r = run("onnx", "--model", "export_zoo:cross_attend", "--extra-input", text, "-o", tmp_path / "c.onnx")
+    assert r.exit_code == 2 and says in r.output, r.output
+    r = run("onnx", "--preset", "tiny", "--extra-input", "c:float32:batch,4", "-o", tmp_path / "t.onnx")
+    assert r.exit_code == 2 and "needs --model" in r.output

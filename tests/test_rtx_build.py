@@ -94,7 +94,8 @@ def _raw_build(onnx_path: Path, profiles: list[Profile], *, decomposable: bool) 
         opt = builder.create_optimization_profile()
         for i in range(network.num_inputs):
             t = network.get_input(i)
-            shapes = [(b, t.shape[1], h, w) if len(t.shape) == 4 else (b,) for b, h, w in (profile.min, profile.opt, profile.max)]
+            dims = list(t.shape)  # batch first; H and W of the image; every other dim static
+            shapes = [tuple([b, dims[1], h, w] if len(dims) == 4 else [b, *dims[1:]]) for b, h, w in (profile.min, profile.opt, profile.max)]
             opt.set_shape(t.name, *shapes)
         config.add_optimization_profile(opt)
     if builder.build_serialized_network(network, config) is None:
@@ -331,3 +332,18 @@ def test_cli_end_to_end(export_model, tmp_path: Path, wide_console) -> None:
     r = run_cli_in_process("trt", export_model("tiny", "op"), "--runtime", "rtx", "-o", tmp_path / "x.plan",
                            "--timing-cache", tmp_path / "t.cache")
     assert r.exit_code == 2 and "no-ops" in r.output
+
+
+def test_cross_attention_with_a_context_input(tmp_path_factory: pytest.TempPathFactory, half, tmp_path: Path) -> None:
+    # Stable-Diffusion-style conditioning: a context input [B, 7, 48]; the cross-attention site (7 keys) fuses too.
+    from attn_export.models.loader import parse_extra_input
+
+    path = tmp_path_factory.mktemp("cross") / "cross.onnx"
+    export_onnx(ModelSource(model="export_zoo:cross_attend", extra_inputs=[parse_extra_input("context:float32:batch,7,48")]),
+                path, check=False)
+    fp16 = half(path)
+    result = _engine(fp16, tmp_path, RANGE)
+    assert [s.kind for s in result.readiness.attention] == ["self", "cross"]
+    assert_agrees(result, fp16, RANGE)
+    assert all(b.verdict == "fused" for b in result.build.fusion.blocks)
+    assert [io["name"] for io in _written(tmp_path)["io"]] == ["x", "t", "context", "out"]

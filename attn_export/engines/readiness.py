@@ -389,7 +389,7 @@ def check_trt_readiness(
                     # No UNet config in the spec: use the levels read off the graph instead.
                     for i, p in enumerate(profiles):
                         for b in blocks:
-                            if b.level is not None:
+                            if b.level is not None and b.kind == "self":  # cross-attention keys are the context's
                                 keys = (p.max[1] >> b.level) * (p.max[2] >> b.level)
                                 if keys > FP16_MAX_KEYS:
                                     add("warning", "fp16-key-count",

@@ -597,8 +597,8 @@ def _fill_shapes(site: AttentionSite, idx: TypedIndex, probe: TypedIndex | None,
             continue
         if site.head_size is None and isinstance(qs[-1], int) and qs[-1] > 0:
             site.head_size = qs[-1]
-        ks = site.k.canonical_shape(index.shapes.get(site.k.tensor)) if site.k is not None else None
-        if ks and len(ks) >= 2 and site.kv_len is None:
+        ks = site.k.canonical_shape(index.shapes.get(site.k.tensor)) if site.k is not None and index is idx else None
+        if ks and len(ks) >= 2 and site.kv_len is None:  # symbolic shapes only: the probe's sizes are its own
             kv = ks[-2]
             if isinstance(kv, int) or (isinstance(kv, str) and not kv.startswith("unk__")):
                 site.kv_len = kv

@@ -13,10 +13,11 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import json
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -53,6 +54,8 @@ class ModelSource:
     hw_multiple: int | None = None
     # (height, width) for a model that serves one size: H and W become static in the export (batch stays dynamic).
     static_hw: tuple[int, int] | None = None
+    # More inputs of an imported model's forward (a text context, a mask), passed by keyword after x, t[, y].
+    extra_inputs: list[TensorSpec] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         given = [n for n in ("preset", "config", "model") if getattr(self, n) is not None]
@@ -64,6 +67,13 @@ class ModelSource:
             raise UsageError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
         if self.model_kwargs and self.model is None:
             raise UsageError("--model-kwargs needs --model")
+        if self.extra_inputs and self.model is None:
+            raise UsageError("--extra-input needs --model (the built-in UNets take x, t and y only)")
+        taken = {"x", "t", "y"}
+        for extra in self.extra_inputs:
+            if extra.name in taken:
+                raise UsageError(f"--extra-input {extra.name}: the name is taken (x, t, y and each extra input once)")
+            taken.add(extra.name)
         if self.static_hw is not None:
             h, w = (int(v) for v in self.static_hw)
             if h < 1 or w < 1 or h > 65536 or w > 65536:
@@ -91,14 +101,19 @@ class DenoiserAdapter(nn.Module):
     dataclass holding it (the first tensor found, or ``output_key``).
     """
 
-    def __init__(self, inner: nn.Module, takes_y: bool, output_key: str | None = None) -> None:
+    def __init__(self, inner: nn.Module, takes_y: bool, output_key: str | None = None,
+                 extra_names: Sequence[str] = ()) -> None:
         super().__init__()
         self.inner = inner
         self.takes_y = takes_y
         self.output_key = output_key
+        self.extra_names = list(extra_names)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        out = self.inner(x, t, y) if self.takes_y else self.inner(x, t)
+    def forward(self, x: torch.Tensor, t: torch.Tensor, *rest: torch.Tensor | None) -> torch.Tensor:
+        """``(x, t[, y], *extras)`` in the spec's input order; the extra inputs reach the model by keyword."""
+        y, extras = (rest[0], rest[1:]) if self.takes_y else (None, rest)
+        by_name = dict(zip(self.extra_names, extras))
+        out = self.inner(x, t, y, **by_name) if self.takes_y else self.inner(x, t, **by_name)
         return _first_tensor(out, self.output_key)
 
 
@@ -151,17 +166,33 @@ def _unet_spec(config: UNetConfig) -> tuple[list[TensorSpec], list[TensorSpec]]:
     return inputs, outputs
 
 
-def _probe_imported(module: nn.Module, in_channels: int, takes_y: bool, num_classes: int | None) -> tuple[int, int]:
+def _extras_at(extra_inputs: Sequence[TensorSpec], batch: int, height: int, width: int) -> list[torch.Tensor]:
+    """Zero-filled extra inputs (float) or ones (bool, int: masks attend everywhere) for a probe call."""
+    out = []
+    for t in extra_inputs:
+        shape = t.shape_for(batch, height, width)
+        dtype = getattr(torch, t.dtype)
+        out.append(torch.zeros(shape, dtype=dtype) if dtype.is_floating_point else torch.ones(shape, dtype=dtype))
+    return out
+
+
+def _call_probe(module: nn.Module, x: torch.Tensor, takes_y: bool, extra_inputs: Sequence[TensorSpec]) -> torch.Tensor:
+    b, _, h, w = x.shape
+    t = torch.zeros(b, dtype=torch.int64)
+    y = [torch.zeros(b, dtype=torch.int64)] if takes_y else []
+    return module(x, t, *y, *_extras_at(extra_inputs, b, h, w))
+
+
+def _probe_imported(module: nn.Module, in_channels: int, takes_y: bool, num_classes: int | None,
+                    extra_inputs: Sequence[TensorSpec] = ()) -> tuple[int, int]:
     """Find the smallest H/W multiple the model serves, and its output channels, by running it."""
     last = ""
     with torch.no_grad():
         for m in (1, 2, 4, 8, 16, 32, 64):
             size = 3 * m  # an odd multiple of m fails whenever m is too small
             x = torch.zeros(1, in_channels, size, size)
-            t = torch.zeros(1, dtype=torch.int64)
-            y = torch.zeros(1, dtype=torch.int64) if takes_y else None
             try:
-                out = module(x, t, y)
+                out = _call_probe(module, x, takes_y, extra_inputs)
             except Exception as exc:  # noqa: BLE001 - a failing probe size just means "not this multiple"
                 first = (str(exc).strip().splitlines() or [""])[0][:200]
                 last = f"; at {size}x{size} (x:1x{in_channels}x{size}x{size}) the model raised {type(exc).__name__}: {first}"
@@ -201,7 +232,7 @@ def load_model(source: ModelSource, attention_impl: AttentionImpl = "reference")
         inner.eval()
         num_classes = source.num_classes if source.num_classes is not None else getattr(inner, "num_classes", None)
         takes_y = num_classes is not None
-        module: nn.Module = DenoiserAdapter(inner, takes_y)
+        module: nn.Module = DenoiserAdapter(inner, takes_y, extra_names=[t.name for t in source.extra_inputs])
         description = {"kind": "import", "model": source.model, "model_kwargs": dict(source.model_kwargs), "seed": source.seed}
     else:
         if source.preset is not None:
@@ -265,13 +296,16 @@ def load_model(source: ModelSource, attention_impl: AttentionImpl = "reference")
         if source.hw_multiple is not None or source.static_hw is not None:
             multiple = source.hw_multiple or 1
             h, w = source.static_hw or (multiple * 2, multiple * 2)
-            out_ch = _output_channels(module, in_ch, takes_y, h, w)
+            out_ch = _output_channels(module, in_ch, takes_y, h, w, source.extra_inputs)
         else:
-            multiple, out_ch = _probe_imported(module, in_ch, takes_y, num_classes)
+            multiple, out_ch = _probe_imported(module, in_ch, takes_y, num_classes, source.extra_inputs)
         inputs = [TensorSpec("x", "float32", ["batch", in_ch, "height", "width"]), TensorSpec("t", "int64", ["batch"])]
         if takes_y:
             inputs.append(TensorSpec("y", "int64", ["batch"]))
+        inputs += [TensorSpec(t.name, t.dtype, list(t.dims)) for t in source.extra_inputs]
         outputs = [TensorSpec("out", "float32", ["batch", out_ch, "height", "width"])]
+        if source.extra_inputs:
+            description["extra_inputs"] = [dataclasses.asdict(t) for t in source.extra_inputs]
         description["hw_multiple"] = multiple
         description["num_classes"] = num_classes
         if source.static_hw is not None:
@@ -287,12 +321,12 @@ def load_model(source: ModelSource, attention_impl: AttentionImpl = "reference")
     return LoadedModel(module=module, spec=spec, config=config)
 
 
-def _output_channels(module: nn.Module, in_ch: int, takes_y: bool, h: int, w: int) -> int:
+def _output_channels(module: nn.Module, in_ch: int, takes_y: bool, h: int, w: int,
+                     extra_inputs: Sequence[TensorSpec] = ()) -> int:
     """Run the imported model once at 1 x in_ch x h x w; its output channels. Its own error is reported as its own."""
     try:
         with torch.no_grad():
-            out = module(torch.zeros(1, in_ch, h, w), torch.zeros(1, dtype=torch.int64),
-                         torch.zeros(1, dtype=torch.int64) if takes_y else None)
+            out = _call_probe(module, torch.zeros(1, in_ch, h, w), takes_y, extra_inputs)
     except Exception as exc:  # noqa: BLE001 - the user's forward can raise anything
         first = (str(exc).strip().splitlines() or [""])[0][:200]
         raise UsageError(f"the model raised {type(exc).__name__} when called with x:1x{in_ch}x{h}x{w}, t:1: {first}") from None
@@ -334,7 +368,9 @@ def source_from_spec(spec: ModelSpec, options: ReferenceOptions | None = None) -
         # The size the artifact was exported for stays its size, whichever model the user names to rebuild it.
         source = ModelSource(preset=o.preset, config=o.config, model=o.model, model_kwargs=o.model_kwargs or {},
                              seed=seed, static_hw=_static_hw_of(src),
-                             hw_multiple=src.get("hw_multiple") if o.model is not None else None)
+                             hw_multiple=src.get("hw_multiple") if o.model is not None else None,
+                             num_classes=src.get("num_classes") if o.model is not None else None,
+                             extra_inputs=_extras_of(src) if o.model is not None else [])
     elif src.get("kind") == "import":
         if not o.trust_artifact:
             raise UsageError(
@@ -343,7 +379,7 @@ def source_from_spec(spec: ModelSpec, options: ReferenceOptions | None = None) -
                 f"pass {TRUST_FLAG} to run what the file names")
         source = ModelSource(model=src["model"], model_kwargs=dict(src.get("model_kwargs") or {}), seed=seed,
                              num_classes=src.get("num_classes"), hw_multiple=src.get("hw_multiple"),
-                             static_hw=_static_hw_of(src))
+                             static_hw=_static_hw_of(src), extra_inputs=_extras_of(src))
     elif src.get("kind") in ("preset", "config") and "config" in src:
         # The full config is recorded, so a preset changed in a later version still rebuilds the same model.
         source = ModelSource(config=dict(src["config"]), seed=seed, static_hw=_static_hw_of(src))
@@ -380,6 +416,40 @@ def source_from_spec(spec: ModelSpec, options: ReferenceOptions | None = None) -
         source.checkpoint = path
         source.checkpoint_key = recorded.get("key")
     return source
+
+
+def _extras_of(src: dict[str, Any]) -> list[TensorSpec]:
+    return [TensorSpec(str(t["name"]), str(t["dtype"]), list(t["dims"])) for t in src.get("extra_inputs") or []]
+
+
+def parse_extra_input(text: str) -> TensorSpec:
+    """``NAME:DTYPE:DIMS`` (DIMS comma-separated: ``batch`` or a size), e.g. ``encoder_hidden_states:float32:batch,77,768``."""
+    parts = text.strip().split(":")
+    if len(parts) != 3 or not parts[0] or not parts[2]:
+        raise UsageError(f"--extra-input {text!r}: expected NAME:DTYPE:DIMS such as context:float32:batch,77,768")
+    name, dtype, dims_text = parts
+    if not re.fullmatch(r"[A-Za-z_][\w.-]{0,127}", name):
+        raise UsageError(f"--extra-input {text!r}: {name!r} is not an input name")
+    if dtype not in EXTRA_DTYPES:
+        raise UsageError(f"--extra-input {text!r}: dtype must be one of {', '.join(EXTRA_DTYPES)}")
+    dims: list[int | str] = []
+    for d in dims_text.split(","):
+        d = d.strip()
+        if d == "batch":
+            dims.append(d)
+        elif d.isdigit() and int(d) > 0:
+            dims.append(int(d))
+        elif re.fullmatch(r"[A-Za-z_]\w*", d):
+            raise UsageError(f"--extra-input {text!r}: a dynamic axis other than batch ({d!r}) is not supported yet; "
+                             "give its size (the engine profiles and the checks need one)")
+        else:
+            raise UsageError(f"--extra-input {text!r}: bad dim {d!r} (batch or a positive size)")
+    if "batch" in dims and dims[0] != "batch":
+        raise UsageError(f"--extra-input {text!r}: batch must be the first dim")
+    return TensorSpec(name, dtype, dims)
+
+
+EXTRA_DTYPES = ("float32", "float16", "int64", "int32", "bool")
 
 
 def _static_hw_of(src: dict[str, Any]) -> tuple[int, int] | None:
