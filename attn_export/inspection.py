@@ -26,6 +26,7 @@ from onnx import helper
 from .errors import UsageError
 from .graph import TypedIndex, find_attention
 from .graph.probe import DEFAULT_P, probe_index
+from .graph.spatial import flatten_spatial_attention
 from .spec import METADATA_KEY, ModelSpec
 
 
@@ -170,6 +171,8 @@ def inspect_onnx(path: str | Path) -> InspectReport:
     spec, other_meta = _spec_of(model, p)
     opset = {(o.domain or "ai.onnx"): o.version for o in model.opset_import}
     hist = Counter((n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}::{n.op_type}") for n in model.graph.node)
+    # Sites are reported as `optimize` will read them: NCSN++'s 5-D spatial attention in its flattened form.
+    flatten_spatial_attention(model)
     # One symbolic and one concrete-shape inference, shared by the attention analysis and the precision share.
     m = spec.hw_multiple if spec else 1
     side = max(DEFAULT_P, 2 * m) // m * m

@@ -186,3 +186,53 @@ def cross_attend():
         for p in model.parameters():  # attention that is not near-uniform
             p.mul_(1.5)
     return model
+
+
+class NIN(nn.Module):
+    """Score-SDE's network-in-network layer: a 1x1 linear map over channels, written as an einsum."""
+
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.W = nn.Parameter(torch.randn(cin, cout) * 0.2)
+        self.b = nn.Parameter(torch.zeros(cout))
+
+    def forward(self, x):
+        return (torch.einsum("bhwc,co->bhwo", x.permute(0, 2, 3, 1), self.W) + self.b).permute(0, 3, 1, 2)
+
+
+class SpatialAttention(nn.Module):
+    """NCSN++'s attention: 5-D einsums over (h, w) x (i, j), a reshape that flattens the keys around the softmax."""
+
+    def __init__(self, ch):
+        super().__init__()
+        self.norm = nn.GroupNorm(8, ch)
+        self.q, self.k, self.v, self.out = NIN(ch, ch), NIN(ch, ch), NIN(ch, ch), NIN(ch, ch)
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        n = self.norm(x)
+        logits = torch.einsum("bchw,bcij->bhwij", self.q(n), self.k(n)) * (int(c) ** (-0.5))
+        weights = torch.softmax(torch.reshape(logits, (b, h, w, h * w)), dim=-1)
+        out = torch.einsum("bhwij,bcij->bchw", torch.reshape(weights, (b, h, w, h, w)), self.v(n))
+        return x + self.out(out)
+
+
+class SpatialNet(nn.Module):
+    def __init__(self, ch=32):
+        super().__init__()
+        self.inp = nn.Conv2d(3, ch, 3, padding=1)
+        self.t = nn.Linear(1, ch)
+        self.att = SpatialAttention(ch)
+        self.down = nn.Conv2d(ch, ch, 3, stride=2, padding=1)
+        self.att2 = SpatialAttention(ch)
+        self.up = nn.Upsample(scale_factor=2)
+        self.outc = nn.Conv2d(ch, 3, 3, padding=1)
+
+    def forward(self, x, t):
+        h = self.att(self.inp(x) + self.t(t.float()[:, None] / 1000)[:, :, None, None])
+        return self.outc(self.up(self.att2(self.down(h))))
+
+
+def spatial_net():
+    torch.manual_seed(0)
+    return SpatialNet().eval()

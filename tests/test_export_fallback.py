@@ -231,3 +231,31 @@ def test_extra_input_refusals(text: str, says: str, tmp_path: Path) -> None:
     assert r.exit_code == 2 and says in r.output, r.output
     r = run("onnx", "--preset", "tiny", "--extra-input", "c:float32:batch,4", "-o", tmp_path / "t.onnx")
     assert r.exit_code == 2 and "needs --model" in r.output
+
+
+# --------------------------------------------------------------------------- Score-SDE's attention form
+def test_ncsnpp_spatial_attention_is_rewritten(tmp_path: Path) -> None:
+    """5-D einsums with a reshape of the key axes around the softmax: layout, rewritten, fused-form, exact."""
+    import json
+
+    import torch
+
+    import export_zoo
+
+    out = tmp_path / "n.onnx"
+    r = export_onnx(ModelSource(model="export_zoo:spatial_net"), out)
+    assert r.attention_nodes == 2 and not r.unfused and r.check is not None and r.check["passed"]
+    sites = find_attention(onnx.load(str(out)))
+    assert len(sites) == 2 and all(s.form == "op" and s.head_size == 32 for s in sites)
+    assert [s.total_scale for s in sites] == pytest.approx([32 ** -0.5] * 2)
+    # A file exported elsewhere: inspect reads its sites as optimize will, and optimize rewrites them.
+    raw = tmp_path / "raw.onnx"
+    torch.onnx.export(export_zoo.spatial_net(), (torch.randn(2, 3, 16, 16), torch.tensor([1, 2])), str(raw), dynamo=False,
+                      opset_version=18, input_names=["x", "t"], output_names=["out"],
+                      dynamic_axes={"x": {0: "N", 2: "H", 3: "W"}, "t": {0: "N"}, "out": {0: "N", 2: "H", 3: "W"}})
+    reported = json.loads(run("inspect", raw, "--json").output)["attention"]
+    assert len(reported) == 2 and all(a["problem"] is None and a["form"] == "einsum" for a in reported)
+    assert all("mask or bias" not in a["trt_fusion"] for a in reported)
+    r2 = run("optimize", raw, "-o", tmp_path / "opt.onnx", "--input-shapes", "x:1x3x16x16")
+    assert r2.exit_code == 0, r2.output
+    assert sum(n.op_type == "Attention" for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node) == 2

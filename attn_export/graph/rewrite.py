@@ -22,6 +22,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from .spatial import flatten_spatial_attention
 from .attention import AttentionSite, Operand, find_attention
 from .index import TypedIndex, default_opset, drop_unused_initializers, read_names, swap_last_two
 
@@ -276,12 +277,16 @@ def canonicalize_attention(model: onnx.ModelProto, form: str = "op", *,
 
     Sites that cannot be rewritten are left as they are and listed in
     ``unfused`` with the reason; the caller decides whether that is an error.
+    NCSN++'s spatial attention is first put in its flattened form
+    (:func:`.spatial.flatten_spatial_attention`).
     """
     if form not in TARGET_FORMS:
         raise ValueError(f"form must be one of {TARGET_FORMS} (got {form!r})")
     if form == "op" and default_opset(model) < 23:
         raise ValueError(f"the ONNX Attention op needs opset 23 or later (model is at {default_opset(model)})")
     ensure_node_names(model)
+    if sites is None and flatten_spatial_attention(model):
+        remove_dead_nodes(model)  # the reshapes' shape computations
     found = sites if sites is not None else find_attention(model, probe=False, index=TypedIndex(model), run=run)
 
     def problem(site: AttentionSite) -> str | None:
