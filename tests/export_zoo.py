@@ -236,3 +236,21 @@ class SpatialNet(nn.Module):
 def spatial_net():
     torch.manual_seed(0)
     return SpatialNet().eval()
+
+
+class IgnoresT(nn.Module):
+    """A denoiser that never reads its timestep (an unconditional model kept to the (x, t) signature)."""
+
+    def __init__(self, ch=32):
+        super().__init__()
+        self.inp = nn.Conv2d(3, ch, 3, padding=1)
+        self.att = Att(ch)
+        self.outc = nn.Conv2d(ch, 3, 3, padding=1)
+
+    def forward(self, x, t):
+        return self.outc(Att.inner(self.att, self.inp(x)))
+
+
+def ignores_t():
+    torch.manual_seed(0)
+    return IgnoresT().eval()

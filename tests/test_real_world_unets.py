@@ -261,3 +261,13 @@ def test_ncsnpp_spatial_attention_is_rewritten(tmp_path: Path) -> None:
     r2 = run("optimize", raw, "-o", tmp_path / "opt.onnx", "--input-shapes", "x:1x3x16x16")
     assert r2.exit_code == 0, r2.output
     assert sum(n.op_type == "Attention" for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node) == 2
+
+
+def test_an_input_the_forward_never_reads_stays_an_input(tmp_path: Path) -> None:
+    # The exporter prunes an unread input; the file keeps it (unread), so every declared feed is accepted.
+    out = tmp_path / "u.onnx"
+    r = export_onnx(ModelSource(model="export_zoo:ignores_t"), out)
+    assert r.check is not None and r.check["passed"]
+    assert [i.name for i in onnx.load(str(out)).graph.input] == ["x", "t"]
+    r2 = run("verify", out, "--model", "export_zoo:ignores_t")
+    assert r2.exit_code == 0 and "PASSED" in r2.output, r2.output

@@ -509,6 +509,7 @@ def export_onnx(
                     f"{attention!r} form: {first['reason']}{more}; nothing was written. Pass --allow-unfused to write "
                     "the file anyway and list the unfused sites")
         with _step(steps, "shape inference + check", progress):
+            passes.keep_declared_inputs(model, [(t.name, t.dtype, list(t.dims)) for t in spec.inputs])
             passes.name_dynamic_dims(model, {t.name: t.dims for t in spec.inputs + spec.outputs})
             # ONNX shape inference cannot type GroupNormalization-21's output on its own (dynamo emits the op):
             # its element types are kept, every shape is inferred afresh.

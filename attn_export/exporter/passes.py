@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Iterable
 
+import numpy as np
 import onnx
 
 from ..graph.index import drop_unused_initializers
@@ -24,6 +25,32 @@ def optimize(model: onnx.ModelProto) -> onnx.ModelProto:
     out = onnxscript.optimizer.optimize(model)
     drop_unused_initializers(out)
     return out
+
+
+def keep_declared_inputs(model: onnx.ModelProto, declared: list[tuple[str, str, list[int | str]]]) -> list[str]:
+    """Give back to the graph every declared input the exporter dropped because the forward never reads it.
+
+    An exporter prunes an unused input (a denoiser that ignores ``t``); the
+    file would then refuse the feed its description promises. The input is
+    put back, unread, in its declared place; returns the names restored.
+    """
+    present = {vi.name for vi in model.graph.input}
+    missing = [(n, dt, dims) for n, dt, dims in declared if n not in present]
+    if not missing:
+        return []
+    inputs = list(model.graph.input)
+    by_name = {vi.name: vi for vi in inputs}
+    ordered = []
+    for name, dtype, dims in declared:
+        if name in by_name:
+            ordered.append(by_name.pop(name))
+        else:
+            elem = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+            ordered.append(onnx.helper.make_tensor_value_info(name, elem, list(dims)))
+    ordered += list(by_name.values())  # anything else the graph lists stays after them
+    del model.graph.input[:]
+    model.graph.input.extend(ordered)
+    return [n for n, _, _ in missing]
 
 
 def name_dynamic_dims(model: onnx.ModelProto, names: dict[str, Iterable[int | str]]) -> None:
