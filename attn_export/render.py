@@ -252,6 +252,10 @@ def fp16(r: Any) -> None:
     shapes = ", ".join("x".join(map(str, s)) for s in a.calibration_shapes)
     console.print(f"[bold]FP16 range audit[/] of {escape(str(r.source))}: calibration {shapes}, threshold {a.threshold:g} "
                   f"(FP16 max 65504)", highlight=False)
+    if getattr(r, "decomposed", None):
+        console.print(escape(f"{len(r.decomposed)} attention site(s) written as MatMul/Softmax/MatMul: no fused kernel takes "
+                             f"them (head size or FP32), and the chain builds in any TensorRT: {', '.join(r.decomposed)}"),
+                      highlight=False)
     islands = Table(title=f"FP32 islands: {len(r.fp32_nodes)} node(s)", title_justify="left")
     for col in ("node", "op", "kind", "why"):
         islands.add_column(col, overflow="fold")

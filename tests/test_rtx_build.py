@@ -222,10 +222,13 @@ def test_multi_head_model(tmp_path_factory: pytest.TempPathFactory, half, tmp_pa
 
 
 def test_head_size_below_the_window(tmp_path_factory: pytest.TempPathFactory, half, tmp_path: Path) -> None:
-    # Four heads of 8: below the fused kernels' window; predicted and built as separate kernels.
+    # Four heads of 8: below the fused kernels' window; predicted and built as separate kernels. The FP16 file holds
+    # the MatMul/Softmax/MatMul chain there, which a builder that marks nothing decomposable builds too.
     path = tmp_path_factory.mktemp("mh8") / "mh8.onnx"
     export_onnx(ModelSource(model="attention_zoo:make", model_kwargs={"form": "sdpa_mh", "ch": 32}), path, check=False)
     fp16 = half(path)
+    assert all(s.form == "decomposed" for s in find_attention(onnx.load(str(fp16))))
+    assert independent_build(fp16, RANGE, decomposable=False) is not None
     result = _engine(fp16, tmp_path, RANGE)
     assert "head-size" in result.readiness.codes("warning")
     assert_agrees(result, fp16, RANGE)
@@ -255,10 +258,12 @@ def test_ddpm_cifar10(export_model, half, tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_ddpm_256_builds_with_head_size_512(export_model, half, tmp_path: Path) -> None:
-    # Head size 512 has no fused kernel: without decomposable attention the default export could not be built.
+    # Head size 512 has no fused kernel: the Attention op would stop a builder that does not mark it decomposable
+    # (the FP32 op export still would); the FP16 file holds the MatMul/Softmax/MatMul chain there instead.
     path = half(export_model("ddpm-256", "op"))
     profile = Profile((1, 64, 64), (2, 64, 64), (2, 64, 64))
-    assert independent_build(path, profile, decomposable=False) is None
+    assert all(s.form == "decomposed" for s in find_attention(onnx.load(str(path), load_external_data=False)))
+    assert independent_build(path, profile, decomposable=False) is not None
     result = _engine(path, tmp_path, profile)
     assert_agrees(result, path, profile)
     assert all(b.verdict == "separate kernels" and "512" in (b.reason or "") for b in result.build.fusion.blocks)

@@ -25,6 +25,7 @@ import onnx
 
 from ..errors import UsageError
 from ..graph import AttentionSite, TypedIndex, find_attention
+from ..graph.attention import HEAD_SIZE_ALIGN, HEAD_SIZE_MAX, HEAD_SIZE_MIN, head_size_fusable
 from ..spec import ModelSpec
 from .profiles import FP16_MAX_KEYS, Profile, attention_levels, validate_profiles
 
@@ -64,7 +65,6 @@ MAX_TARGET = (11, 4)   # the newest TensorRT whose Python API the conformance ch
 # Every TensorRT release from MIN_TARGET to MAX_TARGET: the supported range, and `--target`'s choices.
 SUPPORTED_TARGETS = tuple(f"10.{m}" for m in range(12, 17)) + tuple(f"11.{m}" for m in range(0, MAX_TARGET[1] + 1))
 ATTENTION_OP_SINCE = (10, 14)
-HEAD_SIZE_MIN, HEAD_SIZE_MAX, HEAD_SIZE_ALIGN = 16, 256, 8
 NORM_OPS = ("InstanceNormalization", "GroupNormalization", "LayerNormalization", "BatchNormalization",
             "RMSNormalization")
 HALF_TYPES = ("float16", "bfloat16")
@@ -217,13 +217,6 @@ def attention_blocks(model: onnx.ModelProto | str | Path) -> list[AttentionSite]
 
 
 # --------------------------------------------------------------------------- the check
-def head_size_fusable(head_size: int | None) -> bool | None:
-    """FP16/BF16 fused MHA window: 16 <= H <= 256 and H % 8 == 0 (None if unknown)."""
-    if head_size is None:
-        return None
-    return HEAD_SIZE_MIN <= head_size <= HEAD_SIZE_MAX and head_size % HEAD_SIZE_ALIGN == 0
-
-
 def model_is_fp16(model: onnx.ModelProto, spec: ModelSpec | None = None) -> bool:
     """True for FP16/mixed models (by their description, or FP16/BF16 weights)."""
     return (spec is not None and spec.precision in ("fp16", "mixed")) or any(

@@ -104,6 +104,7 @@ class Fp16Result:
     check: dict[str, Any] | None = None
     emulation: EmulationReport | None = None
     forced_fp16: list[str] = field(default_factory=list)
+    decomposed: list[str] = field(default_factory=list)  # Attention sites written as MatMul/Softmax/MatMul (no fused kernel)
     steps: dict[str, float] = field(default_factory=dict)
     external_data: Path | None = None   # NAME.onnx.data, for outputs whose weights reach 2 GB
 
@@ -341,6 +342,30 @@ def convert_graph(
     }
 
 
+def decompose_unfusable(model: onnx.ModelProto, weights_folder: Path | None = None) -> list[str]:
+    """Write each Attention node that no fused kernel takes as the MatMul/Softmax/MatMul chain; the sites rewritten.
+
+    No kernel: Q/K/V left in FP32 by the audit, or a head size outside the
+    fused kernels' window (ddpm-256's 512). TensorRT's Attention layer is not
+    decomposable by default, so a builder that does not mark it (trtexec)
+    would stop on such a node; the chain builds anywhere, as separate
+    kernels, and computes the same.
+    """
+    from ..graph import canonicalize_attention, find_attention
+    from ..graph.attention import head_size_fusable
+
+    found = [s for s in find_attention(model, run=False) if s.form == "op"]
+    if any(s.head_size is None for s in found) and weights_folder is not None:
+        # Head sizes that shapes do not tell (a 3-D q with heads in an attribute) are read from two small runs.
+        found = [s for s in find_attention(model, run=True, weights_folder=weights_folder) if s.form == "op"]
+    sites = [s for s in found if head_size_fusable(s.head_size) is False
+             or s.dtype is not None and s.dtype not in ("float16", "bfloat16")]
+    if not sites:
+        return []
+    result = canonicalize_attention(model, "decomposed", sites=sites, run=False)
+    return list(result.rewritten)
+
+
 def attention_dtypes(model: onnx.ModelProto) -> list[dict[str, Any]]:
     """Per attention site: name and the dtypes Q, K and V are computed in."""
     from ..graph import find_attention
@@ -490,6 +515,7 @@ def convert_fp16(
             raise CheckFailed(f"the FP16 model failed the ONNX checks: {str(exc).splitlines()[0]}") from None
         if [(o.domain, o.version) for o in model.opset_import] != orig_opset:
             raise CheckFailed("the FP16 conversion changed the opset")
+        decomposed = decompose_unfusable(model, stage)
         embed_spec(model, fp16_spec)
         # FP32 weights that every consumer now reads in FP16 are dropped here: only used tensors are kept.
         staged, external = weights.save_staged(model, stage, out.name, data_name, ["fp32.data", "fp16.data"],
@@ -534,5 +560,5 @@ def convert_fp16(
         casts_added=counts["casts_added"], initializers_fp16=counts["initializers_fp16"],
         initializers_fp32=counts["initializers_fp32"], clamped_initializers=counts["clamped"], attention=attention,
         size_bytes=size, seconds=time.perf_counter() - t_start, check=check_result, emulation=emulation,
-        forced_fp16=forced, steps=steps, external_data=data_path,
+        forced_fp16=forced, steps=steps, external_data=data_path, decomposed=decomposed,
     )

@@ -72,6 +72,18 @@ class Factor:
         return Factor(placement, self.tensor, self.divides, self.value, self.source)
 
 
+# TensorRT's fused multi-head attention kernels take FP16/BF16 head sizes 16..256 in steps of 8 (its developer
+# guide, "multi-head attention fusion"); outside that window a site runs as separate kernels.
+HEAD_SIZE_MIN, HEAD_SIZE_MAX, HEAD_SIZE_ALIGN = 16, 256, 8
+
+
+def head_size_fusable(head_size: int | None) -> bool | None:
+    """FP16/BF16 fused MHA window: 16 <= H <= 256 and H % 8 == 0 (None if unknown)."""
+    if head_size is None:
+        return None
+    return HEAD_SIZE_MIN <= head_size <= HEAD_SIZE_MAX and head_size % HEAD_SIZE_ALIGN == 0
+
+
 DYNAMIC_SCALE = "the attention scale depends on a dynamic dim (it cannot be folded into a constant)"
 
 
