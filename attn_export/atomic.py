@@ -4,13 +4,65 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import tempfile
-import threading
 from pathlib import Path
 from typing import Iterator
 
-from .errors import UsageError
+from .errors import Terminated, UsageError
+
+# Signals that arrived inside a critical section (a staging folder being made or removed, files being renamed
+# into place): the handler records them here and the section raises on its way out, so the interruption lands
+# before or after the section, never inside it. A per-thread signal mask would not do: Linux hands a process's
+# signal to any thread that does not block it (ONNX Runtime's and the progress bar's threads among them).
+_held = 0
+_pending: list[int] = []
+
+
+def defer_signal(signum: int) -> bool:
+    """For the signal handler: True (and the signal kept for later) when a critical section is running."""
+    if _held:
+        _pending.append(signum)
+        return True
+    return False
+
+
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Run the block whole: SIGINT/SIGTERM arriving meanwhile are raised (as KeyboardInterrupt) when it ends."""
+    global _held
+    _held += 1
+    try:
+        yield
+    finally:
+        _held -= 1
+        if not _held and _pending:
+            terminated = signal.SIGTERM in _pending
+            _pending.clear()
+            raise Terminated() if terminated else KeyboardInterrupt()
+
+
+@contextlib.contextmanager
+def staging_dir(target: str | os.PathLike[str]) -> Iterator[Path]:
+    """A hidden temporary folder next to ``target``, removed on the way out, whatever interrupts the block.
+
+    Making the folder and taking charge of it happen in one critical section,
+    and so does removing it: no signal can leave it behind.
+    """
+    out = Path(target)
+    path: Path | None = None
+    try:
+        with signals_deferred():
+            try:
+                path = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+            except OSError as exc:
+                raise UsageError(f"cannot write in {out.parent}: {exc.strerror or exc}") from None
+        yield path
+    finally:
+        if path is not None:
+            with signals_deferred():
+                shutil.rmtree(path, ignore_errors=True)
 
 
 def check_output_path(path: str | os.PathLike[str], *, force: bool) -> Path:
@@ -73,9 +125,9 @@ def publish_together(outputs: list[tuple[str | os.PathLike[str], bytes]]) -> Non
     """Write several files that belong together (an engine and its sidecar) and put them in place as one step.
 
     Every file is written in full to a temporary name next to its target
-    first; then the renames run with SIGINT and SIGTERM held back (on the main
-    thread), so a signal lands before the first rename or after the last,
-    never between: a reader sees the old pair or the new pair. On any failure
+    first; then the renames run as one critical section (:func:`signals_deferred`),
+    so a signal lands before the first rename or after the last, never
+    between: a reader sees the old pair or the new pair. On any failure
     before the renames, every temporary file is removed.
     """
     with contextlib.ExitStack() as stack:
@@ -94,13 +146,6 @@ def publish_together(outputs: list[tuple[str | os.PathLike[str], bytes]]) -> Non
             os.chmod(tmp_path, 0o666 & ~umask)
             tmp_path.write_bytes(data)
             temps.append((tmp_path, target))
-        main = threading.current_thread() is threading.main_thread()
-        held = {signal.SIGINT, signal.SIGTERM}
-        if main:
-            signal.pthread_sigmask(signal.SIG_BLOCK, held)
-        try:
+        with signals_deferred():
             for tmp_path, target in temps:
                 os.replace(tmp_path, target)
-        finally:
-            if main:
-                signal.pthread_sigmask(signal.SIG_UNBLOCK, held)

@@ -104,7 +104,11 @@ _SIGNALS: list[int] = []
 
 
 def _on_signal(signum: int, frame: Any) -> None:
+    from .atomic import defer_signal
+
     _SIGNALS.append(signum)
+    if defer_signal(signum):  # inside a critical section: raised when it ends
+        return
     raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
 
 

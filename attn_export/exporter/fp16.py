@@ -37,7 +37,6 @@ PyTorch the result is checked with :func:`.audit.emulate_fp16`.
 
 from __future__ import annotations
 
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,7 +47,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from .. import heap
-from ..atomic import check_output_path
+from ..atomic import check_output_path, staging_dir
 from ..errors import CheckFailed, UsageError
 from ..progress import ProgressFn
 from ..shapes import Shape, fit_shapes, round_up
@@ -481,7 +480,7 @@ def convert_fp16(
     # every pass works on the weightless graph and ONNX Runtime reads the data files itself, so no step holds
     # a copy of all the weights. Only a checked result is moved into place; on failure or interruption the
     # folder goes, and nothing is left behind.
-    with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmpdir:
+    with staging_dir(out) as tmpdir:
         stage = Path(tmpdir)
         model = weights.stage_weights(model, src.parent, stage / "fp32.data")
         heap.release()

@@ -29,7 +29,7 @@ import onnx
 import onnx.external_data_helper
 import torch
 
-from ..atomic import atomic_path, check_output_path
+from ..atomic import atomic_path, check_output_path, staging_dir
 from ..compare import Tolerances, compare_arrays, resolve_tolerances
 from ..errors import CheckFailed, ExportFailed, UsageError
 from ..graph import canonicalize_attention
@@ -355,7 +355,7 @@ def _save(model: onnx.ModelProto, out: Path, external: bool) -> Path | None:
             onnx.save_model(model, str(tmp))
         return None
     data_name = out.name + ".data"
-    with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmpdir:
+    with staging_dir(out) as tmpdir:
         tmp_model = Path(tmpdir) / out.name
         onnx.save_model(model, str(tmp_model), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=data_name, size_threshold=1024)
@@ -476,7 +476,7 @@ def export_onnx(
     # Everything is written in a hidden folder next to the output: the weights go there once, straight from
     # PyTorch, and the graph passes run on the weightless graph. Only a checked result is moved into place;
     # on failure or interruption the folder goes, and nothing is left behind.
-    with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmpdir:
+    with staging_dir(out) as tmpdir:
         stage = Path(tmpdir)
         raw = stage / "traced.data"
         with _step(steps, "trace", progress):

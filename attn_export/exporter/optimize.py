@@ -11,7 +11,6 @@ next to it when the input had some, or when it is over 2 GB).
 from __future__ import annotations
 
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +20,7 @@ import numpy as np
 import onnx
 import onnx.external_data_helper
 
-from ..atomic import check_output_path
+from ..atomic import check_output_path, staging_dir
 from ..compare import compare_outputs, resolve_tolerances
 from ..errors import CheckFailed, UsageError
 from ..graph import canonicalize_attention, find_attention
@@ -152,7 +151,7 @@ def optimize_onnx(
     data_path: Path | None = None
     if external:
         # Written and checked in a temporary folder next to the output; both files move in place only if it passes.
-        with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmpdir:
+        with staging_dir(out) as tmpdir:
             staged = Path(tmpdir) / out.name
             data_name = out.name + ".data"
             onnx.save_model(model, str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
