@@ -83,6 +83,20 @@ def check_output_path(path: str | os.PathLike[str], *, force: bool) -> Path:
     return out
 
 
+def _temp_beside(target: Path, suffix: str = "") -> Path:
+    """A new empty file next to ``target`` (hidden, ``.tmp``), with the permissions any new file gets."""
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix + ".tmp", dir=target.parent)
+    except OSError as exc:
+        raise UsageError(f"cannot write in {target.parent}: {exc.strerror or exc}") from None
+    os.close(fd)
+    # mkstemp creates 0600; outputs should get the permissions any new file gets (0666 less the umask).
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    return Path(tmp)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str], suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path in the target's folder; rename it over the target on success.
@@ -91,22 +105,16 @@ def atomic_path(path: str | os.PathLike[str], suffix: str = "") -> Iterator[Path
     so an interrupted run never leaves a half-written output behind.
     """
     target = Path(path)
+    tmp_path: Path | None = None
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix + ".tmp", dir=target.parent)
-    except OSError as exc:
-        raise UsageError(f"cannot write in {target.parent}: {exc.strerror or exc}") from None
-    os.close(fd)
-    tmp_path = Path(tmp)
-    # mkstemp creates 0600; outputs should get the permissions any new file gets (0666 less the umask).
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp_path, 0o666 & ~umask)
-    try:
+        with signals_deferred():  # made and owned in one step: no signal in between
+            tmp_path = _temp_beside(target, suffix)
         yield tmp_path
         os.replace(tmp_path, target)
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp_path.unlink()
+        if tmp_path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                tmp_path.unlink()
         raise
 
 
@@ -134,16 +142,9 @@ def publish_together(outputs: list[tuple[str | os.PathLike[str], bytes]]) -> Non
         temps = []
         for path, data in outputs:
             target = Path(path)
-            try:
-                fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-            except OSError as exc:
-                raise UsageError(f"cannot write in {target.parent}: {exc.strerror or exc}") from None
-            os.close(fd)
-            tmp_path = Path(tmp)
-            stack.callback(tmp_path.unlink, missing_ok=True)
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp_path, 0o666 & ~umask)
+            with signals_deferred():  # made and owned in one step: no signal in between
+                tmp_path = _temp_beside(target)
+                stack.callback(tmp_path.unlink, missing_ok=True)
             tmp_path.write_bytes(data)
             temps.append((tmp_path, target))
         with signals_deferred():

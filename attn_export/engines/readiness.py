@@ -420,7 +420,7 @@ def predicted_unfused(report: ReadinessReport) -> dict[str, str]:
 
 def predicted_fusable(report: ReadinessReport) -> set[str]:
     """Names of the sites the readiness rules expect the builder to fuse (no will-not-fuse finding)."""
-    unfused = {f.node for f in report.unfused}
+    unfused = predicted_unfused(report)
     return {b.name for b in report.attention if b.name not in unfused}
 
 

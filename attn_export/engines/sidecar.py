@@ -228,28 +228,25 @@ def check_compatible(sidecar: dict[str, Any], trt_version: str, gpu_name: str, c
     compute capability 8.0 or later. TensorRT-RTX engines run on the compute
     capabilities they were built for (recorded in the sidecar).
     """
+    from .runtime import get_runtime
+
     name = sidecar.get("engine_file", "engine")
-    built_rt = sidecar_runtime(sidecar)
-    if built_rt != runtime:
-        shown = {"tensorrt": "TensorRT", "rtx": "TensorRT-RTX"}
-        raise UsageError(f"{name} is a {shown.get(built_rt, built_rt)} engine; load it with {shown.get(built_rt, built_rt)}, "
-                         f"not {shown.get(runtime, runtime)} ({REBUILD_HINT} --runtime {runtime} for this one)")
-    if built_rt == "rtx":
-        built_v = str(sidecar.get("tensorrt_version", "?"))
-        if _version_triple(built_v) != _version_triple(trt_version):
-            raise UsageError(f"{name} was built with TensorRT-RTX {built_v} but this is TensorRT-RTX {trt_version}; "
-                             f"plans only load on the version that built them: {REBUILD_HINT}")
+    built_rt, here_rt = get_runtime(sidecar_runtime(sidecar)).display, get_runtime(runtime).display
+    if built_rt != here_rt:
+        raise UsageError(f"{name} is a {built_rt} engine; load it with {built_rt}, not {here_rt} "
+                         f"({REBUILD_HINT} --runtime {runtime} for this one)")
+    built_v = str(sidecar.get("tensorrt_version", "?"))
+    if _version_triple(built_v) != _version_triple(trt_version):
+        raise UsageError(
+            f"{name} was built with {built_rt} {built_v} but this is {here_rt} {trt_version}; "
+            f"plans only load on the version that built them: {REBUILD_HINT}"
+        )
+    if runtime == "rtx":
         targets = [str(c) for c in sidecar.get("compute_capabilities") or []]
         if targets and compute_capability not in targets:
             raise UsageError(f"{name} was built for compute capabilities {', '.join(targets)} but this GPU is {gpu_name} "
                              f"(compute capability {compute_capability}); {REBUILD_HINT} --runtime rtx --compute-capability {compute_capability}")
         return
-    built_v = str(sidecar.get("tensorrt_version", "?"))
-    if _version_triple(built_v) != _version_triple(trt_version):
-        raise UsageError(
-            f"{name} was built with TensorRT {built_v} but this is TensorRT {trt_version}; "
-            f"plans only load on the version that built them: {REBUILD_HINT}"
-        )
     gpu = sidecar.get("gpu") or {}
     built_cc = str(gpu.get("compute_capability", "?"))
     built_name = gpu.get("name", "unknown GPU")

@@ -524,7 +524,7 @@ def build_plan(
     config = polygraphy_config(poly_profiles, opt_level=opt_level, hardware_compatibility=hardware_compatibility,
                                verbosity=verbosity, workspace=workspace, timing_cache=timing_cache,
                                monitor=make_progress_monitor(progress) if progress is not None else None,
-                               compute_capabilities=caps if rt is RTX else None)
+                               compute_capabilities=caps)
     network = _parse_network(onnx_path, strongly_typed, logger)
     loader = polygraphy_loader(network, config, timing_cache)
     from polygraphy.logger import G_LOGGER
@@ -550,7 +550,7 @@ def build_plan(
     sidecar = make_sidecar(
         engine_path=out, engine_sha256=hashlib.sha256(plan).hexdigest(), tensorrt_version=runtimes.version(),
         runtime=rt.name, gpu_name=gpu.name if gpu else None, compute_capability=gpu.compute_capability if gpu else None,
-        compute_capabilities=list(caps) if rt is RTX else None,
+        compute_capabilities=caps,
         profiles=profiles, spec=spec, io=io, onnx_path=onnx_path.resolve(), onnx_sha256=file_sha256(onnx_path),
         precision=_precision(onnx_path, spec), fusion=report.to_dict(), hardware_compatibility=hardware_compatibility,
         build={

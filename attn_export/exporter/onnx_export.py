@@ -33,7 +33,7 @@ from ..atomic import atomic_path, check_output_path, staging_dir
 from ..compare import Tolerances, compare_arrays, resolve_tolerances
 from ..errors import CheckFailed, ExportFailed, UsageError
 from ..graph import canonicalize_attention
-from ..models.loader import LoadedModel, ModelSource, load_model
+from ..models.loader import LoadedModel, ModelSource, load_model, model_raised
 from ..spec import ModelSpec
 from . import passes, weights
 from .metadata import embed_spec
@@ -235,8 +235,7 @@ def call_model(fn: Callable[[], T], loaded: LoadedModel, shape: Sequence[int]) -
     except (UsageError, KeyboardInterrupt):
         raise
     except Exception as exc:  # noqa: BLE001 - the user's forward can raise anything
-        first = (str(exc).strip().splitlines() or [""])[0][:300]
-        raise UsageError(f"the model raised {type(exc).__name__} when called with {_shapes_text(loaded, shape)}: {first}") from None
+        raise model_raised(exc, _shapes_text(loaded, shape)) from None
 
 
 def call_model_once(loaded: LoadedModel, shape: Sequence[int]) -> None:

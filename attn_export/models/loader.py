@@ -321,6 +321,12 @@ def load_model(source: ModelSource, attention_impl: AttentionImpl = "reference")
     return LoadedModel(module=module, spec=spec, config=config)
 
 
+def model_raised(exc: BaseException, inputs: str) -> UsageError:
+    """The one-line error for an exception raised by the user's own forward, called with ``inputs`` (exit 2)."""
+    first = (str(exc).strip().splitlines() or [""])[0][:300]
+    return UsageError(f"the model raised {type(exc).__name__} when called with {inputs}: {first}")
+
+
 def _output_channels(module: nn.Module, in_ch: int, takes_y: bool, h: int, w: int,
                      extra_inputs: Sequence[TensorSpec] = ()) -> int:
     """Run the imported model once at 1 x in_ch x h x w; its output channels. Its own error is reported as its own."""
@@ -328,8 +334,7 @@ def _output_channels(module: nn.Module, in_ch: int, takes_y: bool, h: int, w: in
         with torch.no_grad():
             out = _call_probe(module, torch.zeros(1, in_ch, h, w), takes_y, extra_inputs)
     except Exception as exc:  # noqa: BLE001 - the user's forward can raise anything
-        first = (str(exc).strip().splitlines() or [""])[0][:200]
-        raise UsageError(f"the model raised {type(exc).__name__} when called with x:1x{in_ch}x{h}x{w}, t:1: {first}") from None
+        raise model_raised(exc, f"x:1x{in_ch}x{h}x{w}, t:1") from None
     if out.dim() != 4 or tuple(out.shape[2:]) != (h, w):
         raise UsageError(f"the model returned {tuple(out.shape)} for a 1x{in_ch}x{h}x{w} input; "
                          "a denoiser returns an image of its input's height and width")
