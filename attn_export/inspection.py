@@ -52,6 +52,7 @@ class AttentionReport:
     problem: str | None           # why it cannot be rewritten
     trt_fusion: str               # "fusable" | "fusable once FP16" | "not fusable: <reason>"
     nodes: list[str] = field(default_factory=list)
+    mask: str | None = None       # the mask or bias on the logits, described (None: none)
 
 
 @dataclass
@@ -120,6 +121,7 @@ def _attention(model: onnx.ModelProto, spec: ModelSpec | None, typed: TypedIndex
             kv_len=site.kv_len, heads=site.heads,
             head_size=site.head_size, dtype=site.dtype, canonical=site.canonical, problem=site.problem,
             trt_fusion=site_verdict(site, model_fp16=fp16), nodes=list(site.nodes),
+            mask=site.mask.description if site.mask is not None else None,
         ))
     return out
 

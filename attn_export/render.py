@@ -181,7 +181,8 @@ def inspect_onnx(d: dict[str, Any]) -> None:
         scale = f"{a['scale']:.4g} on {a['scale_placement']}" if a["scale"] is not None else f"? on {a['scale_placement']}"
         if a["scale_source"] == "shape":
             scale += " (from the shape)"
-        att.add_row(escape(a["name"]), a["form_description"] + ("" if a["problem"] is None else " [red](cannot rewrite)[/]"),
+        form = a["form_description"] + ("" if a.get("mask") is None else escape(f", mask: {a['mask']}"))
+        att.add_row(escape(a["name"]), form + ("" if a["problem"] is None else " [red](cannot rewrite)[/]"),
                     escape(scale), escape(f"{a['kind']}: {a['seq_len'] or '?'} / {a['kv_len'] or '?'}"),
                     f"{a['heads'] or '?'} x {a['head_size'] or '?'}",
                     str(a["dtype"] or "?"), escape(a["trt_fusion"]))

@@ -128,7 +128,7 @@ class ModelSpec:
                 value = rng.uniform(low, high, size=shape)
                 feeds[t.name] = (value if floating else np.floor(value)).astype(t.dtype)
             elif t.dtype == "bool":
-                feeds[t.name] = np.ones(shape, dtype=bool)  # a mask that attends everywhere
+                feeds[t.name] = padding_mask(rng, shape)
             elif floating and i > 0:
                 feeds[t.name] = rng.uniform(0.0, 1.0, size=shape).astype(t.dtype)  # sigma, conditioning scalars
             elif floating:
@@ -210,6 +210,22 @@ class ReferenceOptions:
     def names_model(self) -> bool:
         """True when the user named the reference model (preset, config, factory or checkpoint)."""
         return any(v is not None for v in (self.preset, self.config, self.model, self.checkpoint))
+
+
+def padding_mask(rng: np.random.Generator, shape: tuple[int, ...] | list[int]) -> np.ndarray:
+    """A boolean mask like a key-padding mask: along the last axis, True for a random prefix of at least one.
+
+    Never all False in a row (a fully masked softmax row is NaN in PyTorch), and
+    not all True either, so a mask the export dropped or inverted shows.
+    """
+    shape = tuple(int(d) for d in shape)
+    if not shape:
+        return np.array(True)
+    keys = shape[-1]
+    lengths = rng.integers(1, keys + 1, size=shape[:-1])
+    if keys > 1 and lengths.size:
+        lengths.flat[0] = max(1, keys // 2)  # at least one row is really padded
+    return np.arange(keys) < lengths[..., None]
 
 
 def parse_shape(text: str) -> tuple[int, int, int]:

@@ -254,3 +254,49 @@ class IgnoresT(nn.Module):
 def ignores_t():
     torch.manual_seed(0)
     return IgnoresT().eval()
+
+
+class MaskedCross(nn.Module):
+    """Cross-attention to a context [B, 7, 48] with a key-padding mask [B, 7] (True: attend), written three ways:
+    SDPA's boolean ``attn_mask``, ``masked_fill(-inf)`` by hand, and an additive float mask by hand."""
+
+    def __init__(self, style="sdpa", ch=32, ctx=48, heads=2):
+        super().__init__()
+        self.style, self.heads = style, heads
+        self.inp = nn.Conv2d(3, ch, 3, padding=1)
+        self.q = nn.Linear(ch, ch)
+        self.kv = nn.Linear(ctx, 2 * ch)
+        self.temb = nn.Linear(1, ch)
+        self.outc = nn.Conv2d(ch, 3, 3, padding=1)
+
+    def _attend(self, q, k, v, keep):
+        b, s, c = q.shape
+        split = lambda t: t.reshape(b, t.shape[1], self.heads, c // self.heads).transpose(1, 2)  # noqa: E731
+        q, k, v = split(q), split(k), split(v)
+        keep = keep[:, None, None, :]
+        if self.style == "sdpa":
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
+        else:
+            w = q @ k.transpose(-1, -2) * (c // self.heads) ** -0.5
+            if self.style == "masked_fill":
+                w = w.masked_fill(~keep, float("-inf"))
+            else:
+                w = w + (1.0 - keep.float()) * -10000.0
+            out = torch.softmax(w, dim=-1) @ v
+        return out.transpose(1, 2).reshape(b, s, c)
+
+    def forward(self, x, t, *, context, context_mask):
+        h = self.inp(x) + self.temb(t.float()[:, None] / 1000)[:, :, None, None]
+        b, c, hh, ww = h.shape
+        seq = h.flatten(2).transpose(1, 2)
+        seq = seq + self._attend(self.q(seq), *self.kv(context).chunk(2, dim=-1), context_mask)
+        return self.outc(seq.transpose(1, 2).reshape(b, c, hh, ww))
+
+
+def masked_cross(style="sdpa"):
+    torch.manual_seed(0)
+    model = MaskedCross(style).eval()
+    with torch.no_grad():
+        for p in model.parameters():  # attention that is not near-uniform, so a wrong mask shows
+            p.mul_(2.0)
+    return model

@@ -31,7 +31,7 @@ from .profiles import FP16_MAX_KEYS, Profile, attention_levels, validate_profile
 
 # Findings that mean an attention site will not be fused.
 WILL_NOT_FUSE = frozenset({"attention-form", "attention-scale", "head-size", "head-size-unknown", "attention-dtype",
-                           "attention-fp32", "batch-one"})
+                           "attention-fp32", "batch-one", "attention-mask"})
 # TensorRT-RTX is checked as the newest TensorRT whose ONNX parser this table covers (its parser imports Attention).
 RTX_TARGET = "rtx"
 
@@ -225,13 +225,17 @@ def model_is_fp16(model: onnx.ModelProto, spec: ModelSpec | None = None) -> bool
 
 
 def site_findings(b: AttentionSite, *, model_fp16: bool, version: tuple[int, int] | None = None,
-                  batch_one: list[str] | None = None) -> list[tuple[str, str, str]]:
+                  batch_one: list[str] | None = None, rtx: bool = False) -> list[tuple[str, str, str]]:
     """(level, code, message) for one attention site: will TensorRT fuse it, and if not, why.
 
     ``batch_one``: the profiles (their indices, or ["*"] for all) whose max
     batch is 1; TensorRT-RTX 1.7 fuses no single-head site in those.
+    ``rtx``: the target is TensorRT-RTX (masked sites fuse in either form).
     """
     out: list[tuple[str, str, str]] = []
+    if b.mask is not None and b.problem is None and not (b.form == "op" and version is not None
+                                                         and version < ATTENTION_OP_SINCE):
+        out.append(_mask_finding(b, version, rtx))
     if b.form == "op" and version is not None and version < ATTENTION_OP_SINCE:
         # Already an unsupported-op error; this line says what to do about it.
         out.append(("error", "attention-op-version",
@@ -276,6 +280,24 @@ def site_findings(b: AttentionSite, *, model_fp16: bool, version: tuple[int, int
     if not out:
         out.append(("ok", "attention", f"{b.form} attention, head size {b.head_size}, {b.dtype}: in a fusable form"))
     return out
+
+
+def _mask_finding(b: AttentionSite, version: tuple[int, int] | None, rtx: bool) -> tuple[str, str, str]:
+    """Whether a masked site fuses on the target: measured with TensorRT-RTX's builder, documented for TensorRT."""
+    assert b.mask is not None
+    what = f"masked attention ({b.mask.description})"
+    if rtx:
+        return ("ok", "attention-masked", f"{what}: TensorRT-RTX fuses it with its mask, as the Attention op or as "
+                                        "MatMul → Add → Softmax → MatMul (measured with its builder)")
+    if b.form == "op":
+        return ("ok", "attention-masked", f"{what}: the parser gives the mask to the IAttention layer, which takes "
+                                        "boolean and additive masks (not yet measured on a GPU)")
+    pattern_only = version is not None and version < ATTENTION_OP_SINCE
+    return ("warning", "attention-mask",
+            f"will not fuse: {what} as MatMul/Softmax/MatMul; a mask between the products breaks TensorRT's MHA pattern "
+            "fusion (NVIDIA/TensorRT#4537, #4410)" + ("" if pattern_only else
+                                                      "; export the Attention op form (`--attention op`), whose mask "
+                                                      "IAttention takes"))
 
 
 def site_verdict(b: AttentionSite, *, model_fp16: bool) -> str:
@@ -352,7 +374,8 @@ def check_trt_readiness(
         add("warning", "no-attention", "no attention site found (no Attention node and no Softmax over a Q·Kᵀ product)")
     model_fp16 = model_is_fp16(model, spec)
     for b in blocks:
-        for level, code, message in site_findings(b, model_fp16=model_fp16, version=version, batch_one=batch_one):
+        for level, code, message in site_findings(b, model_fp16=model_fp16, version=version, batch_one=batch_one,
+                                                  rtx=rtx):
             add(level, code, message, b.name)
 
     # 3. dynamic dims on batch/height/width

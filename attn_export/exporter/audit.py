@@ -370,12 +370,13 @@ def _run_in_groups(model: onnx.ModelProto, spec: ModelSpec, types: dict[str, int
 
 
 def _absmax(a: np.ndarray) -> float:
-    if a.size == 0:
-        return 0.0
+    """max |a| over the finite values: an inf the FP32 model computes (a mask's -inf) is one in FP16 too, not an
+    overflow the conversion causes."""
     a = np.asarray(a)
-    if not np.all(np.isfinite(a)):
-        return float("inf")
-    return float(np.max(np.abs(a)))
+    finite = np.isfinite(a)
+    if not finite.all():
+        a = a[finite]
+    return float(np.max(np.abs(a))) if a.size else 0.0
 
 
 def _to_heads(a: np.ndarray, heads: int | None) -> np.ndarray:
@@ -415,6 +416,7 @@ class _Site:
     kv_heads: int | None = None
     q_perm: list[int] | None = None
     k_perm: list[int] | None = None
+    mask: str | None = None
 
     def qk(self, values: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """Q and K in the [..., S, d] layout from the exposed tensors."""
@@ -437,8 +439,28 @@ def attention_sites(model: onnx.ModelProto, weights_folder: Path | None = None) 
             q_heads = cast("int | None", node_attr(by_name[s.anchor], "q_num_heads"))
             kv_heads = cast("int | None", node_attr(by_name[s.anchor], "kv_num_heads"))
         sites.append(_Site(s.name, s.form, s.q.tensor, s.k.tensor, s.scale, s.nodes, q_heads, kv_heads,
-                           s.q.perm, s.k.perm))
+                           s.q.perm, s.k.perm, s.mask.tensor if s.mask is not None else None))
     return sites
+
+
+def mask_region(model: onnx.ModelProto, sites: Sequence[_Site]) -> set[str]:
+    """Tensors where -inf is by design: each site's mask, what it is computed from, and the site's masked logits."""
+    producers = {o: n for n in model.graph.node for o in n.output}
+    region: set[str] = set()
+    todo = [s.mask for s in sites if s.mask]
+    while todo:
+        t = todo.pop()
+        if t in region:
+            continue
+        region.add(t)
+        node = producers.get(t)
+        if node is not None and node.op_type not in ("Shape", "Size"):
+            todo.extend(i for i in node.input if i)
+    by_name = {n.name: n for n in model.graph.node}
+    for s in sites:
+        if s.mask:
+            region.update(o for name in s.nodes if name in by_name for o in by_name[name].output)
+    return region
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -484,13 +506,18 @@ def _is_compute(node: onnx.NodeProto, types: dict[str, int]) -> bool:
 
 
 def _record_audit_run(values: dict[str, np.ndarray], shape: Shape, per_shape: dict[str, dict[str, float]],
-                      best: dict[str, tuple[float, Shape]], sites: list[_Site], att_best: dict[str, dict[str, Any]]) -> None:
-    """Fold one run's tensors into the audit's per-tensor and per-attention-site maxima."""
+                      best: dict[str, tuple[float, Shape]], sites: list[_Site], att_best: dict[str, dict[str, Any]],
+                      masked: set[str]) -> None:
+    """Fold one run's tensors into the audit's per-tensor and per-attention-site maxima.
+
+    In the mask region only positive values count: a mask's large negative
+    values mask the same in FP16 (down to -inf), so they need no FP32 island.
+    """
     key = format_shape(shape)
     for n, v in values.items():
         if n not in per_shape:
             continue
-        a = _absmax(v)
+        a = _absmax(np.maximum(v, 0)) if n in masked else _absmax(v)
         per_shape[n][key] = a
         if n not in best or not a <= best[n][0]:
             best[n] = (a, shape)
@@ -553,6 +580,7 @@ def audit_fp16(
     float_names = [vi.name for vi in model.graph.input if types.get(vi.name) in _FLOATS]
     float_names += [o for n in model.graph.node for o in n.output if o and types.get(o) in _FLOATS]
     sites = attention_sites(model, weights_folder)
+    masked = mask_region(model, sites)
 
     best: dict[str, tuple[float, Shape]] = {}
     per_shape: dict[str, dict[str, float]] = {n: {} for n in float_names}
@@ -563,7 +591,7 @@ def audit_fp16(
             progress(f"audit: running at {format_shape(shapes[i])} ({i + 1}/{len(shapes)}, tensor group {gi + 1}/{groups})")
 
     runs = _run_in_groups(model, spec, types, _units(sites, float_names), shapes, seed, budget, weights_folder,
-                          lambda values, i: _record_audit_run(values, shapes[i], per_shape, best, sites, att_best),
+                          lambda values, i: _record_audit_run(values, shapes[i], per_shape, best, sites, att_best, masked),
                           show)
 
     tensors = []
@@ -652,13 +680,17 @@ class EmulationReport:
 
 
 def _record_emulation_run(values: dict[str, np.ndarray], shape: Shape, fp16_names: set[str],
-                          producers: dict[str, onnx.NodeProto], sites: list[_Site], found: dict[str, "NonFinite"]) -> float:
+                          producers: dict[str, onnx.NodeProto], sites: list[_Site], found: dict[str, "NonFinite"],
+                          masked: set[str]) -> float:
     """Add one run's non-finite FP16 tensors and overflowing attention logits to ``found``; return the finite absmax."""
     top = 0.0
     for n, v in values.items():
         if n not in fp16_names:
             continue
         finite = np.isfinite(v)
+        if not finite.all() and n in masked and not np.isnan(v).any() and not np.isposinf(v).any():
+            finite = np.ones_like(finite)  # a mask's -inf: what it is written for
+            v = v[np.isfinite(v)]
         if not finite.all():
             if n not in found:
                 node = producers.get(n)
@@ -697,7 +729,8 @@ def emulate_fp16(
     ORT CPU computes most FP16 ops in FP32, but an FP16 graph output is
     rounded to FP16, so an activation beyond 65504 comes back as inf. FP16
     attention logits are computed from the exposed FP16 Q and K and checked
-    against 65504 too. NaN/inf in the FP32 inputs are not reported.
+    against 65504 too. NaN/inf in the FP32 inputs are not reported, nor -inf
+    in an attention mask and the logits it masks (:func:`mask_region`).
     """
     t0 = time.perf_counter()
     model, origin, weights_folder = _model_and_folder(model_or_path, weights_folder)
@@ -712,9 +745,10 @@ def emulate_fp16(
     found: dict[str, NonFinite] = {}
     tops: list[float] = [0.0]
     fp16_names = set(names)
+    masked = mask_region(model, sites)
     _run_in_groups(model, spec, types, _units(sites, names), shapes, seed, budget, weights_folder,
                    lambda values, i: tops.append(_record_emulation_run(values, shapes[i], fp16_names, producers,
-                                                                       sites, found)))
+                                                                       sites, found, masked)))
     top = max(tops)
     order = {o: i for i, n in enumerate(model.graph.node) for o in list(n.output) + [n.name]}
     non_finite = sorted(found.values(), key=lambda f: order.get(f.tensor, order.get(f.node or "", 0)))

@@ -28,7 +28,7 @@ Converter choice: our own pass (this module), not ModelOpt AutoCast and not
   (tensor, type) where a consumer needs the other type, placed right after
   the producer. Inputs the schema fixes to ``tensor(float)`` (Resize
   ``scales``) stay FP32; type-free inputs (Shape) are left alone.
-  Initializers used only by FP16 nodes become FP16 (clamped to +-65504);
+  Initializers used only by FP16 nodes become FP16 (finite values clamped to +-65504);
   ones shared with FP32 nodes get an FP16 copy. The opset is unchanged.
 
 ONNX Runtime on CPU hides FP16 overflow, so besides the comparison with
@@ -175,8 +175,10 @@ def _to_fp16_tensor(init: onnx.TensorProto, name: str, weights_folder: Path | No
                     writer: DataWriter | None) -> tuple[onnx.TensorProto, bool]:
     """FP16 copy of an FP32 initializer, clamped to the FP16 range; also returns whether clamping happened."""
     a = read_array(init, weights_folder).astype(np.float32, copy=False)
-    clamped = bool(a.size) and bool(np.nanmax(np.abs(a)) > FP16_MAX)
-    a16 = np.clip(a, -FP16_MAX, FP16_MAX).astype(np.float16)
+    # Finite values beyond FP16's range are clamped; an infinity (a mask's -inf) is one in FP16 too.
+    over = np.isfinite(a) & (np.abs(a) > FP16_MAX)
+    clamped = bool(over.any())
+    a16 = np.where(over, np.sign(a) * FP16_MAX, a).astype(np.float16)
     del a
     return (writer.tensor(a16, name) if writer is not None else numpy_helper.from_array(a16, name)), clamped
 

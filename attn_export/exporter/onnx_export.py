@@ -12,6 +12,7 @@ the result with PyTorch in ONNX Runtime at a shape the trace never saw.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import io
 import gc
 import os
@@ -120,6 +121,26 @@ def _dynamic_axes(spec: ModelSpec) -> dict[str, dict[int, str]]:
     return axes
 
 
+def _dynamic_shapes(module: torch.nn.Module, spec: ModelSpec) -> tuple[Any, ...]:
+    """The named dynamic dims of each input, shaped like ``module.forward``'s positional parameters.
+
+    PyTorch's own conversion from ``dynamic_axes`` assumes one parameter per
+    input; a forward that takes the extra inputs as ``*rest`` needs them as one
+    nested tuple.
+    """
+    axes = _dynamic_axes(spec)
+    per_input = [axes.get(t.name) for t in spec.inputs]
+    shaped: list[Any] = []
+    for param in inspect.signature(module.forward).parameters.values():
+        if param.kind == param.VAR_POSITIONAL:
+            if len(per_input) > len(shaped):
+                shaped.append(tuple(per_input[len(shaped):]))
+            break
+        if param.kind in (param.POSITIONAL_ONLY, param.POSITIONAL_OR_KEYWORD) and len(shaped) < len(per_input):
+            shaped.append(per_input[len(shaped)])
+    return tuple(shaped)
+
+
 def _torch_feeds(spec: ModelSpec, batch: int, h: int, w: int, seed: int = 0) -> dict[str, torch.Tensor]:
     return {k: torch.from_numpy(v) for k, v in spec.make_inputs(batch, h, w, seed=seed).items()}
 
@@ -168,7 +189,8 @@ def _types_inference_cannot_recover(model: onnx.ModelProto) -> list[onnx.ValueIn
 def _trace_dynamo(loaded: LoadedModel, opset: int, workdir: Path) -> onnx.ModelProto:
     """The graph from the dynamo (torch.export) exporter, weights inside; dims named as the spec says."""
     args, kwargs = _export_kwargs(loaded, opset)
-    kwargs = {k: v for k, v in kwargs.items() if k not in ("dynamo", "do_constant_folding")}
+    kwargs = {k: v for k, v in kwargs.items() if k not in ("dynamo", "do_constant_folding", "dynamic_axes")}
+    kwargs["dynamic_shapes"] = _dynamic_shapes(loaded.module, loaded.spec)
     kwargs["opset_version"] = max(opset, 18)  # dynamo's lowest; _convert_opset brings it to ``opset``
     path = workdir / "exported.onnx"
     with torch.no_grad(), warnings.catch_warnings():

@@ -11,7 +11,7 @@ convolutions, on CUDA MultiHeadAttention).
 
 from __future__ import annotations
 
-from .attention import AttentionSite, Operand, find_attention
+from .attention import AttentionSite, Mask, Operand, find_attention
 from .chunked import to_chunked_form
 from .index import GraphIndex, TypedIndex, node_attr
 from .rewrite import RewriteResult, canonicalize_attention, to_onnxruntime_form
@@ -19,7 +19,7 @@ from .serving import ServingForm, onnxruntime_serving_form
 from .winograd import WinogradResult, winograd_convolutions
 
 __all__ = [
-    "AttentionSite", "GraphIndex", "Operand", "RewriteResult", "ServingForm", "TypedIndex", "WinogradResult",
+    "AttentionSite", "GraphIndex", "Mask", "Operand", "RewriteResult", "ServingForm", "TypedIndex", "WinogradResult",
     "canonicalize_attention", "find_attention", "node_attr", "onnxruntime_serving_form", "to_chunked_form",
     "to_onnxruntime_form", "winograd_convolutions",
 ]

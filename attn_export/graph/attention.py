@@ -10,9 +10,17 @@ q, k and v as they enter it, the permutation that brings each into the
 [..., S, d] layout, the total scale and where it was applied, heads, head
 size, the sequence length, dtypes, and the nodes that make it up.
 
-A Softmax over a Q·Kᵀ-shaped product that cannot be described (a mask or
-bias added to the logits, an Einsum that is not a contraction over the
-channels, a scale that depends on H or W, ...) is still a site, with
+A mask or bias on the logits is part of the site: an ``Add`` of a tensor
+that does not come from Q·Kᵀ (an additive mask, SDPA's float ``attn_mask``,
+a position bias), a ``Where`` that writes a large negative value where a
+boolean mask says so (``masked_fill``), or the ``Attention`` op's
+``attn_mask`` input. It is recorded as :class:`Mask` and carried through
+every rewrite.
+
+A Softmax over a Q·Kᵀ-shaped product that cannot be described (an op between
+Q·Kᵀ and the Softmax that is not a scale, Cast or mask, an Einsum that is not
+a contraction over the channels, a scale that depends on H or W, ...) is
+still a site, with
 ``problem`` saying why it cannot be rewritten: every command counts the same
 sites, and none is silently left unfused.
 """
@@ -34,6 +42,8 @@ from .scalar import eval_scalar
 PASS_THROUGH = ("Cast", "Identity")
 # Ops that move elements without changing them (a scalar factor behind one still scales every element).
 _MOVES_ONLY = ("Cast", "Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose")
+# A Where writing a value at or below this where a boolean mask says so is masking (masked_fill(-inf), -1e9, fp16 lowest).
+_MASK_FILL_MAX = -1e4
 # How far back from a Softmax to look for a Q·Kᵀ product behind ops the finder does not understand.
 _LOOKBACK = 6
 
@@ -56,6 +66,25 @@ class Operand:
         if len(self.perm) != len(shape):
             return None
         return [shape[i] for i in self.perm]
+
+
+@dataclass
+class Mask:
+    """A mask or bias on the logits: softmax(scale·Q·Kᵀ + bias), or with masked positions set to ``fill``."""
+
+    tensor: str                 # the mask as the site reads it
+    kind: str                   # "additive" (added to the logits) | "keep" (bool, True = attend) | "drop" (bool, True = masked)
+    fill: float | None = None   # for a boolean mask: the logit written at masked positions (-inf when None)
+    shape: list[Any] | None = None  # its shape, as far as shape inference knows it
+    full_query_axis: bool = False   # its second-to-last axis is the query axis at full length (not broadcast)
+    dtype: str | None = None        # its element type
+
+    @property
+    def description(self) -> str:
+        what = {"additive": "additive", "keep": "boolean, True attends", "drop": "boolean, True masks"}[self.kind]
+        shown = ["?" if isinstance(d, str) and d.startswith("unk__") else str(d) for d in self.shape or []]
+        dims = "[" + ", ".join(shown) + "]" if self.shape is not None else "shape unknown"
+        return f"{what} {dims}"
 
 
 @dataclass
@@ -136,6 +165,8 @@ class AttentionSite:
     # Scalar factors on Q and K further up, behind reshapes or transposes (guided-diffusion's QKVAttention:
     # (q * √scale).view(...)): part of the softmax scale, but they stay in the graph on a rewrite.
     upstream_scale: float = 1.0
+    mask: Mask | None = None        # a mask or bias on the logits (None: none)
+    nan_to_zero: bool = False       # the weights of a fully masked row are 0, not NaN (Where(IsNaN(p), 0, p))
 
     @property
     def total_scale(self) -> float | None:
@@ -357,15 +388,97 @@ class _Finder:
             frontier = nxt
         return None
 
+    # -- masks -------------------------------------------------------------------------------------------------------
+    def _nan_guard(self, p: str, users: list[onnx.NodeProto]) -> list[onnx.NodeProto] | None:
+        """[IsNaN, Where] when the weights ``p`` are read only by Where(IsNaN(p), 0, p)."""
+        if len(users) != 2 or p in self.idx.outputs:
+            return None
+        isnan = next((u for u in users if u.op_type == "IsNaN"), None)
+        where = next((u for u in users if u.op_type == "Where"), None)
+        if isnan is None or where is None or list(where.input[::2]) != [isnan.output[0], p]:
+            return None
+        if not self._is_zero(where.input[1]) or [u.name for u in self.idx.users(isnan.output[0])] != [where.name]:
+            return None
+        return [isnan, where]
+
+    def _leads_to_product(self, tensor: str) -> bool:
+        end = self.strip(tensor)[0]
+        node = self.idx.producer.get(end)
+        return node is not None and node.op_type in ("MatMul", "Einsum") and len(node.input) == 2 and all(
+            self._is_activation(i) for i in node.input)
+
+    def _fill_value(self, name: str) -> float | None:
+        """The constant a masked position gets, when it is one large negative scalar (masked_fill(-inf))."""
+        value = self.idx.scalar(name)
+        if value is None:
+            value = eval_scalar(self.idx, name)
+        return float(value) if value is not None and value <= _MASK_FILL_MAX else None
+
+    def _mask_at(self, tensor: str) -> tuple[Mask, onnx.NodeProto, str] | None:
+        """(mask, its node, the logits side) when ``tensor`` is the logits with a mask or bias applied."""
+        node = self.idx.producer.get(tensor)
+        if node is None:
+            return None
+        if node.op_type == "Add" and len(node.input) == 2:
+            for i in (0, 1):
+                logits, bias = node.input[i], node.input[1 - i]
+                if self._leads_to_product(logits) and not self._reads(bias, self.strip(logits)[0]):
+                    return Mask(bias, "additive"), node, logits
+        if node.op_type == "Where" and len(node.input) == 3:
+            cond, a, b = node.input
+            for kind, logits, fill in (("keep", a, b), ("drop", b, a)):
+                value = self._fill_value(fill)
+                if value is not None and self._leads_to_product(logits) and not self._reads(cond, self.strip(logits)[0]):
+                    return Mask(cond, kind, None if math.isinf(value) else value), node, logits
+        return None
+
+    def _reads(self, tensor: str, target: str, limit: int = 20000) -> bool:
+        """True when ``tensor`` is computed from ``target`` (a bias made from the logits is not a mask)."""
+        seen: set[str] = set()
+        todo = [tensor]
+        while todo and len(seen) < limit:
+            t = todo.pop()
+            if t == target:
+                return True
+            if not t or t in seen:
+                continue
+            seen.add(t)
+            node = self.idx.producer.get(t)
+            if node is not None:
+                todo.extend(node.input)
+        return False
+
+    def _describe_mask(self, site: AttentionSite, logits: str) -> None:
+        """The mask's shape, and whether it spans the query axis at full length."""
+        assert site.mask is not None
+        shape = self.idx.shapes.get(site.mask.tensor)
+        site.mask.shape = list(shape) if shape is not None else None
+        site.mask.dtype = self.idx.dtype(site.mask.tensor)
+        site.mask.full_query_axis = _full_query_axis(site.mask.shape, self.idx.shapes.get(logits))
+
     # -- the match -------------------------------------------------------------------------------------------------
     def softmax_site(self, softmax: onnx.NodeProto) -> AttentionSite | None:
         idx = self.idx
         logits_in = softmax.input[0]
         pre, _, post_factors, post_nodes, post_casts = self.strip(logits_in)
+        masked = self._mask_at(pre)
+        mask_node: onnx.NodeProto | None = None
+        mask_problem: str | None = None
+        if masked is not None:
+            mask, mask_node, logits_side = masked
+            if post_factors:
+                mask_problem = (f"a scale is applied after the mask ({mask_node.name}); "
+                                "only a scale before the mask can move onto Q")
+            pre, _, post_factors, more_nodes, more_casts = self.strip(logits_side)
+            post_nodes = post_nodes + [mask_node] + more_nodes
+            post_casts += more_casts
         product = idx.producer.get(pre)
         is_product = product is not None and product.op_type in ("MatMul", "Einsum") and len(product.input) == 2 \
             and all(self._is_activation(i) for i in product.input)
         site = AttentionSite(name="", form="decomposed", anchor=softmax.name, softmax_dtype=idx.dtype(logits_in))
+        if masked is not None and is_product:
+            site.mask = masked[0]
+            site.problem = mask_problem
         if not is_product:
             behind = self._product_behind(logits_in)
             if behind is None:
@@ -399,6 +512,13 @@ class _Finder:
         second: onnx.NodeProto | None = None
         for _ in range(8):
             users = idx.users(p_tensor)
+            guard = self._nan_guard(p_tensor, users)
+            if guard is not None:
+                # PyTorch's SDPA with a boolean mask writes 0 for a fully masked row (the Attention op does too).
+                site.nan_to_zero = True
+                fwd.extend(guard)
+                p_tensor = guard[-1].output[0]
+                continue
             if len(users) != 1 or p_tensor in idx.outputs:
                 break
             u = users[0]
@@ -436,7 +556,14 @@ class _Finder:
         casts = post_casts + found.casts + sum(1 for n in fwd if n.op_type == "Cast")
         if site.problem is None:
             self._check_exclusive(site, _unique(nodes))
-        site.canonical = (site.problem is None and site.form == "decomposed" and casts == 0 and site.scale_placement == "q"
+        if site.mask is not None:
+            self._describe_mask(site, product.output[0])
+        # A canonical masked site adds an additive mask straight to Q·Kᵀ: MatMul -> Add -> Softmax.
+        mask_direct = site.mask is None or (
+            site.mask.kind == "additive" and mask_node is not None and product.output[0] in mask_node.input
+            and softmax.input[0] == mask_node.output[0])
+        site.canonical = (site.problem is None and site.form == "decomposed" and casts == 0 and mask_direct
+                          and site.scale_placement == "q"
                           and site.scale_source == "constant" and found.q_mul_only and site.q is not None
                           and site.q.perm is None and site.v is not None and site.v.perm is None
                           and site.out_perm is None and found.k_direct)
@@ -561,10 +688,27 @@ class _Finder:
             scale_placement="attribute" if scale is not None else "default", dtype=idx.dtype(q),
             softmax_dtype=dtype_name(int(cast(int, node_attr(node, "softmax_precision", 0)) or 0)) or idx.dtype(q),
         )
-        extras = [i for i in node.input[3:] if i]
+        if len(node.input) > 3 and node.input[3]:
+            m = node.input[3]
+            site.mask = Mask(m, "keep" if idx.dtype(m) == "bool" else "additive", dtype=idx.dtype(m))
+            shape = idx.shapes.get(m)
+            site.mask.shape = list(shape) if shape is not None else None
+            q_shape = idx.shapes.get(q)
+            site.mask.full_query_axis = _full_query_axis(site.mask.shape, q_shape if rank == 4 else None) or (
+                (p := idx.producer.get(m)) is not None and p.op_type == "Expand")
+        extras = [i for i in node.input[4:] if i]
         if extras or len([o for o in node.output if o]) > 1 or node_attr(node, "is_causal", 0):
-            site.problem = "the Attention node has a mask, a KV cache, extra outputs or is causal"
+            site.problem = "the Attention node has a KV cache, extra outputs or is causal"
         return site
+
+
+def _full_query_axis(mask: Sequence[Any] | None, logits_or_q: Sequence[Any] | None) -> bool:
+    """True when the mask's second-to-last dim is known to equal the query length (ONNX Runtime's Attention
+    kernel does not broadcast that axis)."""
+    if mask is None or logits_or_q is None or len(mask) < 2 or len(logits_or_q) < 2:
+        return False
+    m, q = mask[-2], logits_or_q[-2]
+    return m == q and (isinstance(m, int) or (isinstance(m, str) and not m.startswith("unk__")))
 
 
 def _unique(nodes: list[onnx.NodeProto]) -> list[onnx.NodeProto]:

@@ -43,6 +43,8 @@ def _chunked_problem(site: AttentionSite) -> str | None:
         return site.problem
     if site.q is None:
         return "the site is not fully described"
+    if site.mask is not None:
+        return "a masked site keeps its written form in the serving form"
     if site.dtype not in ("float32", None) or site.q.compute_dtype not in ("float32", None):
         # Other element types keep the site as written, like the MultiHeadAttention form (float32 only).
         return f"the serving form's attention is float32 only (the site computes in {site.dtype})"

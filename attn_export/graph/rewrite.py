@@ -5,6 +5,12 @@
 * ``"decomposed"``: Mul(q, scale) -> MatMul(., Kᵀ) -> Softmax(-1) -> MatMul(., v),
   the chain TensorRT's MHA pattern fusion matches.
 
+A site's mask becomes the ``Attention`` op's ``attn_mask`` (boolean masks stay
+boolean, True = attend), or an ``Add`` before the Softmax in the decomposed
+chain (a boolean mask as 0 / -inf). In the op form the mask's query axis is
+expanded to the query length when it is broadcast: ONNX Runtime's Attention
+kernel refuses a broadcast query axis ("inconsistent q_sequence_length").
+
 Layout changes (an Einsum's channel-first operands, K given as [B, C, S])
 become Transposes around the site, and Casts keep each tensor's dtype, so the
 rewritten graph computes what the original did. The scale subgraph that only
@@ -23,13 +29,13 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from .spatial import flatten_spatial_attention
-from .attention import AttentionSite, Operand, find_attention
+from .attention import AttentionSite, Mask, Operand, find_attention
 from .index import TypedIndex, default_opset, drop_unused_initializers, read_names, swap_last_two
 
 TARGET_FORMS = ("op", "decomposed")
 _ELEM = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16, "bfloat16": TensorProto.BFLOAT16,
          "float64": TensorProto.DOUBLE}
-_NP = {TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np.float16, TensorProto.DOUBLE: np.float64}
+_NP: dict[int, Any] = {TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np.float16, TensorProto.DOUBLE: np.float64}
 
 
 @dataclass
@@ -132,13 +138,51 @@ def _build_op(model: onnx.ModelProto, site: AttentionSite, names: _Names) -> lis
     if site.rank == 3:
         axes = b.const(np.array([1], dtype=np.int64), "head_axis")
         q, k, v = (b.node("Unsqueeze", [t, axes], f"{w}_4d") for t, w in ((q, "q"), (k, "k"), (v, "v")))
+    inputs = [q, k, v]
+    if site.mask is not None:
+        inputs.append(_op_mask(b, site.mask, q, t_elem, site.rank))
     soft = _ELEM.get(site.softmax_dtype or "", t_elem)
     # make_node leaves out attributes that are None: softmax_precision only where it differs.
-    y = b.node("Attention", [q, k, v], "y", scale=float(site.scale), softmax_precision=soft if soft != t_elem else None)
+    y = b.node("Attention", inputs, "y", scale=float(site.scale), softmax_precision=soft if soft != t_elem else None)
     if site.rank == 3:
         y = b.node("Squeeze", [y, axes], "y_3d")
     _finish(b, y, t_elem)
     return b.nodes
+
+
+def _op_mask(b: _Builder, mask: Mask, q4: str, t_elem: int, rank: int) -> str:
+    """The Attention op's attn_mask: boolean (True attends) or additive in the site's dtype, broadcast like the logits.
+
+    ``q4`` is the 4-D query the op reads; its length sizes a broadcast query axis.
+    """
+    m = mask.tensor
+    if mask.kind == "drop":
+        m = b.node("Not", [m], "mask_keep")
+    elif mask.kind == "keep" and mask.fill is not None:
+        # A finite fill (masked_fill(-1e9)) is not "never attend": keep its value as an additive mask.
+        m = _additive_mask(b, mask, t_elem)
+    elif mask.kind == "additive":
+        m = _additive_mask(b, mask, t_elem)
+    if rank == 3 and mask.shape is not None and len(mask.shape) == 3:
+        # A [B, S_q, S_kv] mask broadcast against 3-D logits; the op's logits are [B, 1, S_q, S_kv].
+        m = b.node("Unsqueeze", [m, b.const(np.array([1], dtype=np.int64), "mask_head_axis")], "mask_4d")
+    if not mask.full_query_axis:
+        s_q = b.node("Shape", [q4], "q_len", start=-2, end=-1)
+        target = b.node("Concat", [s_q, b.const(np.array([1], dtype=np.int64), "one")], "mask_target", axis=0)
+        m = b.node("Expand", [m, target], "mask_q")
+    return m
+
+
+def _additive_mask(b: _Builder, mask: Mask, elem: int) -> str:
+    """The mask as a tensor added to the logits: itself (additive) or 0 where attended, ``fill`` (or -inf) elsewhere."""
+    if mask.kind == "additive":
+        same = _ELEM.get(mask.dtype or "") == elem
+        return mask.tensor if same else b.node("Cast", [mask.tensor], "mask_cast", to=elem)
+    dtype = _NP.get(elem, np.float32)
+    fill = np.array(-np.inf if mask.fill is None else mask.fill, dtype=dtype)
+    zero, masked = b.const(np.array(0, dtype=dtype), "mask_zero"), b.const(fill, "mask_fill")
+    pair = [zero, masked] if mask.kind == "keep" else [masked, zero]
+    return b.node("Where", [mask.tensor, *pair], "mask_bias")
 
 
 def scaled_operands(b: _Builder) -> tuple[str, str, str, int]:
@@ -169,10 +213,15 @@ def softmax_product(b: _Builder, qs: str, kt: str, v: str, t_elem: int, what: st
     """Append MatMul(qs, kt) -> Softmax(-1) -> MatMul(., v) to ``b`` (the softmax in the site's softmax dtype,
     between Casts where it differs); returns the result. ``what`` prefixes the new names."""
     logits = b.node("MatMul", [qs, kt], f"{what}logits")
+    if b.site.mask is not None:
+        logits = b.node("Add", [logits, _additive_mask(b, b.site.mask, t_elem)], f"{what}logits_masked")
     soft = _ELEM.get(b.site.softmax_dtype or "", t_elem)
     if soft != t_elem:
         logits = b.node("Cast", [logits], f"{what}logits_cast", to=soft)
     p = b.node("Softmax", [logits], f"{what}weights", axis=-1)
+    if b.site.nan_to_zero:
+        zero = b.const(np.array(0, dtype=_NP.get(soft, np.float32)), f"{what}zero")
+        p = b.node("Where", [b.node("IsNaN", [p], f"{what}weights_nan"), zero, p], f"{what}weights_finite")
     if soft != t_elem:
         p = b.node("Cast", [p], f"{what}weights_cast", to=t_elem)
     return b.node("MatMul", [p, v], f"{what}y")
@@ -212,6 +261,8 @@ def _build_mha(model: onnx.ModelProto, site: AttentionSite, names: _Names) -> li
 def _mha_problem(site: AttentionSite) -> str | None:
     if site.problem:
         return site.problem
+    if site.mask is not None:
+        return "a masked site keeps its written form in ONNX Runtime's serving form"
     if site.dtype not in ("float32", None) or (site.q is not None and site.q.compute_dtype not in ("float32", None)):
         return f"ONNX Runtime's MultiHeadAttention CPU kernel takes float32 only (the site computes in {site.dtype})"
     if site.rank not in (3, 4):
@@ -296,7 +347,10 @@ def canonicalize_attention(model: onnx.ModelProto, form: str = "op", *,
         return p
 
     def unchanged(site: AttentionSite) -> bool:
-        return site.form == "op" if form == "op" else site.canonical
+        if form == "op":
+            # An Attention node whose mask broadcasts the query axis crashes ONNX Runtime: rewrite it (4-D only).
+            return site.form == "op" and (site.mask is None or site.mask.full_query_axis or site.rank != 4)
+        return site.canonical
 
     return _rewrite(model, form, _build_op if form == "op" else _build_decomposed, problem, unchanged, found)
 
