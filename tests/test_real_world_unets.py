@@ -271,3 +271,119 @@ def test_an_input_the_forward_never_reads_stays_an_input(tmp_path: Path) -> None
     assert [i.name for i in onnx.load(str(out)).graph.input] == ["x", "t"]
     r2 = run("verify", out, "--model", "export_zoo:ignores_t")
     assert r2.exit_code == 0 and "PASSED" in r2.output, r2.output
+
+
+# --------------------------------------------------------------------------- masked attention
+MASK_INPUTS = ("--extra-input", "context:float32:batch,7,48", "--extra-input", "context_mask:bool:batch,7")
+
+
+def _masked_export(tmp_path: Path, style: str, *options: str) -> Path:
+    out = tmp_path / f"{style}.onnx"
+    r = run("onnx", "--model", "export_zoo:masked_cross", "--model-kwargs", f'{{"style": "{style}"}}', *MASK_INPUTS,
+            *options, "-o", out)
+    assert r.exit_code == 0, r.output
+    return out
+
+
+def _against_pytorch(path: Path, style: str, mask: "np.ndarray | None" = None) -> tuple[float, float]:
+    """(max |ONNX Runtime - PyTorch|, max |PyTorch with the mask - PyTorch without it|) at an unseen shape."""
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+
+    import export_zoo
+
+    spec = find_spec(onnx.load(str(path), load_external_data=False), path)
+    feeds = spec.make_inputs(3, 8, 20, seed=11)
+    if mask is not None:
+        feeds["context_mask"] = mask
+    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    model = export_zoo.masked_cross(style)
+    args = (torch.from_numpy(feeds["x"]), torch.from_numpy(feeds["t"]))
+    with torch.no_grad():
+        want = model(*args, context=torch.from_numpy(feeds["context"]),
+                     context_mask=torch.from_numpy(feeds["context_mask"])).numpy()
+        unmasked = model(*args, context=torch.from_numpy(feeds["context"]),
+                         context_mask=torch.ones_like(torch.from_numpy(feeds["context_mask"]))).numpy()
+    return float(np.abs(got - want).max()), float(np.abs(unmasked - want).max())
+
+
+@pytest.mark.parametrize("style, kind", [("sdpa", "additive"), ("masked_fill", "drop"), ("additive", "additive")])
+@pytest.mark.parametrize("form", ["op", "decomposed"])
+def test_masked_attention_is_rewritten_with_its_mask(style: str, kind: str, form: str, tmp_path: Path) -> None:
+    """A key-padding mask written three ways: one site with its mask, rewritten into either form, exact."""
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    path = _masked_export(tmp_path, style, "--attention", form)
+    (site,) = find_attention(onnx.load(str(path)))
+    assert site.problem is None and site.form == form and site.kind == "cross" and site.mask is not None
+    if form == "decomposed":
+        assert site.canonical and site.mask.kind == "additive"  # the canonical chain: MatMul -> Add -> Softmax
+        assert site.nan_to_zero == (style == "sdpa")  # SDPA's guard for fully masked rows is kept
+    else:
+        # ONNX Runtime's Attention kernel needs the query axis of the mask at full length.
+        assert site.mask.full_query_axis
+    err, effect = _against_pytorch(path, style)
+    assert effect > 1e-2, "the drawn mask must change the output, or this test proves nothing"
+    assert err < 1e-4
+
+
+def test_masked_attention_as_the_dynamo_exporter_writes_it(tmp_path: Path) -> None:
+    """dynamo at opset 23 writes one Attention node with a [B, 1, 1, S_kv] boolean mask; ONNX Runtime's kernel
+    refuses that broadcast ("inconsistent q_sequence_length"): the export expands it, and verify passes."""
+    path = _masked_export(tmp_path, "sdpa", "--exporter", "dynamo")
+    (site,) = find_attention(onnx.load(str(path)))
+    assert site.form == "op" and site.mask is not None and site.mask.kind == "keep" and site.mask.full_query_axis
+    err, effect = _against_pytorch(path, "sdpa")
+    assert err < 1e-4 and effect > 1e-2
+    r = run("verify", path, "--model", "export_zoo:masked_cross")
+    assert r.exit_code == 0 and "PASSED" in r.output, r.output
+
+
+def test_masked_attention_fp16_keeps_the_site_in_fp16(tmp_path: Path, wide_console) -> None:
+    """A mask's -inf and -1e4 are masking, not an FP16 overflow: no FP32 island at the site, and it verifies."""
+    import numpy as np
+
+    for style in ("sdpa", "additive"):
+        path = _masked_export(tmp_path, style)
+        half = tmp_path / f"{style}.fp16.onnx"
+        r = run("fp16", path, "--model", "export_zoo:masked_cross", "--model-kwargs", f'{{"style": "{style}"}}',
+                "-o", half)
+        assert r.exit_code == 0 and "FP32 islands: 0 node(s)" in r.output, r.output
+        model = onnx.load(str(half))
+        (site,) = find_attention(model)
+        assert site.dtype == "float16" and site.form == "op" and site.mask is not None
+        if style == "sdpa":  # SDPA's -inf fill stays -inf in FP16 (not clamped to -65504)
+            fills = [a for i in model.graph.initializer if (a := onnx.numpy_helper.to_array(i)).dtype == np.float16]
+            assert any(np.isneginf(a).any() for a in fills)
+        err, effect = _against_pytorch(half, style)
+        assert err < 1e-2 and effect > 1e-2
+
+
+def test_readiness_of_masked_attention_per_target(tmp_path: Path) -> None:
+    from attn_export.engines.readiness import check_trt_readiness
+
+    op = _masked_export(tmp_path, "sdpa")
+    decomposed = tmp_path / "d" / "sdpa.onnx"
+    decomposed.parent.mkdir()
+    r = run("onnx", "--model", "export_zoo:masked_cross", *MASK_INPUTS, "--attention", "decomposed", "-o", decomposed)
+    assert r.exit_code == 0, r.output
+    codes = lambda path, **kw: {f.code: f.level for f in check_trt_readiness(path, fp16=False, **kw).findings}  # noqa: E731
+    assert codes(op)["attention-masked"] == "ok" and "attention-mask" not in codes(op)
+    assert codes(decomposed)["attention-mask"] == "warning"          # TensorRT's pattern fusion: masks break it
+    assert codes(decomposed, target="10.12")["attention-mask"] == "warning"
+    assert codes(decomposed, runtime="rtx")["attention-masked"] == "ok"  # measured: TensorRT-RTX fuses both forms
+
+
+def test_boolean_inputs_are_drawn_as_padding_masks() -> None:
+    import numpy as np
+
+    from attn_export.spec import padding_mask
+
+    rng = np.random.default_rng(0)
+    for shape in [(4, 7), (2, 1, 1, 9), (3, 2)]:
+        m = padding_mask(rng, shape)
+        assert m.shape == shape and m.dtype == bool
+        assert m.any(axis=-1).all()          # no row fully masked (NaN in PyTorch)
+        assert not m.all()                   # some key is masked, so a dropped mask shows
+        assert (np.diff(m.astype(int), axis=-1) <= 0).all()  # a prefix: attended keys first, padding after

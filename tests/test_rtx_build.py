@@ -352,3 +352,23 @@ def test_cross_attention_with_a_context_input(tmp_path_factory: pytest.TempPathF
     assert_agrees(result, fp16, RANGE)
     assert all(b.verdict == "fused" for b in result.build.fusion.blocks)
     assert [io["name"] for io in _written(tmp_path)["io"]] == ["x", "t", "context", "out"]
+
+
+@pytest.mark.parametrize("attention", ["op", "decomposed"])
+def test_masked_cross_attention_fuses(attention: str, tmp_path_factory: pytest.TempPathFactory, half,
+                                      tmp_path: Path) -> None:
+    # A key-padding mask [B, 7] on cross-attention (SDPA's boolean attn_mask): TensorRT-RTX fuses the site with its
+    # mask in both forms, as the readiness rules say; the independent raw-API build agrees.
+    from attn_export.models.loader import parse_extra_input
+
+    path = tmp_path_factory.mktemp("masked") / f"masked_{attention}.onnx"
+    extras = [parse_extra_input("context:float32:batch,7,48"), parse_extra_input("context_mask:bool:batch,7")]
+    export_onnx(ModelSource(model="export_zoo:masked_cross", extra_inputs=extras), path, attention=attention,
+                check=False)
+    fp16 = half(path)
+    result = _engine(fp16, tmp_path, RANGE)
+    (site,) = result.readiness.attention
+    assert site.mask is not None and site.kind == "cross"
+    assert_agrees(result, fp16, RANGE)
+    assert [b.verdict for b in result.build.fusion.blocks] == ["fused"]
+    assert [io["name"] for io in _written(tmp_path)["io"]] == ["x", "t", "context", "context_mask", "out"]
