@@ -261,7 +261,7 @@ def onnx_cmd(
     norm: Optional[str] = typer.Option(None, "--norm", help="Override the preset's normalization: gn, in, bn or none."),
     num_classes: Optional[int] = typer.Option(None, "--num-classes", help="Class-conditional preset, or the class count of an imported model."),
     hw_multiple: Optional[int] = typer.Option(None, "--hw-multiple", help="Imported models: H/W must be multiples of this (probed if omitted)."),
-    extra_input: Optional[list[str]] = typer.Option(None, "--extra-input", help="NAME:DTYPE:DIMS, repeatable: another input of an imported model's forward, passed by keyword (DIMS comma-separated: batch or a size), e.g. encoder_hidden_states:float32:batch,77,768."),
+    extra_input: Optional[list[str]] = typer.Option(None, "--extra-input", help="NAME:DTYPE:DIMS, repeatable: another input of an imported model's forward, passed by keyword (DIMS comma-separated: batch, a size, or a dynamic axis with its size, seq=77 or seq=1-77-154 for min-opt-max), e.g. encoder_hidden_states:float32:batch,77,768."),
     static_hw: Optional[str] = typer.Option(None, "--static-hw", help="HEIGHTxWIDTH for a model that serves one size: H and W are static in the file (batch stays dynamic), and verify, fp16, profiles and Triton follow."),
     attention: str = typer.Option("op", "--attention", help="op: one ONNX Attention node per block (opset>=23, TensorRT>=10.14). decomposed: Mul(q,scale), MatMul, Softmax, MatMul (any TensorRT 10.x)."),
     opset: int = typer.Option(23, "--opset", help="ONNX opset. 23 is the first with the Attention op; TensorRT 10.14+/11 and ONNX Runtime >= 1.23 read it."),
@@ -271,18 +271,19 @@ def onnx_cmd(
     exporter: str = typer.Option("auto", "--exporter", help="auto (default: PyTorch's TorchScript tracer, and its torch.export-based dynamo exporter where the tracer fails), torchscript or dynamo; the one used is recorded in the file."),
 ) -> None:
     from .exporter.onnx_export import export_onnx
-    from .models.loader import ModelSource, parse_extra_input
+    from .models.loader import ModelSource, parse_extra_inputs
 
     overrides: dict[str, Any] = {}
     if norm is not None:
         overrides["norm"] = None if norm.lower() in ("none", "null") else norm
     if num_classes is not None and model is None:
         overrides["num_classes"] = num_classes
+    extras, extra_axes = parse_extra_inputs(extra_input or [])
     source = ModelSource(
         preset=preset, config=config, model=model, model_kwargs=_json_option(model_kwargs, "--model-kwargs"),
         checkpoint=checkpoint, checkpoint_key=checkpoint_key, seed=seed, overrides=overrides,
         num_classes=num_classes if model is not None else None, hw_multiple=hw_multiple,
-        static_hw=_static_hw(static_hw), extra_inputs=[parse_extra_input(e) for e in extra_input or []],
+        static_hw=_static_hw(static_hw), extra_inputs=extras, extra_axes=extra_axes,
     )
     with _spinner("exporting") as prog:
         result = export_onnx(source, output, attention=attention, opset=opset, force=force, check=check,

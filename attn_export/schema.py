@@ -141,11 +141,18 @@ def record(fields: Mapping[str, Check], required: tuple[str, ...] = (), *, open_
 
 
 def input_dim(v: Any, where: str) -> None:
-    """A model input dim: a positive size or one of batch/height/width."""
+    """A model input dim: a positive size or a symbol (batch, height, width, or an axis with axis_sizes)."""
     if isinstance(v, str):
-        text(choices=("batch", "height", "width"))(v, where)
+        text(SYMBOL_RE)(v, where)
     else:
         integer(1, MAX_DIM)(v, where)
+
+
+def axis_range(v: Any, where: str) -> None:
+    """[min, opt, max] sizes of a named axis, min <= opt <= max."""
+    items(integer(1, MAX_DIM), 3, 3)(v, where)
+    if not v[0] <= v[1] <= v[2]:
+        fail(where, f"must be [min, opt, max] with min <= opt <= max (got {v})")
 
 
 def output_dim(v: Any, where: str) -> None:
@@ -195,6 +202,7 @@ SOURCE = record({
     "hw_multiple": optional(integer(1, 4096)),
     "static_hw": optional(items(integer(1, MAX_DIM), 2, 2)),
     "extra_inputs": items(tensor(input_dim), 0, 16),
+    "extra_axes": mapping(axis_range),
     "origin": text(),
 })
 CHECKPOINT = record({
@@ -227,4 +235,5 @@ def model_spec(max_format: int) -> Check:
         "tool_version": text(),
         "exporter": text(choices=("", "torchscript", "dynamo")),
         "input_ranges": mapping(value_range),
+        "axis_sizes": mapping(axis_range),
     }, ("inputs", "outputs", "hw_multiple"))

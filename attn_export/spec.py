@@ -33,9 +33,9 @@ class TensorSpec:
     dtype: str
     dims: list[int | str]
 
-    def shape_for(self, batch: int, height: int, width: int) -> tuple[int, ...]:
-        """Concrete shape of this tensor at the given batch and H/W."""
-        sizes = {"batch": batch, "height": height, "width": width}
+    def shape_for(self, batch: int, height: int, width: int, axes: dict[str, int] | None = None) -> tuple[int, ...]:
+        """Concrete shape of this tensor at the given batch and H/W (``axes``: sizes of other named dims)."""
+        sizes = {**(axes or {}), "batch": batch, "height": height, "width": width}
         out = []
         for d in self.dims:
             if isinstance(d, str):
@@ -69,6 +69,17 @@ class ModelSpec:
     format: int = SPEC_FORMAT
     # Per-input data ranges [low, high] for make_inputs (files from elsewhere: sigma, conditioning scalars).
     input_ranges: dict[str, list[float]] = field(default_factory=dict)
+    # Named dynamic dims of the extra inputs besides batch/height/width (a text length): [min, opt, max].
+    axis_sizes: dict[str, list[int]] = field(default_factory=dict)
+
+    def axes(self, which: str = "opt") -> dict[str, int]:
+        """The size of each named extra axis at ``which`` ("min", "opt" or "max")."""
+        i = ("min", "opt", "max").index(which)
+        return {name: int(sizes[i]) for name, sizes in self.axis_sizes.items()}
+
+    def shape_of(self, tensor: TensorSpec, batch: int, height: int, width: int, which: str = "opt") -> tuple[int, ...]:
+        """``tensor``'s concrete shape at (batch, H, W), its other named axes at ``which`` of their range."""
+        return tensor.shape_for(batch, height, width, self.axes(which))
 
     # ---- shapes ---------------------------------------------------------
     def input(self, name: str) -> TensorSpec:
@@ -121,7 +132,7 @@ class ModelSpec:
         rng = np.random.default_rng(seed)
         feeds: dict[str, np.ndarray] = {}
         for i, t in enumerate(self.inputs):
-            shape = t.shape_for(batch, height, width)
+            shape = self.shape_of(t, batch, height, width)
             floating = np.issubdtype(np.dtype(t.dtype), np.floating)
             if t.name in self.input_ranges:
                 low, high = self.input_ranges[t.name]
@@ -166,7 +177,11 @@ class ModelSpec:
         data["inputs"] = [TensorSpec(**t) for t in data["inputs"]]
         data["outputs"] = [TensorSpec(**t) for t in data["outputs"]]
         data["input_ranges"] = {k: [float(v[0]), float(v[1])] for k, v in (data.get("input_ranges") or {}).items()}
+        data["axis_sizes"] = {k: [int(x) for x in v] for k, v in (data.get("axis_sizes") or {}).items()}
         spec = cls(**data)
+        named = {d for t in spec.inputs for d in t.dims if isinstance(d, str)} - set(DYNAMIC_DIMS)
+        if named - set(spec.axis_sizes):
+            raise SchemaError(f"description: input dim {sorted(named - set(spec.axis_sizes))[0]!r} has no axis_sizes entry")
         unknown = sorted(set(spec.input_ranges) - {t.name for t in spec.inputs})
         if unknown:
             raise SchemaError(f"description.input_ranges names {', '.join(unknown)[:80]}, which are not inputs")

@@ -224,7 +224,9 @@ def test_extra_input_through_the_path(tmp_path: Path, wide_console) -> None:
 @pytest.mark.parametrize("text, says", [
     ("context:float32", "NAME:DTYPE:DIMS"),
     ("context:float64:batch,7", "dtype must be one of"),
-    ("context:float32:batch,seq,48", "dynamic axis other than batch"),
+    ("context:float32:batch,seq,48", "needs its size: write seq=77"),
+    ("context:float32:batch,seq=9-7-16,48", "min <= opt <= max"),
+    ("context:float32:batch,height=7,48", "must be a new name"),
     ("context:float32:7,batch", "batch must be the first dim"),
     ("t:float32:batch,7", "the name is taken"),
 ])
@@ -385,3 +387,49 @@ def test_boolean_inputs_are_drawn_as_padding_masks() -> None:
         assert m.any(axis=-1).all()          # no row fully masked (NaN in PyTorch)
         assert not m.all()                   # some key is masked, so a dropped mask shows
         assert (np.diff(m.astype(int), axis=-1) <= 0).all()  # a prefix: attended keys first, padding after
+
+
+def test_extra_input_with_a_dynamic_length(tmp_path: Path, wide_console) -> None:
+    """A context of any length 1..16 (7 usual) and its padding mask of the same length: one named axis, carried into
+    the file, the runners, the engine profiles and Triton's config."""
+    import numpy as np
+
+    from attn_export.engines.profiles import default_profile, tensor_shapes
+    from attn_export.runners.ort_runner import OrtRunner
+
+    out = tmp_path / "seq.onnx"
+    r = run("onnx", "--model", "export_zoo:masked_cross", "--extra-input", "context:float32:batch,seq=1-7-16,48",
+            "--extra-input", "context_mask:bool:batch,seq", "-o", out)
+    assert r.exit_code == 0, r.output
+    model = onnx.load(str(out))
+    dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in model.graph.input}
+    assert dims["context"] == ["batch", "seq", 48] and dims["context_mask"] == ["batch", "seq"]
+    spec = find_spec(model, out)
+    assert spec.axis_sizes == {"seq": [1, 7, 16]}
+    shapes = tensor_shapes(default_profile(spec), spec)
+    assert shapes["context"][0][1] == 1 and shapes["context"][1][1] == 7 and shapes["context"][2][1] == 16
+    # Another length than the export's, against PyTorch: the axis is really dynamic.
+    import torch
+
+    import export_zoo
+
+    feeds = spec.make_inputs(2, 8, 12, seed=5)
+    rng = np.random.default_rng(1)
+    feeds["context"] = rng.standard_normal((2, 12, 48)).astype(np.float32)
+    feeds["context_mask"] = np.arange(12) < np.array([[5], [12]])
+    got = OrtRunner(out).infer(feeds)["out"]
+    with torch.no_grad():
+        want = export_zoo.masked_cross()(torch.from_numpy(feeds["x"]), torch.from_numpy(feeds["t"]),
+                                         context=torch.from_numpy(feeds["context"]),
+                                         context_mask=torch.from_numpy(feeds["context_mask"])).numpy()
+    assert np.abs(np.asarray(got) - want).max() < 1e-4
+    feeds["context"] = feeds["context"][:, :3]
+    with pytest.raises(Exception, match="axis seq must be one size"):
+        OrtRunner(out).infer(feeds)
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    assert run("triton", out, "--repo", repo).exit_code == 0
+    config = (repo / "seq" / "config.pbtxt").read_text()
+    assert "dims: [ -1, 48 ]" in config
+    r = run("verify", out, "--model", "export_zoo:masked_cross")
+    assert r.exit_code == 0 and "PASSED" in r.output, r.output

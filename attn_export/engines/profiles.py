@@ -213,7 +213,8 @@ def default_profile(spec: ModelSpec) -> Profile:
 def tensor_shapes(profile: Profile, spec: ModelSpec) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
     """Per input tensor name: its (min_shape, opt_shape, max_shape) under ``profile``."""
     return {
-        t.name: (t.shape_for(*profile.min), t.shape_for(*profile.opt), t.shape_for(*profile.max))
+        t.name: (spec.shape_of(t, *profile.min, which="min"), spec.shape_of(t, *profile.opt),
+                 spec.shape_of(t, *profile.max, which="max"))
         for t in spec.inputs
     }
 

@@ -282,7 +282,7 @@ def _concrete_sizes(model: onnx.ModelProto, spec: ModelSpec, shape: Shape) -> di
     del m.graph.value_info[:]
     for vi in m.graph.input:
         try:
-            dims = spec.input(vi.name).shape_for(*shape)
+            dims = spec.shape_of(spec.input(vi.name), *shape)
         except KeyError:
             continue
         tt = vi.type.tensor_type

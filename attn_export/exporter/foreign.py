@@ -159,7 +159,7 @@ def parse_input_shapes(texts: str | Iterable[str], spec: ModelSpec) -> list[Shap
             raise UsageError(f"--input-shapes: {image.name} is 4-D (B, C, H, W); got {'x'.join(map(str, image_dims))}")
         b, h, w = image_dims[0], image_dims[2], image_dims[3]
         for t in spec.inputs:
-            want = t.shape_for(b, h, w)
+            want = spec.shape_of(t, b, h, w)
             if t.name in given and tuple(given[t.name]) != tuple(want):
                 raise UsageError(f"--input-shapes: {t.name} must be {'x'.join(map(str, want)) or 'a scalar'} "
                                  f"when {image.name} is {'x'.join(map(str, image_dims))} (got {'x'.join(map(str, given[t.name]))})")

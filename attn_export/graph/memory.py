@@ -178,5 +178,5 @@ def check_memory(model: onnx.ModelProto, shapes: Sequence[tuple[int, ...]], inpu
 def check_shapes_fit(model: onnx.ModelProto, spec: ModelSpec, shapes: Sequence[tuple[int, int, int]],
                      limit: int | None, *, what: str = "shape", keep_all: bool = False) -> list[MemoryEstimate]:
     """:func:`check_memory` for (batch, height, width) shapes of a model described by ``spec``."""
-    feeds = [{t.name: t.shape_for(*s) for t in spec.inputs} for s in shapes]
+    feeds = [{t.name: spec.shape_of(t, *s, which="max") for t in spec.inputs} for s in shapes]
     return check_memory(model, shapes, feeds, limit, what=what, keep_all=keep_all)

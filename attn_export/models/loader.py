@@ -56,6 +56,8 @@ class ModelSource:
     static_hw: tuple[int, int] | None = None
     # More inputs of an imported model's forward (a text context, a mask), passed by keyword after x, t[, y].
     extra_inputs: list[TensorSpec] = field(default_factory=list)
+    # Sizes [min, opt, max] of the extra inputs' named axes besides batch (a text length "seq").
+    extra_axes: dict[str, list[int]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         given = [n for n in ("preset", "config", "model") if getattr(self, n) is not None]
@@ -74,6 +76,9 @@ class ModelSource:
             if extra.name in taken:
                 raise UsageError(f"--extra-input {extra.name}: the name is taken (x, t, y and each extra input once)")
             taken.add(extra.name)
+            for d in extra.dims:
+                if isinstance(d, str) and d != "batch" and d not in self.extra_axes:
+                    raise UsageError(f"--extra-input {extra.name}: axis {d!r} has no size (write {d}=SIZE)")
         if self.static_hw is not None:
             h, w = (int(v) for v in self.static_hw)
             if h < 1 or w < 1 or h > 65536 or w > 65536:
@@ -166,11 +171,12 @@ def _unet_spec(config: UNetConfig) -> tuple[list[TensorSpec], list[TensorSpec]]:
     return inputs, outputs
 
 
-def _extras_at(extra_inputs: Sequence[TensorSpec], batch: int, height: int, width: int) -> list[torch.Tensor]:
+def _extras_at(extra_inputs: Sequence[TensorSpec], batch: int, height: int, width: int,
+               axes: dict[str, int] | None = None) -> list[torch.Tensor]:
     """Zero-filled extra inputs (float) or ones (bool, int: masks attend everywhere) for a probe call."""
     out = []
     for t in extra_inputs:
-        shape = t.shape_for(batch, height, width)
+        shape = t.shape_for(batch, height, width, axes)
         dtype = getattr(torch, t.dtype)
         out.append(torch.zeros(shape, dtype=dtype) if dtype.is_floating_point else torch.ones(shape, dtype=dtype))
     return out
@@ -180,7 +186,8 @@ def _call_probe(module: nn.Module, x: torch.Tensor, takes_y: bool, extra_inputs:
     b, _, h, w = x.shape
     t = torch.zeros(b, dtype=torch.int64)
     y = [torch.zeros(b, dtype=torch.int64)] if takes_y else []
-    return module(x, t, *y, *_extras_at(extra_inputs, b, h, w))
+    axes = {d: 1 for e in extra_inputs for d in e.dims if isinstance(d, str)}  # other named axes: any size serves
+    return module(x, t, *y, *_extras_at(extra_inputs, b, h, w, axes))
 
 
 def _probe_imported(module: nn.Module, in_channels: int, takes_y: bool, num_classes: int | None,
@@ -289,6 +296,7 @@ def load_model(source: ModelSource, attention_impl: AttentionImpl = "reference")
             min_deep_positions=config.min_deep_positions,
             num_timesteps=config.num_timesteps, num_classes=config.num_classes,
             source=description, checkpoint=ckpt_info, tool_version=__version__,
+            axis_sizes={k: list(v) for k, v in source.extra_axes.items()},
         )
     else:
         in_ch = _in_channels_of(inner)
@@ -306,6 +314,8 @@ def load_model(source: ModelSource, attention_impl: AttentionImpl = "reference")
         outputs = [TensorSpec("out", "float32", ["batch", out_ch, "height", "width"])]
         if source.extra_inputs:
             description["extra_inputs"] = [dataclasses.asdict(t) for t in source.extra_inputs]
+        if source.extra_axes:
+            description["extra_axes"] = {k: list(v) for k, v in source.extra_axes.items()}
         description["hw_multiple"] = multiple
         description["num_classes"] = num_classes
         if source.static_hw is not None:
@@ -313,6 +323,7 @@ def load_model(source: ModelSource, attention_impl: AttentionImpl = "reference")
         spec = ModelSpec(
             inputs=inputs, outputs=outputs, hw_multiple=multiple, num_classes=num_classes,
             source=description, checkpoint=ckpt_info, tool_version=__version__,
+            axis_sizes={k: list(v) for k, v in source.extra_axes.items()},
         )
     if source.static_hw is not None:
         if config is not None:
@@ -375,7 +386,8 @@ def source_from_spec(spec: ModelSpec, options: ReferenceOptions | None = None) -
                              seed=seed, static_hw=_static_hw_of(src),
                              hw_multiple=src.get("hw_multiple") if o.model is not None else None,
                              num_classes=src.get("num_classes") if o.model is not None else None,
-                             extra_inputs=_extras_of(src) if o.model is not None else [])
+                             extra_inputs=_extras_of(src) if o.model is not None else [],
+                             extra_axes=_axes_of(src) if o.model is not None else {})
     elif src.get("kind") == "import":
         if not o.trust_artifact:
             raise UsageError(
@@ -384,7 +396,7 @@ def source_from_spec(spec: ModelSpec, options: ReferenceOptions | None = None) -
                 f"pass {TRUST_FLAG} to run what the file names")
         source = ModelSource(model=src["model"], model_kwargs=dict(src.get("model_kwargs") or {}), seed=seed,
                              num_classes=src.get("num_classes"), hw_multiple=src.get("hw_multiple"),
-                             static_hw=_static_hw_of(src), extra_inputs=_extras_of(src))
+                             static_hw=_static_hw_of(src), extra_inputs=_extras_of(src), extra_axes=_axes_of(src))
     elif src.get("kind") in ("preset", "config") and "config" in src:
         # The full config is recorded, so a preset changed in a later version still rebuilds the same model.
         source = ModelSource(config=dict(src["config"]), seed=seed, static_hw=_static_hw_of(src))
@@ -427,8 +439,31 @@ def _extras_of(src: dict[str, Any]) -> list[TensorSpec]:
     return [TensorSpec(str(t["name"]), str(t["dtype"]), list(t["dims"])) for t in src.get("extra_inputs") or []]
 
 
+def _axes_of(src: dict[str, Any]) -> dict[str, list[int]]:
+    return {str(k): [int(x) for x in v] for k, v in (src.get("extra_axes") or {}).items()}
+
+
+def parse_extra_inputs(texts: Sequence[str]) -> tuple[list[TensorSpec], dict[str, list[int]]]:
+    """Each ``--extra-input`` (see :func:`parse_extra_input`), and the [min, opt, max] of every named axis."""
+    inputs: list[TensorSpec] = []
+    axes: dict[str, list[int]] = {}
+    for text in texts:
+        spec, sizes = _parse_extra(text, axes)
+        for name, size in sizes.items():
+            if name in axes and axes[name] != size:
+                raise UsageError(f"--extra-input {text!r}: axis {name!r} is given two sizes ({axes[name]} and {size})")
+            axes[name] = size
+        inputs.append(spec)
+    return inputs, axes
+
+
 def parse_extra_input(text: str) -> TensorSpec:
-    """``NAME:DTYPE:DIMS`` (DIMS comma-separated: ``batch`` or a size), e.g. ``encoder_hidden_states:float32:batch,77,768``."""
+    """``NAME:DTYPE:DIMS`` (DIMS comma-separated: ``batch``, a size, or a named dynamic axis with its size:
+    ``seq=77`` or ``seq=1-77-154`` for min-opt-max), e.g. ``encoder_hidden_states:float32:batch,77,768``."""
+    return _parse_extra(text)[0]
+
+
+def _parse_extra(text: str, known: dict[str, list[int]] | None = None) -> tuple[TensorSpec, dict[str, list[int]]]:
     parts = text.strip().split(":")
     if len(parts) != 3 or not parts[0] or not parts[2]:
         raise UsageError(f"--extra-input {text!r}: expected NAME:DTYPE:DIMS such as context:float32:batch,77,768")
@@ -438,20 +473,34 @@ def parse_extra_input(text: str) -> TensorSpec:
     if dtype not in EXTRA_DTYPES:
         raise UsageError(f"--extra-input {text!r}: dtype must be one of {', '.join(EXTRA_DTYPES)}")
     dims: list[int | str] = []
+    axes: dict[str, list[int]] = {}
     for d in dims_text.split(","):
         d = d.strip()
+        named = re.fullmatch(r"([A-Za-z_]\w{0,63})=(\d+)(?:-(\d+)-(\d+))?", d)
         if d == "batch":
             dims.append(d)
         elif d.isdigit() and int(d) > 0:
             dims.append(int(d))
+        elif named:
+            axis = named.group(1)
+            sizes = [int(named.group(2))] * 3 if named.group(3) is None else [int(named.group(i)) for i in (2, 3, 4)]
+            if sizes[0] == sizes[2] and named.group(3) is None:
+                sizes[0] = 1  # seq=77: any length up to 77, 77 the usual one
+            if axis in ("batch", "height", "width") or axis in axes or not 1 <= sizes[0] <= sizes[1] <= sizes[2] <= 1 << 20:
+                raise UsageError(f"--extra-input {text!r}: axis {d!r} must be a new name with sizes "
+                                 "min <= opt <= max (seq=77 or seq=1-77-154)")
+            axes[axis] = sizes
+            dims.append(axis)
+        elif d in (known or {}) or d in axes:
+            dims.append(d)  # an axis an earlier --extra-input sized (a mask as long as its context)
         elif re.fullmatch(r"[A-Za-z_]\w*", d):
-            raise UsageError(f"--extra-input {text!r}: a dynamic axis other than batch ({d!r}) is not supported yet; "
-                             "give its size (the engine profiles and the checks need one)")
+            raise UsageError(f"--extra-input {text!r}: the dynamic axis {d!r} needs its size: write {d}=77 "
+                             f"(any length up to 77) or {d}=1-77-154 (min-opt-max)")
         else:
-            raise UsageError(f"--extra-input {text!r}: bad dim {d!r} (batch or a positive size)")
+            raise UsageError(f"--extra-input {text!r}: bad dim {d!r} (batch, a positive size, or NAME=SIZE)")
     if "batch" in dims and dims[0] != "batch":
         raise UsageError(f"--extra-input {text!r}: batch must be the first dim")
-    return TensorSpec(name, dtype, dims)
+    return TensorSpec(name, dtype, dims), axes
 
 
 EXTRA_DTYPES = ("float32", "float16", "int64", "int32", "bool")

@@ -79,9 +79,17 @@ class Runner(abc.ABC):
         if shape[1] != self.spec.in_channels:
             raise ShapeError(f"input {self.spec.image_input.name} must have {self.spec.in_channels} channels; got {shape[1]}")
         self.check_shape(shape[0], shape[2], shape[3])
+        axes: dict[str, int] = {}
         for t in self.spec.inputs[1:]:
             got = tuple(feeds[t.name].shape)
-            want = t.shape_for(shape[0], shape[2], shape[3])
+            if len(got) == len(t.dims):
+                for size, d in zip(got, t.dims):
+                    if isinstance(d, str) and d in self.spec.axis_sizes:
+                        low, _, high = self.spec.axis_sizes[d]
+                        if not low <= size <= high or axes.setdefault(d, size) != size:
+                            raise ShapeError(f"input {t.name}: axis {d} must be one size in {low}..{high} across the "
+                                             f"inputs; got {size}")
+            want = t.shape_for(shape[0], shape[2], shape[3], axes)
             if got != want:
                 raise ShapeError(f"input {t.name} must have shape {want} for batch {shape[0]}; got {got}")
 
