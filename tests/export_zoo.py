@@ -300,3 +300,20 @@ def masked_cross(style="sdpa"):
         for p in model.parameters():  # attention that is not near-uniform, so a wrong mask shows
             p.mul_(2.0)
     return model
+
+
+class TwoCross(CrossAttend):
+    """Cross-attention twice: the second one's Q has read the context already (as deeper layers of an SD UNet do)."""
+
+    def forward(self, x, t, *, context):
+        h = self.inp(x) + self.temb(t.float()[:, None] / 1000)[:, :, None, None]
+        b, c, hh, ww = h.shape
+        seq = h.flatten(2).transpose(1, 2)
+        for _ in range(2):
+            seq = seq + self._attend(self.q(seq), *self.kv(context).chunk(2, dim=-1))
+        return self.outc(seq.transpose(1, 2).reshape(b, c, hh, ww))
+
+
+def two_cross():
+    torch.manual_seed(0)
+    return TwoCross().eval()

@@ -433,3 +433,12 @@ def test_extra_input_with_a_dynamic_length(tmp_path: Path, wide_console) -> None
     assert "dims: [ -1, 48 ]" in config
     r = run("verify", out, "--model", "export_zoo:masked_cross")
     assert r.exit_code == 0 and "PASSED" in r.output, r.output
+
+
+def test_a_cross_attention_whose_queries_read_the_context_is_still_cross(tmp_path: Path) -> None:
+    # Deeper in a Stable-Diffusion UNet, Q has passed through earlier cross-attention: K is still the context's.
+    out = tmp_path / "two.onnx"
+    r = run("onnx", "--model", "export_zoo:two_cross", "--extra-input", "context:float32:batch,7,48", "-o", out)
+    assert r.exit_code == 0, r.output
+    sites = find_attention(onnx.load(str(out)))
+    assert [(s.kind, s.kv_len) for s in sites] == [("cross", 7), ("cross", 7)]

@@ -256,13 +256,23 @@ class _Finder:
         return out
 
     def kind(self, site: AttentionSite, model: onnx.ModelProto) -> str:
-        """"cross" when K is computed from graph inputs that Q does not use (a text context), else "self"."""
+        """"cross" when K is not computed from the image (a text context), else "self".
+
+        The image is the 4-D graph input. Q deeper in a conditioned UNet reads
+        the context too (through earlier cross-attention), so sharing inputs
+        with Q does not make K the image's.
+        """
         if site.q is None or site.k is None:
             return "self"
-        inputs = {i.name for i in model.graph.input} - {i.name for i in model.graph.initializer}
-        q_in = self.inputs_behind(site.q.tensor) & inputs
+        weights = {i.name for i in model.graph.initializer}
+        inputs = {i.name for i in model.graph.input} - weights
+        images = {i.name for i in model.graph.input
+                  if i.name not in weights and len(i.type.tensor_type.shape.dim) == 4}
         k_in = self.inputs_behind(site.k.tensor) & inputs
-        if not k_in or k_in & q_in:
+        if len(images) == 1:
+            if not k_in or k_in & images:
+                return "self"
+        elif not k_in or k_in & (self.inputs_behind(site.q.tensor) & inputs):
             return "self"
         if site.kv_len is None:
             # Shape inference often loses K's length behind the head split: a [B, S, D] context input names it.
