@@ -25,7 +25,7 @@ import numpy as np
 
 from . import heap
 from .engines.sidecar import is_engine_path
-from .errors import AttnExportError, UsageError
+from .errors import AttnExportError, ProviderUnavailable, UsageError
 from .spec import ModelSpec, ReferenceOptions, format_shape
 
 if TYPE_CHECKING:
@@ -203,7 +203,10 @@ def make_runner(artifact: str | Path, backend: str, spec: ModelSpec, *, provider
         from .models.loader import source_from_spec
 
         impl = TORCH_BACKENDS[backend] or attention_impl
-        device = "cuda" if provider in ("cuda", "tensorrt") and torch.cuda.is_available() else "cpu"
+        device = "cuda" if provider in ("cuda", "tensorrt") else "cpu"
+        if device == "cuda" and not torch.cuda.is_available():
+            raise ProviderUnavailable(f"--provider {provider} puts PyTorch on CUDA, which torch {torch.__version__} "
+                                      "cannot use on this machine; use --provider cpu")
         half = backend == "pytorch-fp16"
         if half and device != "cuda":
             raise UsageError("pytorch-fp16 runs on a CUDA GPU only (--provider cuda); PyTorch's CPU FP16 kernels are no baseline")
@@ -340,6 +343,8 @@ def run_bench(artifact: str | Path, *, backends: Sequence[str] | None = None,
             runner, settings = make_runner(artifact, backend, spec, provider=provider, threads=threads,
                                            attention_impl=attention_impl, graph_optimization=graph_optimization,
                                            reference_model=reference_model)
+        except ProviderUnavailable:
+            raise  # the device the user named does not exist here: no row can say what was asked
         except (AttnExportError, ImportError) as exc:
             for shape in shapes:
                 rows.append(BenchRow(backend, list(shape), status="unavailable", error=str(exc).splitlines()[0]))

@@ -22,6 +22,10 @@ class UsageError(AttnExportError):
     """Bad options, bad shapes, missing files: exit 2."""
 
 
+class ProviderUnavailable(UsageError):
+    """An execution device asked for by name (an ONNX Runtime provider, PyTorch on CUDA) that this machine cannot start."""
+
+
 class CheckpointError(AttnExportError):
     """A checkpoint that cannot be read or does not fit the model."""
 

@@ -423,3 +423,39 @@ def test_reference_is_freed_before_the_candidate_runs(tiny_onnx: Path, monkeypat
     assert events == ["cand.activate", "cand.deactivate", "ref.activate", "ref.infer", "ref.infer",
                       "ref.deactivate", "cand.activate", "cand.infer", "cand.infer", "cand.deactivate"]
     assert all(len(s.seconds) == 2 and min(s.seconds.values()) > 0 for s in report.shapes)
+
+
+def _cuda_provider_starts() -> bool:
+    """Whether ONNX Runtime really creates its CUDA provider here (it lists it wherever onnxruntime-gpu is installed)."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    g = helper.make_graph([helper.make_node("Identity", ["a"], ["b"])], "g",
+                          [helper.make_tensor_value_info("a", TensorProto.FLOAT, [1])],
+                          [helper.make_tensor_value_info("b", TensorProto.FLOAT, [1])])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx.checker.check_model(m)
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return False
+    ort.set_default_logger_severity(4)
+    s = ort.InferenceSession(m.SerializeToString(), providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+    return "CUDAExecutionProvider" in s.get_providers()
+
+
+def test_a_provider_that_cannot_start_is_refused(tiny_onnx: Path) -> None:
+    """ONNX Runtime falls back to the CPU when CUDA cannot start; verify and bench must not report a CUDA run."""
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        r = run("verify", tiny_onnx, "--provider", "cuda")
+        assert r.exit_code == 2 and "not available here" in r.output, r.output
+        return
+    if _cuda_provider_starts():
+        pytest.skip("this machine runs ONNX Runtime's CUDA provider; the refusal is for machines that cannot")
+    for args in (("verify", tiny_onnx, "--provider", "cuda"), ("bench", tiny_onnx, "--backend", "onnxruntime",
+                                                               "--provider", "cuda", "--shapes", "1x8x8")):
+        r = run(*args)
+        assert r.exit_code == 2, r.output
+        assert "could not create CUDAExecutionProvider" in r.output and "PASSED" not in r.output
+        assert len(r.output.strip().splitlines()) == 1, r.output

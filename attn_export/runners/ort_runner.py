@@ -8,7 +8,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from ..errors import UsageError
+from ..errors import ProviderUnavailable, UsageError
 from ..exporter.metadata import load_onnx, spec_from_model
 from ..spec import ModelSpec
 from .base import Runner
@@ -37,6 +37,23 @@ def resolve_providers(providers: Sequence[str] | None) -> list[str]:
     if "CPUExecutionProvider" not in out:
         out.append("CPUExecutionProvider")
     return out
+
+
+def check_providers(asked: Sequence[str], created: Sequence[str]) -> list[str]:
+    """The providers a session really has; UsageError when one that was asked for could not be created.
+
+    ONNX Runtime lists a provider as available when its library is installed
+    (onnxruntime-gpu lists CUDA on any machine), then falls back to the CPU
+    when the provider cannot start, with only a log line.
+    """
+    missing = [p for p in asked if p not in created]
+    if missing:
+        raise ProviderUnavailable(
+            f"ONNX Runtime could not create {', '.join(missing)} on this machine (the session would run on "
+            f"{', '.join(created) or 'nothing'}): it needs its GPU, driver and libraries (for CUDA: the CUDA and "
+            "cuDNN versions listed at onnxruntime.ai/docs/execution-providers/CUDA-ExecutionProvider.html); "
+            "use --provider cpu to run on the CPU")
+    return list(created)
 
 
 # "onnxruntime": the serving form (attention as ONNX Runtime's contrib MultiHeadAttention or, on CPU where it
@@ -127,7 +144,12 @@ class OrtRunner(Runner):
         import onnxruntime as ort
 
         opts = self.session_options()
-        self.session = ort.InferenceSession(self._model_for_session(opts), opts, providers=self.providers)
+        if self.providers != ["CPUExecutionProvider"]:
+            # Its multi-line warning when a provider cannot start goes; check_providers says it in one line.
+            ort.set_default_logger_severity(4)
+        session = ort.InferenceSession(self._model_for_session(opts), opts, providers=self.providers)
+        self.providers = check_providers(self.providers, list(session.get_providers()))
+        self.session = session
 
     def _model_for_session(self, opts: Any) -> str | bytes:
         """The file, or its serving form (:func:`attn_export.graph.onnxruntime_serving_form`).
