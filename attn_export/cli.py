@@ -462,6 +462,7 @@ def verify_cmd(
     input_shapes: Optional[list[str]] = typer.Option(None, "--input-shapes", help=INPUT_SHAPES_HELP),
     input_range: Optional[list[str]] = typer.Option(None, "--input-range", help=INPUT_RANGE_HELP),
     max_memory: Optional[str] = MAX_MEMORY,
+    form: str = typer.Option("written", "--form", help="ONNX files: written (default) runs the file exactly as written, the graph TensorRT reads; serving runs ONNX Runtime's serving form built from it in memory (MultiHeadAttention or query-chunked attention, Winograd convolutions), what bench and the Python runners use."),
 ) -> None:
     from .exporter.foreign import parse_input_ranges
     from .verify import verify
@@ -475,7 +476,7 @@ def verify_cmd(
             providers=[provider] if provider else None,
             progress=_reporter(prog),
             reference=reference, input_shapes=input_shapes or None, input_ranges=parse_input_ranges(input_range),
-            max_memory=_max_memory(max_memory),
+            max_memory=_max_memory(max_memory), form=form,
         )
     render.verify(result)
     if report is not None:

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence, cast
@@ -46,6 +47,8 @@ from .progress import ProgressFn
 from .shapes import Shape, accepts as _valid, fit_shapes, large_size, round_up as _round_up, typical_size
 
 if TYPE_CHECKING:
+    import onnx
+
     from .runners.base import Runner
     from .runners.ort_runner import OrtRunner
 
@@ -239,6 +242,16 @@ def _check_reference_fits(spec: ModelSpec, ref_spec: ModelSpec) -> None:
         )
 
 
+VERIFY_FORMS = ("written", "serving")
+
+
+def written_parts(graph: "onnx.ModelProto") -> list[str]:
+    """The file as written, in words: its attention ops by count (what a session of the file runs)."""
+    counts = Counter(n.op_type for n in graph.graph.node if n.op_type in ("Attention", "MultiHeadAttention", "Softmax"))
+    named = {"Attention": "Attention op", "MultiHeadAttention": "MultiHeadAttention", "Softmax": "Softmax"}
+    return ["the file as written"] + [f"{n} x {named[op]}" for op, n in sorted(counts.items())]
+
+
 def verify(
     artifact: str | Path,
     *,
@@ -255,8 +268,15 @@ def verify(
     input_shapes: str | Sequence[str] | None = None,
     input_ranges: dict[str, tuple[float, float]] | None = None,
     max_memory: int | None = None,
+    form: str = "written",
 ) -> VerifyReport:
     """Compare ``artifact`` (ONNX file or TensorRT engine) with its PyTorch reference over a sweep of shapes.
+
+    ``form`` (ONNX files): "written" (default) runs the file exactly as
+    written, the graph TensorRT and every other consumer reads; "serving"
+    runs ONNX Runtime's serving form built from it in memory (its
+    MultiHeadAttention or query-chunked attention, Winograd convolutions).
+    The report's candidate line says which ran.
 
     Raises UsageError/ShapeError/CheckpointError (exit 2) for bad input: an
     unreadable artifact, a shape it cannot serve, a checkpoint whose SHA-256
@@ -276,6 +296,8 @@ def verify(
     None: this machine's memory, 0: no limit); larger shapes are refused.
     """
     path = Path(artifact)
+    if form not in VERIFY_FORMS:
+        raise UsageError(f"--form must be one of {', '.join(VERIFY_FORMS)} (got {form!r})")
     if not path.is_file():
         raise UsageError(f"artifact not found: {path}")
     kind = artifact_kind(path)
@@ -296,6 +318,7 @@ def verify(
         # Parsed once: the description and the memory estimate both read this graph.
         graph = load_onnx(path, load_external_data=False)
         spec = spec_of(graph, origin=str(path), input_ranges=input_ranges)
+        file_parts = written_parts(graph)
         precision = spec.precision
     from .exporter.foreign import is_foreign, resolve_shapes
 
@@ -354,12 +377,14 @@ def verify(
     else:
         from .runners.ort_runner import OrtRunner
 
-        cand = ort_cand = OrtRunner(path, providers=providers, spec=spec)
+        cand = ort_cand = OrtRunner(path, providers=providers, spec=spec,
+                                    attention="as-is" if form == "written" else "onnxruntime")
         cand_desc = f"onnxruntime ({ort_cand.provider})"
     cand.activate()
     if ort_cand is not None:
-        # What ran: the serving form of the file (its attention and Winograd 3x3 convolutions, by count).
-        cand_desc = f"onnxruntime ({', '.join([ort_cand.provider, *ort_cand.serving_form_parts()])})"
+        # What ran: the file's own graph, or the serving form (its attention and Winograd convolutions, by count).
+        parts = file_parts if form == "written" else ["serving form", *ort_cand.serving_form_parts()]
+        cand_desc = f"onnxruntime ({', '.join([ort_cand.provider, *parts])})"
     setup[cand.name] = time.perf_counter() - t0
     # The two never hold memory at once: the reference runs every shape first and is freed before the
     # candidate comes back (its first activation only proved it loads). Peak memory is the larger of the two
@@ -374,7 +399,8 @@ def verify(
         from .runners.ort_runner import OrtRunner
         from .exporter.foreign import spec_of_file
 
-        ref = OrtRunner(reference, spec=spec_of_file(reference, input_ranges))
+        ref = OrtRunner(reference, spec=spec_of_file(reference, input_ranges),
+                        attention="as-is" if form == "written" else "onnxruntime")
         ref.name = "reference"
         ref_desc = f"onnxruntime ({Path(reference).name}, {ref.provider})"
         ref_inputs = {t.name for t in ref.spec.inputs}

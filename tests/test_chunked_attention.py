@@ -170,9 +170,13 @@ def test_runner_and_verify(tiny_onnx: Path, export_model, monkeypatch: pytest.Mo
     want = plain.infer(feeds)["out"]
     for runner in (chunked, mha):
         assert np.abs(runner.infer(feeds)["out"] - want).max() < 1e-5
-    # verify serves the default form: with a 512 KiB L2, head size 256 goes to chunks (64 keys per kernel block).
+    # verify --form serving checks the serving form: with a 512 KiB L2, head size 256 goes to chunks (64 keys per
+    # kernel block); by default it runs the file as written, and says so.
     from attn_export.graph import serving
 
     monkeypatch.setattr(serving, "l2_cache_bytes", lambda: 2**19)
-    report = verify(export_model("tiny", "op", base_channels=128), shapes="1x16x16,2x32x24")
+    report = verify(export_model("tiny", "op", base_channels=128), shapes="1x16x16,2x32x24", form="serving")
     assert report.passed and "4 x query-chunked attention" in report.candidate
+    report = verify(export_model("tiny", "op", base_channels=128), shapes="1x16x16")
+    assert report.passed and "the file as written, 4 x Attention op" in report.candidate
+    assert "chunked" not in report.candidate

@@ -459,3 +459,15 @@ def test_a_provider_that_cannot_start_is_refused(tiny_onnx: Path) -> None:
         assert r.exit_code == 2, r.output
         assert "could not create CUDAExecutionProvider" in r.output and "PASSED" not in r.output
         assert len(r.output.strip().splitlines()) == 1, r.output
+
+
+def test_verify_runs_the_file_as_written_by_default(export_model, wide_console) -> None:
+    """verify of an op export runs the file's own Attention nodes, and says so; --form serving runs the serving form."""
+    path = export_model("tiny", "op")
+    r = run("verify", path, "--shapes", "1x16x16")
+    assert r.exit_code == 0, r.output
+    assert "the file as written, 4 x Attention op" in r.output and "MultiHeadAttention" not in r.output
+    r = run("verify", path, "--shapes", "1x16x16", "--form", "serving")
+    assert r.exit_code == 0 and "serving form" in r.output, r.output
+    r = run("verify", path, "--form", "rewritten")
+    assert r.exit_code == 2 and "--form must be one of written, serving" in r.output

@@ -184,7 +184,7 @@ def test_runner_serves_winograd_on_cpu_only(export_model) -> None:
 def test_verify_names_and_checks_the_serving_form(export_model) -> None:
     from attn_export.verify import verify
 
-    report = verify(export_model("tiny", "op", base_channels=128), shapes=[(1, 16, 16), (2, 8, 24)])
+    report = verify(export_model("tiny", "op", base_channels=128), shapes=[(1, 16, 16), (2, 8, 24)], form="serving")
     assert report.passed
     assert "Winograd" in report.candidate
 
