@@ -214,8 +214,13 @@ def compare_arrays(name: str, reference: np.ndarray, candidate: np.ndarray, tol:
         # A NaN statistic counts as exceeding (as in Polygraphy): np.quantile over huge relative errors that
         # overflowed to Inf interpolates Inf - Inf = NaN, which must not pass.
         ok_values = not (_exceeds(stat_abs, tol.atol) and _exceeds(stat_rel, tol.rtol))
-    passed = ok_values and n_bad_finite == 0
+    # A NaN or Inf the reference itself computes leaves nothing to compare there: matching it proves nothing.
+    ref_nonfinite = nan(ref) + inf(ref)
+    passed = ok_values and n_bad_finite == 0 and ref_nonfinite == 0
     reasons = []
+    if ref_nonfinite:
+        reasons.append(f"the reference holds {nan(ref)} NaN and {inf(ref)} Inf of {ref.size} values: nothing to "
+                       "compare there (inputs outside what the model computes? see --input-range)")
     if n_bad_finite:
         reasons.append(f"{n_bad_finite} non-finite value(s) where the other output is finite "
                        f"(candidate: {nan(cand)} NaN, {inf(cand)} Inf; reference: {nan(ref)} NaN, {inf(ref)} Inf)")

@@ -60,10 +60,12 @@ class TestPassRule:
         assert c.nonfinite_mismatch == 1 and (c.nan_cand + c.inf_cand) == 1 and c.nan_ref == c.inf_ref == 0
         assert c.min_atol == float("inf")
 
-    def test_matching_non_finite_values_do_not_fail(self) -> None:
+    def test_non_finite_reference_fails_even_when_matched(self) -> None:
+        # An all-NaN reference matched by an all-NaN candidate once passed every shape: it proves nothing.
         ref = np.array([np.nan, np.inf, 1.0])
         c = compare_arrays("o", ref, ref.copy(), Tolerances(atol=0, rtol=0))
-        assert c.passed and c.nan_ref == 1 and c.inf_ref == 1
+        assert not c.passed and c.nan_ref == 1 and c.inf_ref == 1 and "nothing to compare" in c.reason
+        assert not compare_arrays("o", np.full(4, np.nan), np.full(4, np.nan), Tolerances(1e9, 1e9)).passed
         assert not compare_arrays("o", ref, np.array([0.0, np.inf, 1.0]), Tolerances(1, 1)).passed
         assert not compare_arrays("o", ref, np.array([np.nan, -np.inf, 1.0]), Tolerances(1, 1)).passed
 
