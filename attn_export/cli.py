@@ -507,7 +507,7 @@ def inspect_cmd(
     artifact: Path = typer.Argument(..., help="ONNX file or TensorRT engine (.plan/.engine, with its sidecar)."),
     as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON only."),
     trt: bool = typer.Option(False, "--trt", help="ONNX only: check TensorRT readiness (ops, attention fusion, dims); exit 1 on errors."),
-    target: str = typer.Option("10.14", "--target", help=f"TensorRT version for --trt: {TARGETS_HELP}."),
+    target: str = typer.Option("10.14", "--target", help=f"TensorRT version for --trt: {TARGETS_HELP} (not used with --runtime rtx). --trt checks readiness only; `attn-export trt` builds the engine and reports real fusion."),
     runtime: str = RUNTIME,
 ) -> None:
     from .inspection import inspect_artifact, trt_readiness
@@ -616,11 +616,13 @@ HARDWARE_COMPAT = {"none": "none", "ampere+": "ampere_plus", "same-cc": "same_co
     "Examples:\n\n"
     "  attn-export trt unet.onnx --fp16 -o unet.plan\n\n"
     "  attn-export trt unet.onnx --fp16 -o unet.plan --min 1x32x32 --opt 4x64x64 --max 8x128x128 --timing-cache tc.bin\n\n"
-    "Profiles are validated before the conversion and the build. Needs TensorRT and an NVIDIA GPU for the build "
-    "(exit 2 with the missing piece named otherwise).\n\n"
-    f"Supported TensorRT: {SUPPORTED_TRT}. Only the Python API is checked, on CPU, against the real bindings of "
-    "those releases (names, enum members, signatures); that check builds and runs nothing. No engine has been built "
-    "or run on a GPU by this project yet: `make test-gpu` does that on a machine with one."
+    "Profiles are validated before the conversion and the build. --runtime tensorrt (default) needs TensorRT and an "
+    "NVIDIA GPU for the build; --runtime rtx builds a TensorRT-RTX engine on any machine, GPU or not, for the "
+    "--compute-capability targets (exit 2 with the missing piece named otherwise). The fused-attention report comes "
+    "from the engine inspector, or from the builder's layer log where no GPU can load the engine.\n\n"
+    f"Supported TensorRT: {SUPPORTED_TRT}; its Python API is checked on CPU against the real bindings of those "
+    "releases. TensorRT-RTX engines are built in the test suite on CPU; running any engine needs a GPU "
+    "(`make test-gpu`), which this project's own machines have not had yet."
 ))
 def trt_cmd(
     model: Path = typer.Argument(..., help="ONNX file exported by `attn-export onnx` (FP32, or FP16 from `attn-export fp16`)."),

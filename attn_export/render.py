@@ -370,7 +370,7 @@ def engine_stage(stage: str, r: Any) -> None:
             fp16(r.fp16)
         elif r.fp16_requested:
             console.print(f"{r.onnx} is already {r.spec.precision}; building from it as is", highlight=False)
-        else:
+        elif r.spec.precision == "fp32":
             console.print("[yellow]note:[/] no --fp16: the engine keeps the ONNX's FP32 types (strongly typed build)", highlight=False)
     elif stage == "readiness":
         readiness(r.readiness)
