@@ -253,6 +253,8 @@ def fp16(r: Any) -> None:
     shapes = ", ".join("x".join(map(str, s)) for s in a.calibration_shapes)
     console.print(f"[bold]FP16 range audit[/] of {escape(str(r.source))}: calibration {shapes}, threshold {a.threshold:g} "
                   f"(FP16 max 65504)", highlight=False)
+    for note in getattr(r, "notes", []):
+        console.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
     if getattr(r, "decomposed", None):
         console.print(escape(f"{len(r.decomposed)} attention site(s) written as MatMul/Softmax/MatMul: no fused kernel takes "
                              f"them (head size or FP32), and the chain builds in any TensorRT: {', '.join(r.decomposed)}"),

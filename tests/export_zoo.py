@@ -317,3 +317,15 @@ class TwoCross(CrossAttend):
 def two_cross():
     torch.manual_seed(0)
     return TwoCross().eval()
+
+
+def diffusers_sd(head_dim=8):
+    """diffusers' UNet2DConditionModel in Stable Diffusion's layout, tiny: self- and cross-attention to a context
+    [B, 77, 32] (from the test extra, not copied)."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    return UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=head_dim, norm_num_groups=8).eval()

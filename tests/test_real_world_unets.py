@@ -442,3 +442,25 @@ def test_a_cross_attention_whose_queries_read_the_context_is_still_cross(tmp_pat
     assert r.exit_code == 0, r.output
     sites = find_attention(onnx.load(str(out)))
     assert [(s.kind, s.kv_len) for s in sites] == [("cross", 7), ("cross", 7)]
+
+
+def test_diffusers_sd_layout_unet(tmp_path: Path) -> None:
+    """diffusers' UNet2DConditionModel (SD layout): every site found with its kind, and its attention scores counted
+    in the memory estimate though shape inference loses their lengths (default FP16 calibration at 128 px once
+    needed 16 GiB and was killed)."""
+    from attn_export.exporter.audit import default_calibration_shapes
+    from attn_export.graph.memory import check_shapes_fit, shapes_that_fit
+
+    out = tmp_path / "sd.onnx"
+    r = run("onnx", "--model", "export_zoo:diffusers_sd", "--extra-input", "encoder_hidden_states:float32:batch,77,32",
+            "-o", out)
+    assert r.exit_code == 0, r.output
+    model = onnx.load(str(out), load_external_data=False)
+    sites = find_attention(model)
+    assert [s.kind for s in sites] == ["self", "cross"] * 4 and all(s.kv_len == 77 for s in sites if s.kind == "cross")
+    spec = find_spec(model, out)
+    (est,) = check_shapes_fit(model, spec, [(1, 128, 128)], 0, keep_all=True)
+    # Full-resolution self-attention, 8 heads of 16384 x 16384 fp32 logits and probabilities: 16 GiB.
+    assert est.attention >= 16 * 2**30
+    fit, left = shapes_that_fit(model, spec, default_calibration_shapes(spec), 24 * 2**30, keep_all=True)
+    assert (1, 128, 128) not in fit and len(left) == 1 and "left out" in left[0]

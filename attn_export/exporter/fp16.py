@@ -106,6 +106,7 @@ class Fp16Result:
     decomposed: list[str] = field(default_factory=list)  # Attention sites written as MatMul/Softmax/MatMul (no fused kernel)
     steps: dict[str, float] = field(default_factory=dict)
     external_data: Path | None = None   # NAME.onnx.data, for outputs whose weights reach 2 GB
+    notes: list[str] = field(default_factory=list)  # what was decided for the user (default shapes left out)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -115,6 +116,7 @@ class Fp16Result:
             "initializers": {"fp16": self.initializers_fp16, "fp32": self.initializers_fp32,
                              "clamped": self.clamped_initializers},
             "fp32_nodes": [i.to_dict() for i in self.fp32_nodes],
+            "notes": list(self.notes),
             "forced_fp16": list(self.forced_fp16),
             "attention": self.attention,
             "audit": self.audit.to_dict(),
@@ -460,11 +462,21 @@ def convert_fp16(
         check_shapes = list(calibration_shapes)[:2]
     if spec.precision != "fp32":
         raise UsageError(f"{src} is already {spec.precision}; convert the FP32 export")
-    from ..graph.memory import check_shapes_fit
+    from ..graph.memory import check_shapes_fit, shapes_that_fit
 
+    calibration_notes: list[str] = []
     # The audit reads every activation of a run at once: all of them count, not the live peak.
-    check_shapes_fit(model, spec, list(calibration_shapes or default_calibration_shapes(spec)), max_memory,
-                     what="calibration shape", keep_all=True)
+    if calibration_shapes:
+        check_shapes_fit(model, spec, list(calibration_shapes), max_memory, what="calibration shape", keep_all=True)
+    else:
+        # The default shapes are a choice made here, not the user's: the ones this machine cannot hold are left out.
+        calibration_shapes, left_out = shapes_that_fit(model, spec, default_calibration_shapes(spec), max_memory,
+                                                       keep_all=True)
+        if not calibration_shapes:
+            raise UsageError(f"no default calibration shape fits in memory (shape {left_out[0]}); "
+                             "give --calibration-shapes")
+        calibration_notes.extend(f"default calibration shape {reason} (the memory free here; "
+                                 "--calibration-shapes or --max-memory choose)" for reason in left_out)
     if check_shapes:
         check_shapes_fit(model, spec, list(check_shapes), max_memory, what="check shape")
     if check and not foreign:
@@ -561,5 +573,5 @@ def convert_fp16(
         casts_added=counts["casts_added"], initializers_fp16=counts["initializers_fp16"],
         initializers_fp32=counts["initializers_fp32"], clamped_initializers=counts["clamped"], attention=attention,
         size_bytes=size, seconds=time.perf_counter() - t_start, check=check_result, emulation=emulation,
-        forced_fp16=forced, steps=steps, external_data=data_path, decomposed=decomposed,
+        forced_fp16=forced, steps=steps, external_data=data_path, decomposed=decomposed, notes=calibration_notes,
     )

@@ -8,6 +8,12 @@ inside the node, so for each one the logits and probabilities
 (batch x heads x S x S, two of them) are added while it runs. The estimate
 is a floor for the PyTorch reference and ONNX Runtime, which keep some more,
 and it is what decides whether a shape is refused up front.
+
+Where shape inference cannot size an attention site's scores (reshapes it
+cannot follow, as in diffusers' UNets), the attention analysis does: heads,
+the resolution level (from a probe run) and the key length give
+batch x heads x S_q x S_kv; a site whose level is unknown counts at the
+image's full resolution, an upper bound.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from onnx import helper
 
 from ..errors import ShapeError, UsageError
 from ..spec import ModelSpec
+from .attention import AttentionSite, find_attention
 from .index import TypedIndex, weightless_copy
 
 UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1000, "kib": 1 << 10, "m": 1 << 20, "mb": 10**6, "mib": 1 << 20,
@@ -62,7 +69,15 @@ def parse_memory(text: str) -> int:
 
 
 def default_memory_limit() -> int:
-    """This machine's physical memory (the bound when the user sets none)."""
+    """The memory this machine has free now (MemAvailable), or its physical memory where that cannot be read:
+    the bound when the user sets none."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
     try:
         return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
     except (ValueError, OSError, AttributeError):
@@ -92,11 +107,31 @@ def _pinned_index(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[in
     return TypedIndex(inferred, infer=False)
 
 
+def site_scores(site: AttentionSite, shape: Sequence[int], axes: Mapping[str, int] | None = None) -> int:
+    """Bytes of the logits and probabilities of ``site`` at (batch, height, width), from the attention analysis."""
+    if len(shape) != 3:
+        return 0
+    batch, height, width = (int(v) for v in shape)
+    level = site.level if site.level is not None else 0  # unknown: the full resolution, an upper bound
+    step = 1 << level
+    s_q = site.seq_len if isinstance(site.seq_len, int) else -(-height // step) * -(-width // step)
+    kv = site.kv_len
+    if isinstance(kv, int):
+        s_kv = kv
+    elif isinstance(kv, str) and axes and kv in axes:
+        s_kv = int(axes[kv])
+    else:
+        s_kv = s_q
+    return 2 * 4 * batch * int(site.heads or 1) * int(s_q) * int(s_kv)
+
+
 def estimate_memory(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]],
-                    shape: tuple[int, ...] = (), *, keep_all: bool = False) -> MemoryEstimate:
+                    shape: tuple[int, ...] = (), *, keep_all: bool = False,
+                    sites: Sequence[AttentionSite] = (), axes: Mapping[str, int] | None = None) -> MemoryEstimate:
     """Estimate the host memory of one forward pass of ``model`` with its inputs at ``input_shapes``.
 
     ``keep_all``: every intermediate stays alive (a run that reads them all, like the FP16 range audit).
+    ``sites``: the attention analysis, for scores shape inference cannot size (see the module docstring).
     """
     weights = sum(int(np.prod(i.dims, dtype=np.int64)) * _itemsize(i.data_type) for i in model.graph.initializer)
     index = _pinned_index(model, input_shapes)
@@ -114,6 +149,7 @@ def estimate_memory(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[
         return int(np.prod(cast("list[int]", dims), dtype=np.float64)) * _itemsize(index.types.get(name))
 
     inits = {i.name for i in model.graph.initializer}
+    by_anchor = {site.anchor: site for site in sites}
     nodes = list(model.graph.node)
     last_use: dict[str, int] = {}
     for i, node in enumerate(nodes):
@@ -130,6 +166,9 @@ def estimate_memory(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[
                 live[name] = size(name)
                 current += live[name]
         scores = _attention_scores(node, index) if node.op_type == "Attention" and node.domain in ("", "ai.onnx") else 0
+        site = by_anchor.get(node.name)
+        if site is not None and not scores and not all(size(o) for o in node.output if o):
+            scores = site_scores(site, shape, axes)  # shape inference lost the sequence lengths here
         if current + scores > peak + peak_scores:
             peak, peak_scores = current, scores
         for name in list(node.input) + list(node.output):
@@ -156,22 +195,43 @@ def _attention_scores(node: onnx.NodeProto, index: TypedIndex) -> int:
     return 2 * 4 * int(batch) * int(heads) * int(sq) * int(sk)
 
 
+def estimates_for(model: onnx.ModelProto, shapes: Sequence[tuple[int, ...]],
+                  input_shapes: Sequence[Mapping[str, Sequence[int]]], *, keep_all: bool = False,
+                  axes: Mapping[str, int] | None = None) -> list[MemoryEstimate]:
+    """:func:`estimate_memory` at each shape; the attention analysis runs once where shape inference falls short."""
+    estimates = [estimate_memory(model, feeds, shape, keep_all=keep_all) for shape, feeds in zip(shapes, input_shapes)]
+    if all(e.complete for e in estimates) or not any(
+            n.op_type in ("Attention", "Softmax") for n in model.graph.node):
+        return estimates
+    try:
+        sites = find_attention(model)
+    except Exception:  # noqa: BLE001 - the analysis is best effort on files from elsewhere; the floor stays
+        return estimates
+    return [estimate_memory(model, feeds, shape, keep_all=keep_all, sites=sites, axes=axes)
+            for shape, feeds in zip(shapes, input_shapes)]
+
+
+def over_limit(e: MemoryEstimate, bound: int, what: str) -> str:
+    """The one-line reason a shape is refused."""
+    parts = f"activations {human_bytes(e.activations)}"
+    if e.attention:
+        parts += f", attention scores {human_bytes(e.attention)}"
+    parts += f", weights {human_bytes(e.weights)}"
+    return (f"{what} {'x'.join(map(str, e.shape))} needs about {human_bytes(e.total)} ({parts}), over the "
+            f"{human_bytes(bound)} limit; use smaller shapes or raise --max-memory (0 for no limit)")
+
+
 def check_memory(model: onnx.ModelProto, shapes: Sequence[tuple[int, ...]], input_shapes: Sequence[Mapping[str, Sequence[int]]],
-                 limit: int | None, *, what: str = "this shape", keep_all: bool = False) -> list[MemoryEstimate]:
+                 limit: int | None, *, what: str = "this shape", keep_all: bool = False,
+                 axes: Mapping[str, int] | None = None) -> list[MemoryEstimate]:
     """Refuse (ShapeError, exit 2) any shape whose estimate exceeds ``limit`` bytes (None: this machine's memory, 0: no limit)."""
     bound = default_memory_limit() if limit is None else limit
-    estimates = [estimate_memory(model, feeds, shape, keep_all=keep_all) for shape, feeds in zip(shapes, input_shapes)]
+    estimates = estimates_for(model, shapes, input_shapes, keep_all=keep_all, axes=axes)
     if not bound:
         return estimates
     for e in estimates:
         if e.total > bound:
-            parts = f"activations {human_bytes(e.activations)}"
-            if e.attention:
-                parts += f", attention scores {human_bytes(e.attention)}"
-            parts += f", weights {human_bytes(e.weights)}"
-            raise ShapeError(
-                f"{what} {'x'.join(map(str, e.shape))} needs about {human_bytes(e.total)} ({parts}), over the "
-                f"{human_bytes(bound)} limit; use smaller shapes or raise --max-memory (0 for no limit)")
+            raise ShapeError(over_limit(e, bound, what))
     return estimates
 
 
@@ -179,4 +239,21 @@ def check_shapes_fit(model: onnx.ModelProto, spec: ModelSpec, shapes: Sequence[t
                      limit: int | None, *, what: str = "shape", keep_all: bool = False) -> list[MemoryEstimate]:
     """:func:`check_memory` for (batch, height, width) shapes of a model described by ``spec``."""
     feeds = [{t.name: spec.shape_of(t, *s, which="max") for t in spec.inputs} for s in shapes]
-    return check_memory(model, shapes, feeds, limit, what=what, keep_all=keep_all)
+    return check_memory(model, shapes, feeds, limit, what=what, keep_all=keep_all, axes=spec.axes("max"))
+
+
+def shapes_that_fit(model: onnx.ModelProto, spec: ModelSpec, shapes: Sequence[tuple[int, int, int]],
+                    limit: int | None, *, keep_all: bool = False) -> tuple[list[tuple[int, int, int]], list[str]]:
+    """The shapes whose estimate is within half of ``limit``, and a reason for each one left out.
+
+    For shapes chosen on the user's behalf: the estimate is a floor (a run of
+    the FP16 audit has held about twice it), so half the bound leaves room.
+    """
+    bound = (default_memory_limit() if limit is None else limit) // 2
+    feeds = [{t.name: spec.shape_of(t, *s, which="max") for t in spec.inputs} for s in shapes]
+    estimates = estimates_for(model, shapes, feeds, keep_all=keep_all, axes=spec.axes("max"))
+    fit = [s for s, e in zip(shapes, estimates) if not bound or e.total <= bound]
+    left = [f"{'x'.join(map(str, e.shape))} left out: it needs about {human_bytes(e.total)} (attention scores "
+            f"{human_bytes(e.attention)}), over half of {human_bytes(2 * bound)}"
+            for e in estimates if bound and e.total > bound]
+    return fit, left
