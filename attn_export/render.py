@@ -299,7 +299,7 @@ def fp16(r: Any) -> None:
     summary.add_row("nodes", f"{r.nodes_fp16} FP16, {r.nodes_fp32} FP32, {r.nodes_other} without float output")
     summary.add_row("casts added", str(r.casts_added))
     summary.add_row("initializers", f"{r.initializers_fp16} FP16, {r.initializers_fp32} FP32"
-                    + (f", {len(r.clamped_initializers)} clamped to ±65504" if r.clamped_initializers else ""))
+                    + (f", {len(r.clamped_initializers)} clamped to the FP16 range" if r.clamped_initializers else ""))
     if ma is not None:
         summary.add_row("max activation", escape(f"{ma.absmax:.3g} ({ma.name}, {ma.op_type}) at {'x'.join(map(str, ma.shape))}"))
     if r.forced_fp16:

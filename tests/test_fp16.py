@@ -382,3 +382,22 @@ def test_groups_keep_units_together_and_under_budget() -> None:
     groups = _groups_of_units([["q", "k"], ["a"], ["b"], ["h"], ["a"]], sizes, 800, types)
     # q+k (800 bytes) fill one group; a and b (400) the next, with h (FP16: 200 bytes); a only once.
     assert groups == [["q", "k"], ["a", "b", "h"]]
+
+
+def test_a_scalar_epsilon_does_not_flush_to_zero() -> None:
+    # F.normalize exports as x / Clip(ReduceL2(x), min=1e-12): in FP16 1e-12 is 0 and a zero vector gives 0/0 = NaN.
+    from onnx import TensorProto, helper, numpy_helper
+
+    from attn_export.exporter.fp16 import convert_graph
+
+    eps = numpy_helper.from_array(np.array(1e-12, dtype=np.float32), "eps")
+    weights = numpy_helper.from_array(np.full((4,), 1e-9, dtype=np.float32), "w")  # a tensor: ordinary underflow
+    g = helper.make_graph(
+        [helper.make_node("Clip", ["x", "eps"], ["c"]), helper.make_node("Mul", ["c", "w"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])], initializer=[eps, weights])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    counts = convert_graph(model, [])
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    assert inits["eps"].dtype == np.float16 and inits["eps"] == np.finfo(np.float16).tiny
+    assert not inits["w"].any() and "eps" in counts["clamped"] and "w" not in counts["clamped"]

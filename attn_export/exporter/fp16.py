@@ -175,12 +175,19 @@ def _constants_to_initializers(model: onnx.ModelProto) -> None:
 
 def _to_fp16_tensor(init: onnx.TensorProto, name: str, weights_folder: Path | None,
                     writer: DataWriter | None) -> tuple[onnx.TensorProto, bool]:
-    """FP16 copy of an FP32 initializer, clamped to the FP16 range; also returns whether clamping happened."""
+    """FP16 copy of an FP32 initializer, clamped to the FP16 range (a scalar epsilon raised to its smallest
+    normal); also returns whether clamping happened."""
     a = read_array(init, weights_folder).astype(np.float32, copy=False)
     # Finite values beyond FP16's range are clamped; an infinity (a mask's -inf) is one in FP16 too.
     over = np.isfinite(a) & (np.abs(a) > FP16_MAX)
-    clamped = bool(over.any())
-    a16 = np.where(over, np.sign(a) * FP16_MAX, a).astype(np.float16)
+    a16 = np.where(over, np.sign(a) * FP16_MAX, a)
+    # A lone nonzero scalar below FP16's smallest normal is an epsilon (F.normalize's clamp_min(1e-12), a norm's
+    # eps): flushed to 0 it turns x / max(|x|, eps) into 0/0. It becomes the smallest normal instead. Tensors keep
+    # their tiny values' ordinary underflow.
+    tiny = float(np.finfo(np.float16).tiny)
+    under = (a.size == 1) & (a != 0) & (np.abs(a) < tiny)
+    a16 = np.where(under, np.sign(a) * tiny, a16).astype(np.float16)
+    clamped = bool(over.any() or np.any(under))
     del a
     return (writer.tensor(a16, name) if writer is not None else numpy_helper.from_array(a16, name)), clamped
 
