@@ -791,6 +791,20 @@ def _fill_shapes(site: AttentionSite, idx: TypedIndex, probe: TypedIndex | None,
                     site.seq_len = seq_expression(level)
 
 
+_SMALL_P = 16
+
+
+def _all_sites_resolved(values: dict[str, Any], sites: list[AttentionSite]) -> bool:
+    """True when each site's Q came back with a sequence of at least 8 positions (a level the small probe can tell)."""
+    for site in sites:
+        assert site.q is not None
+        q = values.get(site.q.tensor)
+        shape = site.q.canonical_shape(q.shape) if q is not None else None
+        if shape is None or len(shape) < 3 or int(shape[-2]) < 8:
+            return False
+    return True
+
+
 def _resolve_by_running(model: onnx.ModelProto, sites: list[AttentionSite], p: int, want_level: bool,
                         weights_folder: Path | None = None) -> None:
     """Scales and head sizes that shape inference cannot tell, read from two ONNX Runtime runs.
@@ -804,7 +818,17 @@ def _resolve_by_running(model: onnx.ModelProto, sites: list[AttentionSite], p: i
         return
     scalars = [f.tensor for s in todo for f in s.factors if f.source == "dynamic"]
     names = scalars + [s.q.tensor for s in todo if s.q is not None]
-    first = run_probe(model, names, height=2 * p, width=p, weights_folder=weights_folder)
+    # A small run first: the full-resolution scores of a 128x64 probe took 12 s per run on a tiny SD-layout UNet.
+    # It decides only when every site is a few positions long or more there (deeper levels would look alike).
+    first = None
+    if p > _SMALL_P:
+        first = run_probe(model, names, height=2 * _SMALL_P, width=_SMALL_P, weights_folder=weights_folder)
+        if first is not None and _all_sites_resolved(first, todo):
+            p = _SMALL_P
+        else:
+            first = None
+    if first is None:
+        first = run_probe(model, names, height=2 * p, width=p, weights_folder=weights_folder)
     if first is None:
         return
     second = run_probe(model, scalars, height=p, width=p, weights_folder=weights_folder) if scalars else {}
