@@ -17,7 +17,7 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, TypeVar
 
 import typer
 
@@ -207,6 +207,19 @@ FP16_CALIBRATION = typer.Option(None, "--calibration-shapes", help=(
     "Comma-separated BxHxW shapes for the FP16 range audit (default: derived from the model; trt: with --fp16)."))
 REPORT = typer.Option(None, "--report", help="Also write the full result as JSON to this file (atomically).")
 
+_T = TypeVar("_T")
+
+
+def _renamed(old: _T | None, old_name: str, new: _T | None, new_name: str, default: _T) -> _T:
+    """An option's value under its new name or, with a deprecation line, its old one (kept for one release)."""
+    if old is not None:
+        if new is not None:
+            raise UsageError(f"give {new_name} only ({old_name} is its old spelling)")
+        err_console.print(f"[yellow]deprecated:[/] {old_name} is now {new_name}; the old spelling goes in the next "
+                          "release", highlight=False)
+        return old
+    return default if new is None else new
+
 
 def _check_report_path(report: Optional[Path]) -> None:
     """Refuse an unwritable --report before any work starts."""
@@ -350,7 +363,8 @@ def bench_cmd(
     provider: str = typer.Option("cpu", "--provider", help="ONNX Runtime provider: cpu, cuda or tensorrt. cuda/tensorrt also put the PyTorch reference on the GPU."),
     attention_impl: str = typer.Option("reference", "--attention-impl", help="Attention formulation of the 'pytorch' backend: reference, sdpa or decomposed."),
     graph_optimization: str = typer.Option("all", "--graph-optimization", help="ONNX Runtime graph optimization level: disable, basic, extended, all."),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the full report as JSON (atomically)."),
+    report_path: Optional[Path] = REPORT,
+    old_json: Optional[Path] = typer.Option(None, "--json", hidden=True, help="Deprecated spelling of --report."),
     preset: Optional[str] = REF_PRESET,
     config: Optional[Path] = REF_CONFIG,
     model: Optional[str] = REF_MODEL,
@@ -369,8 +383,9 @@ def bench_cmd(
         raise UsageError(f"--attention-impl must be one of {', '.join(ATTENTION_IMPLS)} (got {attention_impl!r})")
     if graph_optimization not in ("disable", "basic", "extended", "all"):
         raise UsageError(f"--graph-optimization must be disable, basic, extended or all (got {graph_optimization!r})")
+    json_out = _renamed(old_json, "--json", report_path, "--report", None)
     if json_out is not None and not json_out.parent.exists():
-        raise UsageError(f"folder of --json does not exist: {json_out.parent}")
+        raise UsageError(f"folder of --report does not exist: {json_out.parent}")
     with _spinner("benchmarking") as prog:
         report = run_bench(
             artifact, backends=parse_backends(backend) if backend else None,
@@ -404,7 +419,8 @@ def triton_cmd(
     artifact: Path = typer.Argument(..., help="ONNX file, or TensorRT engine with its .json sidecar."),
     repo: Path = typer.Option(..., "--repo", help="Model repository folder (created if missing)."),
     name: Optional[str] = typer.Option(None, "--name", help="Model name (default: the artifact's file stem)."),
-    version: int = typer.Option(1, "--version", help="Version folder to put the model file in."),
+    model_version: Optional[int] = typer.Option(None, "--model-version", help="Version folder to put the model file in (default 1)."),
+    old_version: Optional[int] = typer.Option(None, "--version", hidden=True, help="Deprecated spelling of --model-version."),
     instances: int = typer.Option(1, "--instances", help="Model instances (instance_group count)."),
     kind: Optional[str] = typer.Option(None, "--kind", help="gpu or cpu (default: gpu for engines, cpu for ONNX)."),
     max_batch: Optional[int] = typer.Option(None, "--max-batch", help="max_batch_size (default: the engine profile's max batch; 8 for ONNX). 0 disables batching."),
@@ -417,6 +433,7 @@ def triton_cmd(
 ) -> None:
     from .triton import write_model_repository
 
+    version = _renamed(old_version, "--version", model_version, "--model-version", 1)
     render.triton(write_model_repository(artifact, repo, name=name, version=version, instances=instances, kind=kind,
                                          max_batch=max_batch, force=force, attention=attention))
 

@@ -267,7 +267,7 @@ def write_model_repository(artifact: str | Path, repo: str | Path, *, name: str 
     if not _NAME_RE.match(name) or name in (".", ".."):
         raise UsageError(f"bad model name {name!r}: use letters, digits, '_', '-' and '.'")
     if version < 1:
-        raise UsageError(f"--version must be a positive integer (got {version})")
+        raise UsageError(f"--model-version must be a positive integer (got {version})")
     if instances < 1:
         raise UsageError(f"--instances must be at least 1 (got {instances})")
     from .runners.ort_runner import ATTENTION_FORMS

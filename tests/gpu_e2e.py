@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
             s["verify"]["report"] = json.loads(verify_json.read_text())
         _cpp_runner(engine, args.work, s.setdefault("cpp runner", {}))
         bench_json = args.work / f"{preset}.bench.json"
-        _run(cli + ["bench", str(engine), "--backend", "pytorch,pytorch-fp16,tensorrt", "--provider", "cuda", "--json", str(bench_json)],
+        _run(cli + ["bench", str(engine), "--backend", "pytorch,pytorch-fp16,tensorrt", "--provider", "cuda", "--report", str(bench_json)],
              s.setdefault("bench", {}))
         if bench_json.is_file():
             s["bench"]["report"] = json.loads(bench_json.read_text())

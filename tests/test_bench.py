@@ -38,7 +38,7 @@ def _invoke(*args: str) -> _Result:
 def test_cli_prints_table_and_writes_json(tiny_onnx: Path, tmp_path: Path, wide_console: None) -> None:
     out = tmp_path / "bench.json"
     res = _invoke("bench", str(tiny_onnx), "--backend", "pytorch,onnxruntime", "--shapes", "1x16x16,2x8x12",
-                  "--warmup", "1", "--iterations", "3", "--threads", "1", "--json", str(out))
+                  "--warmup", "1", "--iterations", "3", "--threads", "1", "--report", str(out))
     assert res.exit_code == 0, res.output
     for word in ("pytorch", "onnxruntime", "1x16x16", "2x8x12", "median ms", "p99 ms", "images/s", "peak host",
                  "vs pytorch", "1.00x"):

@@ -170,7 +170,7 @@ def test_refuses_overwrite_without_force(tiny_onnx: Path, tmp_path: Path) -> Non
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [
-    ({"name": "a/b"}, "bad model name"), ({"version": 0}, "--version"), ({"instances": 0}, "--instances"),
+    ({"name": "a/b"}, "bad model name"), ({"version": 0}, "--model-version"), ({"instances": 0}, "--instances"),
     ({"kind": "tpu"}, "--kind"), ({"max_batch": -1}, "--max-batch"),
 ])
 def test_bad_options(tiny_onnx: Path, tmp_path: Path, kwargs: dict, message: str) -> None:
@@ -191,3 +191,16 @@ def test_cli(tiny_onnx: Path, tmp_path: Path) -> None:
     # The command turns this library error into one line and exit code 2.
     assert res.exit_code == 2 and "exists" in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.output
     assert runner.invoke(cli.app, args + ["--force"]).exit_code == 0
+
+
+def test_old_option_spelling_still_works_with_a_deprecation_line(tiny_onnx: Path, tmp_path: Path) -> None:
+    # --version meant both "print the version" and Triton's version folder: the folder is --model-version now.
+    runner = CliRunner()
+    res = runner.invoke(cli.app, ["triton", str(tiny_onnx), "--repo", str(tmp_path / "r"), "--version", "3"])
+    assert res.exit_code == 0, res.output
+    assert "deprecated: --version is now --model-version" in res.output and (tmp_path / "r" / tiny_onnx.stem / "3").is_dir()
+    res = runner.invoke(cli.app, ["triton", str(tiny_onnx), "--repo", str(tmp_path / "s"), "--model-version", "2"])
+    assert res.exit_code == 0 and "deprecated" not in res.output and (tmp_path / "s" / tiny_onnx.stem / "2").is_dir()
+    res = runner.invoke(cli.app, ["triton", str(tiny_onnx), "--repo", str(tmp_path / "t"), "--version", "2",
+                                  "--model-version", "2"])
+    assert res.exit_code != 0 and not (tmp_path / "t").exists()
