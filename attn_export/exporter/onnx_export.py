@@ -296,6 +296,7 @@ def _trace_one(loaded: LoadedModel, opset: int, stage: Path, raw: Path, exporter
     """The graph from one exporter, its weights detached to ``raw``."""
     if exporter == "dynamo":
         model = _trace_dynamo(loaded, opset, stage)
+        passes.name_nodes_by_module(model)
         weights.detach_inline(model, raw)
         return model
     traced = _trace_weightless(loaded, opset, stage)

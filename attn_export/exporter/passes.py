@@ -3,6 +3,8 @@
 * :func:`optimize` folds constants and removes dead nodes (onnxscript's optimizer).
 * :func:`name_dynamic_dims` makes sure every graph input/output dim that is
   dynamic carries its intended name.
+* :func:`name_nodes_by_module` names the dynamo exporter's nodes by module path,
+  as the TorchScript exporter does (attention sites are named after them).
 
 Attention is found and rewritten by :mod:`attn_export.graph`, the one
 attention analysis every command shares.
@@ -10,6 +12,7 @@ attention analysis every command shares.
 
 from __future__ import annotations
 
+import ast
 from typing import Iterable
 
 import numpy as np
@@ -25,6 +28,41 @@ def optimize(model: onnx.ModelProto) -> onnx.ModelProto:
     out = onnxscript.optimizer.optimize(model)
     drop_unused_initializers(out)
     return out
+
+
+NAME_SCOPES_KEY = "pkg.torch.onnx.name_scopes"
+
+
+def name_nodes_by_module(model: onnx.ModelProto) -> int:
+    """Rename nodes the dynamo exporter names by op (``node_softmax_1``) after the module path it records,
+    ``/down.1/attn/softmax``, as the TorchScript exporter names them; returns the nodes renamed."""
+    used = {n.name for n in model.graph.node}
+    renamed = 0
+    for node in model.graph.node:
+        scopes = next((p.value for p in node.metadata_props if p.key == NAME_SCOPES_KEY), None)
+        if scopes is None:
+            continue
+        try:
+            parts = ast.literal_eval(scopes)  # a list of strings the exporter wrote; literal_eval evaluates nothing
+        except (ValueError, SyntaxError):
+            continue
+        if not isinstance(parts, list) or len(parts) < 3 or not all(isinstance(x, str) for x in parts):
+            continue  # a node of the top module keeps its own name
+        # Module scopes are cumulative dotted paths ("inner", "inner.downs.1"); each level adds one component
+        # ("downs.1", a ModuleList item, keeps its dot as in the tracer's names). The last entry is the op.
+        components = []
+        for prev, cur in zip(parts[:-2], parts[1:-1]):
+            components.append(cur[len(prev) + 1:] if prev and cur.startswith(prev + ".") else cur)
+        base = "/" + "/".join(c for c in components + [parts[-1]] if c)
+        name, k = base, 1
+        while name in used:
+            k += 1
+            name = f"{base}_{k}"
+        used.discard(node.name)
+        used.add(name)
+        node.name = name
+        renamed += 1
+    return renamed
 
 
 def keep_declared_inputs(model: onnx.ModelProto, declared: list[tuple[str, str, list[int | str]]]) -> list[str]:
