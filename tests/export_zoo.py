@@ -329,3 +329,31 @@ def diffusers_sd(head_dim=8):
         sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=32, attention_head_dim=head_dim, norm_num_groups=8).eval()
+
+
+class MemoryKV(nn.Module):
+    """Self-attention with 4 learned memory key/value pairs concatenated to the keys (as denoising-diffusion-pytorch's
+    full attention does)."""
+
+    def __init__(self, ch=32, heads=2, memory=4):
+        super().__init__()
+        self.heads = heads
+        self.inp = nn.Conv2d(3, ch, 3, padding=1)
+        self.qkv = nn.Conv2d(ch, 3 * ch, 1)
+        self.mem = nn.Parameter(torch.randn(2, heads, memory, ch // heads))
+        self.outc = nn.Conv2d(ch, 3, 3, padding=1)
+
+    def forward(self, x, t):
+        h = self.inp(x) + t.float()[:, None, None, None] / 1000
+        b, c, hh, ww = h.shape
+        q, k, v = (z.reshape(b, self.heads, c // self.heads, hh * ww).transpose(-1, -2)
+                   for z in self.qkv(h).chunk(3, dim=1))
+        k = torch.cat([self.mem[0].expand(b, -1, -1, -1), k], dim=2)
+        v = torch.cat([self.mem[1].expand(b, -1, -1, -1), v], dim=2)
+        out = F.scaled_dot_product_attention(q, k, v).transpose(-1, -2).reshape(b, c, hh, ww)
+        return self.outc(h + out)
+
+
+def memory_kv():
+    torch.manual_seed(0)
+    return MemoryKV().eval()

@@ -465,3 +465,11 @@ def test_diffusers_sd_layout_unet(tmp_path: Path) -> None:
     assert est.attention >= 16 * 2**30
     fit, left = shapes_that_fit(model, spec, default_calibration_shapes(spec), 24 * 2**30, keep_all=True)
     assert (1, 128, 128) not in fit and len(left) == 1 and "left out" in left[0]
+
+
+def test_learned_memory_keys_count_in_the_key_length(tmp_path: Path) -> None:
+    out = tmp_path / "mem.onnx"
+    r = run("onnx", "--model", "export_zoo:memory_kv", "-o", out)
+    assert r.exit_code == 0, r.output
+    (site,) = find_attention(onnx.load(str(out)))
+    assert site.kind == "self" and site.seq_len == "height*width" and site.kv_len == "height*width+4"

@@ -812,12 +812,15 @@ def _resolve_by_running(model: onnx.ModelProto, sites: list[AttentionSite], p: i
     A scale computed from the shape is accepted as a constant only when it is
     the same at two different input sizes.
     """
+    # A self-attention site whose key length shape inference lost is run too: its keys may be more than its
+    # queries (denoising-diffusion-pytorch adds 4 learned memory key/value pairs).
     todo = [s for s in sites if s.q is not None and (s.head_size is None or (want_level and s.level is None)
-                                                       or any(f.source == "dynamic" for f in s.factors))]
+                                                       or any(f.source == "dynamic" for f in s.factors)
+                                                       or (want_level and s.kind == "self" and s.kv_len is None))]
     if not todo:
         return
     scalars = [f.tensor for s in todo for f in s.factors if f.source == "dynamic"]
-    names = scalars + [s.q.tensor for s in todo if s.q is not None]
+    names = scalars + [s.q.tensor for s in todo if s.q is not None] + [s.k.tensor for s in todo if s.k is not None]
     # A small run first: the full-resolution scores of a 128x64 probe took 12 s per run on a tiny SD-layout UNet.
     # It decides only when every site is a few positions long or more there (deeper levels would look alike).
     first = None
@@ -855,6 +858,12 @@ def _resolve_by_running(model: onnx.ModelProto, sites: list[AttentionSite], p: i
                 site.level = level_of(int(shape[-2]), p)
                 if site.level is not None and not isinstance(site.seq_len, int):
                     site.seq_len = seq_expression(site.level)
+            k = first.get(site.k.tensor) if site.k is not None else None
+            k_shape = site.k.canonical_shape(k.shape) if site.k is not None and k is not None else None
+            if site.kind == "self" and site.kv_len is None and k_shape is not None and len(k_shape) >= 2:
+                extra = int(k_shape[-2]) - int(shape[-2])
+                if extra > 0 and isinstance(site.seq_len, str):
+                    site.kv_len = f"{site.seq_len}+{extra}"  # keys beyond the image's positions (learned memory)
 
 
 def find_attention(model: onnx.ModelProto, *, probe: bool = True, index: TypedIndex | None = None,
@@ -885,13 +894,14 @@ def find_attention(model: onnx.ModelProto, *, probe: bool = True, index: TypedIn
         if not site.name:
             site.name = site.anchor or f"attention_{i}"
         _fill_shapes(site, idx, probed, p)
+    for site in sites:
+        site.kind = finder.kind(site, model)
     if run and sites:
         _resolve_by_running(model, sites, p, want_level=probe, weights_folder=weights_folder)
     for site in sites:
         if site.form == "op" and site.scale is None and site.head_size:
             site.scale = 1.0 / math.sqrt(site.head_size)  # the Attention op's default
         site.upstream_scale = finder.upstream_scale(site)
-        site.kind = finder.kind(site, model)
         if site.kind == "self" and site.kv_len is None:
             site.kv_len = site.seq_len  # self-attention: the keys are the queries' positions
     names = [s.name for s in sites]
