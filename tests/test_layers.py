@@ -28,6 +28,7 @@ FLOORS: dict[str, int] = {
     "attn_export.pipeline": 6,
     "attn_export.render": 7,
     "attn_export.cli": 8,
+    "attn_export.__main__": 9,
 }
 
 

@@ -322,7 +322,7 @@ def test_report_paths(tiny_onnx: Path, work: Path) -> None:
 # processes: concurrent writers and signals
 # ---------------------------------------------------------------------------------------------------------------------
 def _cli(*args: object, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, "-m", "attn_export.cli", *map(str, args)], stdout=subprocess.PIPE,
+    return subprocess.Popen([sys.executable, "-m", "attn_export", *map(str, args)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})}, cwd=ROOT)
 
 
@@ -383,3 +383,44 @@ def test_signal_during_fp16(tiny_onnx: Path, work: Path, sig: int, code: int) ->
     err = proc.stderr.read() if proc.stderr else ""
     assert "Traceback" not in err and "interrupted" in err, err
     assert leftovers(out_dir, set()) == []
+
+
+@pytest.mark.parametrize("command", ["onnx", "fp16", "optimize"])
+def test_signals_at_random_points_leave_nothing(command: str, tiny_onnx: Path, work: Path) -> None:
+    """SIGINT or SIGTERM at random moments of a whole run (startup and imports included): 130 or 143 and nothing
+    in the output folder, or, when the command finished first, exit 0 and its complete output."""
+    import random
+
+    out_dir = work / "out"
+    out_dir.mkdir()
+    args = {"onnx": ["onnx", "--preset", "tiny"],
+            "fp16": ["fp16", tiny_onnx, "--calibration-shapes", "1x8x8,2x32x32"],
+            "optimize": ["optimize", tiny_onnx]}[command]
+    started = time.monotonic()
+    proc = _cli(*args, "-o", out_dir / "whole.onnx")
+    assert proc.wait(timeout=300) == 0, proc.stderr.read() if proc.stderr else ""
+    whole = time.monotonic() - started
+    finished = sorted(p.name for p in out_dir.iterdir())
+    shutil.rmtree(out_dir)
+    out_dir.mkdir()
+    rng = random.Random(f"signals-{command}")
+    for i in range(4):
+        sig, code = [(signal.SIGINT, 130), (signal.SIGTERM, 143)][i % 2]
+        delay = rng.uniform(0.0, whole)
+        proc = _cli(*args, "-o", out_dir / "whole.onnx")
+        time.sleep(delay)
+        proc.send_signal(sig)
+        returned = proc.wait(timeout=300)
+        err = proc.stderr.read() if proc.stderr else ""
+        left = sorted(p.name for p in out_dir.iterdir())
+        assert "Traceback" not in err, err
+        if returned == 0:  # it finished before the signal
+            assert left == finished, (delay, left)
+        else:
+            assert returned == code, f"{command}: exit {returned} after a signal at {delay:.2f} s of {whole:.2f}: {err[-800:]}"
+            # Nothing, or (a signal as the command ended) its complete output: never a partial one.
+            assert left in ([], finished), (delay, left)
+            if left:
+                onnx.checker.check_model(str(out_dir / "whole.onnx"))
+        shutil.rmtree(out_dir)
+        out_dir.mkdir()
