@@ -473,3 +473,17 @@ def test_verify_runs_the_file_as_written_by_default(export_model, wide_console) 
     assert r.exit_code == 0 and "serving form" in r.output, r.output
     r = run("verify", path, "--form", "rewritten")
     assert r.exit_code == 2 and "--form must be one of written, serving" in r.output
+
+
+def test_runner_call_takes_one_timestep_for_the_batch(tiny_onnx: Path) -> None:
+    """Samplers pass one timestep for the batch: a number or a (1,) array holds for every sample."""
+    from attn_export.runners.ort_runner import OrtRunner
+
+    runner = OrtRunner(tiny_onnx)
+    x = np.random.default_rng(0).standard_normal((2, 3, 16, 16)).astype(np.float32)
+    want = runner(x, np.array([10, 10]))
+    assert np.array_equal(runner(x, 10), want)
+    assert np.array_equal(runner(x, np.array([10])), want)
+    assert not np.array_equal(runner(x, np.array([10, 500])), want)  # per-sample timesteps still per sample
+    with pytest.raises(UsageError, match="x must be a 4-D array"):
+        runner([1, 2, 3], 10)

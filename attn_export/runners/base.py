@@ -15,7 +15,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from ..errors import ShapeError, UsageError
-from ..spec import ModelSpec
+from ..spec import ModelSpec, TensorSpec
 
 
 class Runner(abc.ABC):
@@ -55,11 +55,25 @@ class Runner(abc.ABC):
         self.check_feeds(feeds)
         return self._infer(feeds)
 
-    def __call__(self, x: Any, t: Any, y: Any = None) -> Any:
-        """Serving convenience: run the denoiser and return its (first) output."""
-        feeds: dict[str, Any] = {"x": x, "t": t}
+    def __call__(self, x: Any, t: Any, y: Any = None, **extra: Any) -> Any:
+        """Serving convenience: run the denoiser and return its (first) output.
+
+        ``x``, ``t`` and ``y`` go to the spec's first three inputs whatever their
+        names; extra inputs by keyword. A timestep (or label) given once, as a
+        number or a one-element array, holds for the whole batch, as samplers
+        pass it.
+        """
+        specs = self.spec.inputs
+        shape = getattr(x, "shape", None)
+        if shape is None:
+            raise UsageError(f"x must be a 4-D array or tensor (B, C, H, W); got {type(x).__name__}")
+        batch = int(shape[0]) if len(shape) else 1  # a wrong rank is refused with the other shape checks
+        feeds: dict[str, Any] = {specs[0].name: x, specs[1].name: _per_sample(t, batch, specs[1])}
         if y is not None:
-            feeds["y"] = y
+            if len(specs) < 3:
+                raise UsageError("this model takes no class label y")
+            feeds[specs[2].name] = _per_sample(y, batch, specs[2])
+        feeds.update(extra)
         out = self.infer(feeds)
         return out[self.spec.outputs[0].name]
 
@@ -105,3 +119,15 @@ class Runner(abc.ABC):
 
     @abc.abstractmethod
     def _infer(self, feeds: Mapping[str, Any]) -> dict[str, np.ndarray]: ...
+
+
+def _per_sample(value: Any, batch: int, spec: TensorSpec) -> Any:
+    """``value`` for every sample of the batch when the input is one value per sample ([batch]) and it was given once."""
+    if list(spec.dims) != ["batch"]:
+        return value
+    if isinstance(value, (int, float, np.integer, np.floating)) or (isinstance(value, np.ndarray) and value.size == 1):
+        return np.full((batch,), np.asarray(value).reshape(()), dtype=spec.dtype)
+    numel = getattr(value, "numel", None)  # a torch tensor (kept on its device)
+    if callable(numel) and numel() == 1 and batch > 1:
+        return value.reshape(1).expand(batch).contiguous()
+    return value
