@@ -449,17 +449,11 @@ def attention_sites(model: onnx.ModelProto, weights_folder: Path | None = None) 
 
 def mask_region(model: onnx.ModelProto, sites: Sequence[_Site]) -> set[str]:
     """Tensors where -inf is by design: each site's mask, what it is computed from, and the site's masked logits."""
-    producers = {o: n for n in model.graph.node for o in n.output}
+    index = GraphIndex(model.graph)
     region: set[str] = set()
-    todo = [s.mask for s in sites if s.mask]
-    while todo:
-        t = todo.pop()
-        if t in region:
-            continue
-        region.add(t)
-        node = producers.get(t)
-        if node is not None and node.op_type not in ("Shape", "Size"):
-            todo.extend(i for i in node.input if i)
+    for s in sites:
+        if s.mask:
+            region |= index.behind(s.mask, through_shape=False)
     by_name = {n.name: n for n in model.graph.node}
     for s in sites:
         if s.mask:

@@ -202,6 +202,9 @@ class _Operands(NamedTuple):
 class _Finder:
     def __init__(self, idx: TypedIndex) -> None:
         self.idx = idx
+        # The image: the 4-D graph inputs (a denoiser has one; cross-attention is K computed without it).
+        self.images = {i.name for i in idx.graph.input
+                       if i.name in idx.inputs and len(i.type.tensor_type.shape.dim) == 4}
 
     # -- scalars ---------------------------------------------------------------------------------------------------
     def _is_scalar_shaped(self, name: str) -> bool:
@@ -234,26 +237,9 @@ class _Finder:
         return None
 
     # -- walks -----------------------------------------------------------------------------------------------------
-    def inputs_behind(self, tensor: str, limit: int = 20000) -> set[str]:
-        """The graph tensors without a producer (inputs, weights) whose values ``tensor`` is computed from.
-
-        A Shape or Size node reads only its input's dims, not its values: the
-        walk does not pass it (a reshape of K sized from the image is still K).
-        """
-        seen: set[str] = set()
-        out: set[str] = set()
-        todo = [tensor]
-        while todo and len(seen) < limit:
-            t = todo.pop()
-            if not t or t in seen:
-                continue
-            seen.add(t)
-            node = self.idx.producer.get(t)
-            if node is None:
-                out.add(t)
-            elif node.op_type not in ("Shape", "Size"):
-                todo.extend(node.input)
-        return out
+    def inputs_behind(self, tensor: str) -> set[str]:
+        """The graph inputs whose values ``tensor`` is computed from (not those that only size it)."""
+        return self.idx.behind(tensor, through_shape=False) & self.idx.inputs
 
     def kind(self, site: AttentionSite, model: onnx.ModelProto) -> str:
         """"cross" when K is not computed from the image (a text context), else "self".
@@ -264,15 +250,11 @@ class _Finder:
         """
         if site.q is None or site.k is None:
             return "self"
-        weights = {i.name for i in model.graph.initializer}
-        inputs = {i.name for i in model.graph.input} - weights
-        images = {i.name for i in model.graph.input
-                  if i.name not in weights and len(i.type.tensor_type.shape.dim) == 4}
-        k_in = self.inputs_behind(site.k.tensor) & inputs
-        if len(images) == 1:
-            if not k_in or k_in & images:
+        k_in = self.inputs_behind(site.k.tensor)
+        if len(self.images) == 1:
+            if not k_in or k_in & self.images:
                 return "self"
-        elif not k_in or k_in & (self.inputs_behind(site.q.tensor) & inputs):
+        elif not k_in or k_in & self.inputs_behind(site.q.tensor):
             return "self"
         if site.kv_len is None:
             # Shape inference often loses K's length behind the head split: a [B, S, D] context input names it.
@@ -442,21 +424,9 @@ class _Finder:
                     return Mask(cond, kind, None if math.isinf(value) else value), node, logits
         return None
 
-    def _reads(self, tensor: str, target: str, limit: int = 20000) -> bool:
+    def _reads(self, tensor: str, target: str) -> bool:
         """True when ``tensor`` is computed from ``target`` (a bias made from the logits is not a mask)."""
-        seen: set[str] = set()
-        todo = [tensor]
-        while todo and len(seen) < limit:
-            t = todo.pop()
-            if t == target:
-                return True
-            if not t or t in seen:
-                continue
-            seen.add(t)
-            node = self.idx.producer.get(t)
-            if node is not None:
-                todo.extend(node.input)
-        return False
+        return target in self.idx.behind(tensor)
 
     def _describe_mask(self, site: AttentionSite, logits: str) -> None:
         """The mask's shape, and whether it spans the query axis at full length."""

@@ -153,6 +153,24 @@ class GraphIndex:
     def users(self, tensor: str) -> list[onnx.NodeProto]:
         return self.consumers.get(tensor, [])
 
+    def behind(self, tensor: str, *, through_shape: bool = True, limit: int = 20000) -> set[str]:
+        """``tensor`` and every tensor it is computed from, back to the graph's inputs and weights.
+
+        ``through_shape=False`` stops at Shape and Size, which read only their
+        input's dims: a reshape of K sized from the image is still K.
+        """
+        seen: set[str] = set()
+        todo = [tensor]
+        while todo and len(seen) < limit:
+            t = todo.pop()
+            if not t or t in seen:
+                continue
+            seen.add(t)
+            node = self.producer.get(t)
+            if node is not None and (through_shape or node.op_type not in ("Shape", "Size")):
+                todo.extend(node.input)
+        return seen
+
     def only_consumer(self, tensor: str) -> onnx.NodeProto | None:
         users = self.consumers.get(tensor, [])
         if len(users) == 1 and tensor not in self.outputs:

@@ -107,6 +107,10 @@ def _pinned_index(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[in
     return TypedIndex(inferred, infer=False)
 
 
+# Nodes an attention site is anchored on (the ONNX Attention op, or the Softmax of a decomposed site).
+_ANCHORS = ("Attention", "Softmax")
+
+
 def site_scores(site: AttentionSite, shape: Sequence[int], axes: Mapping[str, int] | None = None) -> int:
     """Bytes of the logits and probabilities of ``site`` at (batch, height, width), from the attention analysis."""
     if len(shape) != 3:
@@ -125,13 +129,29 @@ def site_scores(site: AttentionSite, shape: Sequence[int], axes: Mapping[str, in
     return 2 * 4 * batch * int(site.heads or 1) * int(s_q) * int(s_kv)
 
 
+class _Sites:
+    """The attention analysis of a model, run once and only when an estimate needs it."""
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        self.model = model
+        self._by_anchor: dict[str, AttentionSite] | None = None
+
+    def at(self, node: str) -> AttentionSite | None:
+        if self._by_anchor is None:
+            try:
+                self._by_anchor = {s.anchor: s for s in find_attention(self.model)}
+            except Exception:  # noqa: BLE001 - best effort on files from elsewhere: the estimate stays a floor
+                self._by_anchor = {}
+        return self._by_anchor.get(node)
+
+
 def estimate_memory(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]],
                     shape: tuple[int, ...] = (), *, keep_all: bool = False,
-                    sites: Sequence[AttentionSite] = (), axes: Mapping[str, int] | None = None) -> MemoryEstimate:
+                    sites: _Sites | None = None, axes: Mapping[str, int] | None = None) -> MemoryEstimate:
     """Estimate the host memory of one forward pass of ``model`` with its inputs at ``input_shapes``.
 
     ``keep_all``: every intermediate stays alive (a run that reads them all, like the FP16 range audit).
-    ``sites``: the attention analysis, for scores shape inference cannot size (see the module docstring).
+    ``sites``: the attention analysis, asked for scores shape inference cannot size (see the module docstring).
     """
     weights = sum(int(np.prod(i.dims, dtype=np.int64)) * _itemsize(i.data_type) for i in model.graph.initializer)
     index = _pinned_index(model, input_shapes)
@@ -149,7 +169,6 @@ def estimate_memory(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[
         return int(np.prod(cast("list[int]", dims), dtype=np.float64)) * _itemsize(index.types.get(name))
 
     inits = {i.name for i in model.graph.initializer}
-    by_anchor = {site.anchor: site for site in sites}
     nodes = list(model.graph.node)
     last_use: dict[str, int] = {}
     for i, node in enumerate(nodes):
@@ -166,9 +185,9 @@ def estimate_memory(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[
                 live[name] = size(name)
                 current += live[name]
         scores = _attention_scores(node, index) if node.op_type == "Attention" and node.domain in ("", "ai.onnx") else 0
-        site = by_anchor.get(node.name)
-        if site is not None and not scores and not all(size(o) for o in node.output if o):
-            scores = site_scores(site, shape, axes)  # shape inference lost the sequence lengths here
+        if sites is not None and node.op_type in _ANCHORS and not scores and not all(live.get(o) for o in node.output if o):
+            site = sites.at(node.name)  # shape inference lost the sequence lengths here
+            scores = site_scores(site, shape, axes) if site is not None else 0
         if current + scores > peak + peak_scores:
             peak, peak_scores = current, scores
         for name in list(node.input) + list(node.output):
@@ -198,17 +217,15 @@ def _attention_scores(node: onnx.NodeProto, index: TypedIndex) -> int:
 def estimates_for(model: onnx.ModelProto, shapes: Sequence[tuple[int, ...]],
                   input_shapes: Sequence[Mapping[str, Sequence[int]]], *, keep_all: bool = False,
                   axes: Mapping[str, int] | None = None) -> list[MemoryEstimate]:
-    """:func:`estimate_memory` at each shape; the attention analysis runs once where shape inference falls short."""
-    estimates = [estimate_memory(model, feeds, shape, keep_all=keep_all) for shape, feeds in zip(shapes, input_shapes)]
-    if all(e.complete for e in estimates) or not any(
-            n.op_type in ("Attention", "Softmax") for n in model.graph.node):
-        return estimates
-    try:
-        sites = find_attention(model)
-    except Exception:  # noqa: BLE001 - the analysis is best effort on files from elsewhere; the floor stays
-        return estimates
+    """:func:`estimate_memory` at each shape; the attention analysis runs once, if shape inference falls short."""
+    sites = _Sites(model)
     return [estimate_memory(model, feeds, shape, keep_all=keep_all, sites=sites, axes=axes)
             for shape, feeds in zip(shapes, input_shapes)]
+
+
+def _feeds(spec: ModelSpec, shapes: Sequence[tuple[int, int, int]]) -> list[dict[str, tuple[int, ...]]]:
+    """Each input's shape at each (batch, height, width), the other named axes at their largest."""
+    return [{t.name: spec.shape_of(t, *s, which="max") for t in spec.inputs} for s in shapes]
 
 
 def over_limit(e: MemoryEstimate, bound: int, what: str) -> str:
@@ -238,8 +255,7 @@ def check_memory(model: onnx.ModelProto, shapes: Sequence[tuple[int, ...]], inpu
 def check_shapes_fit(model: onnx.ModelProto, spec: ModelSpec, shapes: Sequence[tuple[int, int, int]],
                      limit: int | None, *, what: str = "shape", keep_all: bool = False) -> list[MemoryEstimate]:
     """:func:`check_memory` for (batch, height, width) shapes of a model described by ``spec``."""
-    feeds = [{t.name: spec.shape_of(t, *s, which="max") for t in spec.inputs} for s in shapes]
-    return check_memory(model, shapes, feeds, limit, what=what, keep_all=keep_all, axes=spec.axes("max"))
+    return check_memory(model, shapes, _feeds(spec, shapes), limit, what=what, keep_all=keep_all, axes=spec.axes("max"))
 
 
 def shapes_that_fit(model: onnx.ModelProto, spec: ModelSpec, shapes: Sequence[tuple[int, int, int]],
@@ -250,8 +266,7 @@ def shapes_that_fit(model: onnx.ModelProto, spec: ModelSpec, shapes: Sequence[tu
     the FP16 audit has held about twice it), so half the bound leaves room.
     """
     bound = (default_memory_limit() if limit is None else limit) // 2
-    feeds = [{t.name: spec.shape_of(t, *s, which="max") for t in spec.inputs} for s in shapes]
-    estimates = estimates_for(model, shapes, feeds, keep_all=keep_all, axes=spec.axes("max"))
+    estimates = estimates_for(model, shapes, _feeds(spec, shapes), keep_all=keep_all, axes=spec.axes("max"))
     fit = [s for s, e in zip(shapes, estimates) if not bound or e.total <= bound]
     left = [f"{'x'.join(map(str, e.shape))} left out: it needs about {human_bytes(e.total)} (attention scores "
             f"{human_bytes(e.attention)}), over half of {human_bytes(2 * bound)}"
