@@ -3,16 +3,19 @@
 The CMake project is configured and built once per session. cmake, a C++17
 compiler and nlohmann/json 3.x (its CMake package, e.g. Debian's
 nlohmann-json3-dev, or else the header-only PyPI package nlohmann-json of the
-test dependencies, passed as ATTN_EXPORT_NLOHMANN_INCLUDE_DIR) are required: a
-missing one fails the tests with CMake's message instead of skipping them, so a
-broken C++ build cannot hide behind a skip.
+test dependencies, passed as ATTN_EXPORT_NLOHMANN_INCLUDE_DIR here and found
+through the Python environment by a plain configure) are required: a missing one
+fails the tests with CMake's message instead of skipping them, so a broken C++
+build cannot hide behind a skip.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -45,10 +48,19 @@ def _json_hint() -> list[str]:
     return [f"-DATTN_EXPORT_NLOHMANN_INCLUDE_DIR={include}"] if (include / "nlohmann" / "json.hpp").is_file() else []
 
 
-def _configure_and_build(build: Path, *extra: str) -> subprocess.CompletedProcess[str]:
-    for tool in ("cmake", "ctest"):
+def _need_tools(*tools: str) -> None:
+    for tool in tools:
         if shutil.which(tool) is None:
             pytest.fail(f"{tool} is not on PATH; the C++ tests need CMake >= 3.18 and a C++17 compiler")
+
+
+def _flat(text: str) -> str:
+    """CMake wraps FATAL_ERROR text at 80 columns, splitting phrases across lines."""
+    return " ".join(text.split())
+
+
+def _configure_and_build(build: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    _need_tools("cmake", "ctest")
     configure = _run(["cmake", "-S", CPP_DIR, "-B", build, "-DCMAKE_BUILD_TYPE=Release", *_json_hint(), *extra])
     _check(configure, "cmake configure")
     _check(_run(["cmake", "--build", build, "--parallel", str(os.cpu_count() or 2)]), "cmake --build")
@@ -94,13 +106,87 @@ def test_ctest_passes(cpp_build: Path) -> None:
 
 
 def test_missing_json_library_fails_configure(tmp_path: Path) -> None:
-    # Without nlohmann/json the configure stops with a message saying what to install: no build
+    # Without nlohmann/json the configure stops with a message naming every way to provide it: no build
     # quietly without the sidecar reader.
-    if shutil.which("cmake") is None:
-        pytest.fail("cmake is not on PATH")
-    proc = _run(["cmake", "-S", CPP_DIR, "-B", tmp_path / "b", "-DCMAKE_DISABLE_FIND_PACKAGE_nlohmann_json=ON"])
+    _need_tools("cmake")
+    proc = _run(["cmake", "-S", CPP_DIR, "-B", tmp_path / "b", "-DCMAKE_DISABLE_FIND_PACKAGE_nlohmann_json=ON",
+                 "-DATTN_EXPORT_NLOHMANN_FROM_PYTHON=OFF"])
     assert proc.returncode != 0
-    assert "nlohmann/json 3.x not found" in proc.stderr and "nlohmann-json3-dev" in proc.stderr, proc.stderr
+    err = _flat(proc.stderr)
+    assert "nlohmann/json 3.x not found" in err, proc.stderr
+    assert "nlohmann-json3-dev" in err  # the system package
+    assert "-DATTN_EXPORT_NLOHMANN_INCLUDE_DIR=" in err  # a folder named by hand
+    assert "pip install nlohmann-json" in err and "-DPython3_EXECUTABLE=" in err  # the PyPI package
+
+
+def _activated_env() -> tuple[dict[str, str], list[str], str]:
+    """The environment, extra cmake arguments and the source CMake should report for this interpreter, as a
+    user would have it: in a virtualenv, activated (VIRTUAL_ENV and its bin/ first on PATH); outside one,
+    named with -DPython3_EXECUTABLE."""
+    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONHOME", "TensorRT_ROOT")}
+    if sys.prefix == sys.base_prefix:
+        return env, [f"-DPython3_EXECUTABLE={sys.executable}"], "-DPython3_EXECUTABLE"
+    bindir = Path(sys.prefix) / ("Scripts" if os.name == "nt" else "bin")
+    env["VIRTUAL_ENV"] = sys.prefix
+    env["PATH"] = os.pathsep.join([str(bindir), env.get("PATH", "")])
+    return env, [], "$VIRTUAL_ENV"
+
+
+def test_json_found_through_python(tmp_path: Path) -> None:
+    # No nlohmann_json CMake package and no ATTN_EXPORT_NLOHMANN_INCLUDE_DIR: the README's plain configure
+    # line, run from the activated environment, takes the headers of its PyPI package nlohmann-json.
+    _need_tools("cmake")
+    spec = importlib.util.find_spec("nlohmann_json")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.fail("the PyPI package nlohmann-json (test extra) is not installed in this environment")
+    include = Path(next(iter(spec.submodule_search_locations))) / "include"
+    env, extra, how = _activated_env()
+    proc = _run(["cmake", "-S", CPP_DIR, "-B", tmp_path / "b", "-DCMAKE_DISABLE_FIND_PACKAGE_nlohmann_json=ON",
+                 *extra], env=env)
+    _check(proc, "cmake configure")
+    line = next((ln for ln in proc.stdout.splitlines() if "attn_export: nlohmann/json" in ln), "")
+    assert f"headers from {include.as_posix()} " in line, proc.stdout
+    assert "PyPI package nlohmann-json of " in line and f"from {how})" in line, line
+    # The folder reached the compile flags (flags.make for Makefiles, build.ninja for Ninja).
+    generated = [*(tmp_path / "b").rglob("flags.make"), *(tmp_path / "b").glob("build.ninja")]
+    assert any(include.as_posix() in p.read_text(errors="replace") for p in generated), generated
+    # No TensorRT location given: the runner is skipped (or built, where TensorRT is in the system folders),
+    # and the configure says which.
+    assert ("the engine runner (attn_export_run) is skipped" in proc.stdout
+            or "building the engine runner with" in proc.stdout), proc.stdout
+
+
+def test_json_include_dir_without_header_fails(tmp_path: Path) -> None:
+    # A folder named by hand that lacks the header is reported, not searched past.
+    _need_tools("cmake")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    proc = _run(["cmake", "-S", CPP_DIR, "-B", tmp_path / "b", "-DCMAKE_DISABLE_FIND_PACKAGE_nlohmann_json=ON",
+                 f"-DATTN_EXPORT_NLOHMANN_INCLUDE_DIR={empty}"])
+    assert proc.returncode != 0
+    assert f"{empty.as_posix()}/nlohmann/json.hpp" in _flat(proc.stderr), proc.stderr
+
+
+def test_tensorrt_root_not_found_fails(tmp_path: Path) -> None:
+    # A TensorRT location that holds no TensorRT stops the configure, naming what was looked for and where,
+    # instead of building without the runner.
+    _need_tools("cmake")
+    root = tmp_path / "nonexistent"
+    env = {k: v for k, v in os.environ.items() if k != "TensorRT_ROOT"}
+    proc = _run(["cmake", "-S", CPP_DIR, "-B", tmp_path / "b", *_json_hint(), f"-DTensorRT_ROOT={root}"], env=env)
+    assert proc.returncode != 0, proc.stdout
+    err = _flat(proc.stderr)
+    assert f"TensorRT_ROOT={root.as_posix()}" in err, proc.stderr
+    assert "NvInfer.h" in err and "libnvinfer" in err
+    assert f"looked in {root.as_posix()}/" in err
+
+    # The header alone is not TensorRT either: the message names the missing library only.
+    (root / "include").mkdir(parents=True)
+    (root / "include" / "NvInfer.h").write_text("// stand-in\n")
+    proc = _run(["cmake", "-S", CPP_DIR, "-B", tmp_path / "b2", *_json_hint(), f"-DTensorRT_ROOT={root}"], env=env)
+    assert proc.returncode != 0, proc.stdout
+    err = _flat(proc.stderr)
+    assert "the library" in err and "libnvinfer" in err and "the header NvInfer.h" not in err, proc.stderr
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)) or "0d")
