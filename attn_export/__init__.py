@@ -3,8 +3,10 @@
 Everything the CLI does is a function here (imported lazily, so ``import attn_export`` stays cheap):
 
 - :func:`export_onnx` (``attn-export onnx``), with :class:`ModelSource` naming the model
-- :func:`verify` (``attn-export verify``) and :func:`inspect_artifact` (``attn-export inspect``)
-- :func:`optimize_onnx` (``attn-export optimize``), with :func:`find_attention` and
+- :func:`verify` (``attn-export verify``; :func:`verify_artifact` adds ``--localize``, which is
+  :func:`localize`, and ``--save-inputs`` / ``--load-inputs``: :func:`save_inputs`, :func:`load_inputs`)
+  and :func:`inspect_artifact` (``attn-export inspect``)
+- :func:`optimize_onnx` (``attn-export optimize``, for TensorRT or ONNX Runtime's serving form), with :func:`find_attention` and
   :func:`canonicalize_attention` (the one attention analysis)
 - :func:`convert_fp16` (``attn-export fp16``) and :func:`build_engine` (``attn-export trt``: FP16
   conversion, readiness, build and sidecar in one call; both in :mod:`attn_export.pipeline`)
@@ -30,6 +32,10 @@ _LAZY = {
     "convert_fp16": "attn_export.pipeline",
     "audit_fp16": "attn_export.exporter.audit",
     "verify": "attn_export.verify",
+    "verify_artifact": "attn_export.pipeline",
+    "localize": "attn_export.localize",
+    "save_inputs": "attn_export.inputs",
+    "load_inputs": "attn_export.inputs",
     "inspect_artifact": "attn_export.inspection",
     "check_trt_readiness": "attn_export.engines.readiness",
     "build_engine": "attn_export.pipeline",
@@ -50,3 +56,8 @@ def __getattr__(name: str) -> Any:
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'attn_export' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    # The lazy names too, so completion and dir() show the public API before first use.
+    return sorted({*__all__, *(n for n in globals() if n.startswith("__"))})

@@ -10,11 +10,9 @@ reference measured in the same run gives each row its latency ratio.
 
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 import json
 import os
-import platform
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -24,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Sequence, cast
 import numpy as np
 
 from . import heap
+from .host import host_info
 from .engines.sidecar import is_engine_path
 from .errors import AttnExportError, ProviderUnavailable, UsageError
 from .spec import ModelSpec, ReferenceOptions, format_shape
@@ -35,9 +34,14 @@ if TYPE_CHECKING:
 # "pytorch-fp16": the model in FP16 on the GPU (--attention-impl formulation), the baseline for FP16 engines.
 TORCH_BACKENDS = {"pytorch": None, "pytorch-fp16": None, "pytorch-reference": "reference", "pytorch-sdpa": "sdpa",
                   "pytorch-decomposed": "decomposed"}
-BACKENDS = tuple(TORCH_BACKENDS) + ("onnxruntime", "tensorrt")
-BACKEND_ALIASES = {"torch": "pytorch", "ort": "onnxruntime", "trt": "tensorrt"}
+# "onnxruntime": the file exactly as written; "onnxruntime-serving": ONNX Runtime's serving form built from it in
+# memory (a file from `optimize --for onnxruntime` already is one, and both run it as written).
+BACKENDS = tuple(TORCH_BACKENDS) + ("onnxruntime", "onnxruntime-serving", "tensorrt")
+ORT_BACKENDS = {"onnxruntime": "as-is", "onnxruntime-serving": "onnxruntime"}
+BACKEND_ALIASES = {"torch": "pytorch", "ort": "onnxruntime", "ort-serving": "onnxruntime-serving", "trt": "tensorrt"}
 DEFAULT_ITERATIONS = 10
+# Calls whose p90/p10 latency ratio exceeds this were disturbed (a shared machine, frequency changes): say so.
+NOISY_SPREAD = 1.5
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -188,11 +192,12 @@ def parse_backends(text: str | Sequence[str]) -> list[str]:
 
 
 def default_backends(artifact: str | Path) -> list[str]:
-    return ["pytorch", "tensorrt"] if is_engine_path(artifact) else ["pytorch", "onnxruntime"]
+    """PyTorch and the artifact's own backends: both ONNX Runtime forms for an ONNX file."""
+    return ["pytorch", "tensorrt"] if is_engine_path(artifact) else ["pytorch", "onnxruntime", "onnxruntime-serving"]
 
 
 def make_runner(artifact: str | Path, backend: str, spec: ModelSpec, *, provider: str = "cpu",
-                threads: int | None = None, attention_impl: str = "reference",
+                threads: int | None = None, attention_impl: str = "sdpa",
                 graph_optimization: str = "all",
                 reference_model: ReferenceOptions | None = None) -> tuple[Any, dict[str, Any]]:
     """Build the runner for ``backend`` and the settings to report with its results."""
@@ -216,15 +221,15 @@ def make_runner(artifact: str | Path, backend: str, spec: ModelSpec, *, provider
         torch_runner.activate()
         return torch_runner, {"device": device, "attention_impl": impl, "threads": torch.get_num_threads(), "fp16": half,
                         "torch": torch.__version__}
-    if backend == "onnxruntime":
+    if backend in ORT_BACKENDS:
         if is_engine_path(artifact):
-            raise UsageError("the onnxruntime backend needs the ONNX file; pass the .onnx artifact instead of the engine")
+            raise UsageError(f"the {backend} backend needs the ONNX file; pass the .onnx artifact instead of the engine")
         import onnxruntime as ort
 
         from .runners.ort_runner import OrtRunner
 
         ort_runner = OrtRunner(artifact, providers=[provider], threads=threads, spec=spec,
-                               graph_optimization=graph_optimization)
+                               graph_optimization=graph_optimization, attention=ORT_BACKENDS[backend])
         ort_runner.activate()
         opts = ort_runner.session.get_session_options()
         return ort_runner, {
@@ -233,6 +238,7 @@ def make_runner(artifact: str | Path, backend: str, spec: ModelSpec, *, provider
             # 0 means ORT's default: one thread per physical core.
             "threads": opts.intra_op_num_threads or f"default ({os.cpu_count()} cpus)",
             "graph_optimization": graph_optimization,
+            "form": "serving" if ort_runner.serving_form_parts() else "as written",
             "attention": spec.attention,
             "serving_form": ort_runner.serving_form_parts(),
             "onnxruntime": ort.__version__,
@@ -264,20 +270,28 @@ class BenchRow:
     iterations: int = 0
     latency_ms: dict[str, float] = field(default_factory=dict)
     throughput_images_per_s: float | None = None
-    peak_host_mib: float | None = None
+    peak_host_mib: float | None = None     # growth of the resident set during the calls
+    total_peak_host_mib: float | None = None  # the backend's whole process at its peak (session, weights included)
     peak_device_mib: float | None = None
     memory_method: str | None = None
     ratio_to_pytorch: float | None = None
+    baseline: str | None = None  # the PyTorch backend the ratio is to: the fastest measured at this shape
     settings: dict[str, Any] = field(default_factory=dict)
 
 
 def latency_stats(seconds: Sequence[float]) -> dict[str, float]:
-    """mean, median, p90, p99, min, max of per-call latencies, in milliseconds."""
+    """mean, median, p10, p90, p99, min, max and coefficient of variation of per-call latencies (milliseconds)."""
     ms = np.asarray(seconds, dtype=np.float64) * 1e3
     return {
-        "mean": float(ms.mean()), "median": float(np.median(ms)), "p90": float(np.percentile(ms, 90)),
-        "p99": float(np.percentile(ms, 99)), "min": float(ms.min()), "max": float(ms.max()),
+        "mean": float(ms.mean()), "median": float(np.median(ms)), "p10": float(np.percentile(ms, 10)),
+        "p90": float(np.percentile(ms, 90)), "p99": float(np.percentile(ms, 99)), "min": float(ms.min()),
+        "max": float(ms.max()), "cv": float(ms.std() / ms.mean()) if ms.mean() > 0 else 0.0,
     }
+
+
+def is_noisy(latency_ms: dict[str, float]) -> bool:
+    """Whether the calls varied too much for the median to be read alone (p90 over p10 above NOISY_SPREAD)."""
+    return latency_ms.get("p10", 0) > 0 and latency_ms["p90"] / latency_ms["p10"] > NOISY_SPREAD
 
 
 def measure(runner: Any, feeds: dict[str, np.ndarray], *, warmup: int = 2, iterations: int | None = None,
@@ -304,32 +318,94 @@ def measure(runner: Any, feeds: dict[str, np.ndarray], *, warmup: int = 2, itera
         "warmup": warmup, "iterations": len(times), "latency_ms": stats,
         "throughput_images_per_s": batch / (stats["mean"] / 1e3),
         "peak_host_mib": host.growth_mib, "memory_method": host.method, "peak_device_mib": dev.growth_mib,
+        "peak_rss_mib": host.peak_kib / 1024 if host.method != "none" else None,
     }
+
+
+def _ignore_sigint() -> None:
+    # A Ctrl-C reaches the whole process group: the parent stops the child, which must not print its own traceback.
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _bench_backend(job: dict[str, Any]) -> list[dict[str, Any]]:
+    """One backend at every shape of ``job``; run in a process of its own when isolated.
+
+    Each row records its process's total peak resident memory (``total_peak_host_mib``): the largest of the
+    high-water mark before each measurement (session creation and weights) and the peak during the calls.
+    """
+    spec = ModelSpec.from_dict(job["spec"])
+    rows: list[BenchRow] = []
+    try:
+        runner, settings = make_runner(job["artifact"], job["backend"], spec, provider=job["provider"],
+                                       threads=job["threads"], attention_impl=job["attention_impl"],
+                                       graph_optimization=job["graph_optimization"],
+                                       reference_model=job["reference_model"])
+    except ProviderUnavailable:
+        raise  # the device the user named does not exist here: no row can say what was asked
+    except (AttnExportError, ImportError) as exc:
+        return [asdict(BenchRow(job["backend"], list(shape), status="unavailable", error=str(exc).splitlines()[0]))
+                for shape in job["shapes"]]
+    total_kib = 0
+    try:
+        for b, h, w in job["shapes"]:
+            row = BenchRow(job["backend"], [b, h, w], settings=settings)
+            total_kib = max(total_kib, _status_kib("VmHWM") or 0)
+            try:
+                row.__dict__.update(measure(runner, spec.make_inputs(b, h, w, seed=job["seed"]), warmup=job["warmup"],
+                                            iterations=job["iterations"], time_budget=job["time_budget"]))
+            except (AttnExportError, MemoryError, RuntimeError) as exc:
+                # ORT and torch raise RuntimeError subclasses when an allocation fails.
+                row.status, row.error = "error", str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            rows.append(row)
+            total_kib = max(total_kib, int(1024 * row.__dict__.pop("peak_rss_mib", 0) or 0))
+    finally:
+        runner.deactivate()
+    if job["isolated"] and total_kib:
+        for row in rows:
+            row.total_peak_host_mib = total_kib / 1024
+    return [asdict(r) for r in rows]
 
 
 def run_bench(artifact: str | Path, *, backends: Sequence[str] | None = None,
               shapes: Sequence[tuple[int, int, int]] | None = None, warmup: int = 2, iterations: int | None = None,
               time_budget: float | None = None, threads: int | None = None, provider: str = "cpu",
-              attention_impl: str = "reference", graph_optimization: str = "all", seed: int = 0,
+              attention_impl: str = "sdpa", graph_optimization: str = "all", seed: int = 0,
               progress: Any = None, reference_model: ReferenceOptions | None = None,
-              max_memory: int | None = None) -> dict[str, Any]:
+              max_memory: int | None = None, isolate: bool = True) -> dict[str, Any]:
     """Benchmark ``artifact`` on each backend at each shape; returns the JSON-ready report.
+
+    ``isolate``: each backend runs in a fresh process of its own, so its row
+    can report the total peak memory a deployer pays for it (interpreter,
+    libraries, session, weights), beside the growth during the calls. The
+    default shape is batch 1 at the model's own sample size. Each row's ratio
+    is to the fastest PyTorch formulation measured at that shape.
 
     A backend that cannot run here (TensorRT without a GPU, say) is reported
     with status "unavailable" and its reason; the others still run.
     """
+    from .shapes import round_up, typical_size
+
     if iterations is not None and time_budget is not None:
         raise UsageError("give --iterations or --time-budget, not both")
     if iterations is not None and iterations < 1:
         raise UsageError("--iterations must be at least 1")
     if warmup < 0:
         raise UsageError("--warmup must be 0 or more")
+    impls = sorted({impl for impl in TORCH_BACKENDS.values() if impl})  # the formulations PyTorch models take
+    if attention_impl not in impls:
+        raise UsageError(f"--attention-impl must be one of {', '.join(impls)} (got {attention_impl!r})")
+    if graph_optimization not in ("disable", "basic", "extended", "all"):
+        raise UsageError(f"--graph-optimization must be disable, basic, extended or all (got {graph_optimization!r})")
     spec = artifact_spec(artifact)
     backends = list(backends) if backends else default_backends(artifact)
     if not shapes:
-        if len(spec.export_shape) != 3:
-            raise UsageError(f"{artifact} records no export size; pass --shapes")
-        shapes = [(1, int(spec.export_shape[1]), int(spec.export_shape[2]))]
+        if spec.fixed_hw:
+            shapes = [(1, *spec.fixed_hw)]
+        else:
+            size = round_up(typical_size(spec), spec.hw_multiple)
+            shapes = [(1, size, size)]
     for b, h, w in shapes:
         spec.check_shape(b, h, w)
     if not is_engine_path(artifact):
@@ -337,33 +413,23 @@ def run_bench(artifact: str | Path, *, backends: Sequence[str] | None = None,
         from .graph.memory import check_shapes_fit
 
         check_shapes_fit(load_onnx(artifact, load_external_data=False), spec, shapes, max_memory)
-    rows: list[BenchRow] = []
+    job = {"artifact": str(artifact), "spec": spec.to_dict(), "shapes": [tuple(s) for s in shapes], "provider": provider,
+           "threads": threads, "attention_impl": attention_impl, "graph_optimization": graph_optimization,
+           "reference_model": reference_model, "seed": seed, "warmup": warmup, "iterations": iterations,
+           "time_budget": time_budget, "isolated": isolate}
+    results: list[dict[str, Any]] = []
     for backend in backends:
-        try:
-            runner, settings = make_runner(artifact, backend, spec, provider=provider, threads=threads,
-                                           attention_impl=attention_impl, graph_optimization=graph_optimization,
-                                           reference_model=reference_model)
-        except ProviderUnavailable:
-            raise  # the device the user named does not exist here: no row can say what was asked
-        except (AttnExportError, ImportError) as exc:
-            for shape in shapes:
-                rows.append(BenchRow(backend, list(shape), status="unavailable", error=str(exc).splitlines()[0]))
+        if progress:
+            progress(f"{backend} {', '.join(format_shape(s) for s in shapes)}")
+        if not isolate:
+            results.extend(_bench_backend({**job, "backend": backend}))
             continue
-        try:
-            for b, h, w in shapes:
-                if progress:
-                    progress(f"{backend} {format_shape((b, h, w))}")
-                row = BenchRow(backend, [b, h, w], settings=settings)
-                try:
-                    row.__dict__.update(measure(runner, spec.make_inputs(b, h, w, seed=seed), warmup=warmup,
-                                                iterations=iterations, time_budget=time_budget))
-                except (AttnExportError, MemoryError, RuntimeError) as exc:
-                    # ORT and torch raise RuntimeError subclasses when an allocation fails.
-                    row.status, row.error = "error", str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-                rows.append(row)
-        finally:
-            runner.deactivate()
-    _fill_ratios(rows)
+        import multiprocessing
+
+        # spawn: a fresh interpreter, so one backend's libraries and arenas never count in another's memory.
+        with multiprocessing.get_context("spawn").Pool(1, initializer=_ignore_sigint) as pool:
+            results.extend(pool.apply(_bench_backend, ({**job, "backend": backend},)))
+    _fill_ratios(results)
     return {
         "tool": "attn-export bench",
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -373,76 +439,24 @@ def run_bench(artifact: str | Path, *, backends: Sequence[str] | None = None,
         "host": host_info(),
         "settings": {"warmup": warmup, "iterations": iterations, "time_budget_s": time_budget, "threads": threads,
                      "provider": provider, "attention_impl": attention_impl, "graph_optimization": graph_optimization,
-                     "seed": seed},
-        "results": [asdict(r) for r in rows],
+                     "seed": seed, "isolated": isolate},
+        "results": results,
     }
 
 
-def _fill_ratios(rows: list[BenchRow]) -> None:
-    """Latency median / the PyTorch reference's median at the same shape (the first torch backend measured)."""
-    ref: dict[tuple[int, ...], float] = {}
+def _fill_ratios(rows: list[dict[str, Any]]) -> None:
+    """Latency median / the fastest PyTorch backend's median at the same shape, and which backend that was."""
+    fastest: dict[tuple[int, ...], tuple[float, str]] = {}
     for r in rows:
-        if r.backend in TORCH_BACKENDS and r.status == "ok" and tuple(r.shape) not in ref:
-            ref[tuple(r.shape)] = r.latency_ms["median"]
+        if r["backend"] in TORCH_BACKENDS and r["status"] == "ok":
+            key, median = tuple(r["shape"]), r["latency_ms"]["median"]
+            if key not in fastest or median < fastest[key][0]:
+                fastest[key] = (median, r["backend"])
     for r in rows:
-        base = ref.get(tuple(r.shape))
-        if r.status == "ok" and base:
-            r.ratio_to_pytorch = r.latency_ms["median"] / base
-
-
-def host_info() -> dict[str, Any]:
-    """Versions and machine facts that a reader needs to interpret the numbers."""
-    cpu = _cpu_fields()
-    info: dict[str, Any] = {"platform": platform.platform(), "python": platform.python_version(),
-                            "cpu_count": os.cpu_count(), "processor": _cpu_model(cpu), **_cpu_features(cpu)}
-    with contextlib.suppress(Exception):
-        import torch
-
-        info["torch"] = torch.__version__
-        info["torch_threads"] = torch.get_num_threads()
-        if torch.cuda.is_available():
-            info["gpu"] = torch.cuda.get_device_name(0)
-    with contextlib.suppress(Exception):
-        import onnxruntime
-
-        info["onnxruntime"] = onnxruntime.__version__
-    with contextlib.suppress(Exception):
-        import tensorrt
-
-        info["tensorrt"] = tensorrt.__version__
-    return info
-
-
-def _cpu_fields() -> dict[str, str]:
-    """The first processor's block of /proc/cpuinfo, key to value (empty where it cannot be read)."""
-    fields: dict[str, str] = {}
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if not line.strip():
-                break  # the first processor's block is enough
-            key, _, value = line.partition(":")
-            fields[key.strip()] = value.strip()
-    return fields
-
-
-def _cpu_model(fields: dict[str, str]) -> str:
-    return fields.get("model name") or platform.processor()
-
-
-# The widest vector units decide which kernels ONNX Runtime's MLAS and PyTorch's oneDNN pick; the model name alone
-# ("AMD EPYC") does not tell an AVX2 host from an AVX-512 one, and their ratios differ.
-_SIMD_LEVELS = ("avx512f", "avx2", "avx", "sse4_2", "asimd")
-
-
-def _cpu_features(fields: dict[str, str]) -> dict[str, Any]:
-    """CPU family/model and the widest SIMD level (none where /proc/cpuinfo could not be read)."""
-    if not fields:
-        return {}
-    flags = set((fields.get("flags") or fields.get("Features") or "").split())
-    info: dict[str, Any] = {"simd": next((f for f in _SIMD_LEVELS if f in flags), "unknown")}
-    if "cpu family" in fields and "model" in fields:
-        info["cpu_family_model"] = f"{fields['cpu family']}/{fields['model']}"
-    return info
+        base = fastest.get(tuple(r["shape"]))
+        if r["status"] == "ok" and base:
+            r["ratio_to_pytorch"] = r["latency_ms"]["median"] / base[0]
+            r["baseline"] = base[1]
 
 
 def write_json(report: dict[str, Any], path: str | Path) -> None:

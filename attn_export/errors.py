@@ -22,6 +22,14 @@ class UsageError(AttnExportError):
     """Bad options, bad shapes, missing files: exit 2."""
 
 
+class OptionNeeded(UsageError):
+    """The command needs one more option; ``options`` are the words to add (the command line prints the whole command)."""
+
+    def __init__(self, message: str, options: list[str]) -> None:
+        super().__init__(message)
+        self.options = list(options)
+
+
 class ProviderUnavailable(UsageError):
     """An execution device asked for by name (an ONNX Runtime provider, PyTorch on CUDA) that this machine cannot start."""
 

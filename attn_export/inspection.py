@@ -165,6 +165,7 @@ def _precision(model: onnx.ModelProto, typed: TypedIndex, probed: TypedIndex | N
 def inspect_onnx(path: str | Path) -> InspectReport:
     """Inspect an ONNX file (weights are not loaded)."""
     from .exporter.metadata import load_onnx
+    from .exporter.serving import SERVING_KEY, serving_description
 
     p = Path(path)
     model = load_onnx(p, load_external_data=False)
@@ -192,7 +193,8 @@ def inspect_onnx(path: str | Path) -> InspectReport:
         "inputs": _io([i for i in model.graph.input if i.name not in init_names]),
         "outputs": _io(model.graph.output),
         "spec": spec.to_dict() if spec else None,
-        "metadata": other_meta,
+        "metadata": {k: v for k, v in other_meta.items() if k != SERVING_KEY},
+        "serving_form": serving_description(model),
         "num_nodes": len(model.graph.node),
         "num_parameters": sum(math.prod(i.dims) if i.dims else 1 for i in model.graph.initializer),
         "op_histogram": dict(hist.most_common()),

@@ -20,8 +20,11 @@ from .engines.runtime import TENSORRT, get_runtime, installed
 from .engines.trt_build import HARDWARE_LEVELS, BuildResult, build_plan, check_compute_capabilities, check_timing_cache
 from .errors import MissingDependencyError, UsageError
 from .exporter.audit import DEFAULT_THRESHOLD
-from .exporter.foreign import spec_of_file
-from .exporter.fp16 import Fp16Result
+from .exporter.foreign import spec_of, spec_of_file
+from .exporter.metadata import load_onnx
+from .exporter.fp16 import Fp16Result, fp16_settings, recorded_fp16_settings
+from .localize import LocalizeReport
+from .verify import VerifyReport
 from .exporter.fp16 import convert_fp16 as _convert_fp16
 from .progress import ProgressFn
 from .shapes import Shape
@@ -68,9 +71,29 @@ class EngineResult:
     profiles: list[Profile]
     profile_warnings: list[str] = field(default_factory=list)
     fp16: Fp16Result | None = None       # the conversion, when the input was FP32 and fp16 was asked for
+    fp16_reused: Path | None = None      # an FP16 file of the same source and settings, used instead of converting
     built_from: Path | None = None       # the ONNX file the engine is built from
     readiness: ReadinessReport | None = None
     build: BuildResult | None = None
+
+
+def _fp16_destination(engine: Path, asked: str | Path | None, settings: dict[str, Any], *, force: bool) -> Path:
+    """Where ``trt --fp16`` keeps its FP16 file: an existing one it may reuse, or a free name; never the user's file.
+
+    The default is ``<engine stem>.fp16.onnx``, the name ``attn-export fp16`` users pick: reused when it records
+    the same source bytes and settings, else the intermediate goes to ``<engine name>.fp16.onnx``. A name the
+    user gave (``fp16_onnx``) is reused when it matches and replaced only with ``force``.
+    """
+    def reusable(path: Path) -> bool:
+        return path.is_file() and recorded_fp16_settings(path) == settings
+
+    if asked is not None:
+        path = Path(asked)
+        return path if force or reusable(path) else check_output_path(path, force=False)
+    for path in (engine.with_name(engine.stem + ".fp16.onnx"), engine.with_name(engine.name + ".fp16.onnx")):
+        if force or not path.exists() or reusable(path):
+            return path
+    return check_output_path(path, force=False)  # both names taken by other files: say so
 
 
 def build_engine(
@@ -84,6 +107,8 @@ def build_engine(
     threshold: float = DEFAULT_THRESHOLD,
     calibration_shapes: Sequence[Shape] | None = None,
     input_shapes: Sequence[str] | None = None,
+    extra_fp32_ops: Sequence[str] = (),
+    extra_fp32_nodes: Sequence[str] = (),
     reference_model: ReferenceOptions | None = None,
     max_memory: int | None = None,
     workspace: int | None = None,
@@ -102,8 +127,9 @@ def build_engine(
     Cheap checks come first (input file, output paths, options, ``target``,
     profiles), so nothing is converted or built for a bad option. With
     ``fp16`` an FP32 input is converted (:func:`convert_fp16`, checked
-    against PyTorch; saved to ``fp16_onnx``, default ``<engine stem>.fp16.onnx``)
-    and the engine is built strongly typed from it. ``profiles``: None for
+    against PyTorch; saved to ``fp16_onnx``, default ``<engine stem>.fp16.onnx``, see
+    :func:`_fp16_destination`; an FP16 file there made from the same source with the same settings is
+    reused) and the engine is built strongly typed from it. ``profiles``: None for
     :func:`.engines.profiles.default_profile`. ``workspace`` in bytes.
     ``on_stage(name, result)`` is called after each of :data:`STAGES`, so a
     caller can show what was done before a later step fails (a missing
@@ -114,7 +140,9 @@ def build_engine(
     written). Returns an :class:`EngineResult`.
     """
     onnx_path = Path(onnx_path)
-    spec = spec_of_file(onnx_path)
+    # Parsed once (weightless): the description, the FP16 settings and the conversion read this graph.
+    graph = load_onnx(onnx_path, load_external_data=False)
+    spec = spec_of(graph, origin=str(onnx_path))
     engine = check_output_path(engine_path, force=force)
     if hardware_compatibility not in HARDWARE_LEVELS:
         raise UsageError(f"unknown hardware compatibility {hardware_compatibility!r}; use one of {', '.join(HARDWARE_LEVELS)}")
@@ -138,13 +166,20 @@ def build_engine(
 
     result.built_from = onnx_path
     if fp16 and spec.precision == "fp32":
-        fp16_path = Path(fp16_onnx) if fp16_onnx else engine.with_name(engine.stem + ".fp16.onnx")
-        check_output_path(fp16_path, force=force)
-        say = None if progress is None else (lambda text, done=None, total=None: progress(f"fp16: {text}", done, total))
-        result.fp16 = convert_fp16(onnx_path, fp16_path, threshold=threshold, calibration_shapes=calibration_shapes,
-                                   force=force, input_shapes=input_shapes or None, reference_model=reference_model,
-                                   max_memory=max_memory, progress=say)
-        result.built_from = result.fp16.path
+        settings = fp16_settings(onnx_path, threshold=threshold, calibration_shapes=calibration_shapes,
+                                 input_shapes=input_shapes, extra_fp32_ops=extra_fp32_ops,
+                                 extra_fp32_nodes=extra_fp32_nodes, model=graph)
+        fp16_path = _fp16_destination(engine, fp16_onnx, settings, force=force)
+        if not force and fp16_path.exists():
+            result.fp16_reused = result.built_from = fp16_path
+        else:
+            say = None if progress is None else (lambda text, done=None, total=None: progress(f"fp16: {text}", done, total))
+            result.fp16 = convert_fp16(onnx_path, fp16_path, threshold=threshold, calibration_shapes=calibration_shapes,
+                                       extra_fp32_ops=tuple(extra_fp32_ops), extra_fp32_nodes=tuple(extra_fp32_nodes),
+                                       force=force, input_shapes=input_shapes or None,
+                                       reference_model=reference_model, max_memory=max_memory, progress=say,
+                                       model=graph)
+            result.built_from = result.fp16.path
     stage("fp16", result)
 
     # The one readiness run: its report goes to the caller and its attention sites to the fusion report.
@@ -158,3 +193,58 @@ def build_engine(
                               opt_level=opt_level, timing_cache=timing_cache, hardware_compatibility=hardware_compatibility,
                               allow_unfused=allow_unfused, force=force, progress=build_say)
     return result
+
+
+@dataclass
+class VerifyOutcome:
+    """``attn-export verify``: the comparison and, when asked, where a failure starts and the inputs kept."""
+
+    report: VerifyReport
+    localized: LocalizeReport | None = None
+    inputs_saved: Path | None = None
+
+
+def verify_artifact(artifact: str | Path, *, localize: bool = False, save_inputs: str | Path | None = None,
+                    load_inputs: str | Path | None = None, force: bool = False, **options: Any) -> VerifyOutcome:
+    """:func:`attn_export.verify`, then, with ``localize`` and a failure, the first node that diverges there.
+
+    ``load_inputs``: an ``.npz`` of one call's inputs to verify on (real data)
+    instead of the seeded sweep. ``save_inputs``: write the inputs of the first
+    failing shape (else the first shape) to an ``.npz``, for ``load_inputs``
+    or other tools. The localization runs on exactly the inputs verify used
+    there, against the same reference (:func:`attn_export.localize.localize`).
+    """
+    from .inputs import load_inputs as read_inputs, save_inputs as write_inputs
+    from .localize import localize as find_divergence
+    from .verify import verify
+
+    if save_inputs is not None:
+        check_output_path(save_inputs, force=force)
+    given = None
+    if load_inputs is not None:
+        given = read_inputs(load_inputs, _artifact_spec(Path(artifact), options.get("input_ranges")))
+    report = verify(artifact, inputs=given, **options)
+    outcome = VerifyOutcome(report)
+    failing = next((i for i, s in enumerate(report.shapes) if not s.passed), None)
+    index = failing if failing is not None else 0
+    b, h, w = (int(v) for v in report.shapes[index].shape)
+    seed = int(options.get("seed", 0)) + index
+    if save_inputs is not None:
+        feeds = given if given is not None else \
+            _artifact_spec(Path(artifact), options.get("input_ranges")).make_inputs(b, h, w, seed=seed)
+        outcome.inputs_saved = write_inputs(save_inputs, feeds, force=force)
+    if localize and failing is not None:
+        outcome.localized = find_divergence(
+            artifact, reference=options.get("reference"), reference_model=options.get("reference_model"),
+            shapes=None if given is not None else [(b, h, w)], seed=seed, inputs=given, atol=options.get("atol"),
+            rtol=options.get("rtol"), stat=options.get("stat"), quantile=options.get("quantile", 0.99),
+            input_ranges=options.get("input_ranges"), max_memory=options.get("max_memory"),
+            progress=options.get("progress"))
+    return outcome
+
+
+def _artifact_spec(path: Path, input_ranges: Any) -> ModelSpec:
+    """The description of an ONNX file or an engine (its sidecar), as verify reads it."""
+    from .engines.sidecar import is_engine_path, read_sidecar, sidecar_spec
+
+    return sidecar_spec(read_sidecar(path)) if is_engine_path(path) else spec_of_file(path, input_ranges)

@@ -71,34 +71,46 @@ def export_summary(r: Any) -> None:
 def bench(report: dict[str, Any]) -> None:
     from rich.table import Table
 
+    from .bench import is_noisy
     from .spec import format_shape
 
     host = report["host"]
     table = Table(title=f"attn-export bench {Path(report['artifact']).name}", title_justify="left")
-    for col in ("backend", "shape", "mean ms", "median ms", "p90 ms", "p99 ms", "images/s", "peak host", "peak device",
-                "vs pytorch", "settings"):
+    for col in ("backend", "shape", "median ms", "p10-p90 ms", "images/s", "total peak", "growth", "peak device",
+                "vs fastest pytorch", "settings"):
         table.add_column(col, justify="left" if col in ("backend", "shape", "settings") else "right")
+    noisy = []
     for r in report["results"]:
         shape = format_shape(r["shape"])
         if r["status"] != "ok":
             # Status where the numbers go, the reason in the wide last column.
-            table.add_row(r["backend"], shape, f"[yellow]{r['status']}[/]", *[""] * 7, escape(r["error"] or ""))
+            table.add_row(r["backend"], shape, f"[yellow]{r['status']}[/]", *[""] * 6, escape(r["error"] or ""))
             continue
         lat = r["latency_ms"]
         mib = lambda v: "—" if v is None else f"{v:.0f} MiB"  # noqa: E731
         s = r["settings"]
-        detail = ", ".join(f"{k}={s[k]}" for k in ("device", "attention_impl", "threads", "providers", "graph_optimization")
-                           if k in s)
-        table.add_row(r["backend"], shape, f"{lat['mean']:.2f}", f"{lat['median']:.2f}", f"{lat['p90']:.2f}",
-                      f"{lat['p99']:.2f}", f"{r['throughput_images_per_s']:.1f}", mib(r["peak_host_mib"]),
-                      mib(r["peak_device_mib"]), "—" if r["ratio_to_pytorch"] is None else f"{r['ratio_to_pytorch']:.2f}x",
+        detail = ", ".join(f"{k}={s[k]}" for k in ("form", "device", "attention_impl", "threads", "providers",
+                                                   "graph_optimization") if k in s)
+        spread = f"{lat['p10']:.2f}-{lat['p90']:.2f}" if "p10" in lat else f"-{lat['p90']:.2f}"
+        if is_noisy(lat):
+            noisy.append(f"{r['backend']} {shape}")
+            spread = f"[yellow]{spread}[/]"
+        ratio = "—" if r["ratio_to_pytorch"] is None else \
+            f"{r['ratio_to_pytorch']:.2f}x" + (f" ({r['baseline']})" if r.get("baseline") and r["baseline"] != r["backend"] else "")
+        table.add_row(r["backend"], shape, f"{lat['median']:.2f}", spread, f"{r['throughput_images_per_s']:.1f}",
+                      mib(r.get("total_peak_host_mib")), mib(r["peak_host_mib"]), mib(r["peak_device_mib"]), ratio,
                       detail)
     console.print(table)
+    if noisy:
+        warning(f"latency varied by more than 1.5x between p10 and p90 for {', '.join(noisy)}: the machine was busy "
+                "or its clock changed; rerun with more --iterations or --time-budget before reading the medians")
     st = report["settings"]
-    console.print(f"{host.get('processor', '?')}, {host.get('cpu_count')} CPUs; torch {host.get('torch', '-')}, "
-                  f"onnxruntime {host.get('onnxruntime', '-')}; warm-up {st['warmup']}, "
+    versions = host.get("versions", {})
+    console.print(f"{host.get('processor', '?')} ({host.get('simd', '?')}), {host.get('cpu_count')} CPUs; torch "
+                  f"{versions.get('torch', '-')}, onnxruntime {versions.get('onnxruntime', '-')}; warm-up {st['warmup']}, "
                   + (f"time budget {st['time_budget_s']} s" if st["time_budget_s"] else f"{st['iterations'] or 10} timed calls")
-                  + "; latency is per call, numpy in and out", highlight=False)
+                  + "; latency is per call, numpy in and out"
+                  + ("; each backend in its own process" if st.get("isolated") else ""), highlight=False)
 
 
 def _fmt_err(value: float) -> str:
@@ -164,6 +176,13 @@ def inspect_onnx(d: dict[str, Any]) -> None:
         table.add_row("checkpoint", escape(f"{ck['path']} (sha256 {str(ck.get('sha256'))[:12]})") if ck else "none (seeded initialization)")
     else:
         table.add_row("model", "[yellow]no attn-export description[/]")
+    made = d.get("serving_form")
+    if made:
+        cpu = made.get("tuned_on") or {}
+        table.add_row("form", escape(f"ONNX Runtime's serving form for {made.get('provider')} ("
+                                     f"{', '.join(map(str, made.get('parts', []))) or 'nothing rewritten'}), tuned on "
+                                     f"{cpu.get('processor', '?')} ({cpu.get('simd', '?')}), made from {made.get('source')}; "
+                                     "not for TensorRT"))
     for key, value in d["metadata"].items():
         table.add_row(f"metadata {escape(key)}", escape(str(value)[:80]))
     hist = d["op_histogram"]
@@ -326,9 +345,17 @@ def optimize(r: Any) -> None:
     table = Table(title="attn-export optimize", show_header=False, title_justify="left")
     table.add_row("file", escape(str(r.path)) + (f" (+ {escape(r.external_data.name)})" if r.external_data else ""))
     table.add_row("opset", f"{r.opset_before} -> {r.opset}" if r.opset != r.opset_before else str(r.opset))
-    table.add_row("attention", f"{r.sites} site(s): {len(r.rewritten)} rewritten, {len(r.unchanged)} already "
-                               f"{'Attention op' if r.attention == 'op' else 'canonical'}"
-                  + (f", {len(r.unfused)} NOT rewritten" if r.unfused else ""))
+    if r.serving is not None:
+        cpu = r.serving.get("tuned_on", {})
+        l2 = f", L2 {cpu['l2_bytes'] // 1024} KiB" if cpu.get("l2_bytes") else ""
+        table.add_row("form", escape(f"ONNX Runtime's serving form for {r.serving['provider']}: "
+                                     f"{', '.join(r.serving['parts']) or 'nothing to rewrite'}"))
+        table.add_row("tuned on", escape(f"{cpu.get('processor', '?')} ({cpu.get('simd', '?')}{l2})"))
+        table.add_row("note", "runners run it as written; TensorRT and `attn-export trt` take its source file")
+    else:
+        table.add_row("attention", f"{r.sites} site(s): {len(r.rewritten)} rewritten, {len(r.unchanged)} already "
+                                   f"{'Attention op' if r.attention == 'op' else 'canonical'}"
+                      + (f", {len(r.unfused)} NOT rewritten" if r.unfused else ""))
     for u in r.unfused:
         table.add_row("[bold red]unfused[/]", escape(f"{u['site']} ({u['node']}): {u['reason']}"))
     for c in r.check:
@@ -354,7 +381,7 @@ def triton(m: Any) -> None:
         console.print(f"  {escape(str(p))}", highlight=False)
     if not m.validated:
         err_console.print("note: tritonclient is not installed, so config.pbtxt was not checked "
-                          "(pip install 'attn-export[triton]')")
+                          "(pip install '.[triton]' from the attn-export checkout)")
 
 
 def written(what: str, path: Path) -> None:
@@ -370,6 +397,9 @@ def engine_stage(stage: str, r: Any) -> None:
     elif stage == "fp16":
         if r.fp16 is not None:
             fp16(r.fp16)
+        elif getattr(r, "fp16_reused", None) is not None:
+            console.print(f"reusing {r.fp16_reused}: FP16 from {r.onnx.name} with the same settings (delete it or pass "
+                          "--force to convert again)", highlight=False)
         elif r.fp16_requested:
             console.print(f"{r.onnx} is already {r.spec.precision}; building from it as is", highlight=False)
         elif r.spec.precision == "fp32":
@@ -394,3 +424,24 @@ def engine_built(r: Any) -> None:
                       f"{built.fusion.fused_layer_count} fused attention layer(s) in the engine)", highlight=False)
     for w in built.warnings:
         warning(w)
+
+
+def localized(outcome: Any) -> None:
+    """``verify --localize`` / ``--save-inputs``: where the failure starts, what feeds it, what to try."""
+    if outcome.inputs_saved is not None:
+        written("inputs saved to", outcome.inputs_saved)
+    r = outcome.localized
+    if r is None:
+        return
+    console.print(("[bold red]" if r.first else "") + escape(r.summary()) + ("[/]" if r.first else ""), highlight=False)
+    if r.first is not None:
+        for i in r.first.inputs:
+            err = f"max abs error {i.error.max_abs:.3g}" if i.error else "not compared"
+            console.print(escape(f"  input {i.name} ({i.kind}{', from ' + i.producer if i.producer else ''}): {err}"
+                                 + (f"; {i.note}" if i.note else "")), highlight=False)
+    if r.fix is not None:
+        console.print(escape(f"fix to try: {r.fix.text}"), highlight=False, soft_wrap=True)
+        for option in r.fix.cli:
+            console.print(escape(f"  {option}"), highlight=False)
+    for note in r.notes:
+        console.print(escape(f"note: {note}"), highlight=False)

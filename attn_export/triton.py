@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .engines.sidecar import is_engine_path
+from .atomic import signals_deferred
 from .errors import UsageError
 
 if TYPE_CHECKING:
@@ -34,6 +35,8 @@ if TYPE_CHECKING:
     from .graph import ServingForm
 
 DEFAULT_ONNX_MAX_BATCH = 8
+# "written": the ONNX file as it is; "serving": ONNX Runtime's serving form of it, built for the instances' kind.
+TRITON_FORMS = ("written", "serving")
 # numpy dtype name -> Triton data type.
 TRITON_DTYPES = {
     "bool": "TYPE_BOOL", "uint8": "TYPE_UINT8", "uint16": "TYPE_UINT16", "uint32": "TYPE_UINT32",
@@ -129,23 +132,19 @@ def _onnxruntime_form(path: Path, kind: str, attention: str) -> tuple[onnx.Model
     the 3x3 convolutions that qualify for Winograd are read; their transformed
     weights go inside the written graph, at most twice the model's weight bytes).
     """
-    from .exporter.metadata import load_onnx, spec_from_model
-    from .exporter.weights import EXTERNAL_DATA_THRESHOLD, external_bytes, has_external
-    from .graph import onnxruntime_serving_form
+    from .exporter.foreign import spec_of
+    from .exporter.metadata import load_onnx
+    from .exporter.serving import SERVING_PROVIDERS, build_serving_form
+    from .exporter.weights import EXTERNAL_DATA_THRESHOLD
 
     model = load_onnx(path, load_external_data=False)
-    # The file's size stands for the model's (ByteSize() costs seconds on a large model).
-    room = max(EXTERNAL_DATA_THRESHOLD - path.stat().st_size - 2**24, 0)
-    if has_external(model):
-        room = min(room, 2 * external_bytes(model))
-    provider = "CPUExecutionProvider" if kind == "cpu" else "CUDAExecutionProvider"
-    form = onnxruntime_serving_form(model, provider=provider, hw_multiple=spec_from_model(model).hw_multiple,
-                                    weights_folder=path.parent, max_added_bytes=room,
-                                    attention="auto" if attention == "onnxruntime" else attention)
+    form = build_serving_form(model, path, spec_of(model, origin=str(path)), provider=SERVING_PROVIDERS["cpu" if kind == "cpu" else "cuda"],
+                              attention=attention)
     if not form.changed:
         return None
     if model.ByteSize() >= EXTERNAL_DATA_THRESHOLD:
-        raise UsageError(f"{path.name} in ONNX Runtime's form would exceed 2 GB in one file; pass --attention as-is")
+        raise UsageError(f"{path.name} in ONNX Runtime's form would exceed 2 GB in one file; write it with "
+                         "`attn-export optimize --for onnxruntime` (weights in a data file) and serve that")
     return model, form
 
 
@@ -213,7 +212,7 @@ def model_config_pb2() -> Any:
     except (ImportError, RuntimeError):
         spec = importlib.util.find_spec("tritonclient")
         if spec is None or not spec.submodule_search_locations:
-            raise ImportError("tritonclient is not installed (pip install 'attn-export[triton]')") from None
+            raise ImportError("tritonclient is not installed (pip install '.[triton]' from the attn-export checkout)") from None
         file = Path(list(spec.submodule_search_locations)[0]) / "grpc" / "model_config_pb2.py"
         if not file.is_file():
             raise ImportError(f"tritonclient has no {file}") from None
@@ -239,20 +238,32 @@ def parse_config(text: str) -> Any:
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
+def _readable_by_all(folder: Path) -> None:
+    """The modes a fresh folder would have under the user's umask (mkdtemp makes it 0700).
+
+    A Triton server often runs as another user than the one who wrote the
+    repository (containers): with 0700 it could not read the model.
+    """
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [folder, *folder.rglob("*")]:
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
+
+
 def write_model_repository(artifact: str | Path, repo: str | Path, *, name: str | None = None, version: int = 1,
                            instances: int = 1, kind: str | None = None, max_batch: int | None = None,
-                           force: bool = False, attention: str = "onnxruntime") -> TritonModel:
+                           force: bool = False, form: str = "written", serving_attention: str = "auto") -> TritonModel:
     """Write ``repo/name/`` for an ONNX file or an engine; refuses an existing model folder unless ``force``.
 
-    ``attention="onnxruntime"`` (the default) writes the ONNX Runtime serving
-    form of an ONNX file, the same form ``verify`` and ``bench`` run: every
-    FP32 attention site as ``com.microsoft.MultiHeadAttention`` (flash
-    attention) or, for CPU instances where that kernel's blocks would be thin
-    (large head sizes against this machine's L2 cache), in query chunks;
-    memory linear in the sequence length either way; and for CPU instances
-    the eligible 3x3 convolutions as Winograd F(4x4, 3x3).
-    ``"multiheadattention"`` / ``"chunked"`` put that attention at every
-    site; ``"as-is"`` copies the file unchanged.
+    ``form="written"`` (the default) copies an ONNX file as it is (a file
+    from ``attn-export optimize --for onnxruntime`` is already ONNX Runtime's
+    serving form). ``form="serving"`` writes the serving form of the file for
+    the instances' kind, the form ``bench``'s onnxruntime-serving backend
+    runs: FP32 attention sites as ``com.microsoft.MultiHeadAttention`` or, for
+    CPU instances where that kernel's blocks would be thin, in query chunks
+    (``serving_attention``: auto, multiheadattention or chunked), memory
+    linear in the sequence length either way; for CPU instances the eligible
+    3x3 convolutions as Winograd F(4x4, 3x3).
 
     The folder is assembled next to its final place and renamed into it, so an
     interrupted run leaves either the old model or the new one, never a mix.
@@ -270,10 +281,8 @@ def write_model_repository(artifact: str | Path, repo: str | Path, *, name: str 
         raise UsageError(f"--model-version must be a positive integer (got {version})")
     if instances < 1:
         raise UsageError(f"--instances must be at least 1 (got {instances})")
-    from .runners.ort_runner import ATTENTION_FORMS
-
-    if attention not in ATTENTION_FORMS:
-        raise UsageError(f"--attention must be one of {', '.join(ATTENTION_FORMS)} (got {attention!r})")
+    if form not in TRITON_FORMS:
+        raise UsageError(f"--form must be one of {', '.join(TRITON_FORMS)} (got {form!r})")
     is_engine = is_engine_path(src)
     served: tuple[onnx.ModelProto, ServingForm] | None = None
     header = [f"written by attn-export from {src.name}"]
@@ -301,8 +310,8 @@ def write_model_repository(artifact: str | Path, repo: str | Path, *, name: str 
         platform, file_name = "onnxruntime_onnx", "model.onnx"
     if kind not in ("gpu", "cpu"):
         raise UsageError(f"--kind must be gpu or cpu (got {kind!r})")
-    if not is_engine and attention != "as-is":
-        served = _onnxruntime_form(src, kind, attention)
+    if not is_engine and form == "serving":
+        served = _onnxruntime_form(src, kind, serving_attention)
         if served is not None:
             if served[1].attention_sites:
                 header.append(f"attention: {served[1].attention_sites} site(s) as {served[1].attention_kind} "
@@ -354,11 +363,13 @@ def write_model_repository(artifact: str | Path, repo: str | Path, *, name: str 
             shutil.copyfile(data, vdir / loc)
             copied.append(model_dir / str(version) / loc)
         (tmp / "config.pbtxt").write_text(text, encoding="utf-8")
+        _readable_by_all(tmp)
         old = None
-        if model_dir.exists():
-            old = repo / f".{name}.old-{os.getpid()}"
-            os.replace(model_dir, old)
-        os.replace(tmp, model_dir)
+        with signals_deferred():  # the old folder moves aside and the new one in as one step
+            if model_dir.exists():
+                old = repo / f".{name}.old-{os.getpid()}"
+                os.replace(model_dir, old)
+            os.replace(tmp, model_dir)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:

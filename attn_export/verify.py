@@ -33,11 +33,12 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence, cast
+from typing import TYPE_CHECKING, Any, Mapping, Sequence, cast
 
 import numpy as np
 
 from . import heap
+from .host import host_info
 from .compare import OutputComparison, Tolerances, compare_outputs, json_number, resolve_tolerances
 from .errors import CheckpointError, ShapeError, UsageError
 from .engines.sidecar import is_engine_path
@@ -96,6 +97,7 @@ class VerifyReport:
     setup_seconds: dict[str, float] = field(default_factory=dict)
     checkpoint: dict[str, Any] | None = None
     model: dict[str, Any] = field(default_factory=dict)
+    providers: list[str] = field(default_factory=list)  # ONNX Runtime's, as its session really has them
 
     @property
     def passed(self) -> bool:
@@ -122,6 +124,9 @@ class VerifyReport:
             "model": self.model,
             "shapes": [s.to_dict() for s in self.shapes],
             "failures": self.failures(),
+            "providers": list(self.providers),
+            "tool": "attn-export verify",
+            "host": host_info(),
         }
 
     def to_json(self, indent: int | None = 2) -> str:
@@ -247,6 +252,12 @@ VERIFY_FORMS = ("written", "serving")
 
 def written_parts(graph: "onnx.ModelProto") -> list[str]:
     """The file as written, in words: its attention ops by count (what a session of the file runs)."""
+    from .exporter.serving import serving_description
+
+    made = serving_description(graph)
+    if made is not None:
+        return [f"the file as written: ONNX Runtime's serving form for {made.get('provider', '?')}",
+                *[str(p) for p in made.get("parts", [])]]
     counts = Counter(n.op_type for n in graph.graph.node if n.op_type in ("Attention", "MultiHeadAttention", "Softmax"))
     named = {"Attention": "Attention op", "MultiHeadAttention": "MultiHeadAttention", "Softmax": "Softmax"}
     return ["the file as written"] + [f"{n} x {named[op]}" for op, n in sorted(counts.items())]
@@ -269,6 +280,7 @@ def verify(
     input_ranges: dict[str, tuple[float, float]] | None = None,
     max_memory: int | None = None,
     form: str = "written",
+    inputs: Mapping[str, np.ndarray] | None = None,
 ) -> VerifyReport:
     """Compare ``artifact`` (ONNX file or TensorRT engine) with its PyTorch reference over a sweep of shapes.
 
@@ -294,8 +306,13 @@ def verify(
     records about it (:class:`attn_export.spec.ReferenceOptions`).
     ``max_memory``: bytes a shape may need (estimated before anything runs;
     None: this machine's memory, 0: no limit); larger shapes are refused.
+    ``inputs``: one call's inputs (name -> array, e.g. from
+    :func:`attn_export.inputs.load_inputs`) to verify on instead of the
+    seeded random sweep; checked against the artifact's inputs first.
     """
     path = Path(artifact)
+    if inputs is not None and (shapes or input_shapes):
+        raise UsageError("give inputs or shapes, not both: the inputs set the shape")
     if form not in VERIFY_FORMS:
         raise UsageError(f"--form must be one of {', '.join(VERIFY_FORMS)} (got {form!r})")
     if not path.is_file():
@@ -345,6 +362,13 @@ def verify(
             raise UsageError("no shapes given")
         check_user_shapes(sweep, spec, profiles)
         shape_source = "user"
+    elif inputs is not None:
+        from .inputs import check_inputs
+
+        shape, given = check_inputs(inputs, spec, "the given inputs")
+        sweep = [shape]
+        check_user_shapes(sweep, spec, profiles)
+        shape_source = "given inputs"
     else:
         sweep = engine_shapes(profiles, spec) if profiles is not None else default_shapes(spec)
         shape_source = "default"
@@ -433,7 +457,7 @@ def verify(
         timings={ref.name: 0.0, cand.name: 0.0},
     )
     out_names = [t.name for t in spec.outputs]
-    all_feeds = [spec.make_inputs(*shape, seed=seed + i) for i, shape in enumerate(sweep)]
+    all_feeds = [given] if inputs is not None else [spec.make_inputs(*shape, seed=seed + i) for i, shape in enumerate(sweep)]
     expected: list[dict[str, np.ndarray]] = []
     ref_seconds: list[float] = []
     try:
@@ -455,6 +479,7 @@ def verify(
     t0 = time.perf_counter()
     cand.activate()
     setup[cand.name] += time.perf_counter() - t0
+    report.providers = list(ort_cand.providers) if ort_cand is not None else []
     try:
         for i, shape in enumerate(sweep):
             step(2 + len(sweep) + i, f"comparing at {format_shape(shape)}")

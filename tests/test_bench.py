@@ -13,7 +13,7 @@ from attn_export import cli
 from attn_export.bench import PeakHostMemory, latency_stats, parse_backends, run_bench
 from attn_export.errors import AttnExportError, UsageError
 
-LATENCY_KEYS = {"mean", "median", "p90", "p99", "min", "max"}
+LATENCY_KEYS = {"mean", "median", "p10", "p90", "p99", "min", "max", "cv"}
 
 
 @pytest.fixture()
@@ -40,14 +40,15 @@ def test_cli_prints_table_and_writes_json(tiny_onnx: Path, tmp_path: Path, wide_
     res = _invoke("bench", str(tiny_onnx), "--backend", "pytorch,onnxruntime", "--shapes", "1x16x16,2x8x12",
                   "--warmup", "1", "--iterations", "3", "--threads", "1", "--report", str(out))
     assert res.exit_code == 0, res.output
-    for word in ("pytorch", "onnxruntime", "1x16x16", "2x8x12", "median ms", "p99 ms", "images/s", "peak host",
-                 "vs pytorch", "1.00x"):
+    for word in ("pytorch", "onnxruntime", "1x16x16", "2x8x12", "median ms", "p10-p90 ms", "images/s", "total peak",
+                 "growth", "vs fastest pytorch", "1.00x", "each backend in its own process"):
         assert word in res.output, word
     assert [p.name for p in tmp_path.iterdir()] == ["bench.json"]  # atomic write: no temporary left behind
 
     report = json.loads(out.read_text())
     assert report["tool"] == "attn-export bench"
-    assert {"torch", "onnxruntime", "cpu_count", "platform"} <= set(report["host"])
+    assert {"cpu_count", "platform", "simd"} <= set(report["host"])
+    assert {"attn_export", "torch", "onnx", "onnxruntime"} <= set(report["host"]["versions"])
     assert report["settings"]["threads"] == 1 and report["settings"]["iterations"] == 3
     rows = report["results"]
     assert [(r["backend"], r["shape"]) for r in rows] == [
@@ -60,23 +61,29 @@ def test_cli_prints_table_and_writes_json(tiny_onnx: Path, tmp_path: Path, wide_
         assert 0 < lat["min"] <= lat["median"] <= lat["p90"] <= lat["p99"] <= lat["max"]
         assert r["throughput_images_per_s"] == pytest.approx(r["shape"][0] / (lat["mean"] / 1e3))
         assert r["peak_host_mib"] is not None and r["peak_host_mib"] >= 0
+        # Its own process: the whole of it (interpreter, libraries, session) at its peak, above the growth alone.
+        assert r["total_peak_host_mib"] > max(r["peak_host_mib"], 50)
         assert r["peak_device_mib"] is None  # no GPU here
         assert r["ratio_to_pytorch"] == pytest.approx(lat["median"] / next(
             p["latency_ms"]["median"] for p in rows if p["backend"] == "pytorch" and p["shape"] == r["shape"]))
         assert r["settings"]["threads"] == 1
     assert rows[0]["ratio_to_pytorch"] == 1.0
-    assert rows[0]["settings"]["attention_impl"] == "reference"
-    assert rows[2]["settings"]["providers"] == ["CPUExecutionProvider"]
+    assert rows[0]["settings"]["attention_impl"] == "sdpa"
+    assert rows[2]["settings"]["providers"] == ["CPUExecutionProvider"] and rows[2]["settings"]["form"] == "as written"
     assert rows[2]["settings"]["graph_optimization"] == "all"
 
 
 def test_time_budget_and_attention_impl(tiny_onnx: Path) -> None:
-    report = run_bench(tiny_onnx, backends=["pytorch-sdpa", "pytorch"], shapes=[(1, 8, 8)], warmup=0,
-                       time_budget=0.05, attention_impl="decomposed")
-    sdpa, plain = report["results"]
+    report = run_bench(tiny_onnx, backends=["pytorch-sdpa", "pytorch", "onnxruntime"], shapes=[(1, 8, 8)], warmup=0,
+                       time_budget=0.05, attention_impl="decomposed", isolate=False)
+    sdpa, plain, ort = report["results"]
     assert sdpa["settings"]["attention_impl"] == "sdpa" and plain["settings"]["attention_impl"] == "decomposed"
     assert sdpa["iterations"] >= 1 and report["settings"]["time_budget_s"] == 0.05
-    assert sdpa["ratio_to_pytorch"] == 1.0  # the first PyTorch backend is the reference of the run
+    # The baseline is the fastest PyTorch formulation of the run, whichever it was.
+    fastest = min((sdpa, plain), key=lambda r: r["latency_ms"]["median"])
+    assert fastest["ratio_to_pytorch"] == 1.0 and ort["baseline"] == fastest["backend"]
+    assert ort["ratio_to_pytorch"] == pytest.approx(ort["latency_ms"]["median"] / fastest["latency_ms"]["median"])
+    assert ort["total_peak_host_mib"] is None  # one process for all: no backend's own total
 
 
 def test_unavailable_backend_is_reported_not_fatal(tiny_onnx: Path, wide_console: None) -> None:
@@ -89,8 +96,11 @@ def test_unavailable_backend_is_reported_not_fatal(tiny_onnx: Path, wide_console
 def test_default_backends_and_shape(tiny_onnx: Path) -> None:
     report = run_bench(tiny_onnx, warmup=0, iterations=1)
     rows = report["results"]
-    assert [r["backend"] for r in rows] == ["pytorch", "onnxruntime"]
-    assert rows[0]["shape"][0] == 1
+    # Both ONNX Runtime forms, side by side; the model's own sample size (tiny: 32 px), batch 1.
+    assert [r["backend"] for r in rows] == ["pytorch", "onnxruntime", "onnxruntime-serving"]
+    assert all(r["shape"] == [1, 32, 32] for r in rows)
+    assert rows[1]["settings"]["form"] == "as written" and rows[1]["settings"]["serving_form"] == []
+    assert rows[2]["settings"]["form"] == "serving" and rows[2]["settings"]["serving_form"]
 
 
 @pytest.mark.parametrize(
@@ -117,6 +127,7 @@ def test_missing_artifact(tmp_path: Path) -> None:
 
 def test_parse_backends_aliases() -> None:
     assert parse_backends("torch, ort,trt,ort") == ["pytorch", "onnxruntime", "tensorrt"]
+    assert parse_backends("ort-serving") == ["onnxruntime-serving"]
 
 
 def test_latency_stats() -> None:
@@ -149,7 +160,7 @@ def test_pytorch_fp16_needs_a_gpu(tiny_onnx: Path) -> None:
 def test_host_info_names_the_vector_units() -> None:
     import platform
 
-    from attn_export.bench import _SIMD_LEVELS, host_info
+    from attn_export.host import SIMD_LEVELS as _SIMD_LEVELS, host_info
 
     info = host_info()
     assert info["simd"] in _SIMD_LEVELS

@@ -302,15 +302,19 @@ def test_cli_trt_fp16_without_tensorrt(tiny_onnx: Path, tmp_path: Path) -> None:
     engine = tmp_path / "unet.plan"
     proc = run_cli("trt", str(tiny_onnx), "--fp16", "-o", str(engine))
     line = assert_one_line_error(proc, "TensorRT")
-    assert 'pip install "attn-export[trt]"' in line
+    assert 'pip install ".[trt-cu12]"' in line
     assert "FP32 islands" in proc.stdout  # the conversion ran and was reported before the build step
     fp16 = tmp_path / "unet.fp16.onnx"
     assert fp16.is_file() and not engine.exists()
     check_fp16_file(fp16, tiny_onnx)
     rep = verify(fp16, shapes=[(1, 8, 8), (2, 16, 24)])
     assert rep.passed, rep.failures()
-    # Without --force the FP16 file is not replaced; --fp16-onnx picks another place.
-    assert_one_line_error(run_cli("trt", str(tiny_onnx), "--fp16", "-o", str(engine)), "exists")
+    # Run again: the FP16 file records the same source and settings, so it is reused, not converted again.
+    before = fp16.stat().st_mtime_ns
+    proc = run_cli("trt", str(tiny_onnx), "--fp16", "-o", str(engine))
+    assert_one_line_error(proc, "TensorRT")
+    assert "reusing" in proc.stdout and fp16.stat().st_mtime_ns == before
+    # --fp16-onnx picks another place.
     other = tmp_path / "elsewhere.onnx"
     proc = run_cli("trt", str(tiny_onnx), "--fp16", "--fp16-onnx", str(other), "-o", str(engine),
                    "--calibration-shapes", "1x8x8,2x16x16")

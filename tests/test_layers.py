@@ -19,16 +19,18 @@ PACKAGE = Path(__file__).resolve().parents[1] / "attn_export"
 FLOORS: dict[str, int] = {
     "attn_export.errors": 0, "attn_export.schema": 0, "attn_export.spec": 0, "attn_export.atomic": 0,
     "attn_export.progress": 0, "attn_export.files": 0, "attn_export.shapes": 0, "attn_export.version": 0,
-    "attn_export.heap": 0,
+    "attn_export.heap": 0, "attn_export.host": 0,
     "attn_export.models": 1, "attn_export.graph": 1, "attn_export.compare": 1,
+    "attn_export.inputs": 2,
     "attn_export.exporter": 2,
     "attn_export.engines": 3,
     "attn_export.runners": 4,
     "attn_export.verify": 5, "attn_export.bench": 5, "attn_export.triton": 5, "attn_export.inspection": 5,
+    "attn_export.localize": 5,
     "attn_export.pipeline": 6,
     "attn_export.render": 7,
-    "attn_export.cli": 8,
-    "attn_export.__main__": 9,
+    "attn_export.cli_support": 8, "attn_export.cli_args": 9, "attn_export.cli": 10,
+    "attn_export.__main__": 11,
 }
 
 

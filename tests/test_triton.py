@@ -39,7 +39,7 @@ def _io(cfg) -> dict[str, tuple[int, list[int], list[int] | None]]:
 
 
 def test_onnx_repository(tiny_onnx: Path, tmp_path: Path) -> None:
-    m = write_model_repository(tiny_onnx, tmp_path / "repo", name="ddpm_tiny", instances=2)
+    m = write_model_repository(tiny_onnx, tmp_path / "repo", name="ddpm_tiny", instances=2, form="serving")
     assert m.validated
     served = onnx.load(str(tmp_path / "repo" / "ddpm_tiny" / "1" / "model.onnx"))
     assert m.attention_rewritten == sum(n.op_type == "Attention" for n in onnx.load(str(tiny_onnx)).graph.node) > 0
@@ -65,7 +65,7 @@ def test_onnx_repository(tiny_onnx: Path, tmp_path: Path) -> None:
 
 
 def test_onnx_without_batching_keeps_batch_dim(tiny_onnx: Path, tmp_path: Path) -> None:
-    m = write_model_repository(tiny_onnx, tmp_path, name="m", max_batch=0, kind="gpu", version=3)
+    m = write_model_repository(tiny_onnx, tmp_path, name="m", max_batch=0, kind="gpu", version=3, form="serving")
     # GPU instances: ONNX Runtime's MultiHeadAttention (flash attention on CUDA).
     served = onnx.load(str(tmp_path / "m" / "3" / "model.onnx"))
     assert sum(n.op_type == "MultiHeadAttention" for n in served.graph.node) == m.attention_rewritten > 0
@@ -87,8 +87,8 @@ def test_onnx_external_data_is_copied_and_loads(tmp_path: Path) -> None:
     import onnxruntime as ort
 
     ref = ort.InferenceSession(str(src / "unet.onnx"), providers=["CPUExecutionProvider"])
-    for attention in ("as-is", "onnxruntime"):
-        m = write_model_repository(src / "unet.onnx", tmp_path / attention, attention=attention)
+    for attention in ("written", "serving"):
+        m = write_model_repository(src / "unet.onnx", tmp_path / attention, form=attention)
         assert m.name == "unet"
         vdir = tmp_path / attention / "unet" / "1"
         assert sorted(p.name for p in vdir.iterdir()) == ["model.onnx", "unet.onnx.data"]
@@ -98,7 +98,7 @@ def test_onnx_external_data_is_copied_and_loads(tmp_path: Path) -> None:
         sess = ort.InferenceSession(str(vdir / "model.onnx"), providers=["CPUExecutionProvider"])
         got, want = sess.run(None, feeds)[0], ref.run(None, feeds)[0]
         ops = {n.op_type for n in onnx.load(str(vdir / "model.onnx"), load_external_data=False).graph.node}
-        if attention == "as-is":
+        if attention == "written":
             np.testing.assert_array_equal(got, want)
             assert m.attention_rewritten == 0 and "MultiHeadAttention" not in ops
         else:

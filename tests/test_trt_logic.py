@@ -558,7 +558,7 @@ class TestWithoutTensorRT:
             build_plan(onnx_path, tmp_path / "m.engine", None, readiness.check_trt_readiness(onnx_path, "10.14"))
         msg = str(exc.value)
         assert "\n" not in msg
-        assert 'pip install "attn-export[trt]"' in msg and "tensorrt-cu12" in msg and "tensorrt-cu13" in msg
+        assert 'pip install ".[trt-cu12]"' in msg and ".[trt-cu13]" in msg
         assert "NVIDIA GPU" in msg
         assert not (tmp_path / "m.engine").exists()
 
@@ -571,7 +571,7 @@ class TestWithoutTensorRT:
         assert runner.spec.hw_multiple == 8 and runner.name == "tensorrt"
         with pytest.raises(MissingDependencyError) as exc:
             runner.activate()
-        assert "\n" not in str(exc.value) and 'pip install "attn-export[trt]"' in str(exc.value)
+        assert "\n" not in str(exc.value) and 'pip install ".[trt-cu12]"' in str(exc.value)
         assert not runner.is_active
 
     def test_runner_shape_narrowed_to_profiles(self, tmp_path):

@@ -193,8 +193,8 @@ def test_triton_cpu_instances_get_winograd(export_model, tmp_path: Path) -> None
     from attn_export.triton import write_model_repository
 
     path = export_model("tiny", "op", base_channels=128)
-    cpu = write_model_repository(path, tmp_path / "repo", name="cpu", kind="cpu")
-    gpu = write_model_repository(path, tmp_path / "repo", name="gpu", kind="gpu")
+    cpu = write_model_repository(path, tmp_path / "repo", name="cpu", kind="cpu", form="serving")
+    gpu = write_model_repository(path, tmp_path / "repo", name="gpu", kind="gpu", form="serving")
     assert cpu.winograd_rewritten > 0 and gpu.winograd_rewritten == 0
     assert cpu.attention_rewritten == gpu.attention_rewritten > 0
     assert "Winograd" in cpu.config_text and "Winograd" not in gpu.config_text
@@ -247,7 +247,7 @@ def test_models_with_external_data(export_model, tmp_path: Path, monkeypatch: py
     feeds = {"x": np.random.default_rng(8).standard_normal((2, 3, 16, 24)).astype(np.float32), "t": np.array([3, 800])}
     assert np.abs(served.infer(feeds)["out"] - plain.infer(feeds)["out"]).max() < 1e-4
 
-    m = write_model_repository(path, tmp_path / "repo", kind="cpu")
+    m = write_model_repository(path, tmp_path / "repo", kind="cpu", form="serving")
     assert m.winograd_rewritten == len(result.rewritten)
     copy = ort.InferenceSession(str(m.model_file), providers=["CPUExecutionProvider"])
     assert np.abs(copy.run(None, feeds)[0] - plain.infer(feeds)["out"]).max() < 1e-4

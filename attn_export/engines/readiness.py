@@ -330,7 +330,11 @@ def check_trt_readiness(
     not fuse). Returns a :class:`ReadinessReport`; call
     ``report.raise_for_errors()`` to turn errors into a UsageError.
     """
+    from ..exporter.serving import refuse_serving_form
+
     model = _load(onnx_path_or_model)
+    refuse_serving_form(model, onnx_path_or_model if not isinstance(onnx_path_or_model, onnx.ModelProto) else "the model",
+                        "TensorRT")
     rtx = runtime == "rtx"
     version = parse_target(RTX_TARGET if rtx else target)
     target_s = f"{version[0]}.{version[1]}"

@@ -49,12 +49,13 @@ class Runtime:
 
 TENSORRT = Runtime(
     name="tensorrt", module="tensorrt", display="TensorRT", builds_without_gpu=False,
-    install_hint=('install it with `pip install "attn-export[trt]"` (the tensorrt wheel must match the CUDA major '
-                  "version: tensorrt-cu12 or tensorrt-cu13) on a machine with an NVIDIA GPU and its driver"),
+    install_hint=('install it from the attn-export checkout with `pip install ".[trt-cu12]"` or `".[trt-cu13]"` (the '
+                  "extra named for the machine's CUDA major version) on a machine with an NVIDIA GPU and its driver"),
 )
 RTX = Runtime(
     name="rtx", module="tensorrt_rtx", display="TensorRT-RTX", builds_without_gpu=True,
-    install_hint=('install it with `pip install "attn-export[rtx]"` (tensorrt-rtx-cu13, from PyPI; building needs no GPU, '
+    install_hint=('install it from the attn-export checkout with `pip install ".[rtx]"` (tensorrt-rtx-cu13, from PyPI; '
+                  'building needs no GPU, '
                   "running needs an NVIDIA GPU of compute capability 7.5 or later)"),
     # docs.nvidia.com/deeplearning/tensorrt-rtx, "CPU-Only AOT and TensorRT-RTX Engines": by default an engine
     # runs on compute capability 8.0, 8.6, 8.9, 12.0 and later; Turing (7.5) must be named.

@@ -49,6 +49,7 @@ from onnx import TensorProto, helper
 from .. import heap
 from ..errors import UsageError
 from ..graph import GraphIndex, find_attention, node_attr
+from ..graph.attention import AttentionSite
 from ..graph.probe import read_external_data_from
 from ..progress import ProgressFn
 from ..shapes import DEFAULT_LARGE_CAP, LARGE_CAP, Shape, fit_shapes, preset_of, round_up, typical_size
@@ -429,11 +430,15 @@ class _Site:
                 k if self.k_perm is None else k.transpose(self.k_perm))
 
 
-def attention_sites(model: onnx.ModelProto, weights_folder: Path | None = None) -> list[_Site]:
-    """The sites of the one attention analysis that have Q and K, with their layouts and total scale."""
+def attention_sites(model: onnx.ModelProto, weights_folder: Path | None = None,
+                    found: Sequence[AttentionSite] | None = None) -> list[_Site]:
+    """The sites of the one attention analysis that have Q and K, with their layouts and total scale.
+
+    ``found``: that analysis of ``model``, when the caller has it already.
+    """
     by_name = {n.name: n for n in model.graph.node}
     sites = []
-    for s in find_attention(model, probe=False, weights_folder=weights_folder):
+    for s in found if found is not None else find_attention(model, probe=False, weights_folder=weights_folder):
         if s.q is None or s.k is None:
             continue
         q_heads: int | None = None
@@ -721,8 +726,11 @@ def emulate_fp16(
     seed: int = 0,
     memory_budget: int | None = None,
     weights_folder: Path | None = None,
+    analysis: Sequence[AttentionSite] | None = None,
 ) -> EmulationReport:
     """Expose every FP16 intermediate as an output and report the non-finite ones.
+
+    ``analysis``: the attention analysis of the model, when the caller has it already.
 
     ORT CPU computes most FP16 ops in FP32, but an FP16 graph output is
     rounded to FP16, so an activation beyond 65504 comes back as inf. FP16
@@ -737,7 +745,7 @@ def emulate_fp16(
     types = value_types(model)
     producers = {o: n for n in model.graph.node for o in n.output}
     names = [o for n in model.graph.node for o in n.output if o and types.get(o) == TensorProto.FLOAT16]
-    sites = [s for s in attention_sites(model, weights_folder) if types.get(s.q) == TensorProto.FLOAT16]
+    sites = [s for s in attention_sites(model, weights_folder, analysis) if types.get(s.q) == TensorProto.FLOAT16]
     for shape in shapes:
         spec.check_shape(*shape)
     found: dict[str, NonFinite] = {}

@@ -37,6 +37,8 @@ PyTorch the result is checked with :func:`.audit.emulate_fp16`.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,7 +58,11 @@ from .audit import (DEFAULT_THRESHOLD, FP16_MAX, AuditReport, EmulationReport, F
                     default_calibration_shapes, emulate_fp16, memory_budget_for, value_types)
 from .foreign import is_foreign, resolve_shapes, spec_of
 from . import weights
+from ..host import host_info
+from ..version import __version__
+from ..graph import find_attention
 from .metadata import embed_spec, load_onnx
+from .serving import refuse_serving_form
 from .weights import DataWriter, read_array
 
 
@@ -110,6 +116,7 @@ class Fp16Result:
 
     def to_dict(self) -> dict[str, Any]:
         return {
+            "tool": "attn-export fp16", "host": host_info(),
             "path": str(self.path), "source": str(self.source), "precision": self.spec.precision,
             "nodes": {"fp16": self.nodes_fp16, "fp32": self.nodes_fp32, "other": self.nodes_other},
             "casts_added": self.casts_added,
@@ -376,12 +383,10 @@ def decompose_unfusable(model: onnx.ModelProto, weights_folder: Path | None = No
     return list(result.rewritten)
 
 
-def attention_dtypes(model: onnx.ModelProto) -> list[dict[str, Any]]:
-    """Per attention site: name and the dtypes Q, K and V are computed in."""
-    from ..graph import find_attention
-
+def attention_dtypes(found: Sequence[Any]) -> list[dict[str, Any]]:
+    """Per attention site of an analysis: name and the dtypes Q, K and V are computed in."""
     out = []
-    for s in find_attention(model, probe=False, run=False):
+    for s in found:
         def dt(op: Any) -> str:
             return (op.compute_dtype or op.dtype or "?") if op is not None else "?"
         out.append({"block": s.name, "form": s.form, "q": dt(s.q), "k": dt(s.k), "v": dt(s.v)})
@@ -395,6 +400,57 @@ def default_check_shapes(spec: ModelSpec) -> list[Shape]:
     """Two quick shapes for the comparison with PyTorch: a square one and a non-square one at batch 2."""
     m = spec.hw_multiple
     return fit_shapes(spec, [(1, round_up(16, m), round_up(16, m)), (2, round_up(16, m), round_up(24, m))])
+
+
+FP16_KEY = "attn_export.fp16"
+
+
+def fp16_settings(source: Path, *, threshold: float, calibration_shapes: Sequence[Shape] | None = None,
+                  input_shapes: str | Sequence[str] | None = None, extra_fp32_ops: Iterable[str] = (),
+                  keep_io_types: bool = True, extra_fp32_nodes: Iterable[str] = (),
+                  force_fp16_nodes: Iterable[str] = (), model: onnx.ModelProto | None = None) -> dict[str, Any]:
+    """What an FP16 file is made of: its source's bytes (sha256, data files included) and the settings asked for.
+
+    ``model``: the source's graph, already parsed (its data files are named there), to spare a parse.
+    """
+    from ..files import file_sha256
+    from .metadata import external_data_locations
+
+    digest = hashlib.sha256(file_sha256(source).encode())
+    graph = model if model is not None else load_onnx(source, load_external_data=False)
+    for loc in sorted(external_data_locations(graph, source)):
+        digest.update(file_sha256(source.parent / loc).encode())
+    return {"source_sha256": digest.hexdigest(), "threshold": float(threshold),
+            "calibration_shapes": [list(map(int, s)) for s in calibration_shapes] if calibration_shapes else None,
+            "input_shapes": [input_shapes] if isinstance(input_shapes, str) else list(input_shapes or []),
+            "extra_fp32_ops": sorted(extra_fp32_ops), "keep_io_types": bool(keep_io_types),
+            "extra_fp32_nodes": sorted(extra_fp32_nodes), "force_fp16_nodes": sorted(force_fp16_nodes),
+            "tool_version": __version__}
+
+
+def record_fp16_settings(model: onnx.ModelProto, settings: dict[str, Any]) -> None:
+    """Store :func:`fp16_settings` in the FP16 model, so a later run can tell whether it may reuse the file."""
+    keep = [p for p in model.metadata_props if p.key != FP16_KEY]
+    del model.metadata_props[:]
+    model.metadata_props.extend(keep)
+    prop = model.metadata_props.add()
+    prop.key, prop.value = FP16_KEY, json.dumps(settings, sort_keys=True)
+
+
+def recorded_fp16_settings(path: Path) -> dict[str, Any] | None:
+    """The settings an FP16 file records (None for any other file, or one that cannot be read)."""
+    try:
+        model = load_onnx(path, load_external_data=False)
+    except UsageError:
+        return None
+    for prop in model.metadata_props:
+        if prop.key == FP16_KEY:
+            try:
+                value = json.loads(prop.value)
+            except json.JSONDecodeError:
+                return None
+            return value if isinstance(value, dict) else None
+    return None
 
 
 def convert_fp16(
@@ -416,6 +472,7 @@ def convert_fp16(
     reference_model: ReferenceOptions | None = None,
     max_memory: int | None = None,
     compare: CompareFn | None = None,
+    model: onnx.ModelProto | None = None,
 ) -> Fp16Result:
     """Convert an attn-export FP32 ONNX file to FP16 with audited FP32 islands; write ``onnx_out`` atomically.
 
@@ -437,6 +494,8 @@ def convert_fp16(
     PyTorch reference for the check (passed on to ``compare``).
     ``max_memory``: bytes a calibration shape may need (None: this
     machine's memory, 0: no limit); larger shapes are refused up front.
+    ``model``: ``onnx_in``'s graph, parsed without external data by the
+    caller (spares a parse; it is converted in place).
     """
     t_start = time.perf_counter()
     steps: dict[str, float] = {}
@@ -458,9 +517,15 @@ def convert_fp16(
     def done(name: str) -> None:
         steps[name] = time.perf_counter() - steps[name]
 
+    extra_fp32_nodes, force_fp16_nodes, extra_fp32_ops = list(extra_fp32_nodes), list(force_fp16_nodes), tuple(extra_fp32_ops)
     step("load")
     # The graph only: inline weights are parsed with it, and moved to a data file in the staging folder below.
-    model = load_onnx(src, load_external_data=False)
+    if model is None:
+        model = load_onnx(src, load_external_data=False)
+    refuse_serving_form(model, src, "the FP16 conversion")
+    settings = fp16_settings(src, threshold=threshold, calibration_shapes=calibration_shapes, input_shapes=input_shapes,
+                             extra_fp32_ops=extra_fp32_ops, keep_io_types=keep_io_types,
+                             extra_fp32_nodes=extra_fp32_nodes, force_fp16_nodes=force_fp16_nodes, model=model)
     spec = spec_of(model, origin=str(src), input_ranges=input_ranges)
     foreign = is_foreign(spec)
     calibration_shapes = resolve_shapes(spec, calibration_shapes, input_shapes, what="the FP16 calibration",
@@ -537,6 +602,7 @@ def convert_fp16(
             raise CheckFailed("the FP16 conversion changed the opset")
         decomposed = decompose_unfusable(model, stage)
         embed_spec(model, fp16_spec)
+        record_fp16_settings(model, settings)
         # FP32 weights that every consumer now reads in FP16 are dropped here: only used tensors are kept.
         staged, external = weights.save_staged(model, stage, out.name, data_name, ["fp32.data", "fp16.data"],
                                                weights.EXTERNAL_DATA_THRESHOLD)
@@ -545,7 +611,9 @@ def convert_fp16(
             onnx.checker.check_model(str(staged), full_check=True)
         except Exception as exc:  # noqa: BLE001 - a bug in the pass, reported as one line
             raise CheckFailed(f"the FP16 model failed the ONNX checks: {str(exc).splitlines()[0]}") from None
-        attention = attention_dtypes(model)
+        # One analysis of the finished graph: the report's dtypes and the emulation's logits both read it.
+        found = find_attention(model, probe=False, weights_folder=stage)
+        attention = attention_dtypes(found)
         done("convert")
 
         check_result: dict[str, Any] | None = None
@@ -560,7 +628,8 @@ def convert_fp16(
             done("check against PyTorch")
             step("FP16 emulation")
             largest = max(report.calibration_shapes, key=lambda s: s[0] * s[1] * s[2])
-            emulation = emulate_fp16(model, [largest], spec=fp16_spec, weights_folder=stage, memory_budget=budget)
+            emulation = emulate_fp16(model, [largest], spec=fp16_spec, weights_folder=stage, memory_budget=budget,
+                                     analysis=found)
             done("FP16 emulation")
             if not check_result["passed"]:
                 against = "the FP32 file" if foreign else "PyTorch"

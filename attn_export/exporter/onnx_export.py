@@ -30,7 +30,7 @@ import onnx
 import onnx.external_data_helper
 import torch
 
-from ..atomic import atomic_path, check_output_path, staging_dir
+from ..atomic import check_output_path, staging_dir
 from ..compare import Tolerances, compare_arrays, resolve_tolerances
 from ..errors import CheckFailed, ExportFailed, UsageError
 from ..graph import canonicalize_attention
@@ -371,21 +371,10 @@ def _initializer_bytes(model: onnx.ModelProto) -> int:
 
 
 def _save(model: onnx.ModelProto, out: Path, external: bool) -> Path | None:
-    """Save atomically; with external data, both files appear only once both are complete and checked."""
-    if not external:
-        with atomic_path(out) as tmp:
-            onnx.save_model(model, str(tmp))
-        return None
-    data_name = out.name + ".data"
-    with staging_dir(out) as tmpdir:
-        tmp_model = Path(tmpdir) / out.name
-        onnx.save_model(model, str(tmp_model), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=data_name, size_threshold=1024)
-        # The path form of the checker reads external data itself: no 2 GB protobuf limit.
-        onnx.checker.check_model(str(tmp_model), full_check=True)
-        os.replace(Path(tmpdir) / data_name, out.parent / data_name)
-        os.replace(tmp_model, out)
-    return out.parent / data_name
+    """Save through the one write transaction (:func:`.weights.write_model`); returns the data file, if any."""
+    from .weights import write_model
+
+    return write_model(model, out, external=external)
 
 
 Reference = list[tuple[tuple[int, int, int], dict[str, np.ndarray], np.ndarray]]

@@ -1,16 +1,18 @@
-"""``attn-export optimize``: canonicalize the attention of any ONNX file, ours or from elsewhere.
+"""``attn-export optimize``: rewrite any ONNX file, ours or from elsewhere, for the runtime that will serve it.
 
-Load the file (with its external data), raise the opset to 23 when the ONNX
-``Attention`` op is wanted, rewrite every attention site through the one
-attention analysis (:func:`attn_export.graph.canonicalize_attention`), infer
-shapes, run the ONNX checker, compare the result with the input file in ONNX
-Runtime under the FP32 pass rule, and only then put it in place (external data
-next to it when the input had some, or when it is over 2 GB).
+For TensorRT: load the file (with its external data), raise the opset to 23
+when the ONNX ``Attention`` op is wanted, rewrite every attention site through
+the one attention analysis (:func:`attn_export.graph.canonicalize_attention`)
+and infer shapes. For ONNX Runtime: build its serving form and record it in
+the file (:mod:`.serving`). Either way the result goes through the one write
+transaction (:func:`.weights.write_model`): staged, checked by the ONNX checker
+and against the input file in ONNX Runtime under the FP32 pass rule, and only
+then put in place (external data next to it when the input had some, or when
+it is over 2 GB).
 """
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +22,7 @@ import numpy as np
 import onnx
 import onnx.external_data_helper
 
-from ..atomic import check_output_path, staging_dir
+from ..atomic import check_output_path
 from ..compare import compare_outputs, resolve_tolerances
 from ..errors import CheckFailed, UsageError
 from ..graph import canonicalize_attention, find_attention
@@ -30,6 +32,8 @@ from .foreign import is_foreign, need_shapes, parse_input_shapes, spec_of
 from .metadata import embed_spec, external_data_locations, load_onnx
 
 Shape = tuple[int, int, int]
+# "tensorrt": the attention form TensorRT fuses; "onnxruntime": ONNX Runtime's serving form.
+OPTIMIZE_TARGETS = ("tensorrt", "onnxruntime")
 
 
 @dataclass
@@ -48,6 +52,8 @@ class OptimizeResult:
     external_data: Path | None
     check: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
+    target: str = "tensorrt"
+    serving: dict[str, Any] | None = None  # the serving form's own record (target onnxruntime)
 
 
 def _session(model_or_path: onnx.ModelProto | Path) -> Any:
@@ -83,6 +89,9 @@ def optimize_onnx(
     output: str | Path,
     *,
     attention: str = "op",
+    target: str = "tensorrt",
+    provider: str = "cpu",
+    serving_attention: str = "auto",
     force: bool = False,
     allow_unfused: bool = False,
     input_shapes: str | Sequence[str] | None = None,
@@ -90,12 +99,25 @@ def optimize_onnx(
     check: bool = True,
     progress: Callable[[str], None] | None = None,
 ) -> OptimizeResult:
-    """Rewrite every attention site of ``onnx_in`` into ``attention`` ("op" or "decomposed") and write ``output``."""
-    from .onnx_export import EXTERNAL_DATA_THRESHOLD, _convert_opset, _initializer_bytes, _save
+    """Rewrite ``onnx_in`` for ``target`` and write ``output`` after comparing the two in ONNX Runtime.
+
+    ``target="tensorrt"`` (default): every attention site becomes
+    ``attention`` ("op": one ONNX Attention node, opset 23; "decomposed":
+    the canonical MatMul/Softmax/MatMul). ``target="onnxruntime"``: the file
+    becomes ONNX Runtime's serving form for ``provider`` (cpu or cuda), a
+    self-described artifact (:mod:`.serving`) that runners run as written.
+    """
+    from .onnx_export import _convert_opset
+    from .serving import SERVING_PROVIDERS, build_serving_form, describe_serving_form, serving_description
+    from .weights import EXTERNAL_DATA_THRESHOLD, external_bytes, write_model
 
     t0 = time.perf_counter()
+    if target not in OPTIMIZE_TARGETS:
+        raise UsageError(f"--for must be one of {', '.join(OPTIMIZE_TARGETS)} (got {target!r})")
     if attention not in ("op", "decomposed"):
         raise UsageError(f"--attention must be op or decomposed (got {attention!r})")
+    if provider not in SERVING_PROVIDERS:
+        raise UsageError(f"--provider must be one of {', '.join(SERVING_PROVIDERS)} (got {provider!r})")
     src = Path(onnx_in)
     out = check_output_path(output, force=force)
     if src.resolve() == out.resolve():
@@ -104,6 +126,8 @@ def optimize_onnx(
     say("load")
     had_external = bool(external_data_locations(load_onnx(src, load_external_data=False), src))
     model = load_onnx(src)
+    if serving_description(model) is not None:
+        raise UsageError(f"{src} is already ONNX Runtime's serving form; optimize the file it was made from")
     spec = spec_of(model, origin=str(src), input_ranges=input_ranges)
     if input_shapes:
         shapes = parse_input_shapes(input_shapes, spec)
@@ -117,62 +141,63 @@ def optimize_onnx(
         spec.check_shape(*s)
 
     before = default_opset(model)
-    if attention == "op" and before < 23:
-        say("convert opset")
+    unfused: list[dict[str, str]] = []
+    rewritten: list[str] = []
+    unchanged: list[str] = []
+    serving: dict[str, Any] | None = None
+    if target == "onnxruntime":
+        say("serving form")
+        form = build_serving_form(model, src, spec, provider=SERVING_PROVIDERS[provider], attention=serving_attention,
+                                  one_file=False)
+        serving = describe_serving_form(model, form, provider=SERVING_PROVIDERS[provider],
+                                        attention=serving_attention, source=src)
+        rewritten = [p for p in form.parts()]
+    else:
+        if attention == "op" and before < 23:
+            say("convert opset")
+            try:
+                model = _convert_opset(model, 23)
+            except Exception as exc:  # noqa: BLE001 - the converter raises many types
+                raise UsageError(f"cannot convert {src} from opset {before} to 23 for the Attention op "
+                                 f"({str(exc).splitlines()[0][:160]}); use --attention decomposed") from None
+        say("rewrite attention")
+        result = canonicalize_attention(model, attention)
+        rewritten, unchanged = result.rewritten, result.unchanged
+        unfused = [{"site": s.name, "node": s.anchor, "reason": s.problem or "not recognized"} for s in result.unfused]
+        if unfused and not allow_unfused:
+            first = unfused[0]
+            more = f" (and {len(unfused) - 1} more site(s))" if len(unfused) > 1 else ""
+            raise CheckFailed(f"attention site {first['site']} (node {first['node']}) could not be rewritten: "
+                              f"{first['reason']}{more}; nothing was written (--allow-unfused writes it anyway)")
+        say("shape inference")
+        del model.graph.value_info[:]
         try:
-            model = _convert_opset(model, 23)
-        except Exception as exc:  # noqa: BLE001 - the converter raises many types
-            raise UsageError(f"cannot convert {src} from opset {before} to 23 for the Attention op "
-                             f"({str(exc).splitlines()[0][:160]}); use --attention decomposed") from None
-    say("rewrite attention")
-    result = canonicalize_attention(model, attention)
-    unfused = [{"site": s.name, "node": s.anchor, "reason": s.problem or "not recognized"} for s in result.unfused]
-    if unfused and not allow_unfused:
-        first = unfused[0]
-        more = f" (and {len(unfused) - 1} more site(s))" if len(unfused) > 1 else ""
-        raise CheckFailed(f"attention site {first['site']} (node {first['node']}) could not be rewritten: "
-                          f"{first['reason']}{more}; nothing was written (--allow-unfused writes it anyway)")
-    say("shape inference + check")
-    del model.graph.value_info[:]
-    try:
-        model = onnx.shape_inference.infer_shapes(model, data_prop=True)
-    except Exception:  # noqa: BLE001 - a foreign graph shape inference cannot follow still runs
-        pass
-    if any(p.key == METADATA_KEY for p in model.metadata_props) and not is_foreign(spec):
-        spec.attention, spec.opset = attention, default_opset(model)
-        embed_spec(model, spec)
-    external = had_external or _initializer_bytes(model) >= EXTERNAL_DATA_THRESHOLD
+            model = onnx.shape_inference.infer_shapes(model, data_prop=True)
+        except Exception:  # noqa: BLE001 - a foreign graph shape inference cannot follow still runs
+            pass
+        if any(p.key == METADATA_KEY for p in model.metadata_props) and not is_foreign(spec):
+            spec.attention, spec.opset = attention, default_opset(model)
+            embed_spec(model, spec)
+    external = had_external or external_bytes(model) >= EXTERNAL_DATA_THRESHOLD
     checks: list[dict[str, Any]] = []
-    if not external:
-        onnx.checker.check_model(model, full_check=False)
-        if check:
-            say("check against the input")
-            checks = _check(src, model, spec, shapes)
-    data_path: Path | None = None
-    if external:
-        # Written and checked in a temporary folder next to the output; both files move in place only if it passes.
-        with staging_dir(out) as tmpdir:
-            staged = Path(tmpdir) / out.name
-            data_name = out.name + ".data"
-            onnx.save_model(model, str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=data_name, size_threshold=1024)
-            onnx.checker.check_model(str(staged), full_check=False)
-            if check:
-                say("check against the input")
-                checks = _check(src, staged, spec, shapes)
-            if all(c["passed"] for c in checks):
-                os.replace(Path(tmpdir) / data_name, out.parent / data_name)
-                os.replace(staged, out)
-                data_path = out.parent / data_name
-    if checks and not all(c["passed"] for c in checks):
-        bad = next(c for c in checks if not c["passed"])
-        raise CheckFailed(f"the optimized model disagrees with {src} at {format_shape(bad['shape'])} "
-                          f"(max abs error {bad['max_abs_err']:.3g}); nothing was written")
-    if not external:
-        _save(model, out, False)
-    sites_after = len(find_attention(model, probe=False, run=False))
+
+    def compare_with_source(staged: Path) -> None:
+        if not check:
+            return
+        say("check against the input")
+        checks.extend(_check(src, staged, spec, shapes))
+        bad = next((c for c in checks if not c["passed"]), None)
+        if bad is not None:
+            raise CheckFailed(f"the optimized model disagrees with {src} at {format_shape(bad['shape'])} "
+                              f"(max abs error {bad['max_abs_err']:.3g}); nothing was written")
+
+    say("write")
+    data_path = write_model(model, out, external=external, check=compare_with_source)
+    sites_after = len(find_attention(model, probe=False, run=False)) if serving is None else \
+        int(serving["attention_sites"])
     return OptimizeResult(
-        path=out, source=src, attention=attention, sites=sites_after, rewritten=result.rewritten,
-        unchanged=result.unchanged, unfused=unfused, opset_before=before, opset=default_opset(model),
-        external_data=data_path, check=checks, seconds=time.perf_counter() - t0,
+        path=out, source=src, attention=attention if serving is None else f"onnxruntime serving ({serving_attention})",
+        sites=sites_after, rewritten=rewritten, unchanged=unchanged, unfused=unfused, opset_before=before,
+        opset=default_opset(model), external_data=data_path, check=checks, seconds=time.perf_counter() - t0,
+        target=target, serving=serving,
     )

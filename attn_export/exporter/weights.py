@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, BinaryIO, Collection, Mapping, Sequence
+from typing import Any, BinaryIO, Callable, Collection, Mapping, Sequence
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from ..atomic import signals_deferred, staging_dir
 from ..graph.index import external_info, read_external
 
 # From this many initializer bytes on, a model is written as NAME.onnx + NAME.onnx.data: one protobuf cannot exceed
@@ -276,9 +277,36 @@ def publish(staged: Path, out: Path, data: Path | None) -> None:
     for p in (staged, data):
         if p is not None:
             os.chmod(p, 0o666 & ~umask)
-    if data is not None:
-        os.replace(data, out.parent / data.name)
-    os.replace(staged, out)
+    # One critical section: a signal lands before the first rename or after the last, never between.
+    with signals_deferred():
+        if data is not None:
+            os.replace(data, out.parent / data.name)
+        os.replace(staged, out)
+
+
+def write_model(model: onnx.ModelProto, out: Path, *, external: bool,
+                check: Callable[[Path], None] | None = None) -> Path | None:
+    """The one write transaction of an ONNX artifact: stage next to ``out``, check, publish; returns its data file.
+
+    The model is saved in a hidden folder beside ``out`` (its weights in
+    ``<out>.data`` when ``external``), passed through the ONNX checker (the
+    path form, which reads external data itself: no 2 GB limit) and through
+    ``check`` (given the staged path; it raises to stop), and only then moved
+    into place by :func:`publish`. Whatever interrupts it, nothing is left.
+    """
+    data_name = out.name + ".data"
+    with staging_dir(out) as stage:
+        staged = stage / out.name
+        if external:
+            onnx.save_model(model, str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=data_name, size_threshold=1024)
+        else:
+            onnx.save_model(model, str(staged))
+        onnx.checker.check_model(str(staged), full_check=False)
+        if check is not None:
+            check(staged)
+        publish(staged, out, stage / data_name if external else None)
+    return out.parent / data_name if external else None
 
 
 def save_staged(model: onnx.ModelProto, stage: Path, out_name: str, data_name: str, working: Sequence[str],

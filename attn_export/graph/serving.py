@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from ..host import l2_cache_bytes
 from .attention import AttentionSite
 from .chunked import MIN_OPSET as CHUNKED_MIN_OPSET, to_chunked_form
 from .index import default_opset
@@ -29,16 +30,6 @@ SERVING_ATTENTION = ("auto", "multiheadattention", "chunked")
 CHUNKED_AT_MOST_KV_BLOCK = 64
 # When the L2 size cannot be read: a common server core's.
 DEFAULT_L2_BYTES = 2**20
-
-
-def l2_cache_bytes() -> int | None:
-    """This machine's per-core L2 cache size in bytes (Linux sysfs), None where it cannot be read."""
-    try:
-        text = Path("/sys/devices/system/cpu/cpu0/cache/index2/size").read_text().strip()
-        units = {"K": 2**10, "M": 2**20}
-        return int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text)
-    except (OSError, ValueError, IndexError):
-        return None
 
 
 def mha_cpu_kv_block(head_size: int, l2_bytes: int) -> int:

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..version import __version__
-from ..errors import CheckpointError, UsageError
+from ..errors import CheckpointError, OptionNeeded, UsageError
 from ..spec import TRUST_FLAG, ModelSpec, ReferenceOptions, TensorSpec
 from .attention import AttentionImpl, set_attention_impl
 from ..files import file_sha256
@@ -390,10 +390,10 @@ def source_from_spec(spec: ModelSpec, options: ReferenceOptions | None = None) -
                              extra_axes=_axes_of(src) if o.model is not None else {})
     elif src.get("kind") == "import":
         if not o.trust_artifact:
-            raise UsageError(
+            raise OptionNeeded(
                 f"the artifact's reference model is the factory {str(src.get('model'))[:80]!r} named inside the file; "
                 "an artifact is data, so it is not imported: name it yourself with --model (and --model-kwargs), or "
-                f"pass {TRUST_FLAG} to run what the file names")
+                f"pass {TRUST_FLAG} to run what the file names", ["--model", str(src.get("model"))[:200]])
         source = ModelSource(model=src["model"], model_kwargs=dict(src.get("model_kwargs") or {}), seed=seed,
                              num_classes=src.get("num_classes"), hw_multiple=src.get("hw_multiple"),
                              static_hw=_static_hw_of(src), extra_inputs=_extras_of(src), extra_axes=_axes_of(src))
@@ -416,10 +416,11 @@ def source_from_spec(spec: ModelSpec, options: ReferenceOptions | None = None) -
                 )
     elif recorded:
         if not o.trust_artifact:
-            raise UsageError(
+            raise OptionNeeded(
                 f"the artifact was exported from checkpoint {str(recorded.get('path'))[:160]} (sha256 "
                 f"{str(recorded.get('sha256'))[:12]}); a path inside a file is data, so it is not read: pass "
-                f"--checkpoint PATH (checked against that sha256), or {TRUST_FLAG} to read the recorded path")
+                f"--checkpoint PATH (checked against that sha256), or {TRUST_FLAG} to read the recorded path",
+                ["--checkpoint", str(recorded.get("path"))[:400]])
         allow_checkpoint_mismatch = o.allow_checkpoint_mismatch
         path = Path(str(recorded.get("path")))
         if not path.is_file():

@@ -60,7 +60,6 @@ def check_providers(asked: Sequence[str], created: Sequence[str]) -> list[str]:
 # measured faster, in query chunks; on CPU 3x3 convolutions as Winograd); "multiheadattention" / "chunked": the
 # serving form with that attention at every site; "as-is": the file's own graph.
 ATTENTION_FORMS = ("onnxruntime", "multiheadattention", "chunked", "as-is")
-SERVING_FORM_MARGIN = 2**24
 
 
 class OrtRunner(Runner):
@@ -96,8 +95,9 @@ class OrtRunner(Runner):
         self._parts: list[str] = []
         self.winograd_rewritten = 0
         self.path = Path(path)
-        model = load_onnx(self.path, load_external_data=False)
-        super().__init__(spec if spec is not None else spec_from_model(model, origin=str(self.path)))
+        # The caller's description spares a parse of the file (verify has it already).
+        super().__init__(spec if spec is not None else
+                         spec_from_model(load_onnx(self.path, load_external_data=False), origin=str(self.path)))
         self.providers = resolve_providers(providers)
         self.threads = threads
         self.graph_optimization = graph_optimization
@@ -161,23 +161,21 @@ class OrtRunner(Runner):
         """
         if self.attention == "as-is":
             return str(self.path)
-        from ..exporter.weights import EXTERNAL_DATA_THRESHOLD, external_bytes, has_external
-        from ..graph import onnxruntime_serving_form
+        from ..exporter.serving import build_serving_form, serving_description
+        from ..exporter.weights import has_external
         from ..graph.probe import read_external_data_from
 
         model = load_onnx(self.path, load_external_data=False)
-        external = has_external(model)
-        # The file's size stands for the model's (ByteSize() costs seconds on a large model); the margin covers
-        # what the attention rewrite adds. With external data the session's bytes stay small (the transformed
-        # weights are handed over as arrays): their memory is what is bounded, to twice the model's weight bytes.
-        room = 2 * external_bytes(model) if external else \
-            EXTERNAL_DATA_THRESHOLD - self.path.stat().st_size - SERVING_FORM_MARGIN
-        if room < 0:
+        written = serving_description(model)
+        if written is not None:  # already the serving form: run it as written
+            self._parts = [str(p) for p in written.get("parts", [])]
             return str(self.path)
-        form = onnxruntime_serving_form(model, provider=self.providers[0], hw_multiple=self.spec.hw_multiple,
-                                        winograd=self.winograd, weights_folder=self.path.parent, max_added_bytes=room,
-                                        with_arrays=True,
-                                        attention="auto" if self.attention == "onnxruntime" else self.attention)
+        external = has_external(model)
+        # With external data the session's bytes stay small (the transformed weights are handed over as arrays):
+        # their memory is what is bounded, to twice the model's weight bytes.
+        form = build_serving_form(model, self.path, self.spec, provider=self.providers[0], winograd=self.winograd,
+                                  with_arrays=True, one_file=not external,
+                                  attention="auto" if self.attention == "onnxruntime" else self.attention)
         self._parts = form.parts()
         if not form.changed:
             return str(self.path)
