@@ -4,8 +4,10 @@
 backend and shape it warms up, then times single calls through the common
 Runner interface (numpy in, numpy out, so every backend pays the same
 host-side copies), and records peak host memory growth (VmHWM on Linux) and,
-where a CUDA device is visible, peak device memory in use. The PyTorch
-reference measured in the same run gives each row its latency ratio.
+where a CUDA device is visible, peak device memory in use. Each row's
+latency ratio is to the fastest PyTorch formulation measured in the same run
+at that shape. With isolation (the default) each backend and shape runs in a
+fresh process, which also gives the row its total peak memory.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
+import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -129,10 +132,11 @@ class PeakDeviceMemory:
         return total - free
 
     def __enter__(self) -> "PeakDeviceMemory":
+        # Only where PyTorch is loaded already (its backends, or a CUDA run): importing it here would add its
+        # own ~190 MiB to the host memory measured for ONNX Runtime in the same block.
+        torch = sys.modules.get("torch")
         try:
-            import torch
-
-            self.available = torch.cuda.is_available()
+            self.available = torch is not None and torch.cuda.is_available()
         except Exception:  # noqa: BLE001 - a broken CUDA setup just means "not measured"
             self.available = False
         if self.available:
@@ -337,6 +341,9 @@ def _bench_backend(job: dict[str, Any]) -> list[dict[str, Any]]:
     """
     spec = ModelSpec.from_dict(job["spec"])
     rows: list[BenchRow] = []
+    if job["provider"] in ("cuda", "tensorrt"):
+        # Loaded before any measurement: the device memory is read through PyTorch's CUDA runtime.
+        import torch  # noqa: F401
     try:
         runner, settings = make_runner(job["artifact"], job["backend"], spec, provider=job["provider"],
                                        threads=job["threads"], attention_impl=job["attention_impl"],
@@ -359,7 +366,7 @@ def _bench_backend(job: dict[str, Any]) -> list[dict[str, Any]]:
                 # ORT and torch raise RuntimeError subclasses when an allocation fails.
                 row.status, row.error = "error", str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             rows.append(row)
-            total_kib = max(total_kib, int(1024 * row.__dict__.pop("peak_rss_mib", 0) or 0))
+            total_kib = max(total_kib, int(1024 * (row.__dict__.pop("peak_rss_mib", None) or 0)))
     finally:
         runner.deactivate()
     if job["isolated"] and total_kib:
@@ -368,17 +375,36 @@ def _bench_backend(job: dict[str, Any]) -> list[dict[str, Any]]:
     return [asdict(r) for r in rows]
 
 
+def _in_own_process(job: dict[str, Any]) -> list[dict[str, Any]]:
+    """:func:`_bench_backend` in a fresh interpreter (spawn), so neither another backend's libraries and arenas
+    nor a larger shape's activations count in this row's total; a process that dies (killed for memory, a
+    crash in native code) is an error row, not a hang."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), initializer=_ignore_sigint) as pool:
+        try:
+            return pool.submit(_bench_backend, job).result()
+        except BrokenProcessPool:
+            return [asdict(BenchRow(job["backend"], list(shape), status="error",
+                                    error="its process died (killed for memory, or a crash in native code)"))
+                    for shape in job["shapes"]]
+
+
 def run_bench(artifact: str | Path, *, backends: Sequence[str] | None = None,
               shapes: Sequence[tuple[int, int, int]] | None = None, warmup: int = 2, iterations: int | None = None,
               time_budget: float | None = None, threads: int | None = None, provider: str = "cpu",
               attention_impl: str = "sdpa", graph_optimization: str = "all", seed: int = 0,
               progress: Any = None, reference_model: ReferenceOptions | None = None,
-              max_memory: int | None = None, isolate: bool = True) -> dict[str, Any]:
+              max_memory: int | None = None, isolate: bool = True,
+              input_ranges: dict[str, tuple[float, float]] | None = None) -> dict[str, Any]:
     """Benchmark ``artifact`` on each backend at each shape; returns the JSON-ready report.
 
-    ``isolate``: each backend runs in a fresh process of its own, so its row
-    can report the total peak memory a deployer pays for it (interpreter,
-    libraries, session, weights), beside the growth during the calls. The
+    ``isolate``: each backend runs each shape in a fresh process of its own,
+    so its row can report the total peak memory a deployer pays for it at
+    that shape (interpreter, libraries, session, weights, activations),
+    beside the growth during the calls. The
     default shape is batch 1 at the model's own sample size. Each row's ratio
     is to the fastest PyTorch formulation measured at that shape.
 
@@ -399,7 +425,14 @@ def run_bench(artifact: str | Path, *, backends: Sequence[str] | None = None,
     if graph_optimization not in ("disable", "basic", "extended", "all"):
         raise UsageError(f"--graph-optimization must be disable, basic, extended or all (got {graph_optimization!r})")
     spec = artifact_spec(artifact)
+    if input_ranges:  # the inputs every backend gets are drawn in these ranges
+        spec.input_ranges = {**spec.input_ranges, **{k: [float(v[0]), float(v[1])] for k, v in input_ranges.items()}}
     backends = list(backends) if backends else default_backends(artifact)
+    if not shapes and is_engine_path(artifact):
+        from .engines.sidecar import read_sidecar, sidecar_profiles
+
+        # The shapes the engine was tuned for: each profile's opt.
+        shapes = list(dict.fromkeys((int(p.opt[0]), int(p.opt[1]), int(p.opt[2])) for p in sidecar_profiles(read_sidecar(Path(artifact)))))
     if not shapes:
         if spec.fixed_hw:
             shapes = [(1, *spec.fixed_hw)]
@@ -413,7 +446,7 @@ def run_bench(artifact: str | Path, *, backends: Sequence[str] | None = None,
         from .graph.memory import check_shapes_fit
 
         check_shapes_fit(load_onnx(artifact, load_external_data=False), spec, shapes, max_memory)
-    job = {"artifact": str(artifact), "spec": spec.to_dict(), "shapes": [tuple(s) for s in shapes], "provider": provider,
+    job: dict[str, Any] = {"artifact": str(artifact), "spec": spec.to_dict(), "shapes": [tuple(s) for s in shapes], "provider": provider,
            "threads": threads, "attention_impl": attention_impl, "graph_optimization": graph_optimization,
            "reference_model": reference_model, "seed": seed, "warmup": warmup, "iterations": iterations,
            "time_budget": time_budget, "isolated": isolate}
@@ -424,11 +457,8 @@ def run_bench(artifact: str | Path, *, backends: Sequence[str] | None = None,
         if not isolate:
             results.extend(_bench_backend({**job, "backend": backend}))
             continue
-        import multiprocessing
-
-        # spawn: a fresh interpreter, so one backend's libraries and arenas never count in another's memory.
-        with multiprocessing.get_context("spawn").Pool(1, initializer=_ignore_sigint) as pool:
-            results.extend(pool.apply(_bench_backend, ({**job, "backend": backend},)))
+        for shape in shapes:
+            results.extend(_in_own_process({**job, "backend": backend, "shapes": [shape]}))
     _fill_ratios(results)
     return {
         "tool": "attn-export bench",

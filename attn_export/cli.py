@@ -17,7 +17,7 @@ import typer
 
 from . import render
 from .cli_args import (BUILD, FP16, REFERENCE, REPORT, SHAPES, SUPPORTED_TRT, BuildArgs, Fp16Args, Group,
-                       ShapeArgs, command_with, json_object, parse_hw, renamed)
+                       ShapeArgs, calibration, command_with, json_object, parse_hw, renamed)
 from .cli_support import PathOrder, print_version, progress, reporter, run_app, write_report
 from .errors import UsageError
 from .render import console
@@ -138,12 +138,12 @@ def optimize_cmd(
 ) -> None:
     from .exporter.optimize import optimize_onnx
 
-    if shape_args.shapes:
-        raise UsageError("optimize checks at full input shapes: --shapes name:DIMS,... (e.g. x:1x3x64x64,t:1)")
+    if shape_args.max_memory is not None:
+        raise UsageError("--max-memory does not apply to optimize (its check runs at the shapes given)")
     with progress() as prog:
         r = optimize_onnx(model, output, attention=attention, target=target, provider=provider,
                           serving_attention=serving_attention, force=force, allow_unfused=allow_unfused,
-                          input_shapes=shape_args.input_shapes, input_ranges=shape_args.input_ranges, check=check,
+                          input_shapes=shape_args.sets("optimize"), input_ranges=shape_args.input_ranges, check=check,
                           progress=reporter(prog, "optimize: "))
     render.optimize(r)
 
@@ -172,12 +172,12 @@ def fp16_cmd(
 ) -> None:
     from .pipeline import convert_fp16
 
+    shapes, sets = calibration(fp16_args, shape_args)
     with progress("bar") as prog:
         result = convert_fp16(
-            model, output, keep_io_types=keep_io_types, threshold=fp16_args.threshold,
-            calibration_shapes=fp16_args.calibration_shapes or shape_args.shapes, extra_fp32_ops=fp16_args.fp32_ops,
-            extra_fp32_nodes=fp16_args.fp32_nodes,
-            force=force, check=check, input_shapes=shape_args.input_shapes or fp16_args.calibration_sets,
+            model, output, keep_io_types=keep_io_types, threshold=fp16_args.threshold, calibration_shapes=shapes,
+            extra_fp32_ops=fp16_args.fp32_ops, extra_fp32_nodes=fp16_args.fp32_nodes,
+            force=force, check=check, input_shapes=sets,
             input_ranges=shape_args.input_ranges, reference_model=reference_model, max_memory=shape_args.max_memory,
             progress=reporter(prog, "fp16: "))
     render.fp16(result)
@@ -187,8 +187,10 @@ def fp16_cmd(
 # ---------------------------------------------------------------------------------------------------------------------
 @command("trt", BUILD, FP16, SHAPES, REFERENCE, help=(
     "Build a TensorRT engine (plus its .json sidecar) from an exported ONNX file.\n\n"
-    "With --fp16 the FP32 ONNX is first converted to FP16 (see `attn-export fp16`; saved as <engine stem>.fp16.onnx "
-    "or --fp16-onnx) and the engine is built strongly typed from it: TensorRT 11 has no FP16 builder flag.\n\n"
+    "With --fp16 the FP32 ONNX is first converted to FP16 (see `attn-export fp16`; saved as <engine stem>.fp16.onnx, "
+    "or <engine>.fp16.onnx where a file of yours has that name, or --fp16-onnx; an FP16 file there made from the same "
+    "source with the same settings is reused) and the engine is built strongly typed from it: TensorRT 11 has no "
+    "FP16 builder flag.\n\n"
     "Examples:\n\n"
     "  attn-export trt unet.onnx --fp16 -o unet.plan\n\n"
     "  attn-export trt unet.onnx --fp16 -o unet.plan --min 1x32x32 --opt 4x64x64 --max 8x128x128 --timing-cache tc.bin\n\n"
@@ -212,13 +214,12 @@ def trt_cmd(
 ) -> None:
     from .pipeline import build_engine
 
+    shapes, sets = calibration(fp16_args, shape_args)
     with progress("steps") as prog:
         result = build_engine(
-            model, output, fp16=fp16, fp16_onnx=fp16_onnx, threshold=fp16_args.threshold,
-            calibration_shapes=fp16_args.calibration_shapes or shape_args.shapes,
-            input_shapes=shape_args.input_shapes or fp16_args.calibration_sets, extra_fp32_ops=fp16_args.fp32_ops,
-            extra_fp32_nodes=fp16_args.fp32_nodes,
-            max_memory=shape_args.max_memory, reference_model=reference_model, force=force, progress=reporter(prog), on_stage=render.engine_stage,
+            model, output, fp16=fp16, fp16_onnx=fp16_onnx, threshold=fp16_args.threshold, calibration_shapes=shapes,
+            input_shapes=sets, extra_fp32_ops=fp16_args.fp32_ops, extra_fp32_nodes=fp16_args.fp32_nodes,
+            input_ranges=shape_args.input_ranges, max_memory=shape_args.max_memory, reference_model=reference_model, force=force, progress=reporter(prog), on_stage=render.engine_stage,
             **build_args.kwargs)
     render.engine_built(result)
 
@@ -320,7 +321,7 @@ def inspect_cmd(
     "  attn-export bench unet.onnx --backend pytorch-sdpa,onnxruntime,onnxruntime-serving --time-budget 10\n\n"
     "  attn-export bench unet.plan --backend pytorch,tensorrt --provider cuda\n\n"
     "Reports median and p10-p90 latency (with a warning when calls vary a lot), images/s, each backend's total peak "
-    "memory (its own process) and its growth during the calls, and the ratio to the fastest PyTorch eager "
+    "memory (a process per backend and shape) and its growth during the calls, and the ratio to the fastest PyTorch eager "
     "formulation measured in the same run. It never decides pass or fail."))
 def bench_cmd(
     artifact: Path = typer.Argument(..., help="ONNX file, or TensorRT engine (.plan/.engine with its .json sidecar)."),
@@ -341,14 +342,13 @@ def bench_cmd(
     from .bench import parse_backends, run_bench, write_json
 
     json_out = renamed(old_json, "--json", report, "--report", None)
-    if shape_args.input_shapes:
-        raise UsageError("bench takes image shapes, BxHxW (e.g. --shapes 1x32x32,4x64x64)")
     with progress() as prog:
         result = run_bench(
-            artifact, backends=parse_backends(backend) if backend else None, shapes=shape_args.shapes, warmup=warmup,
+            artifact, backends=parse_backends(backend) if backend else None, shapes=shape_args.images("bench"), warmup=warmup,
             iterations=iterations, time_budget=time_budget, threads=threads, provider=provider.lower(),
             attention_impl=attention_impl, graph_optimization=graph_optimization, progress=reporter(prog, "bench: "),
-            reference_model=reference_model, max_memory=shape_args.max_memory, isolate=isolate)
+            reference_model=reference_model, max_memory=shape_args.max_memory, isolate=isolate,
+            input_ranges=shape_args.input_ranges)
     render.bench(result)
     if json_out is not None:
         write_json(result, json_out)

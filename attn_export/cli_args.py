@@ -169,6 +169,18 @@ class ShapeArgs:
     def given(self) -> bool:
         return bool(self.shapes or self.input_shapes)
 
+    def images(self, command: str) -> list[Shape] | None:
+        """The BxHxW shapes, for a command that takes no name:DIMS sets."""
+        if self.input_shapes:
+            raise UsageError(f"{command} takes image shapes, BxHxW (e.g. --shapes 1x32x32,4x64x64)")
+        return self.shapes
+
+    def sets(self, command: str) -> list[str] | None:
+        """The name:DIMS sets, for a command that runs whole inputs."""
+        if self.shapes:
+            raise UsageError(f"{command} checks at full input shapes: --shapes name:DIMS,... (e.g. x:1x3x64x64,t:1)")
+        return self.input_shapes
+
 
 def _shape_args(shapes: Optional[list[str]], input_shapes: Optional[list[str]], input_range: Optional[list[str]],
                 max_memory: Optional[str]) -> ShapeArgs:
@@ -214,6 +226,13 @@ class Fp16Args:
     calibration_sets: list[str] | None = None
     fp32_ops: tuple[str, ...] = ()
     fp32_nodes: tuple[str, ...] = ()
+
+
+def calibration(fp16: Fp16Args, shapes: ShapeArgs) -> tuple[list[Shape] | None, list[str] | None]:
+    """The FP16 audit's shapes, from --calibration-shapes or --shapes (one of them): (BxHxW, name:DIMS sets)."""
+    if (fp16.calibration_shapes or fp16.calibration_sets) and shapes.given:
+        raise UsageError("give the FP16 calibration shapes once: --calibration-shapes or --shapes")
+    return fp16.calibration_shapes or shapes.shapes, fp16.calibration_sets or shapes.input_shapes
 
 
 def _fp16_args(threshold: float, calibration_shapes: Optional[list[str]], fp32_op: Optional[list[str]],

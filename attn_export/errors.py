@@ -29,6 +29,9 @@ class OptionNeeded(UsageError):
         super().__init__(message)
         self.options = list(options)
 
+    def __reduce__(self) -> tuple[type, tuple[str, list[str]]]:  # crosses process boundaries (bench's children)
+        return (type(self), (str(self), self.options))
+
 
 class ProviderUnavailable(UsageError):
     """An execution device asked for by name (an ONNX Runtime provider, PyTorch on CUDA) that this machine cannot start."""

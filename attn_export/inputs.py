@@ -153,7 +153,7 @@ def load_inputs(path: str | Path, spec: ModelSpec) -> dict[str, np.ndarray]:
     except UsageError:
         raise
     except (zipfile.BadZipFile, ValueError, OSError, EOFError, RuntimeError) as exc:
-        raise UsageError(f"{origin} cannot be read as an .npz file ({_first_line(exc)})") from None
+        raise UsageError(f"{origin} cannot be read as an .npz file ({first_line(exc)})") from None
     want = {t.name: t for t in spec.inputs}
     missing = [n for n in want if n not in headers]
     extra = sorted(set(headers) - set(want))
@@ -174,22 +174,11 @@ def load_inputs(path: str | Path, spec: ModelSpec) -> dict[str, np.ndarray]:
         with np.load(p, allow_pickle=False) as npz:
             feeds = {name: np.asarray(npz[name]) for name in want}
     except (zipfile.BadZipFile, ValueError, OSError, EOFError, RuntimeError) as exc:
-        raise UsageError(f"{origin} cannot be read as an .npz file ({_first_line(exc)})") from None
+        raise UsageError(f"{origin} cannot be read as an .npz file ({first_line(exc)})") from None
     check_inputs(feeds, spec, origin)
     return feeds
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return (text.splitlines()[0][:120] if text else type(exc).__name__)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# shared helpers
-# ---------------------------------------------------------------------------------------------------------------------
-def _absmax(a: np.ndarray) -> float:
-    a = np.asarray(a)
-    if a.size == 0 or not np.issubdtype(a.dtype, np.number):
-        return 0.0
-    finite = a[np.isfinite(a)] if np.issubdtype(a.dtype, np.floating) else a
-    return float(np.abs(finite.astype(np.float64)).max()) if finite.size else 0.0

@@ -61,11 +61,12 @@ from onnx import TensorProto
 
 from . import heap
 from .compare import OutputComparison, Tolerances, compare_arrays, json_number, resolve_tolerances
-from .errors import AttnExportError, CheckpointError, ShapeError, UsageError
+from .errors import AttnExportError, ShapeError, UsageError
+from .exporter.audit import finite_absmax
 from .progress import ProgressFn
 from .shapes import Shape
-from .inputs import check_inputs, describe_inputs, load_inputs, save_inputs
-from .spec import ModelSpec, ReferenceOptions, format_shape, parse_shapes
+from .inputs import check_inputs, describe_inputs, first_line as _first_line, load_inputs, save_inputs
+from .spec import ReferenceOptions, format_shape, parse_shapes
 
 if TYPE_CHECKING:
     import torch
@@ -109,7 +110,7 @@ class TensorError:
            module: str | None = None, candidate_dtype: str | None = None) -> "TensorError":
         return cls(tensor=c.name, node=node, op_type=op_type, shape=list(c.shape), max_abs=c.max_abs,
                    mean_abs=c.mean_abs, max_rel=c.max_rel, stat_abs=c.stat_abs, stat_rel=c.stat_rel,
-                   reference_absmax=_absmax(reference), nonfinite=c.nonfinite_mismatch, passed=c.passed,
+                   reference_absmax=finite_absmax(reference), nonfinite=c.nonfinite_mismatch, passed=c.passed,
                    reason=c.reason, module=module, candidate_dtype=candidate_dtype)
 
     def to_dict(self) -> dict[str, Any]:
@@ -237,22 +238,6 @@ class _Outcome:
     notes: list[str] = field(default_factory=list)
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return (text.splitlines()[0][:120] if text else type(exc).__name__)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# shared helpers
-# ---------------------------------------------------------------------------------------------------------------------
-def _absmax(a: np.ndarray) -> float:
-    a = np.asarray(a)
-    if a.size == 0 or not np.issubdtype(a.dtype, np.number):
-        return 0.0
-    finite = a[np.isfinite(a)] if np.issubdtype(a.dtype, np.floating) else a
-    return float(np.abs(finite.astype(np.float64)).max()) if finite.size else 0.0
-
-
 def _typed(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> tuple[dict[str, int], dict[str, tuple[int, ...]]]:
     """Element type of every tensor, and the static shape of those shape inference can tell with the inputs'
     dims pinned to ``feeds``' (best effort: a file from elsewhere may defeat it)."""
@@ -349,17 +334,6 @@ def _run_exposed(model: onnx.ModelProto, folder: Path, types: Mapping[str, int],
         raise UsageError(f"ONNX Runtime cannot run {origin} with its intermediate tensors exposed: {_first_line(exc)}") from None
     del sess
     return values
-
-
-def _reference_source(spec: ModelSpec, options: ReferenceOptions) -> Any:
-    """The PyTorch model to rebuild, as verify chooses it (what the artifact names is data; the user's options decide)."""
-    from .models.loader import source_from_spec
-
-    if options.checkpoint is not None and not spec.checkpoint and not options.allow_checkpoint_mismatch:
-        raise CheckpointError(
-            f"the artifact was exported without a checkpoint (seeded initialization), so {options.checkpoint} is not "
-            "the model it came from; pass --allow-checkpoint-mismatch to compare anyway")
-    return source_from_spec(spec, options)
 
 
 def _is_engine(path: Path) -> bool:
@@ -1042,14 +1016,11 @@ def localize(
         ref_model = load_onnx(ref_path, load_external_data=False)
         ref_desc = str(ref_path)
     else:
-        from .models.loader import load_model
+        from .models.loader import check_reference_fits, load_model, source_from_spec
 
         say("building the PyTorch reference")
-        loaded = load_model(_reference_source(spec, options), attention_impl="reference")
-        got, want = [t.name for t in loaded.spec.inputs], [t.name for t in spec.inputs]
-        if got != want or loaded.spec.in_channels != spec.in_channels:
-            raise UsageError(f"the reference model takes {', '.join(got)} with {loaded.spec.in_channels} channels but the "
-                             f"artifact takes {', '.join(want)} with {spec.in_channels}; check --preset/--config/--model")
+        loaded = load_model(source_from_spec(spec, options), attention_impl="reference")
+        check_reference_fits(spec, loaded.spec)
         ref_desc = "pytorch (cpu)"
     tried: list[Shape] = []
     shape: Shape = runs[0][0]

@@ -77,23 +77,28 @@ class EngineResult:
     build: BuildResult | None = None
 
 
-def _fp16_destination(engine: Path, asked: str | Path | None, settings: dict[str, Any], *, force: bool) -> Path:
-    """Where ``trt --fp16`` keeps its FP16 file: an existing one it may reuse, or a free name; never the user's file.
+def _fp16_destination(engine: Path, asked: str | Path | None, settings: dict[str, Any], *,
+                      force: bool) -> tuple[Path, bool]:
+    """Where ``trt --fp16`` keeps its FP16 file, and whether a file already there is reused.
 
-    The default is ``<engine stem>.fp16.onnx``, the name ``attn-export fp16`` users pick: reused when it records
-    the same source bytes and settings, else the intermediate goes to ``<engine name>.fp16.onnx``. A name the
-    user gave (``fp16_onnx``) is reused when it matches and replaced only with ``force``.
+    A file recording the same source bytes and settings (and a passed check) is reused, ``force`` or not. The
+    default name is ``<engine stem>.fp16.onnx``, the one ``attn-export fp16`` users pick; a file there made
+    otherwise is the user's and is never replaced: the conversion goes to ``<engine name>.fp16.onnx`` instead
+    (replaced with ``force``). A name the user gives (``fp16_onnx``) is replaced only with ``force``.
     """
     def reusable(path: Path) -> bool:
         return path.is_file() and recorded_fp16_settings(path) == settings
 
     if asked is not None:
         path = Path(asked)
-        return path if force or reusable(path) else check_output_path(path, force=False)
-    for path in (engine.with_name(engine.stem + ".fp16.onnx"), engine.with_name(engine.name + ".fp16.onnx")):
-        if force or not path.exists() or reusable(path):
-            return path
-    return check_output_path(path, force=False)  # both names taken by other files: say so
+        return (path, True) if reusable(path) else (check_output_path(path, force=force), False)
+    default, own = engine.with_name(engine.stem + ".fp16.onnx"), engine.with_name(engine.name + ".fp16.onnx")
+    for path in (default, own):
+        if reusable(path):
+            return path, True
+    if not default.exists():
+        return default, False
+    return check_output_path(own, force=force), False
 
 
 def build_engine(
@@ -109,6 +114,7 @@ def build_engine(
     input_shapes: Sequence[str] | None = None,
     extra_fp32_ops: Sequence[str] = (),
     extra_fp32_nodes: Sequence[str] = (),
+    input_ranges: dict[str, tuple[float, float]] | None = None,
     reference_model: ReferenceOptions | None = None,
     max_memory: int | None = None,
     workspace: int | None = None,
@@ -140,6 +146,10 @@ def build_engine(
     written). Returns an :class:`EngineResult`.
     """
     onnx_path = Path(onnx_path)
+    if not fp16 and (fp16_onnx or calibration_shapes or input_shapes or extra_fp32_ops or extra_fp32_nodes
+                     or input_ranges):
+        raise UsageError("--fp16-onnx, --calibration-shapes, --shapes, --fp32-op, --fp32-node and --input-range shape "
+                         "the FP16 conversion: add --fp16")
     # Parsed once (weightless): the description, the FP16 settings and the conversion read this graph.
     graph = load_onnx(onnx_path, load_external_data=False)
     spec = spec_of(graph, origin=str(onnx_path))
@@ -168,9 +178,9 @@ def build_engine(
     if fp16 and spec.precision == "fp32":
         settings = fp16_settings(onnx_path, threshold=threshold, calibration_shapes=calibration_shapes,
                                  input_shapes=input_shapes, extra_fp32_ops=extra_fp32_ops,
-                                 extra_fp32_nodes=extra_fp32_nodes, model=graph)
-        fp16_path = _fp16_destination(engine, fp16_onnx, settings, force=force)
-        if not force and fp16_path.exists():
+                                 extra_fp32_nodes=extra_fp32_nodes, input_ranges=input_ranges, model=graph)
+        fp16_path, reuse = _fp16_destination(engine, fp16_onnx, settings, force=force)
+        if reuse:
             result.fp16_reused = result.built_from = fp16_path
         else:
             say = None if progress is None else (lambda text, done=None, total=None: progress(f"fp16: {text}", done, total))
@@ -178,7 +188,7 @@ def build_engine(
                                        extra_fp32_ops=tuple(extra_fp32_ops), extra_fp32_nodes=tuple(extra_fp32_nodes),
                                        force=force, input_shapes=input_shapes or None,
                                        reference_model=reference_model, max_memory=max_memory, progress=say,
-                                       model=graph)
+                                       input_ranges=input_ranges, model=graph, settings=settings)
             result.built_from = result.fp16.path
     stage("fp16", result)
 
@@ -214,10 +224,21 @@ def verify_artifact(artifact: str | Path, *, localize: bool = False, save_inputs
     or other tools. The localization runs on exactly the inputs verify used
     there, against the same reference (:func:`attn_export.localize.localize`).
     """
+    from .engines.sidecar import is_engine_path
     from .inputs import load_inputs as read_inputs, save_inputs as write_inputs
     from .localize import localize as find_divergence
     from .verify import verify
 
+    if localize:
+        # Refused before the comparison runs: localize runs the file as written on the CPU provider, so it could
+        # not look at what verify would have compared.
+        if is_engine_path(Path(artifact)):
+            raise UsageError("--localize compares ONNX files node by node; for an engine, localize the ONNX file it "
+                             "was built from against PyTorch (or pass --reference with that file)")
+        if options.get("form", "written") != "written" or any(
+                str(p).lower() not in ("cpu", "cpuexecutionprovider") for p in options.get("providers") or []):
+            raise UsageError("--localize runs the file as written on ONNX Runtime's CPU provider; drop --form serving "
+                             "and --provider to localize the same graph")
     if save_inputs is not None:
         check_output_path(save_inputs, force=force)
     given = None

@@ -110,7 +110,7 @@ def bench(report: dict[str, Any]) -> None:
                   f"{versions.get('torch', '-')}, onnxruntime {versions.get('onnxruntime', '-')}; warm-up {st['warmup']}, "
                   + (f"time budget {st['time_budget_s']} s" if st["time_budget_s"] else f"{st['iterations'] or 10} timed calls")
                   + "; latency is per call, numpy in and out"
-                  + ("; each backend in its own process" if st.get("isolated") else ""), highlight=False)
+                  + ("; each backend and shape in its own process" if st.get("isolated") else ""), highlight=False)
 
 
 def _fmt_err(value: float) -> str:
@@ -398,8 +398,8 @@ def engine_stage(stage: str, r: Any) -> None:
         if r.fp16 is not None:
             fp16(r.fp16)
         elif getattr(r, "fp16_reused", None) is not None:
-            console.print(f"reusing {r.fp16_reused}: FP16 from {r.onnx.name} with the same settings (delete it or pass "
-                          "--force to convert again)", highlight=False)
+            console.print(f"reusing {r.fp16_reused}: FP16 from {r.onnx.name} with the same settings, checked against its "
+                          "reference when it was made (delete it to convert again)", highlight=False)
         elif r.fp16_requested:
             console.print(f"{r.onnx} is already {r.spec.precision}; building from it as is", highlight=False)
         elif r.spec.precision == "fp32":

@@ -252,7 +252,8 @@ def _readable_by_all(folder: Path) -> None:
 
 def write_model_repository(artifact: str | Path, repo: str | Path, *, name: str | None = None, version: int = 1,
                            instances: int = 1, kind: str | None = None, max_batch: int | None = None,
-                           force: bool = False, form: str = "written", serving_attention: str = "auto") -> TritonModel:
+                           force: bool = False, form: str = "written", serving_attention: str = "auto",
+                           attention: str | None = None) -> TritonModel:
     """Write ``repo/name/`` for an ONNX file or an engine; refuses an existing model folder unless ``force``.
 
     ``form="written"`` (the default) copies an ONNX file as it is (a file
@@ -281,6 +282,13 @@ def write_model_repository(artifact: str | Path, repo: str | Path, *, name: str 
         raise UsageError(f"--model-version must be a positive integer (got {version})")
     if instances < 1:
         raise UsageError(f"--instances must be at least 1 (got {instances})")
+    if attention is not None:  # the old keyword, kept for one release
+        import warnings
+
+        warnings.warn("write_model_repository(attention=...) is now form='serving' with serving_attention=...; "
+                      "attention= goes in the next release", DeprecationWarning, stacklevel=2)
+        form = "written" if attention == "as-is" else "serving"
+        serving_attention = "auto" if attention in ("onnxruntime", "as-is") else attention
     if form not in TRITON_FORMS:
         raise UsageError(f"--form must be one of {', '.join(TRITON_FORMS)} (got {form!r})")
     is_engine = is_engine_path(src)
@@ -365,13 +373,15 @@ def write_model_repository(artifact: str | Path, repo: str | Path, *, name: str 
         (tmp / "config.pbtxt").write_text(text, encoding="utf-8")
         _readable_by_all(tmp)
         old = None
-        with signals_deferred():  # the old folder moves aside and the new one in as one step
-            if model_dir.exists():
-                old = repo / f".{name}.old-{os.getpid()}"
-                os.replace(model_dir, old)
-            os.replace(tmp, model_dir)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        try:
+            with signals_deferred():  # the old folder moves aside and the new one in as one step
+                if model_dir.exists():
+                    old = repo / f".{name}.old-{os.getpid()}"
+                    os.replace(model_dir, old)
+                os.replace(tmp, model_dir)
+        finally:  # a signal held during the swap is raised as it ends: the old folder still goes
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

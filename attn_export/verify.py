@@ -40,7 +40,7 @@ import numpy as np
 from . import heap
 from .host import host_info
 from .compare import OutputComparison, Tolerances, compare_outputs, json_number, resolve_tolerances
-from .errors import CheckpointError, ShapeError, UsageError
+from .errors import ShapeError, UsageError
 from .engines.sidecar import is_engine_path
 from .spec import ModelSpec, ReferenceOptions, format_shape, parse_shapes
 
@@ -225,28 +225,6 @@ def _checkpoint_info(spec: ModelSpec, source: Any) -> dict[str, Any] | None:
     return info
 
 
-def _reference_source(spec: ModelSpec, options: ReferenceOptions) -> Any:
-    from .models.loader import source_from_spec
-
-    if options.checkpoint is not None and not spec.checkpoint and not options.allow_checkpoint_mismatch:
-        # The artifact was made from seeded random weights: any checkpoint is a different model.
-        raise CheckpointError(
-            f"the artifact was exported without a checkpoint (seeded initialization), so {options.checkpoint} is not "
-            "the model it came from; pass --allow-checkpoint-mismatch to compare anyway"
-        )
-    return source_from_spec(spec, options)
-
-
-def _check_reference_fits(spec: ModelSpec, ref_spec: ModelSpec) -> None:
-    want = [t.name for t in spec.inputs]
-    got = [t.name for t in ref_spec.inputs]
-    if want != got or ref_spec.in_channels != spec.in_channels:
-        raise UsageError(
-            f"the reference model takes {', '.join(got)} with {ref_spec.in_channels} channels but the artifact takes "
-            f"{', '.join(want)} with {spec.in_channels}; check --preset/--config/--model"
-        )
-
-
 VERIFY_FORMS = ("written", "serving")
 
 
@@ -345,7 +323,7 @@ def verify(
                          "pass --reference model.onnx (for example the FP32 file it was made from)")
     if reference is not None and not Path(reference).is_file():
         raise UsageError(f"reference ONNX file not found: {reference}")
-    if input_shapes or (foreign and not shapes):
+    if inputs is None and (input_shapes or (foreign and not shapes)):
         # A list of "BxHxW" strings is passed on as it is (resolve_shapes types its argument Sequence[Shape]).
         shapes = resolve_shapes(spec, parse_shapes(shapes) if isinstance(shapes, str) else shapes,  # type: ignore[arg-type]
                                 input_shapes, what="verify", option="--shapes")
@@ -383,7 +361,9 @@ def verify(
     options = reference_model or ReferenceOptions()
     if reference is not None and options.names_model:
         raise UsageError("--reference replaces the PyTorch model; drop --preset/--config/--model/--checkpoint")
-    source = _reference_source(spec, options) if reference is None else None
+    from .models.loader import source_from_spec
+
+    source = source_from_spec(spec, options) if reference is None else None
     setup: dict[str, float] = {}
     total = 2 * len(sweep) + 2
     step = lambda i, text: progress(text, i, total) if progress else None  # noqa: E731
@@ -434,11 +414,11 @@ def verify(
     else:
         step(1, "building the PyTorch reference")
         from .runners.torch_runner import TorchRunner
-        from .models.loader import load_model
+        from .models.loader import check_reference_fits, load_model
 
         assert source is not None
         loaded = load_model(source, attention_impl="reference")
-        _check_reference_fits(spec, loaded.spec)
+        check_reference_fits(spec, loaded.spec)
         ref = TorchRunner.from_loaded(loaded)
         del loaded  # the runner holds the model; it goes with the runner once the reference has run
         if kind == "engine":

@@ -41,7 +41,7 @@ def test_cli_prints_table_and_writes_json(tiny_onnx: Path, tmp_path: Path, wide_
                   "--warmup", "1", "--iterations", "3", "--threads", "1", "--report", str(out))
     assert res.exit_code == 0, res.output
     for word in ("pytorch", "onnxruntime", "1x16x16", "2x8x12", "median ms", "p10-p90 ms", "images/s", "total peak",
-                 "growth", "vs fastest pytorch", "1.00x", "each backend in its own process"):
+                 "growth", "vs fastest pytorch", "1.00x", "each backend and shape in its own process"):
         assert word in res.output, word
     assert [p.name for p in tmp_path.iterdir()] == ["bench.json"]  # atomic write: no temporary left behind
 

@@ -93,3 +93,22 @@ def test_advice_in_messages_names_commands_and_options_that_exist() -> None:
             for option in re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*)", rest):
                 assert option in _options(commands[command]), f"{path.name}: `attn-export {command} ... {option}`"
     assert seen > 10
+
+
+def test_old_spellings_work_for_one_release(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from attn_export.exporter.onnx_export import export_onnx
+    from attn_export.models.loader import ModelSource
+
+    src = tmp_path / "m.onnx"
+    export_onnx(ModelSource(preset="tiny"), src, check=False)
+    proc = subprocess.run([sys.executable, "-m", "attn_export", "optimize", str(src), "-o", str(tmp_path / "o.onnx"),
+                           "--input-shapes", "x:1x3x16x16,t:1"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "deprecated: --input-shapes is now --shapes" in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "attn_export", "optimize", str(src), "-o", str(tmp_path / "p.onnx"),
+                           "--input-shapes", "x:1x3x16x16,t:1", "--shapes", "x:1x3x16x16,t:1"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "give --shapes only" in proc.stderr

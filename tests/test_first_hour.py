@@ -12,6 +12,7 @@ import onnx
 import pytest
 
 import attn_export
+import attn_export.errors
 from attn_export.exporter.fp16 import FP16_KEY, fp16_settings, recorded_fp16_settings
 from attn_export.pipeline import _fp16_destination
 
@@ -48,13 +49,19 @@ def test_trt_fp16_reuses_a_matching_file_and_never_takes_the_users(fp16_file: Pa
     same = fp16_settings(tiny_onnx, threshold=4096.0, calibration_shapes=[(1, 16, 16)])
     other = fp16_settings(tiny_onnx, threshold=1000.0, calibration_shapes=[(1, 16, 16)])
     # The README's order: `fp16 -o unet.fp16.onnx`, then `trt --fp16 -o unet.plan` with the same settings.
-    assert _fp16_destination(engine, None, same, force=False) == fp16_file
-    # Other settings: an intermediate of its own, next to the engine; the user's file is left alone.
-    assert _fp16_destination(engine, None, other, force=False) == folder / "unet.plan.fp16.onnx"
+    assert _fp16_destination(engine, None, same, force=False) == (fp16_file, True)
+    assert _fp16_destination(engine, None, same, force=True) == (fp16_file, True)
+    # Other settings: an intermediate of its own, next to the engine; the user's file is left alone, --force or not.
+    for force in (False, True):
+        assert _fp16_destination(engine, None, other, force=force) == (folder / "unet.plan.fp16.onnx", False)
     # A name the user gives is replaced only with --force.
     with pytest.raises(attn_export.errors.UsageError, match="exists"):
         _fp16_destination(engine, fp16_file, other, force=False)
-    assert _fp16_destination(engine, fp16_file, same, force=False) == fp16_file
+    assert _fp16_destination(engine, fp16_file, other, force=True) == (fp16_file, False)
+    assert _fp16_destination(engine, fp16_file, same, force=False) == (fp16_file, True)
+    # A file that was not checked against PyTorch is never reused.
+    unchecked = fp16_settings(tiny_onnx, threshold=4096.0, calibration_shapes=[(1, 16, 16)], checked=False)
+    assert _fp16_destination(engine, None, unchecked, force=False) == (folder / "unet.plan.fp16.onnx", False)
 
 
 def test_trt_fp16_after_fp16_runs_as_the_readme_says(fp16_file: Path, tiny_onnx: Path) -> None:
@@ -65,3 +72,28 @@ def test_trt_fp16_after_fp16_runs_as_the_readme_says(fp16_file: Path, tiny_onnx:
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr
     assert "reusing" in res.stdout and fp16_file.stat().st_mtime_ns == before
+
+
+def test_localize_refuses_what_it_would_not_run(tiny_onnx: Path, tmp_path: Path) -> None:
+    """--localize runs the file as written on the CPU: asked for another form, it says so before verifying."""
+    for extra in (["--form", "serving"], ["--provider", "cuda"]):
+        res = subprocess.run([sys.executable, "-m", "attn_export", "verify", str(tiny_onnx), "--localize", *extra],
+                             capture_output=True, text=True, timeout=300)
+        assert res.returncode == 2 and "--localize runs the file as written" in res.stderr, res.stderr
+        assert "PASSED" not in res.stdout and "FAILED" not in res.stdout
+
+
+def test_a_serving_form_that_changes_nothing_is_not_written(fp16_file: Path, tmp_path: Path) -> None:
+    # FP16 attention sites stay as they are in the serving form, and tiny has no eligible 3x3 convolution.
+    out = tmp_path / "s.onnx"
+    res = subprocess.run([sys.executable, "-m", "attn_export", "optimize", str(fp16_file), "--for", "onnxruntime",
+                          "-o", str(out)], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2 and "serve it as it is" in res.stderr, res.stderr
+    assert not out.exists()
+
+
+def test_trt_fp16_options_need_fp16(tiny_onnx: Path, tmp_path: Path) -> None:
+    res = subprocess.run([sys.executable, "-m", "attn_export", "trt", str(tiny_onnx), "--runtime", "rtx",
+                          "--calibration-shapes", "1x16x16", "-o", str(tmp_path / "e.plan")],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2 and "add --fp16" in res.stderr and not list(tmp_path.iterdir())

@@ -1,4 +1,4 @@
-"""ONNX files this tool did not export: inspect, optimize, fp16 and verify with --input-shapes and --reference."""
+"""ONNX files this tool did not export: inspect, optimize, fp16 and verify with --shapes and --reference."""
 
 from __future__ import annotations
 
@@ -59,22 +59,22 @@ def test_inspect_finds_every_site(foreign: Path, wide_console) -> None:
 
 def test_optimize_fp16_verify(foreign: Path, tmp_path: Path, wide_console) -> None:
     opt = tmp_path / "opt.onnx"
-    code, out = _cli("optimize", foreign, "-o", opt, *[a for s in SHAPES for a in ("--input-shapes", s)])
+    code, out = _cli("optimize", foreign, "-o", opt, *[a for s in SHAPES for a in ("--shapes", s)])
     assert code == 0, out
     model = onnx.load(str(opt))
     assert model.opset_import[0].version == 23
     sites = find_attention(model)
     assert len(sites) == 3 and all(s.form == "op" for s in sites)
     # The optimized file matches the input under verify's pass rule, at shapes the check never saw.
-    code, out = _cli("verify", opt, "--reference", foreign, "--input-shapes", "noisy:3x1x24x8",
+    code, out = _cli("verify", opt, "--reference", foreign, "--shapes", "noisy:3x1x24x8",
                      "--input-range", "sigma:0.002:80")
     assert code == 0 and "PASSED" in out, out
     half = tmp_path / "half.onnx"
-    code, out = _cli("fp16", opt, "-o", half, "--input-shapes", "noisy:1x1x32x32", "--input-shapes", "noisy:2x1x48x32")
+    code, out = _cli("fp16", opt, "-o", half, "--shapes", "noisy:1x1x32x32", "--shapes", "noisy:2x1x48x32")
     assert code == 0, out
     code, out = _cli("inspect", half, "--json")
     assert json.loads(out)["attention_summary"]["fusion"] == {"fusable": 3}
-    code, out = _cli("verify", half, "--reference", foreign, "--input-shapes", "noisy:1x1x40x24")
+    code, out = _cli("verify", half, "--reference", foreign, "--shapes", "noisy:1x1x40x24")
     assert code == 0 and "PASSED" in out, out
     # A reference that is another model: the same pass rule fails it, exit 1.
     other = tmp_path / "other.onnx"
@@ -85,7 +85,7 @@ def test_optimize_fp16_verify(foreign: Path, tmp_path: Path, wide_console) -> No
             arr = onnx.numpy_helper.to_array(init) * 1.5
             init.CopyFrom(onnx.numpy_helper.from_array(arr, init.name))
     onnx.save(m, str(other))
-    code, out = _cli("verify", opt, "--reference", other, "--input-shapes", "noisy:1x1x16x16")
+    code, out = _cli("verify", opt, "--reference", other, "--shapes", "noisy:1x1x16x16")
     assert code == 1 and "FAIL" in out, out
 
 
@@ -93,10 +93,10 @@ def test_foreign_needs_shapes_and_reference(foreign: Path, tmp_path: Path) -> No
     code, out = _cli("verify", foreign)
     assert code == 2 and "--reference" in out
     code, out = _cli("verify", foreign, "--reference", foreign)
-    assert code == 2 and "--input-shapes noisy:1x1x64x64" in out
+    assert code == 2 and "--shapes noisy:1x1x64x64" in out
     code, out = _cli("fp16", foreign, "-o", tmp_path / "h.onnx")
-    assert code == 2 and "--input-shapes" in out and not (tmp_path / "h.onnx").exists()
-    code, out = _cli("optimize", foreign, "-o", tmp_path / "o.onnx", "--input-shapes", "noisy:1x1x8")
+    assert code == 2 and "--shapes" in out and not (tmp_path / "h.onnx").exists()
+    code, out = _cli("optimize", foreign, "-o", tmp_path / "o.onnx", "--shapes", "noisy:1x1x8")
     assert code == 2 and "4-D" in out
 
 
@@ -107,7 +107,7 @@ def test_optimize_keeps_external_data(foreign: Path, tmp_path: Path) -> None:
                     size_threshold=256)
     out = tmp_path / "out" / "ext.opt.onnx"
     out.parent.mkdir()
-    code, text = _cli("optimize", src, "-o", out, "--attention", "decomposed", "--input-shapes", SHAPES[0])
+    code, text = _cli("optimize", src, "-o", out, "--attention", "decomposed", "--shapes", SHAPES[0])
     assert code == 0, text
     assert (out.parent / "ext.opt.onnx.data").is_file() and out.stat().st_size < 64 * 1024
     assert sorted(p.name for p in out.parent.iterdir()) == ["ext.opt.onnx", "ext.opt.onnx.data"]

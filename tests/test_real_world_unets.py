@@ -157,7 +157,7 @@ def test_total_scale_counts_factors_before_a_reshape(tmp_path: Path) -> None:
     reported = json.loads(r.output)["attention"][0]
     assert reported["scale"] == pytest.approx(32 ** -0.5, rel=1e-6) and "before a reshape" in reported["scale_placement"]
     # optimize rewrites the site and checks it against the file: the same numbers.
-    r = run("optimize", path, "-o", tmp_path / "opt.onnx", "--input-shapes", "x:1x3x16x16")
+    r = run("optimize", path, "-o", tmp_path / "opt.onnx", "--shapes", "x:1x3x16x16")
     assert r.exit_code == 0, r.output
 
 
@@ -261,7 +261,7 @@ def test_ncsnpp_spatial_attention_is_rewritten(tmp_path: Path) -> None:
     reported = json.loads(run("inspect", raw, "--json").output)["attention"]
     assert len(reported) == 2 and all(a["problem"] is None and a["form"] == "einsum" for a in reported)
     assert all("mask or bias" not in a["trt_fusion"] for a in reported)
-    r2 = run("optimize", raw, "-o", tmp_path / "opt.onnx", "--input-shapes", "x:1x3x16x16")
+    r2 = run("optimize", raw, "-o", tmp_path / "opt.onnx", "--shapes", "x:1x3x16x16")
     assert r2.exit_code == 0, r2.output
     assert sum(n.op_type == "Attention" for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node) == 2
 

@@ -131,3 +131,19 @@ def test_triton_old_attention_option_still_works(tiny_onnx: Path, tmp_path: Path
     assert "deprecated: --attention is now --form" in res.stderr
     copied = onnx.load(str(tmp_path / "repo" / tiny_onnx.stem / "1" / "model.onnx"))
     assert any(n.op_type == "Attention" for n in copied.graph.node)
+
+
+def test_the_in_memory_serving_form_leaves_no_staged_file(tiny_onnx: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The serving form built for a session is staged as a file ONNX Runtime maps, and gone once it has."""
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    runner = OrtRunner(tiny_onnx).activate()
+    assert runner.attention_rewritten > 0 and runner._staged is None
+    assert list(tmp_path.iterdir()) == []
+    feeds = runner.spec.make_inputs(1, 16, 16)
+    want = OrtRunner(tiny_onnx, attention="as-is").activate().infer(feeds)
+    np.testing.assert_allclose(runner.infer(feeds)["out"], want["out"], atol=1e-4, rtol=1e-3)
+    runner.deactivate()
+    assert list(tmp_path.iterdir()) == []

@@ -123,7 +123,7 @@ class AttentionStat:
 
     def to_dict(self) -> dict[str, Any]:
         return {"block": self.name, "form": self.form, "nodes": list(self.nodes), "scale": self.scale,
-                "logits_absmax": _num(self.logits_absmax), "raw_qk_absmax": _num(self.raw_absmax),
+                "logits_absmax": _num(self.logits_absmax), "rawqk_absmax": _num(self.raw_absmax),
                 "q_sqrt_scale_absmax": _num(self.q_prescaled_absmax), "k_sqrt_scale_absmax": _num(self.k_prescaled_absmax),
                 "shape": format_shape(self.shape), "keys": self.keys}
 
@@ -374,7 +374,7 @@ def _run_in_groups(model: onnx.ModelProto, spec: ModelSpec, types: dict[str, int
     return runs
 
 
-def _absmax(a: np.ndarray) -> float:
+def finite_absmax(a: np.ndarray) -> float:
     """max |a| over the finite values: an inf the FP32 model computes (a mask's -inf) is one in FP16 too, not an
     overflow the conversion causes."""
     a = np.asarray(a)
@@ -405,7 +405,7 @@ def qk_absmax(q: np.ndarray, k: np.ndarray, *, q_heads: int | None = None, kv_he
         for h in range(qh.shape[1]):
             kt = kh[b, h // group].T
             for s0 in range(0, qh.shape[2], chunk):
-                best = max(best, _absmax(qh[b, h, s0:s0 + chunk] @ kt))
+                best = max(best, finite_absmax(qh[b, h, s0:s0 + chunk] @ kt))
     return best
 
 
@@ -520,7 +520,7 @@ def _record_audit_run(values: dict[str, np.ndarray], shape: Shape, per_shape: di
     for n, v in values.items():
         if n not in per_shape:
             continue
-        a = _absmax(np.maximum(v, 0)) if n in masked else _absmax(v)
+        a = finite_absmax(np.maximum(v, 0)) if n in masked else finite_absmax(v)
         per_shape[n][key] = a
         if n not in best or not a <= best[n][0]:
             best[n] = (a, shape)
@@ -531,7 +531,7 @@ def _record_audit_run(values: dict[str, np.ndarray], shape: Shape, per_shape: di
             scale = s.scale if s.scale is not None else 1.0 / float(np.sqrt(head))
             raw = qk_absmax(q, k, q_heads=s.q_heads, kv_heads=s.kv_heads)
             root = float(np.sqrt(abs(scale)))
-            entry = dict(raw=raw, logits=raw * abs(scale), q=_absmax(q) * root, k=_absmax(k) * root,
+            entry = dict(raw=raw, logits=raw * abs(scale), q=finite_absmax(q) * root, k=finite_absmax(k) * root,
                          shape=shape, keys=int(_to_heads(k, s.kv_heads).shape[2]), scale=scale)
             prev = att_best.get(s.name)
             if prev is None or not entry["logits"] <= prev["logits"]:

@@ -140,28 +140,28 @@ def parse_input_shapes(texts: str | Iterable[str], spec: ModelSpec) -> list[Shap
                 continue
             name, sep, dims = part.rpartition(":")
             if not sep or not name:
-                raise UsageError(f"bad --input-shapes entry {part!r}: expected name:DIMxDIM..., e.g. x:1x3x64x64")
+                raise UsageError(f"bad --shapes entry {part!r}: expected name:DIMxDIM..., e.g. x:1x3x64x64")
             try:
                 value = tuple(int(d) for d in dims.lower().split("x")) if dims else ()
             except ValueError:
-                raise UsageError(f"bad --input-shapes entry {part!r}: dims must be integers joined by x") from None
+                raise UsageError(f"bad --shapes entry {part!r}: dims must be integers joined by x") from None
             if any(v < 1 for v in value):
-                raise UsageError(f"bad --input-shapes entry {part!r}: dims must be positive")
+                raise UsageError(f"bad --shapes entry {part!r}: dims must be positive")
             given[name] = value
         unknown = sorted(set(given) - {t.name for t in spec.inputs})
         if unknown:
-            raise UsageError(f"--input-shapes names {', '.join(unknown)}; the model's inputs are "
+            raise UsageError(f"--shapes names {', '.join(unknown)}; the model's inputs are "
                              f"{', '.join(t.name for t in spec.inputs)}")
         if image.name not in given:
-            raise UsageError(f"--input-shapes {text!r} has no entry for the image input {image.name}")
+            raise UsageError(f"--shapes {text!r} has no entry for the image input {image.name}")
         image_dims = given[image.name]
         if len(image_dims) != 4:
-            raise UsageError(f"--input-shapes: {image.name} is 4-D (B, C, H, W); got {'x'.join(map(str, image_dims))}")
+            raise UsageError(f"--shapes: {image.name} is 4-D (B, C, H, W); got {'x'.join(map(str, image_dims))}")
         b, h, w = image_dims[0], image_dims[2], image_dims[3]
         for t in spec.inputs:
             want = spec.shape_of(t, b, h, w)
             if t.name in given and tuple(given[t.name]) != tuple(want):
-                raise UsageError(f"--input-shapes: {t.name} must be {'x'.join(map(str, want)) or 'a scalar'} "
+                raise UsageError(f"--shapes: {t.name} must be {'x'.join(map(str, want)) or 'a scalar'} "
                                  f"when {image.name} is {'x'.join(map(str, image_dims))} (got {'x'.join(map(str, given[t.name]))})")
         out.append((b, h, w))
     return out
@@ -195,20 +195,20 @@ def need_shapes(spec: ModelSpec, what: str) -> list[Shape]:
     shapes = static_shapes(spec)
     if shapes is None:
         raise UsageError(f"{spec.source.get('origin', 'the model')} has no attn-export description and a dynamic height/"
-                         f"width: give the shapes for {what} with --input-shapes "
+                         f"width: give the shapes for {what} with --shapes "
                          f"{spec.image_input.name}:1x{spec.in_channels}x64x64 (repeatable)")
     return shapes
 
 
 def resolve_shapes(spec: ModelSpec, shapes: Sequence[Shape] | None, input_shapes: str | Sequence[str] | None, *,
                    what: str, option: str) -> list[Shape] | None:
-    """The shapes to use: ``option``'s BxHxW list or ``--input-shapes`` (not both), else a foreign model's own.
+    """The shapes to use: ``option``'s BxHxW list or ``--shapes`` (not both), else a foreign model's own.
 
     None means "the caller's default" (an attn-export file knows its sizes).
     """
     if input_shapes:
         if shapes:
-            raise UsageError(f"give either {option} or --input-shapes, not both")
+            raise UsageError(f"give either {option} or --shapes, not both")
         return parse_input_shapes(input_shapes, spec)
     if shapes:
         return list(shapes)

@@ -38,7 +38,6 @@ PyTorch the result is checked with :func:`.audit.emulate_fp16`.
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,7 +60,7 @@ from . import weights
 from ..host import host_info
 from ..version import __version__
 from ..graph import find_attention
-from .metadata import embed_spec, load_onnx
+from .metadata import embed_spec, load_onnx, read_record, set_record
 from .serving import refuse_serving_form
 from .weights import DataWriter, read_array
 
@@ -408,8 +407,10 @@ FP16_KEY = "attn_export.fp16"
 def fp16_settings(source: Path, *, threshold: float, calibration_shapes: Sequence[Shape] | None = None,
                   input_shapes: str | Sequence[str] | None = None, extra_fp32_ops: Iterable[str] = (),
                   keep_io_types: bool = True, extra_fp32_nodes: Iterable[str] = (),
-                  force_fp16_nodes: Iterable[str] = (), model: onnx.ModelProto | None = None) -> dict[str, Any]:
-    """What an FP16 file is made of: its source's bytes (sha256, data files included) and the settings asked for.
+                  force_fp16_nodes: Iterable[str] = (), input_ranges: dict[str, tuple[float, float]] | None = None,
+                  checked: bool = True, model: onnx.ModelProto | None = None) -> dict[str, Any]:
+    """What an FP16 file is made of: its source's bytes (sha256, data files included), the settings asked for,
+    and whether it was checked against its reference (a reused file must have been).
 
     ``model``: the source's graph, already parsed (its data files are named there), to spare a parse.
     """
@@ -425,32 +426,21 @@ def fp16_settings(source: Path, *, threshold: float, calibration_shapes: Sequenc
             "input_shapes": [input_shapes] if isinstance(input_shapes, str) else list(input_shapes or []),
             "extra_fp32_ops": sorted(extra_fp32_ops), "keep_io_types": bool(keep_io_types),
             "extra_fp32_nodes": sorted(extra_fp32_nodes), "force_fp16_nodes": sorted(force_fp16_nodes),
-            "tool_version": __version__}
+            "input_ranges": {k: [float(v[0]), float(v[1])] for k, v in sorted((input_ranges or {}).items())},
+            "checked": bool(checked), "tool_version": __version__}
 
 
 def record_fp16_settings(model: onnx.ModelProto, settings: dict[str, Any]) -> None:
     """Store :func:`fp16_settings` in the FP16 model, so a later run can tell whether it may reuse the file."""
-    keep = [p for p in model.metadata_props if p.key != FP16_KEY]
-    del model.metadata_props[:]
-    model.metadata_props.extend(keep)
-    prop = model.metadata_props.add()
-    prop.key, prop.value = FP16_KEY, json.dumps(settings, sort_keys=True)
+    set_record(model, FP16_KEY, settings)
 
 
 def recorded_fp16_settings(path: Path) -> dict[str, Any] | None:
     """The settings an FP16 file records (None for any other file, or one that cannot be read)."""
     try:
-        model = load_onnx(path, load_external_data=False)
+        return read_record(load_onnx(path, load_external_data=False), FP16_KEY)
     except UsageError:
         return None
-    for prop in model.metadata_props:
-        if prop.key == FP16_KEY:
-            try:
-                value = json.loads(prop.value)
-            except json.JSONDecodeError:
-                return None
-            return value if isinstance(value, dict) else None
-    return None
 
 
 def convert_fp16(
@@ -473,6 +463,7 @@ def convert_fp16(
     max_memory: int | None = None,
     compare: CompareFn | None = None,
     model: onnx.ModelProto | None = None,
+    settings: dict[str, Any] | None = None,
 ) -> Fp16Result:
     """Convert an attn-export FP32 ONNX file to FP16 with audited FP32 islands; write ``onnx_out`` atomically.
 
@@ -495,7 +486,9 @@ def convert_fp16(
     ``max_memory``: bytes a calibration shape may need (None: this
     machine's memory, 0: no limit); larger shapes are refused up front.
     ``model``: ``onnx_in``'s graph, parsed without external data by the
-    caller (spares a parse; it is converted in place).
+    caller (spares a parse; it is converted in place). ``settings``: the
+    :func:`fp16_settings` record the caller computed for these arguments
+    (spares hashing the source again); recorded in the output.
     """
     t_start = time.perf_counter()
     steps: dict[str, float] = {}
@@ -523,9 +516,11 @@ def convert_fp16(
     if model is None:
         model = load_onnx(src, load_external_data=False)
     refuse_serving_form(model, src, "the FP16 conversion")
-    settings = fp16_settings(src, threshold=threshold, calibration_shapes=calibration_shapes, input_shapes=input_shapes,
-                             extra_fp32_ops=extra_fp32_ops, keep_io_types=keep_io_types,
-                             extra_fp32_nodes=extra_fp32_nodes, force_fp16_nodes=force_fp16_nodes, model=model)
+    if settings is None:
+        settings = fp16_settings(src, threshold=threshold, calibration_shapes=calibration_shapes,
+                                 input_shapes=input_shapes, extra_fp32_ops=extra_fp32_ops, keep_io_types=keep_io_types,
+                                 extra_fp32_nodes=extra_fp32_nodes, force_fp16_nodes=force_fp16_nodes,
+                                 input_ranges=input_ranges, checked=check, model=model)
     spec = spec_of(model, origin=str(src), input_ranges=input_ranges)
     foreign = is_foreign(spec)
     calibration_shapes = resolve_shapes(spec, calibration_shapes, input_shapes, what="the FP16 calibration",

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
 from pathlib import Path
 
 import onnx
@@ -22,6 +25,27 @@ def embed_spec(model: onnx.ModelProto, spec: ModelSpec) -> None:
     prop.value = spec.to_json()
     model.producer_name = "attn-export"
     model.producer_version = __version__
+
+
+def set_record(model: onnx.ModelProto, key: str, value: dict[str, Any]) -> None:
+    """Store ``value`` as JSON under ``key`` in the model's metadata_props, replacing an older copy."""
+    keep = [p for p in model.metadata_props if p.key != key]
+    del model.metadata_props[:]
+    model.metadata_props.extend(keep)
+    prop = model.metadata_props.add()
+    prop.key, prop.value = key, json.dumps(value, sort_keys=True)
+
+
+def read_record(model: onnx.ModelProto, key: str) -> dict[str, Any] | None:
+    """The JSON object stored under ``key``; None when absent or not a JSON object (records are data)."""
+    for prop in model.metadata_props:
+        if prop.key == key:
+            try:
+                value = json.loads(prop.value)
+            except json.JSONDecodeError:
+                return None
+            return value if isinstance(value, dict) else None
+    return None
 
 
 def find_spec(model: onnx.ModelProto, origin: str | Path = "model") -> ModelSpec | None:

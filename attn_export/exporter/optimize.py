@@ -76,7 +76,7 @@ def _check(src: Path, candidate: onnx.ModelProto | Path, spec: ModelSpec, shapes
             want = dict(zip(names, ref.run(None, feeds)))
         except Exception as exc:  # noqa: BLE001 - the input model itself cannot run at this shape
             raise UsageError(f"{src} does not run at {format_shape(shape)} in ONNX Runtime "
-                             f"({str(exc).splitlines()[0][:160]}); give shapes it serves with --input-shapes") from None
+                             f"({str(exc).splitlines()[0][:160]}); give shapes it serves with --shapes") from None
         got = dict(zip(names, cand.run(None, feeds)))
         outs = compare_outputs(want, {k: np.asarray(v) for k, v in got.items()}, tol, names)
         results.append({"shape": list(shape), "passed": all(o.passed for o in outs),
@@ -107,6 +107,7 @@ def optimize_onnx(
     becomes ONNX Runtime's serving form for ``provider`` (cpu or cuda), a
     self-described artifact (:mod:`.serving`) that runners run as written.
     """
+    from .fp16 import FP16_KEY
     from .onnx_export import _convert_opset
     from .serving import SERVING_PROVIDERS, build_serving_form, describe_serving_form, serving_description
     from .weights import EXTERNAL_DATA_THRESHOLD, external_bytes, write_model
@@ -118,16 +119,28 @@ def optimize_onnx(
         raise UsageError(f"--attention must be op or decomposed (got {attention!r})")
     if provider not in SERVING_PROVIDERS:
         raise UsageError(f"--provider must be one of {', '.join(SERVING_PROVIDERS)} (got {provider!r})")
+    if target == "onnxruntime" and (attention != "op" or allow_unfused):
+        raise UsageError("--attention and --allow-unfused choose the TensorRT form; --for onnxruntime takes "
+                         "--serving-attention")
+    if target == "tensorrt" and (provider != "cpu" or serving_attention != "auto"):
+        raise UsageError("--provider and --serving-attention apply to --for onnxruntime")
     src = Path(onnx_in)
     out = check_output_path(output, force=force)
     if src.resolve() == out.resolve():
         raise UsageError("the output must be a different file from the input")
     say = progress or (lambda _text: None)
     say("load")
-    had_external = bool(external_data_locations(load_onnx(src, load_external_data=False), src))
-    model = load_onnx(src)
+    # One parse: the graph first (its data files are checked by external_data_locations), then its weights.
+    model = load_onnx(src, load_external_data=False)
+    had_external = bool(external_data_locations(model, src))
+    if had_external:
+        onnx.external_data_helper.load_external_data_for_model(model, str(src.parent))
     if serving_description(model) is not None:
         raise UsageError(f"{src} is already ONNX Runtime's serving form; optimize the file it was made from")
+    # The output is another graph: the record of the FP16 conversion that made the input would not describe it.
+    keep = [p for p in model.metadata_props if p.key != FP16_KEY]
+    del model.metadata_props[:]
+    model.metadata_props.extend(keep)
     spec = spec_of(model, origin=str(src), input_ranges=input_ranges)
     if input_shapes:
         shapes = parse_input_shapes(input_shapes, spec)
@@ -149,6 +162,9 @@ def optimize_onnx(
         say("serving form")
         form = build_serving_form(model, src, spec, provider=SERVING_PROVIDERS[provider], attention=serving_attention,
                                   one_file=False)
+        if not form.changed:
+            raise UsageError(f"nothing in {src} has a faster form in ONNX Runtime for {provider} (no FP32 attention "
+                             "site, no eligible 3x3 convolution); serve it as it is")
         serving = describe_serving_form(model, form, provider=SERVING_PROVIDERS[provider],
                                         attention=serving_attention, source=src)
         rewritten = [p for p in form.parts()]

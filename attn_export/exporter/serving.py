@@ -10,7 +10,6 @@ and the engine path refuses it.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ from ..graph import onnxruntime_serving_form
 from ..graph.serving import SERVING_ATTENTION, ServingForm
 from ..host import cpu_info
 from ..spec import ModelSpec
+from .metadata import read_record, set_record
 from .weights import EXTERNAL_DATA_THRESHOLD, external_bytes, has_external
 
 SERVING_KEY = "attn_export.serving"
@@ -35,16 +35,12 @@ def serving_description(model: onnx.ModelProto) -> dict[str, Any] | None:
 
     Only read as data (counts and names); a malformed record is one line, exit 2.
     """
-    for prop in model.metadata_props:
-        if prop.key == SERVING_KEY:
-            try:
-                value = json.loads(prop.value)
-            except json.JSONDecodeError:
-                value = None
-            if not isinstance(value, dict) or not isinstance(value.get("parts", []), list):
-                raise UsageError(f"the {SERVING_KEY} record of this file is not a JSON object of the expected form")
-            return value
-    return None
+    if not any(p.key == SERVING_KEY for p in model.metadata_props):
+        return None
+    value = read_record(model, SERVING_KEY)
+    if value is None or not isinstance(value.get("parts", []), list):
+        raise UsageError(f"the {SERVING_KEY} record of this file is not a JSON object of the expected form")
+    return value
 
 
 def serving_room(path: Path, model: onnx.ModelProto, *, one_file: bool) -> int:
@@ -87,11 +83,7 @@ def describe_serving_form(model: onnx.ModelProto, form: ServingForm, *, provider
     record = {"form": "onnxruntime", "provider": provider, "attention": attention, "parts": form.parts(),
               "attention_sites": form.attention_sites, "winograd_convolutions": form.winograd_convolutions,
               "source": source.name, "tuned_on": cpu_info()}
-    keep = [p for p in model.metadata_props if p.key != SERVING_KEY]
-    del model.metadata_props[:]
-    model.metadata_props.extend(keep)
-    prop = model.metadata_props.add()
-    prop.key, prop.value = SERVING_KEY, json.dumps(record, sort_keys=True)
+    set_record(model, SERVING_KEY, record)
     return record
 
 

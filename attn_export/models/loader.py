@@ -366,6 +366,16 @@ def with_static_hw(spec: ModelSpec, height: int, width: int) -> ModelSpec:
     return spec
 
 
+def check_reference_fits(spec: ModelSpec, ref_spec: ModelSpec) -> None:
+    """UsageError when the reference model (``ref_spec``) does not take the artifact's inputs (``spec``)."""
+    want = [t.name for t in spec.inputs]
+    got = [t.name for t in ref_spec.inputs]
+    if want != got or ref_spec.in_channels != spec.in_channels:
+        raise UsageError(
+            f"the reference model takes {', '.join(got)} with {ref_spec.in_channels} channels but the artifact takes "
+            f"{', '.join(want)} with {spec.in_channels}; check --preset/--config/--model")
+
+
 def source_from_spec(spec: ModelSpec, options: ReferenceOptions | None = None) -> ModelSource:
     """The ModelSource that rebuilds an artifact's reference model, with the user's choices applied.
 
@@ -379,6 +389,11 @@ def source_from_spec(spec: ModelSpec, options: ReferenceOptions | None = None) -
     o = options or ReferenceOptions()
     src = spec.source or {}
     recorded = spec.checkpoint
+    if o.checkpoint is not None and not recorded and not o.allow_checkpoint_mismatch:
+        # The artifact was made from seeded random weights: any checkpoint is a different model.
+        raise CheckpointError(
+            f"the artifact was exported without a checkpoint (seeded initialization), so {o.checkpoint} is not "
+            "the model it came from; pass --allow-checkpoint-mismatch to compare anyway")
     seed = int(src.get("seed", DEFAULT_SEED))
     if o.preset is not None or o.config is not None or o.model is not None:
         # The size the artifact was exported for stays its size, whichever model the user names to rebuild it.
@@ -390,10 +405,10 @@ def source_from_spec(spec: ModelSpec, options: ReferenceOptions | None = None) -
                              extra_axes=_axes_of(src) if o.model is not None else {})
     elif src.get("kind") == "import":
         if not o.trust_artifact:
-            raise OptionNeeded(
+            raise UsageError(
                 f"the artifact's reference model is the factory {str(src.get('model'))[:80]!r} named inside the file; "
                 "an artifact is data, so it is not imported: name it yourself with --model (and --model-kwargs), or "
-                f"pass {TRUST_FLAG} to run what the file names", ["--model", str(src.get("model"))[:200]])
+                f"pass {TRUST_FLAG} to run what the file names")
         source = ModelSource(model=src["model"], model_kwargs=dict(src.get("model_kwargs") or {}), seed=seed,
                              num_classes=src.get("num_classes"), hw_multiple=src.get("hw_multiple"),
                              static_hw=_static_hw_of(src), extra_inputs=_extras_of(src), extra_axes=_axes_of(src))

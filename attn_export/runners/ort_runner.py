@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 import threading
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -103,6 +106,7 @@ class OrtRunner(Runner):
         self.graph_optimization = graph_optimization
         self.session: Any = None
         self._handed_over: list[Any] = []  # OrtValues the session reads its transformed weights from
+        self._staged: str | None = None      # a temporary folder holding the serving form while the session loads it
         self._lock = threading.Lock()
         self.precision = self.spec.precision
 
@@ -147,7 +151,10 @@ class OrtRunner(Runner):
         if self.providers != ["CPUExecutionProvider"]:
             # Its multi-line warning when a provider cannot start goes; check_providers says it in one line.
             ort.set_default_logger_severity(4)
-        session = ort.InferenceSession(self._model_for_session(opts), opts, providers=self.providers)
+        try:
+            session = ort.InferenceSession(self._model_for_session(opts), opts, providers=self.providers)
+        finally:
+            self._unstage()
         self.providers = check_providers(self.providers, list(session.get_providers()))
         self.session = session
 
@@ -161,6 +168,8 @@ class OrtRunner(Runner):
         """
         if self.attention == "as-is":
             return str(self.path)
+        import onnx
+
         from ..exporter.serving import build_serving_form, serving_description
         from ..exporter.weights import has_external
         from ..graph.probe import read_external_data_from
@@ -174,31 +183,50 @@ class OrtRunner(Runner):
         # With external data the session's bytes stay small (the transformed weights are handed over as arrays):
         # their memory is what is bounded, to twice the model's weight bytes.
         form = build_serving_form(model, self.path, self.spec, provider=self.providers[0], winograd=self.winograd,
-                                  with_arrays=True, one_file=not external,
+                                  with_arrays=external, one_file=not external,
                                   attention="auto" if self.attention == "onnxruntime" else self.attention)
         self._parts = form.parts()
         if not form.changed:
             return str(self.path)
+        self.attention_rewritten = form.attention_sites
+        self.winograd_rewritten = form.winograd_convolutions
+        if not external:
+            # Staged as a file with its weights in a data file, which ONNX Runtime maps instead of copying: the
+            # session then holds the weights about once, as it does for the file as written. From bytes it held
+            # them in the bytes, in its parsed copy and prepacked (2.0x the file as written's total peak for
+            # ddpm-cifar10; docs/benchmarks.md, "Total peak memory per backend").
+            self._staged = tempfile.mkdtemp(prefix="attn-export-serving-")
+            staged = os.path.join(self._staged, "serving.onnx")
+            onnx.save_model(model, staged, save_as_external_data=True, all_tensors_to_one_file=True,
+                            location="serving.onnx.data", size_threshold=1024)
+            return staged
         if form.arrays:
             import onnxruntime as ort
 
             # The transformed weights reach the session as arrays, not through the serialized graph (seconds and
             # a copy saved on a large model); ONNX Runtime reads them for as long as the session lives.
-            self._handed_over = [ort.OrtValue.ortvalue_from_numpy(a) for a in form.arrays.values()]
-            opts.add_external_initializers(list(form.arrays), self._handed_over)
-        self.attention_rewritten = form.attention_sites
-        self.winograd_rewritten = form.winograd_convolutions
-        if external:
-            read_external_data_from(opts, self.path.parent)
+            names = list(form.arrays)
+            # One array at a time: each is let go as soon as its OrtValue holds it, so no moment holds them all twice.
+            self._handed_over = [ort.OrtValue.ortvalue_from_numpy(form.arrays.pop(n)) for n in names]
+            opts.add_external_initializers(names, self._handed_over)
+        read_external_data_from(opts, self.path.parent)
         return model.SerializeToString()
 
     def serving_form_parts(self) -> list[str]:
         """What the session runs beyond the file, in words (empty for the file as written)."""
         return list(self._parts)
 
+    def _unstage(self) -> None:
+        # The session has mapped the data file: on POSIX it stays readable once unlinked. Elsewhere (Windows) an
+        # open file cannot go; it is left to the system's temporary-file cleanup.
+        if self._staged is not None:
+            shutil.rmtree(self._staged, ignore_errors=True)
+            self._staged = None
+
     def _deactivate(self) -> None:
         self.session = None
         self._handed_over = []
+        self._unstage()
 
     def _infer(self, feeds: Mapping[str, Any]) -> dict[str, np.ndarray]:
         arrays = {}
