@@ -29,7 +29,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/ruff check attn_export tests bench
 	$(VENV)/bin/mypy
-	$(PY) -m pytest -n 2 -q -p no:cacheprovider
+	$(PY) -m pytest -n 2 -q -p no:cacheprovider --durations=10
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -n 2 -q -m "not slow" -p no:cacheprovider

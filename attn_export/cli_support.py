@@ -20,6 +20,7 @@ import typer
 from typer.core import TyperGroup
 
 from . import render
+from .atomic import defer_signal
 from .errors import AttnExportError, OptionNeeded, Terminated
 from .progress import ProgressFn
 from .render import err_console
@@ -98,8 +99,8 @@ _SIGNALS: list[int] = []
 
 
 def _on_signal(signum: int, frame: Any) -> None:
-    from .atomic import defer_signal
-
+    # defer_signal is imported with this module, before the handler is installed: importing it here could meet
+    # attn_export.atomic half-initialized, when the signal lands while a command is importing it.
     _SIGNALS.append(signum)
     if defer_signal(signum):  # inside a critical section: raised when it ends
         return

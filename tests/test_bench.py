@@ -94,7 +94,7 @@ def test_unavailable_backend_is_reported_not_fatal(tiny_onnx: Path, wide_console
 
 
 def test_default_backends_and_shape(tiny_onnx: Path) -> None:
-    report = run_bench(tiny_onnx, warmup=0, iterations=1)
+    report = run_bench(tiny_onnx, warmup=0, iterations=1, isolate=False)
     rows = report["results"]
     # Both ONNX Runtime forms, side by side; the model's own sample size (tiny: 32 px), batch 1.
     assert [r["backend"] for r in rows] == ["pytorch", "onnxruntime", "onnxruntime-serving"]
@@ -150,7 +150,7 @@ def test_pytorch_fp16_needs_a_gpu(tiny_onnx: Path) -> None:
     """The FP16 PyTorch baseline runs on CUDA only; elsewhere its rows say why, and the others still run."""
     from attn_export.bench import run_bench
 
-    report = run_bench(tiny_onnx, backends=["pytorch-fp16", "pytorch"], shapes=[(1, 8, 8)], warmup=0, iterations=1)
+    report = run_bench(tiny_onnx, backends=["pytorch-fp16", "pytorch"], shapes=[(1, 8, 8)], warmup=0, iterations=1, isolate=False)
     rows = {r["backend"]: r for r in report["results"]}
     assert rows["pytorch-fp16"]["status"] == "unavailable" and "CUDA GPU only" in rows["pytorch-fp16"]["error"]
     assert rows["pytorch"]["status"] == "ok"

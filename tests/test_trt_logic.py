@@ -728,7 +728,7 @@ class TestRuntimes:
         from attn_export.engines import runtime
 
         monkeypatch.setattr(pipeline, "installed", lambda rt: False)
-        with pytest.raises(MissingDependencyError, match=r"TensorRT-RTX is not installed.*attn-export\[rtx\]") as exc:
+        with pytest.raises(MissingDependencyError, match=r"TensorRT-RTX is not installed.*pip install \"\.\[rtx\]\"") as exc:
             pipeline.build_engine(tiny_onnx, tmp_path / "m.engine", fp16=True, runtime="rtx")
         assert exc.value.exit_code == 2 and list(tmp_path.iterdir()) == []
         assert runtime.RTX.builds_without_gpu and not runtime.TENSORRT.builds_without_gpu
