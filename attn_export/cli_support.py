@@ -76,6 +76,7 @@ def guarded(fn: Callable[..., None]) -> Callable[..., None]:
     def run(*args: Any, **kwargs: Any) -> None:
         try:
             fn(*args, **kwargs)
+            _raise_if_signalled()  # one that landed during an import, after the last progress report
         except AttnExportError as exc:
             print_error(str(exc) + _command_to_run(exc))
             raise typer.Exit(exc.exit_code) from None
@@ -104,7 +105,21 @@ def _on_signal(signum: int, frame: Any) -> None:
     _SIGNALS.append(signum)
     if defer_signal(signum):  # inside a critical section: raised when it ends
         return
+    if _importing(frame):
+        # An exception raised inside an import can cross a native module's initialisation (onnx's nanobind module
+        # builds enums as it loads), which aborts the process ("terminate called"). The signal is raised at the
+        # command's next progress report instead, or as the command returns.
+        return
     raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+
+def _importing(frame: Any) -> bool:
+    """Whether the interrupted code runs inside an import (a module being initialised)."""
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib."):
+            return True
+        frame = frame.f_back
+    return False
 
 
 def _raise_if_signalled() -> None:
