@@ -241,9 +241,9 @@ def verify_artifact(artifact: str | Path, *, localize: bool = False, save_inputs
                              "and --provider to localize the same graph")
     if save_inputs is not None:
         check_output_path(save_inputs, force=force)
-    given = None
-    if load_inputs is not None:
-        given = read_inputs(load_inputs, _artifact_spec(Path(artifact), options.get("input_ranges")))
+    # Read once, for the inputs file to load and the inputs to save.
+    spec = _artifact_spec(Path(artifact), options.get("input_ranges")) if load_inputs or save_inputs else None
+    given = read_inputs(load_inputs, spec) if load_inputs is not None and spec is not None else None
     report = verify(artifact, inputs=given, **options)
     outcome = VerifyOutcome(report)
     failing = next((i for i, s in enumerate(report.shapes) if not s.passed), None)
@@ -251,8 +251,8 @@ def verify_artifact(artifact: str | Path, *, localize: bool = False, save_inputs
     b, h, w = (int(v) for v in report.shapes[index].shape)
     seed = int(options.get("seed", 0)) + index
     if save_inputs is not None:
-        feeds = given if given is not None else \
-            _artifact_spec(Path(artifact), options.get("input_ranges")).make_inputs(b, h, w, seed=seed)
+        assert spec is not None
+        feeds = given if given is not None else spec.make_inputs(b, h, w, seed=seed)
         outcome.inputs_saved = write_inputs(save_inputs, feeds, force=force)
     if localize and failing is not None:
         outcome.localized = find_divergence(

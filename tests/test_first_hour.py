@@ -97,3 +97,23 @@ def test_trt_fp16_options_need_fp16(tiny_onnx: Path, tmp_path: Path) -> None:
                           "--calibration-shapes", "1x16x16", "-o", str(tmp_path / "e.plan")],
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 2 and "add --fp16" in res.stderr and not list(tmp_path.iterdir())
+
+
+def test_verify_saves_the_inputs_it_ran_and_runs_them_again(tiny_onnx: Path, tmp_path: Path) -> None:
+    import numpy as np
+
+    from attn_export.inputs import load_inputs
+    from attn_export.pipeline import verify_artifact
+    from attn_export.exporter.metadata import read_spec
+
+    saved = tmp_path / "in.npz"
+    first = verify_artifact(tiny_onnx, shapes=[(2, 16, 24)], seed=3, save_inputs=saved)
+    assert first.report.passed and first.inputs_saved == saved
+    spec = read_spec(tiny_onnx)
+    feeds = load_inputs(saved, spec)
+    want = spec.make_inputs(2, 16, 24, seed=3)  # the sweep's first shape draws with seed + 0
+    for name, value in want.items():
+        np.testing.assert_array_equal(feeds[name], value)
+    again = verify_artifact(tiny_onnx, load_inputs=saved)
+    assert again.report.passed and again.report.shape_source == "given inputs"
+    assert [list(s.shape) for s in again.report.shapes] == [[2, 16, 24]]
