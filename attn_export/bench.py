@@ -164,20 +164,6 @@ class PeakDeviceMemory:
 # ---------------------------------------------------------------------------------------------------------------------
 # runners
 # ---------------------------------------------------------------------------------------------------------------------
-def artifact_spec(path: str | Path) -> ModelSpec:
-    """The ModelSpec of an ONNX file or of a TensorRT engine (from its sidecar)."""
-    p = Path(path)
-    if not p.exists():
-        raise UsageError(f"artifact not found: {p}")
-    if is_engine_path(p):
-        from .engines.sidecar import read_sidecar  # lazy: the engine side is optional
-
-        return ModelSpec.from_dict(read_sidecar(p)["model"])
-    from .exporter.metadata import read_spec
-
-    return read_spec(p)
-
-
 def parse_backends(text: str | Sequence[str]) -> list[str]:
     """'pytorch,onnxruntime' -> ['pytorch', 'onnxruntime'], refusing unknown names."""
     items = text.split(",") if isinstance(text, str) else list(text)
@@ -424,6 +410,8 @@ def run_bench(artifact: str | Path, *, backends: Sequence[str] | None = None,
         raise UsageError(f"--attention-impl must be one of {', '.join(impls)} (got {attention_impl!r})")
     if graph_optimization not in ("disable", "basic", "extended", "all"):
         raise UsageError(f"--graph-optimization must be disable, basic, extended or all (got {graph_optimization!r})")
+    from .engines.sidecar import artifact_spec
+
     spec = artifact_spec(artifact)
     if input_ranges:  # the inputs every backend gets are drawn in these ranges
         spec.input_ranges = {**spec.input_ranges, **{k: [float(v[0]), float(v[1])] for k, v in input_ranges.items()}}

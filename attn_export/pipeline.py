@@ -20,7 +20,7 @@ from .engines.runtime import TENSORRT, get_runtime, installed
 from .engines.trt_build import HARDWARE_LEVELS, BuildResult, build_plan, check_compute_capabilities, check_timing_cache
 from .errors import MissingDependencyError, UsageError
 from .exporter.audit import DEFAULT_THRESHOLD
-from .exporter.foreign import spec_of, spec_of_file
+from .exporter.foreign import spec_of
 from .exporter.metadata import load_onnx
 from .exporter.fp16 import Fp16Result, fp16_settings, recorded_fp16_settings
 from .localize import LocalizeReport
@@ -41,8 +41,10 @@ def compare_fp16(path: Path, shapes: Sequence[Shape], *, reference: Path | None,
     """The FP16 check: compare ``path`` with PyTorch (or the FP32 ``reference`` file) via :func:`.verify.verify`."""
     from .verify import verify
 
+    # max_memory=0: the conversion has checked these shapes against the user's limit on the FP32 model, whose
+    # estimate bounds the FP16 file's.
     r = verify(path, shapes=[cast(Shape, tuple(s)) for s in shapes], reference=reference, input_ranges=input_ranges,
-               reference_model=None if reference is not None else reference_model)
+               reference_model=None if reference is not None else reference_model, max_memory=0)
     per: list[dict[str, Any]] = [{"shape": list(s.shape), "max_abs_err": max(o.max_abs for o in s.outputs),
             "mean_abs_err": max(o.mean_abs for o in s.outputs), "passed": s.passed} for s in r.shapes]
     return {"passed": r.passed, "shapes": per, "max_abs_err": max(p["max_abs_err"] for p in per),
@@ -193,7 +195,9 @@ def build_engine(
     stage("fp16", result)
 
     # The one readiness run: its report goes to the caller and its attention sites to the fusion report.
-    result.readiness = check_trt_readiness(result.built_from, target, chosen, fp16=fp16, runtime=rt.name)
+    made = result.fp16
+    result.readiness = check_trt_readiness(result.built_from, target, chosen, fp16=fp16, runtime=rt.name,
+                                           graph=made.graph if made else None, analysis=made.analysis if made else None)
     stage("readiness", result)
     result.readiness.raise_for_errors()
 
@@ -242,7 +246,9 @@ def verify_artifact(artifact: str | Path, *, localize: bool = False, save_inputs
     if save_inputs is not None:
         check_output_path(save_inputs, force=force)
     # Read once, for the inputs file to load and the inputs to save.
-    spec = _artifact_spec(Path(artifact), options.get("input_ranges")) if load_inputs or save_inputs else None
+    from .engines.sidecar import artifact_spec
+
+    spec = artifact_spec(artifact, options.get("input_ranges")) if load_inputs or save_inputs else None
     given = read_inputs(load_inputs, spec) if load_inputs is not None and spec is not None else None
     report = verify(artifact, inputs=given, **options)
     outcome = VerifyOutcome(report)
@@ -262,10 +268,3 @@ def verify_artifact(artifact: str | Path, *, localize: bool = False, save_inputs
             input_ranges=options.get("input_ranges"), max_memory=options.get("max_memory"),
             progress=options.get("progress"))
     return outcome
-
-
-def _artifact_spec(path: Path, input_ranges: Any) -> ModelSpec:
-    """The description of an ONNX file or an engine (its sidecar), as verify reads it."""
-    from .engines.sidecar import is_engine_path, read_sidecar, sidecar_spec
-
-    return sidecar_spec(read_sidecar(path)) if is_engine_path(path) else spec_of_file(path, input_ranges)

@@ -144,6 +144,8 @@ def verify(r: Any) -> None:
     times = ", ".join(f"{name} {sec:.2f} s" for name, sec in r.timings.items())
     setup = ", ".join(f"{name} {sec:.2f} s" for name, sec in r.setup_seconds.items())
     console.print(f"time: {times} (loading: {setup})", highlight=False)
+    for note in r.notes:
+        console.print(f"note: {escape(note)}", highlight=False, soft_wrap=True)
     if r.checkpoint and r.checkpoint.get("path") and not r.checkpoint.get("matches"):
         console.print(f"[yellow]warning:[/] reference checkpoint {escape(str(r.checkpoint['path']))} is not the one "
                       "recorded at export", highlight=False)

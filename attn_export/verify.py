@@ -50,6 +50,7 @@ from .shapes import Shape, accepts as _valid, fit_shapes, large_size, round_up a
 if TYPE_CHECKING:
     import onnx
 
+    from .graph.memory import SizeModel
     from .runners.base import Runner
     from .runners.ort_runner import OrtRunner
 
@@ -98,6 +99,7 @@ class VerifyReport:
     checkpoint: dict[str, Any] | None = None
     model: dict[str, Any] = field(default_factory=dict)
     providers: list[str] = field(default_factory=list)  # ONNX Runtime's, as its session really has them
+    notes: list[str] = field(default_factory=list)  # what was decided for the user (default shapes left out)
 
     @property
     def passed(self) -> bool:
@@ -125,6 +127,7 @@ class VerifyReport:
             "shapes": [s.to_dict() for s in self.shapes],
             "failures": self.failures(),
             "providers": list(self.providers),
+            "notes": list(self.notes),
             "tool": "attn-export verify",
             "host": host_info(),
         }
@@ -157,6 +160,24 @@ def default_shapes(spec: ModelSpec) -> list[Shape]:
         (off_b, off_h, off_w),
         (1, large, large),
     ])
+
+
+# A default sweep shape whose live activations (attention scores included) would pass this is scaled down.
+SWEEP_ACTIVATIONS = 2 << 30  # graph.memory.DEFAULT_SHAPE_ACTIVATIONS (not imported at module load: onnx is heavy)
+
+
+def affordable_sweep(sizes: "SizeModel", sweep: Sequence[Shape]) -> tuple[list[Shape], list[str]]:
+    """The default sweep with each shape whose activations (attention scores included) pass
+    :data:`SWEEP_ACTIVATIONS` scaled down until they do (or left out), and a note for each one changed."""
+    from .graph.memory import human_bytes
+
+    kept, changed = sizes.scaled_to_fit(sweep, SWEEP_ACTIVATIONS)
+    notes = []
+    for asked, used, need in changed:
+        what = f"scaled down to {format_shape(used)}" if used is not None else "left out"
+        notes.append(f"{format_shape(asked)} {what} in the default sweep: it needs about {human_bytes(need)} of "
+                     f"activations and attention scores; --shapes {format_shape(asked)} checks it")
+    return kept, notes
 
 
 def _off_grid_value(lo: int, hi: int, m: int, avoid: set[int], target: float) -> int | None:
@@ -352,11 +373,15 @@ def verify(
         shape_source = "default"
         if not sweep:
             raise UsageError("no shape of the default sweep fits this artifact; pass --shapes")
+    notes: list[str] = []
     if kind == "onnx":
-        from .graph.memory import check_shapes_fit
+        from .graph.memory import SizeModel, check_shapes_fit
 
-        check_shapes_fit(graph, spec, sweep, max_memory)
-        del graph  # its inline weights are not needed while the runners hold their own
+        sizes = SizeModel(graph, spec)
+        check_shapes_fit(graph, spec, sweep, max_memory, sizes=sizes)
+        if shape_source == "default":
+            sweep, notes = affordable_sweep(sizes, sweep)
+        del graph, sizes  # its inline weights are not needed while the runners hold their own
 
     options = reference_model or ReferenceOptions()
     if reference is not None and options.names_model:
@@ -401,9 +426,9 @@ def verify(
     if reference is not None:
         step(1, "loading the reference ONNX")
         from .runners.ort_runner import OrtRunner
-        from .exporter.foreign import spec_of_file
+        from .exporter.foreign import spec_of
 
-        ref = OrtRunner(reference, spec=spec_of_file(reference, input_ranges),
+        ref = OrtRunner(reference, spec=spec_of(reference, input_ranges=input_ranges),
                         attention="as-is" if form == "written" else "onnxruntime")
         ref.name = "reference"
         ref_desc = f"onnxruntime ({Path(reference).name}, {ref.provider})"
@@ -434,7 +459,7 @@ def verify(
         artifact=str(path), kind=kind, precision=precision, tolerances=tol, reference=ref_desc,
         candidate=cand_desc, seed=seed, shape_source=shape_source, setup_seconds=setup,
         checkpoint=_checkpoint_info(spec, source) if source is not None else None, model=dict(spec.source or {}),
-        timings={ref.name: 0.0, cand.name: 0.0},
+        timings={ref.name: 0.0, cand.name: 0.0}, notes=notes,
     )
     out_names = [t.name for t in spec.outputs]
     all_feeds = [given] if inputs is not None else [spec.make_inputs(*shape, seed=seed + i) for i, shape in enumerate(sweep)]

@@ -27,10 +27,10 @@ def child(onnx_path: str, engine: str) -> None:
     """One build in this process; prints one JSON line."""
     from attn_export.engines.readiness import check_trt_readiness
     from attn_export.engines.trt_build import build_plan
-    from attn_export.exporter.foreign import spec_of_file
+    from attn_export.exporter.foreign import spec_of
     from attn_export.engines.profiles import default_profile
 
-    spec = spec_of_file(onnx_path)
+    spec = spec_of(onnx_path)
     profile = default_profile(spec)
     readiness = check_trt_readiness(onnx_path, profiles=[profile], runtime="rtx")
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -490,7 +490,7 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from attn_export.bench import host_info
-    from attn_export.exporter.metadata import read_spec
+    from attn_export.exporter.foreign import spec_of
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -512,7 +512,7 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
     report["matmul_peak"] = matmul_peak(args.threads)
     print(f"  matmul peak {report['matmul_peak']['gflops_median']:.1f} GFLOP/s", flush=True)
     onnx_paths = {a: report["export"][a]["path"] for a in ("op", "decomposed")}
-    spec = read_spec(onnx_paths["op"]).to_dict()
+    spec = spec_of(onnx_paths["op"]).to_dict()
     report["macs"] = mac_counts(onnx_paths["op"], [int(v) for v in args.sizes.split(",")])
     guard = min(args.guard_gib, 0.8 * _mem_available_gib())
     report["memory_guard_gib"] = guard
@@ -593,10 +593,10 @@ def run_interleaved(args: argparse.Namespace, report: dict[str, Any]) -> list[di
     process disturb each other: after PyTorch's calls its OpenMP threads keep spinning, and ORT's calls right
     after one of them took 15 % longer than ORT alone, PyTorch's after ORT 20 % longer.
     """
-    from attn_export.exporter.metadata import read_spec
+    from attn_export.exporter.foreign import spec_of
 
     onnx_op = report["export"]["op"]["path"]
-    spec = read_spec(onnx_op).to_dict()
+    spec = spec_of(onnx_op).to_dict()
     out = []
     for item in [i for i in args.interleaved.split(",") if i.strip()]:
         size, threads = (int(v) for v in item.split(":"))

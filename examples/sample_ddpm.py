@@ -103,7 +103,7 @@ def open_runner(artifact: str, backend: str = "auto", provider: str = "cpu", thr
 
         return TrtRunner(path)
     if backend == "pytorch":
-        from attn_export.bench import artifact_spec
+        from attn_export.engines.sidecar import artifact_spec
         from attn_export.runners.torch_runner import TorchRunner
         from attn_export.models.loader import source_from_spec
 

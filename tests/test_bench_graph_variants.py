@@ -14,7 +14,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
 from graph_variants import GRAPH_VARIANTS  # noqa: E402
 
-from attn_export.exporter.metadata import load_onnx, read_spec  # noqa: E402
+from attn_export.exporter.foreign import spec_of
+from attn_export.exporter.metadata import load_onnx  # noqa: E402
 from attn_export.graph import to_onnxruntime_form  # noqa: E402
 
 
@@ -53,7 +54,7 @@ def test_variant_rewrites_and_keeps_the_function(tiny_onnx: Path, variant: str) 
     else:
         assert ops.count("ConvTranspose") == sites and "Resize" not in ops
     onnx.checker.check_model(rewritten)
-    spec = read_spec(tiny_onnx)
+    spec = spec_of(tiny_onnx)
     for i, (h, w) in enumerate(((16, 16), (24, 40))):
         feeds = spec.make_inputs(2, h, w, seed=i)
         want, got = _run(base, feeds), _run(rewritten, feeds)

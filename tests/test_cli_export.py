@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from attn_export.exporter.metadata import read_spec
+from attn_export.exporter.foreign import spec_of
 
 CLI = [sys.executable, "-m", "attn_export.cli"]
 
@@ -40,7 +40,7 @@ def test_onnx_command_summary(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     for needle in ("tiny.onnx", "opset", "23", "[batch, 3, height, width]", "4 x MatMul/Softmax/MatMul", "check vs PyTorch", "time"):
         assert needle in proc.stdout, needle
-    assert read_spec(out).attention == "decomposed"
+    assert spec_of(out).attention == "decomposed"
 
 
 def test_config_and_checkpoint(tmp_path: Path) -> None:
@@ -53,7 +53,7 @@ def test_config_and_checkpoint(tmp_path: Path) -> None:
     out = tmp_path / "unet.onnx"
     proc = run_cli("onnx", "--config", str(tmp_path / "unet.json"), "--checkpoint", str(tmp_path / "ema.safetensors"), "-o", str(out))
     assert proc.returncode == 0, proc.stderr
-    spec = read_spec(out)
+    spec = spec_of(out)
     assert spec.source["kind"] == "config" and spec.num_classes == 3
     assert len(spec.checkpoint["sha256"]) == 64
 
@@ -113,7 +113,7 @@ def test_bring_your_own_model(tmp_path: Path, kind: str) -> None:
     proc = run_cli("onnx", "--model", "mypkg.unet:build", "--model-kwargs", json.dumps({"ch": 12, "kind": kind}),
                    "--checkpoint", "ckpt.pt", "-o", str(out), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    spec = read_spec(out)
+    spec = spec_of(out)
     assert spec.hw_multiple == 2 and spec.source["model"] == "mypkg.unet:build"
     x = np.random.default_rng(0).standard_normal((2, 3, 6, 10)).astype(np.float32)
     t = np.array([5, 700], dtype=np.int64)

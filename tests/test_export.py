@@ -13,7 +13,7 @@ import torch
 
 from attn_export.exporter import passes
 from attn_export.graph import find_attention
-from attn_export.exporter.metadata import read_spec
+from attn_export.exporter.foreign import spec_of
 from attn_export.exporter.onnx_export import example_shape, export_onnx
 from attn_export.models.loader import ModelSource, load_model, source_from_spec
 from attn_export.spec import ModelSpec
@@ -23,7 +23,7 @@ UNSEEN = [(1, 2, 2), (3, 2, 3), (2, 4, 1), (1, 3, 5)]  # (batch, H / multiple, W
 
 
 def _compare(path: Path, shapes_in_multiples=UNSEEN, seed: int = 3) -> list[float]:
-    spec = read_spec(path)
+    spec = spec_of(path)
     ref = load_model(source_from_spec(spec), attention_impl="reference")
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     errs = []
@@ -65,13 +65,13 @@ def test_large_presets_match_pytorch_every_norm(tmp_path, preset: str, attention
 def test_instance_norm_refuses_a_single_deepest_position(export_model) -> None:
     from attn_export.errors import ShapeError
 
-    spec = read_spec(export_model("tiny", "op", norm="in"))
+    spec = spec_of(export_model("tiny", "op", norm="in"))
     for h, w in ((4, 4), (4, 8), (4, 12)):
         with pytest.raises(ShapeError, match="deepest level"):
             spec.check_shape(1, h, w)
     spec.check_shape(1, 8, 8)
     spec.check_shape(1, 4, 16)
-    assert read_spec(export_model("tiny", "op")).min_deep_positions == 1
+    assert spec_of(export_model("tiny", "op")).min_deep_positions == 1
 
 
 def test_dims_are_symbolic_in_the_saved_file(tiny_onnx: Path) -> None:
@@ -130,7 +130,7 @@ def test_graph_is_clean_and_checked(tiny_onnx: Path) -> None:
 
 
 def test_metadata_describes_the_model(tiny_onnx: Path) -> None:
-    spec = read_spec(tiny_onnx)
+    spec = spec_of(tiny_onnx)
     assert isinstance(spec, ModelSpec)
     assert spec.source["kind"] == "preset" and spec.source["preset"] == "tiny" and spec.source["seed"] == 0
     assert spec.source["config"]["channel_mults"] == [1, 2, 2]
@@ -142,7 +142,7 @@ def test_metadata_describes_the_model(tiny_onnx: Path) -> None:
 
 
 def test_seeded_preset_rebuilds_the_same_weights(tiny_onnx: Path) -> None:
-    spec = read_spec(tiny_onnx)
+    spec = spec_of(tiny_onnx)
     a = load_model(source_from_spec(spec)).module.state_dict()
     b = load_model(ModelSource(preset="tiny", seed=0)).module.state_dict()
     c = load_model(ModelSource(preset="tiny", seed=1)).module.state_dict()

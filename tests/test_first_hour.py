@@ -104,12 +104,12 @@ def test_verify_saves_the_inputs_it_ran_and_runs_them_again(tiny_onnx: Path, tmp
 
     from attn_export.inputs import load_inputs
     from attn_export.pipeline import verify_artifact
-    from attn_export.exporter.metadata import read_spec
+    from attn_export.exporter.foreign import spec_of
 
     saved = tmp_path / "in.npz"
     first = verify_artifact(tiny_onnx, shapes=[(2, 16, 24)], seed=3, save_inputs=saved)
     assert first.report.passed and first.inputs_saved == saved
-    spec = read_spec(tiny_onnx)
+    spec = spec_of(tiny_onnx)
     feeds = load_inputs(saved, spec)
     want = spec.make_inputs(2, 16, 24, seed=3)  # the sweep's first shape draws with seed + 0
     for name, value in want.items():

@@ -11,7 +11,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch.utils.flop_counter import FlopCounterMode
 
-from attn_export.exporter.metadata import read_spec
+from attn_export.exporter.foreign import spec_of
 from attn_export.graph.flops import count_macs
 from attn_export.models.loader import load_model, source_from_spec
 
@@ -23,7 +23,7 @@ def test_onnx_count_matches_torch_flop_counter(fixture: str, shape: tuple[int, i
     path: Path = request.getfixturevalue(fixture)
     count = count_macs(onnx.load(str(path)), *shape)
     assert not count.unknown
-    loaded = load_model(source_from_spec(read_spec(path)), attention_impl="decomposed")
+    loaded = load_model(source_from_spec(spec_of(path)), attention_impl="decomposed")
     feeds = loaded.spec.make_inputs(*shape)
     # FlopCounterMode counts aten conv / mm / addmm / bmm at 2 FLOPs per MAC: the same ops, counted in PyTorch.
     with FlopCounterMode(display=False) as fc, torch.no_grad():

@@ -17,7 +17,7 @@ from onnx import TensorProto
 
 from attn_export.exporter.audit import FP16_MAX, audit_fp16, default_calibration_shapes, emulate_fp16, value_types
 from attn_export import convert_fp16
-from attn_export.exporter.metadata import read_spec
+from attn_export.exporter.foreign import spec_of
 from attn_export.exporter.onnx_export import export_onnx
 from attn_export.models.loader import ModelSource, load_model
 from attn_export.spec import ReferenceOptions
@@ -70,7 +70,7 @@ def check_fp16_file(path: Path, source: Path) -> onnx.ModelProto:
         if n.op_type == "Cast":
             # Every added Cast changes the type (no fp16 -> fp16 no-ops).
             assert types.get(n.input[0]) != types.get(n.output[0])
-    spec, src_spec = read_spec(path), read_spec(source)
+    spec, src_spec = spec_of(path), spec_of(source)
     assert spec.precision == "fp16"
     assert {**spec.to_dict(), "precision": "fp32"} == src_spec.to_dict()
     return m
@@ -80,13 +80,37 @@ def check_fp16_file(path: Path, source: Path) -> onnx.ModelProto:
 # audit
 # ---------------------------------------------------------------------------------------------------------------------
 def test_default_calibration_shapes_vary(tiny_onnx: Path) -> None:
-    spec = read_spec(tiny_onnx)
+    spec = spec_of(tiny_onnx)
     shapes = default_calibration_shapes(spec)
     assert len(shapes) >= 3
     assert any(b > 1 for b, _, _ in shapes) and any(h != w for _, h, w in shapes)
     assert len({h * w for _, h, w in shapes}) >= 3  # several resolutions, not one
     for s in shapes:
         spec.check_shape(*s)
+
+
+def test_default_calibration_shapes_too_costly_are_scaled_down(tiny_onnx: Path, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Default calibration shapes whose activations pass the cap are scaled down, with a note; the user's are kept."""
+    import attn_export.graph.memory as memory
+    from attn_export.graph.memory import SizeModel
+
+    spec = spec_of(tiny_onnx)
+    shapes = default_calibration_shapes(spec)
+    sizes = SizeModel(onnx.load(str(tiny_onnx), load_external_data=False), spec)
+    need = {s: sizes.need(s) for s in shapes}
+    cap = sorted(need.values())[-2]  # only the costliest shape passes it
+    monkeypatch.setattr(memory, "DEFAULT_SHAPE_ACTIVATIONS", cap)
+    result = convert_fp16(tiny_onnx, tmp_path / "t16.onnx")
+    costliest = max(shapes, key=lambda s: need[s])
+    used = [tuple(s) for s in result.audit.calibration_shapes]
+    assert costliest not in used and all(sizes.need(s) <= cap for s in used)
+    text = "x".join(map(str, costliest))
+    note = next(n for n in result.notes if n.startswith(f"default calibration shape {text} "))
+    assert "scaled down to" in note or "left out" in note
+    assert f"--calibration-shapes {text} uses it" in note
+    mine = convert_fp16(tiny_onnx, tmp_path / "mine.onnx", calibration_shapes=[costliest], check=False)
+    assert [tuple(s) for s in mine.audit.calibration_shapes] == [costliest] and not mine.notes
 
 
 @pytest.mark.parametrize("fixture", ["tiny_onnx", "tiny_decomposed_onnx"])
@@ -153,7 +177,7 @@ def test_convert_fp16_io(tiny_onnx: Path, tmp_path: Path) -> None:
     onnx.checker.check_model(m, full_check=True)
     assert m.graph.input[0].type.tensor_type.elem_type == TensorProto.FLOAT16
     assert m.graph.output[0].type.tensor_type.elem_type == TensorProto.FLOAT16
-    spec = read_spec(out)
+    spec = spec_of(out)
     feeds = spec.make_inputs(2, 16, 24)
     assert feeds["x"].dtype == np.float16
     got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, feeds)[0]

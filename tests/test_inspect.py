@@ -11,7 +11,7 @@ import pytest
 from onnx import helper, numpy_helper
 
 from attn_export.errors import UsageError
-from attn_export.exporter.metadata import read_spec
+from attn_export.exporter.foreign import spec_of
 from attn_export.inspection import inspect_artifact
 
 
@@ -50,7 +50,7 @@ def test_io_metadata_size_and_precision(tiny_onnx: Path) -> None:
     ]
     assert d["outputs"] == [{"name": "out", "dtype": "float32", "dims": ["batch", 3, "height", "width"]}]
     assert d["file_size"] == tiny_onnx.stat().st_size and d["external_data"] == []
-    assert d["spec"] == read_spec(tiny_onnx).to_dict()
+    assert d["spec"] == spec_of(tiny_onnx).to_dict()
     for part in ("initializers", "activations"):
         shares = d["precision"][part]
         assert "float16" not in shares
@@ -123,7 +123,7 @@ def test_engine_sidecar(tiny_onnx: Path, tmp_path: Path, wide_console) -> None:
                           "layers": [], "tactics": [], "reason": None}]}
     write_sidecar(sidecar_path(engine), make_sidecar(
         engine_path=engine, engine_sha256="0" * 64, tensorrt_version="10.14.1.48", gpu_name="NVIDIA H100 80GB HBM3",
-        compute_capability="9.0", profiles=[Profile((1, 32, 32), (1, 64, 64), (4, 128, 128))], spec=read_spec(tiny_onnx),
+        compute_capability="9.0", profiles=[Profile((1, 32, 32), (1, 64, 64), (4, 128, 128))], spec=spec_of(tiny_onnx),
         io=[{"name": "x", "mode": "input", "dtype": "float16", "shape": [-1, 3, -1, -1]}], onnx_path=tiny_onnx,
         onnx_sha256="1" * 64, precision="fp16", fusion=fusion,
     ))

@@ -21,7 +21,7 @@ import pytest
 from onnx import helper, numpy_helper
 
 from attn_export.errors import UsageError
-from attn_export.exporter.metadata import read_spec
+from attn_export.exporter.foreign import spec_of
 from attn_export.inputs import load_inputs, save_inputs
 from attn_export.localize import localize, module_path, node_scope
 
@@ -183,7 +183,7 @@ def test_module_path_reads_both_exporters_names() -> None:
 # inputs
 # ---------------------------------------------------------------------------------------------------------------------
 def test_inputs_round_trip_and_run(tiny_onnx: Path, tmp_path: Path) -> None:
-    spec = read_spec(tiny_onnx)
+    spec = spec_of(tiny_onnx)
     feeds = spec.make_inputs(2, 16, 24, seed=7)
     path = save_inputs(tmp_path / "inputs.npz", feeds)
     back = load_inputs(path, spec)
@@ -223,7 +223,7 @@ def _write_npz(path: Path, members: dict[str, bytes]) -> Path:
     ("lying-header", "declares"),
 ])
 def test_bad_inputs_file_is_refused_in_one_line(tiny_onnx: Path, tmp_path: Path, case: str, message: str) -> None:
-    spec = read_spec(tiny_onnx)
+    spec = spec_of(tiny_onnx)
     good = spec.make_inputs(1, 16, 16)
     members = {k: _npy(v) for k, v in good.items()}
     path = tmp_path / "bad.npz"

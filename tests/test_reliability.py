@@ -256,9 +256,9 @@ def test_engine_from_another_version_or_gpu(here: tuple[str, str, str], needle: 
 def test_hostile_sidecar(tiny_onnx: Path, work: Path, edit: Callable[[dict[str, Any]], Any], needle: str) -> None:
     from attn_export.engines.profiles import Profile
     from attn_export.engines.sidecar import make_sidecar, sidecar_path
-    from attn_export.exporter.metadata import read_spec
+    from attn_export.exporter.foreign import spec_of
 
-    spec = read_spec(tiny_onnx)
+    spec = spec_of(tiny_onnx)
     data = make_sidecar(engine_path="e.plan", engine_sha256="0" * 64, tensorrt_version="10.14.1.48", gpu_name="GPU",
                         compute_capability="8.9", profiles=[Profile((1, 8, 8), (1, 16, 16), (2, 32, 32))], spec=spec,
                         io=[{"name": "x", "mode": "input", "dtype": "float32", "shape": [-1, 3, -1, -1]}],

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from attn_export import cli
 from attn_export.errors import UsageError
-from attn_export.exporter.metadata import read_spec
+from attn_export.exporter.foreign import spec_of
 from attn_export.exporter.onnx_export import export_onnx
 from attn_export.models.loader import ModelSource
 from attn_export.triton import model_config_pb2, write_model_repository
@@ -47,7 +47,7 @@ def test_onnx_repository(tiny_onnx: Path, tmp_path: Path) -> None:
     assert sum(n.op_type == "Loop" and "/chunked/" in n.name or n.op_type == "MultiHeadAttention"
                for n in served.graph.node) == m.attention_rewritten
     assert m.attention_kind and m.attention_kind in m.config_text
-    assert read_spec(tmp_path / "repo" / "ddpm_tiny" / "1" / "model.onnx") == read_spec(tiny_onnx)
+    assert spec_of(tmp_path / "repo" / "ddpm_tiny" / "1" / "model.onnx") == spec_of(tiny_onnx)
     pb2, cfg = _parse(tmp_path / "repo" / "ddpm_tiny" / "config.pbtxt")
     assert cfg.name == "ddpm_tiny" and cfg.platform == "onnxruntime_onnx"
     assert cfg.max_batch_size == 8
@@ -93,7 +93,7 @@ def test_onnx_external_data_is_copied_and_loads(tmp_path: Path) -> None:
         vdir = tmp_path / attention / "unet" / "1"
         assert sorted(p.name for p in vdir.iterdir()) == ["model.onnx", "unet.onnx.data"]
         # The copy runs on its own, from the repository folder (what Triton's ORT backend does).
-        spec = read_spec(vdir / "model.onnx")
+        spec = spec_of(vdir / "model.onnx")
         feeds = spec.make_inputs(1, 16, 16)
         sess = ort.InferenceSession(str(vdir / "model.onnx"), providers=["CPUExecutionProvider"])
         got, want = sess.run(None, feeds)[0], ref.run(None, feeds)[0]
@@ -132,7 +132,7 @@ def _fake_engine(folder: Path, spec_dict: dict, x_dtype: str = "float16") -> Pat
 
 
 def test_engine_repository_from_sidecar(tiny_onnx: Path, tmp_path: Path) -> None:
-    engine = _fake_engine(tmp_path, read_spec(tiny_onnx).to_dict())
+    engine = _fake_engine(tmp_path, spec_of(tiny_onnx).to_dict())
     m = write_model_repository(engine, tmp_path / "repo", name="ddpm", instances=3)
     assert m.platform == "tensorrt_plan"
     assert (tmp_path / "repo" / "ddpm" / "1" / "model.plan").read_bytes() == engine.read_bytes()
@@ -148,7 +148,7 @@ def test_engine_repository_from_sidecar(tiny_onnx: Path, tmp_path: Path) -> None
 
 
 def test_engine_refusals(tiny_onnx: Path, tmp_path: Path) -> None:
-    engine = _fake_engine(tmp_path, read_spec(tiny_onnx).to_dict(), x_dtype="float32")
+    engine = _fake_engine(tmp_path, spec_of(tiny_onnx).to_dict(), x_dtype="float32")
     with pytest.raises(UsageError, match="GPU only"):
         write_model_repository(engine, tmp_path / "repo", kind="cpu")
     with pytest.raises(UsageError, match="exceeds the engine's largest profile batch 16"):

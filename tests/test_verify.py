@@ -14,7 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from attn_export.compare import Tolerances, compare_arrays, default_tolerances, resolve_tolerances
 from attn_export.errors import CheckpointError, ShapeError, UsageError
-from attn_export.exporter.metadata import read_spec
+from attn_export.exporter.foreign import spec_of
 from attn_export.exporter.onnx_export import export_onnx
 from attn_export.models.loader import ModelSource, load_model
 from attn_export.spec import ReferenceOptions
@@ -126,7 +126,7 @@ def _is_pow2(n: int) -> bool:
 def test_default_sweep_covers_the_cases(tiny_onnx: Path, preset: str, multiple: int, large: int) -> None:
     import dataclasses
 
-    spec = read_spec(tiny_onnx)
+    spec = spec_of(tiny_onnx)
     spec = dataclasses.replace(spec, hw_multiple=multiple, source={**spec.source, "preset": preset})
     shapes = default_shapes(spec)
     for s in shapes:
@@ -139,10 +139,43 @@ def test_default_sweep_covers_the_cases(tiny_onnx: Path, preset: str, multiple: 
     assert min(min(h, w) for _, h, w in shapes) <= 32
 
 
+def test_default_sweep_scales_down_shapes_whose_activations_pass_the_cap(
+        tiny_onnx: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A model whose attention runs at full resolution grows with the square of the pixels: the default sweep scales
+    down the shapes it cannot afford and says which, and how to check them as asked."""
+    import attn_export.verify as verify_module
+    from attn_export.graph.memory import DEFAULT_SHAPE_ACTIVATIONS, SizeModel
+
+    assert verify_module.SWEEP_ACTIVATIONS == DEFAULT_SHAPE_ACTIVATIONS  # one cap for the shapes chosen for the user
+    spec = spec_of(tiny_onnx)
+    sweep = default_shapes(spec)
+    sizes = SizeModel(onnx.load(str(tiny_onnx), load_external_data=False), spec)
+    need = {s: sizes.need(s) for s in sweep}
+    cap = sorted(need.values())[1]  # the two cheapest shapes fit
+    monkeypatch.setattr(verify_module, "SWEEP_ACTIVATIONS", cap)
+    report = verify(tiny_onnx)
+    ran = [tuple(r.shape) for r in report.shapes]
+    over = [s for s in sweep if need[s] > cap]
+    assert over and len(report.notes) == len(over)
+    assert all(s in ran for s in sweep if need[s] <= cap) and not any(s in ran for s in over)
+    assert all(sizes.need(s) <= cap for s in ran)
+    for s, note in zip(over, report.notes):
+        text = "x".join(map(str, s))
+        assert note.startswith(f"{text} scaled down to ") or note.startswith(f"{text} left out")
+        assert f"--shapes {text} checks it" in note
+        if "scaled down to " in note:
+            used = tuple(int(v) for v in note.split("scaled down to ")[1].split()[0].split("x"))
+            assert used in ran and used[0] == s[0] and used[1] < s[1] and used[2] < s[2]
+    assert report.to_dict()["notes"] == report.notes
+    # Shapes the user names are never changed.
+    big = max(sweep, key=lambda s: need[s])
+    assert [tuple(r.shape) for r in verify(tiny_onnx, shapes=[big]).shapes] == [big]
+
+
 def test_engine_sweep_uses_profile_corners_and_an_inside_off_grid_shape(tiny_onnx: Path) -> None:
     from attn_export.engines.profiles import Profile, find_profile
 
-    spec = read_spec(tiny_onnx)
+    spec = spec_of(tiny_onnx)
     profiles = [Profile((1, 32, 32), (1, 64, 64), (4, 128, 128)), Profile((1, 256, 256), (1, 256, 256), (1, 256, 512))]
     shapes = engine_shapes(profiles, spec)
     for p in profiles:
@@ -351,7 +384,7 @@ def fake_engine(tiny_onnx: Path, tmp_path: Path) -> Path:
     engine.write_bytes(b"not a real plan")
     data = make_sidecar(
         engine_path=engine, engine_sha256="0" * 64, tensorrt_version="10.14.1", gpu_name="NVIDIA H100",
-        compute_capability="9.0", profiles=[Profile((1, 32, 32), (1, 64, 64), (4, 128, 128))], spec=read_spec(tiny_onnx),
+        compute_capability="9.0", profiles=[Profile((1, 32, 32), (1, 64, 64), (4, 128, 128))], spec=spec_of(tiny_onnx),
         io=[{"name": "x", "mode": "input", "dtype": "float16", "shape": [-1, 3, -1, -1]}], onnx_path=tiny_onnx,
         onnx_sha256="1" * 64, precision="fp16", fusion={"summary": "4/4 attention blocks fused"},
     )

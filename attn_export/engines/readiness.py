@@ -318,6 +318,8 @@ def check_trt_readiness(
     *,
     fp16: bool | None = None,
     runtime: str = "tensorrt",
+    graph: onnx.ModelProto | None = None,
+    analysis: Sequence[AttentionSite] | None = None,
 ) -> ReadinessReport:
     """Check an ONNX model against the TensorRT ``target`` version without TensorRT.
 
@@ -329,10 +331,13 @@ def check_trt_readiness(
     applies the rules measured with its builder (one head at batch 1 does
     not fuse). Returns a :class:`ReadinessReport`; call
     ``report.raise_for_errors()`` to turn errors into a UsageError.
+    ``graph`` / ``analysis``: the file's graph (types and shapes inferred) and
+    its attention analysis, when the caller has them (the file is then not
+    parsed or analysed again).
     """
     from ..exporter.serving import refuse_serving_form
 
-    model = _load(onnx_path_or_model)
+    model = graph if graph is not None else _load(onnx_path_or_model)
     refuse_serving_form(model, onnx_path_or_model if not isinstance(onnx_path_or_model, onnx.ModelProto) else "the model",
                         "TensorRT")
     rtx = runtime == "rtx"
@@ -372,8 +377,9 @@ def check_trt_readiness(
         add("ok", "ops", f"all {len(model.graph.node)} nodes use operators the TensorRT {target_s} parser imports")
 
     # 2. attention sites
-    idx = TypedIndex(model)  # one shape inference for the attention analysis and the FP16 placement check
-    blocks = find_attention(model, index=idx)
+    # One shape inference for the attention analysis and the FP16 placement check (none for an inferred graph).
+    idx = TypedIndex(model, infer=graph is None or not model.graph.value_info)
+    blocks = list(analysis) if analysis is not None else find_attention(model, index=idx)
     if not blocks:
         add("warning", "no-attention", "no attention site found (no Attention node and no Softmax over a Q·Kᵀ product)")
     model_fp16 = model_is_fp16(model, spec)

@@ -189,8 +189,21 @@ def sidecar_profiles(data: dict[str, Any]) -> list[Profile]:
 
 
 def sidecar_spec(data: dict[str, Any]) -> ModelSpec:
-    """The ModelSpec recorded in a sidecar."""
+    """The ModelSpec recorded in a sidecar already read (:func:`read_sidecar`)."""
     return ModelSpec.from_dict(data["model"])
+
+
+def artifact_spec(path: str | Path, input_ranges: dict[str, tuple[float, float]] | None = None) -> ModelSpec:
+    """The description of an artifact file: an engine's sidecar, or an ONNX file's by
+    :func:`attn_export.exporter.foreign.spec_of` (embedded, else read off a foreign graph)."""
+    from ..exporter.foreign import spec_of
+
+    p = Path(path)
+    if not p.exists():
+        raise UsageError(f"artifact not found: {p}")
+    if is_engine_path(p):
+        return sidecar_spec(read_sidecar(p))
+    return spec_of(p, input_ranges=input_ranges)
 
 
 def _version_triple(version: str) -> tuple[int, ...]:

@@ -40,7 +40,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence, cast
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence, cast
 
 import numpy as np
 import onnx
@@ -54,8 +54,12 @@ from ..graph.probe import read_external_data_from
 from ..progress import ProgressFn
 from ..shapes import DEFAULT_LARGE_CAP, LARGE_CAP, Shape, fit_shapes, preset_of, round_up, typical_size
 from ..spec import ModelSpec, format_shape
-from .metadata import load_onnx, spec_from_model
+from .foreign import spec_of
+from .metadata import load_onnx
 from .weights import has_external
+
+if TYPE_CHECKING:
+    from ..graph.memory import SizeModel
 
 FP16_MAX = 65504.0
 DEFAULT_THRESHOLD = 4096.0
@@ -280,41 +284,29 @@ def _model_and_folder(model_or_path: onnx.ModelProto | str | Path,
     return load_onnx(path, load_external_data=False), str(path), weights_folder or path.parent
 
 
-def _concrete_sizes(model: onnx.ModelProto, spec: ModelSpec, shape: Shape) -> dict[str, int]:
-    """Element count of every tensor at ``shape`` (from shape inference with fixed inputs; -1 where unknown)."""
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    del m.graph.value_info[:]
-    for vi in m.graph.input:
-        try:
-            dims = spec.shape_of(spec.input(vi.name), *shape)
-        except KeyError:
-            continue
-        tt = vi.type.tensor_type
-        tt.shape.Clear()
-        for d in dims:
-            tt.shape.dim.add().dim_value = int(d)
-    try:
-        m = onnx.shape_inference.infer_shapes(m, data_prop=True)
-    except Exception:  # noqa: BLE001 - sizes are only a memory estimate
-        return {}
-    sizes: dict[str, int] = {}
-    for vi in m.graph.value_info:
-        dims = vi.type.tensor_type.shape.dim
-        if dims and all(d.HasField("dim_value") for d in dims):
-            sizes[vi.name] = int(np.prod([d.dim_value for d in dims]))
-        else:
-            sizes[vi.name] = -1
-    return sizes
+def element_counts(model: onnx.ModelProto, spec: ModelSpec, shapes: Sequence[Shape],
+                   sizes: "SizeModel | None" = None) -> dict[str, int]:
+    """Per tensor of ``model``, an element count at least its count at each of ``shapes`` (-1 where unknown).
+
+    ``sizes``: a :class:`SizeModel` of this model, or of the FP32 model this
+    one was converted from: the conversion keeps tensor names, and a tensor
+    it adds (a Cast, say) has the size of the tensor it is made from.
+    """
+    from ..graph.memory import SizeModel
+
+    counts = dict((sizes or SizeModel(model, spec)).element_counts(shapes))
+    for node in model.graph.node:
+        if node.op_type in _SAME_SIZE and node.input and node.input[0] in counts:
+            for o in node.output:
+                if o and counts.get(o, -1) < 0:
+                    counts[o] = counts[node.input[0]]
+    return counts
 
 
-def _largest_sizes(model: onnx.ModelProto, spec: ModelSpec, shapes: Sequence[Shape]) -> dict[str, int]:
-    """Per tensor, its largest element count over ``shapes`` (-1 where unknown)."""
-    out: dict[str, int] = {}
-    for shape in shapes:
-        for name, n in _concrete_sizes(model, spec, shape).items():
-            out[name] = max(out.get(name, -1), n)
-    return out
+# Ops whose output has the element count of their first input (shape inference loses the reshapes of diffusers'
+# attention, and the FP16 conversion adds casts).
+_SAME_SIZE = frozenset({"Cast", "Identity", "Relu", "Sigmoid", "Tanh", "Erf", "Neg", "Exp", "Sqrt", "Clip", "Softmax",
+                        "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten"})
 
 
 def _groups_of_units(units: list[list[str]], sizes: dict[str, int], budget: int,
@@ -349,7 +341,8 @@ def _units(sites: Sequence["_Site"], names: Sequence[str]) -> list[list[str]]:
 def _run_in_groups(model: onnx.ModelProto, spec: ModelSpec, types: dict[str, int], units: list[list[str]],
                    shapes: Sequence[Shape], seed: int, budget: int, weights_folder: Path | None,
                    record: Callable[[dict[str, np.ndarray], int], None],
-                   progress: Callable[[int, int, int], None] | None = None) -> int:
+                   progress: Callable[[int, int, int], None] | None = None,
+                   sizes: "SizeModel | None" = None) -> int:
     """Run ``model`` at every shape with each group of ``units`` exposed; ``record(values, shape_index)`` per run.
 
     One session per group: ONNX Runtime keeps every graph output of a run
@@ -360,7 +353,7 @@ def _run_in_groups(model: onnx.ModelProto, spec: ModelSpec, types: dict[str, int
     the next group's session. Returns the number of runs.
     """
     feeds = [spec.make_inputs(*shape, seed=seed + i) for i, shape in enumerate(shapes)]
-    groups = _groups_of_units(units, _largest_sizes(model, spec, shapes), budget, types)
+    groups = _groups_of_units(units, element_counts(model, spec, shapes, sizes), budget, types)
     runs = 0
     for gi, group in enumerate(groups):
         sess = _session(expose(model, group, types), weights_folder)
@@ -552,6 +545,8 @@ def audit_fp16(
     memory_budget: int | None = None,
     progress: ProgressFn | None = None,
     weights_folder: Path | None = None,
+    sizes: "SizeModel | None" = None,
+    analysis: Sequence[AttentionSite] | None = None,
 ) -> AuditReport:
     """Measure every float tensor and attention logit of an FP32 model; decide the FP32 islands.
 
@@ -566,7 +561,7 @@ def audit_fp16(
     t_start = time.perf_counter()
     model, origin, weights_folder = _model_and_folder(model_or_path, weights_folder)
     budget = memory_budget if memory_budget is not None else memory_budget_for(model)
-    spec = spec or spec_from_model(model, origin=origin)
+    spec = spec or spec_of(model, origin=origin, foreign=False)
     if not 0 < threshold <= FP16_MAX:
         raise UsageError(f"threshold must be in (0, {FP16_MAX:g}] (got {threshold:g})")
     # (batch, H, W) triples as ints: each is unpacked into spec.check_shape(b, h, w) below.
@@ -582,7 +577,7 @@ def audit_fp16(
     producers = {o: n for n in model.graph.node for o in n.output}
     float_names = [vi.name for vi in model.graph.input if types.get(vi.name) in _FLOATS]
     float_names += [o for n in model.graph.node for o in n.output if o and types.get(o) in _FLOATS]
-    sites = attention_sites(model, weights_folder)
+    sites = attention_sites(model, weights_folder, analysis)
     masked = mask_region(model, sites)
 
     best: dict[str, tuple[float, Shape]] = {}
@@ -595,7 +590,7 @@ def audit_fp16(
 
     runs = _run_in_groups(model, spec, types, _units(sites, float_names), shapes, seed, budget, weights_folder,
                           lambda values, i: _record_audit_run(values, shapes[i], per_shape, best, sites, att_best, masked),
-                          show)
+                          show, sizes)
 
     tensors = []
     for n in float_names:
@@ -727,6 +722,7 @@ def emulate_fp16(
     memory_budget: int | None = None,
     weights_folder: Path | None = None,
     analysis: Sequence[AttentionSite] | None = None,
+    sizes: "SizeModel | None" = None,
 ) -> EmulationReport:
     """Expose every FP16 intermediate as an output and report the non-finite ones.
 
@@ -741,7 +737,7 @@ def emulate_fp16(
     t0 = time.perf_counter()
     model, origin, weights_folder = _model_and_folder(model_or_path, weights_folder)
     budget = memory_budget if memory_budget is not None else memory_budget_for(model)
-    spec = spec or spec_from_model(model, origin=origin)
+    spec = spec or spec_of(model, origin=origin, foreign=False)
     types = value_types(model)
     producers = {o: n for n in model.graph.node for o in n.output}
     names = [o for n in model.graph.node for o in n.output if o and types.get(o) == TensorProto.FLOAT16]
@@ -754,7 +750,7 @@ def emulate_fp16(
     masked = mask_region(model, sites)
     _run_in_groups(model, spec, types, _units(sites, names), shapes, seed, budget, weights_folder,
                    lambda values, i: tops.append(_record_emulation_run(values, shapes[i], fp16_names, producers,
-                                                                       sites, found, masked)))
+                                                                       sites, found, masked)), None, sizes)
     top = max(tops)
     order = {o: i for i, n in enumerate(model.graph.node) for o in list(n.output) + [n.name]}
     non_finite = sorted(found.values(), key=lambda f: order.get(f.tensor, order.get(f.node or "", 0)))

@@ -24,7 +24,7 @@ from onnx import TensorProto
 from ..version import __version__
 from ..errors import UsageError
 from ..graph.index import dtype_name
-from ..spec import METADATA_KEY, ModelSpec, TensorSpec
+from ..spec import ModelSpec, TensorSpec
 
 FOREIGN_KIND = "onnx"
 _FLOATS = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE)
@@ -104,24 +104,28 @@ def describe_graph(model: onnx.ModelProto, *, origin: str = "model",
     )
 
 
-def spec_of(model: onnx.ModelProto, *, origin: str = "model",
-            input_ranges: dict[str, tuple[float, float]] | None = None) -> ModelSpec:
-    """The embedded attn-export description, or one made from the graph for a file from elsewhere."""
-    from .metadata import spec_from_model
+def spec_of(model: onnx.ModelProto | str | Path, *, origin: str | Path | None = None,
+            input_ranges: dict[str, tuple[float, float]] | None = None, foreign: bool = True) -> ModelSpec:
+    """The description of an ONNX graph or file (read without its weights), by one rule: the embedded attn-export
+    description, else (``foreign``) one read off the graph of a file from elsewhere; UsageError when it has none
+    and ``foreign`` is False, or when it breaks the schema. ``input_ranges`` replace the recorded ones.
 
-    if any(p.key == METADATA_KEY for p in model.metadata_props):
-        spec = spec_from_model(model, origin=origin)
-        if input_ranges:
-            spec.input_ranges = {k: [float(v[0]), float(v[1])] for k, v in input_ranges.items()}
-        return spec
-    return describe_graph(model, origin=origin, input_ranges=input_ranges)
+    Engines are described by their sidecar: :func:`attn_export.engines.sidecar.artifact_spec` reads either.
+    """
+    from .metadata import find_spec, load_onnx
 
-
-def spec_of_file(path: str | Path, input_ranges: dict[str, tuple[float, float]] | None = None) -> ModelSpec:
-    """:func:`spec_of` for an ONNX file (its weights are not loaded)."""
-    from .metadata import load_onnx
-
-    return spec_of(load_onnx(path, load_external_data=False), origin=str(path), input_ranges=input_ranges)
+    if not isinstance(model, onnx.ModelProto):
+        origin = origin or str(model)
+        model = load_onnx(model, load_external_data=False)
+    origin = origin or "model"
+    spec = find_spec(model, origin)
+    if spec is None:
+        if not foreign:
+            raise UsageError(f"{origin} carries no attn-export description; export it with `attn-export onnx`")
+        return describe_graph(model, origin=str(origin), input_ranges=input_ranges)
+    if input_ranges:
+        spec.input_ranges = {k: [float(v[0]), float(v[1])] for k, v in input_ranges.items()}
+    return spec
 
 
 def parse_input_shapes(texts: str | Iterable[str], spec: ModelSpec) -> list[Shape]:

@@ -60,6 +60,8 @@ from . import weights
 from ..host import host_info
 from ..version import __version__
 from ..graph import find_attention
+from ..graph.attention import AttentionSite
+from ..graph.index import TypedIndex
 from .metadata import embed_spec, load_onnx, read_record, set_record
 from .serving import refuse_serving_form
 from .weights import DataWriter, read_array
@@ -112,6 +114,10 @@ class Fp16Result:
     steps: dict[str, float] = field(default_factory=dict)
     external_data: Path | None = None   # NAME.onnx.data, for outputs whose weights reach 2 GB
     notes: list[str] = field(default_factory=list)  # what was decided for the user (default shapes left out)
+    # The FP16 graph as written (weights left in their files; types and shapes inferred) and its attention analysis:
+    # what a next stage (the engine build's readiness check) reads instead of parsing and analysing the file again.
+    graph: onnx.ModelProto | None = field(default=None, repr=False, compare=False)
+    analysis: list[AttentionSite] = field(default_factory=list, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -358,7 +364,8 @@ def convert_graph(
     }
 
 
-def decompose_unfusable(model: onnx.ModelProto, weights_folder: Path | None = None) -> list[str]:
+def decompose_unfusable(model: onnx.ModelProto, weights_folder: Path | None = None,
+                        analysis: Sequence[AttentionSite] | None = None) -> list[str]:
     """Write each Attention node that no fused kernel takes as the MatMul/Softmax/MatMul chain; the sites rewritten.
 
     No kernel: Q/K/V left in FP32 by the audit, or a head size outside the
@@ -370,7 +377,7 @@ def decompose_unfusable(model: onnx.ModelProto, weights_folder: Path | None = No
     from ..graph import canonicalize_attention, find_attention
     from ..graph.attention import head_size_fusable
 
-    found = [s for s in find_attention(model, run=False) if s.form == "op"]
+    found = [s for s in (analysis if analysis is not None else find_attention(model, run=False)) if s.form == "op"]
     if any(s.head_size is None for s in found) and weights_folder is not None:
         # Head sizes that shapes do not tell (a 3-D q with heads in an attribute) are read from two small runs.
         found = [s for s in find_attention(model, run=True, weights_folder=weights_folder) if s.form == "op"]
@@ -529,23 +536,35 @@ def convert_fp16(
         check_shapes = list(calibration_shapes)[:2]
     if spec.precision != "fp32":
         raise UsageError(f"{src} is already {spec.precision}; convert the FP32 export")
-    from ..graph.memory import check_shapes_fit, shapes_that_fit
+    from ..graph.memory import DEFAULT_SHAPE_ACTIVATIONS, SizeModel, check_shapes_fit, human_bytes, shapes_that_fit
 
+    # One size model for the memory checks, the audit's and the emulation's tensor groups: one shape inference
+    # covers them all while everything fits.
+    sizes = SizeModel(model, spec)
     calibration_notes: list[str] = []
     # The audit reads every activation of a run at once: all of them count, not the live peak.
     if calibration_shapes:
-        check_shapes_fit(model, spec, list(calibration_shapes), max_memory, what="calibration shape", keep_all=True)
+        check_shapes_fit(model, spec, list(calibration_shapes), max_memory, what="calibration shape", keep_all=True,
+                         sizes=sizes)
     else:
         # The default shapes are a choice made here, not the user's: the ones this machine cannot hold are left out.
         calibration_shapes, left_out = shapes_that_fit(model, spec, default_calibration_shapes(spec), max_memory,
-                                                       keep_all=True)
+                                                       keep_all=True, sizes=sizes)
         if not calibration_shapes:
             raise UsageError(f"no default calibration shape fits in memory (shape {left_out[0]}); "
                              "give --calibration-shapes")
         calibration_notes.extend(f"default calibration shape {reason} (the memory free here; "
                                  "--calibration-shapes or --max-memory choose)" for reason in left_out)
+        # Each audit run costs the model's time at that shape: the ones a full-resolution attention site makes
+        # minutes long are scaled down (the user's own shapes never are).
+        calibration_shapes, changed = sizes.scaled_to_fit(calibration_shapes, DEFAULT_SHAPE_ACTIVATIONS)
+        calibration_notes.extend(
+            f"default calibration shape {format_shape(asked)} "
+            f"{'scaled down to ' + format_shape(used) if used else 'left out'}: it needs about {human_bytes(need)} of "
+            f"activations and attention scores (--calibration-shapes {format_shape(asked)} uses it)"
+            for asked, used, need in changed)
     if check_shapes:
-        check_shapes_fit(model, spec, list(check_shapes), max_memory, what="check shape")
+        check_shapes_fit(model, spec, list(check_shapes), max_memory, what="check shape", sizes=sizes)
     if check and not foreign:
         from ..models.loader import source_from_spec
 
@@ -572,7 +591,7 @@ def convert_fp16(
         budget = memory_budget_for(model)
         report = audit_fp16(model, threshold=threshold, calibration_shapes=calibration_shapes,
                             extra_fp32_ops=extra_fp32_ops, spec=spec, progress=progress, weights_folder=stage,
-                            memory_budget=budget)
+                            memory_budget=budget, sizes=sizes)
         done("audit")
         islands = [i for i in report.fp32_nodes if i.node not in set(forced)]
         have = {i.node for i in islands}
@@ -595,7 +614,19 @@ def convert_fp16(
             raise CheckFailed(f"the FP16 model failed the ONNX checks: {str(exc).splitlines()[0]}") from None
         if [(o.domain, o.version) for o in model.opset_import] != orig_opset:
             raise CheckFailed("the FP16 conversion changed the opset")
-        decomposed = decompose_unfusable(model, stage)
+        # The one analysis of the finished graph, on the types and shapes the check just inferred: the report's
+        # dtypes, the decomposition, the emulation's logits and the engine build's readiness all read it.
+        # Its concrete sizes come from the FP32 model's inference at the calibration shapes' cover: the conversion
+        # keeps the tensor names, and a level is read off a length at any known height and width.
+        cover = sizes.covering(report.calibration_shapes)
+        probed, probed_at = sizes.index(cover), (cover[1], cover[2])
+        found = find_attention(model, index=TypedIndex(model, infer=False), weights_folder=stage, probed=probed,
+                               probed_at=probed_at)
+        decomposed = decompose_unfusable(model, stage, found)
+        if decomposed:
+            model = onnx.shape_inference.infer_shapes(model, data_prop=True)
+            found = find_attention(model, index=TypedIndex(model, infer=False), weights_folder=stage, probed=probed,
+                                   probed_at=probed_at)
         embed_spec(model, fp16_spec)
         record_fp16_settings(model, settings)
         # FP32 weights that every consumer now reads in FP16 are dropped here: only used tensors are kept.
@@ -606,8 +637,6 @@ def convert_fp16(
             onnx.checker.check_model(str(staged), full_check=True)
         except Exception as exc:  # noqa: BLE001 - a bug in the pass, reported as one line
             raise CheckFailed(f"the FP16 model failed the ONNX checks: {str(exc).splitlines()[0]}") from None
-        # One analysis of the finished graph: the report's dtypes and the emulation's logits both read it.
-        found = find_attention(model, probe=False, weights_folder=stage)
         attention = attention_dtypes(found)
         done("convert")
 
@@ -624,7 +653,7 @@ def convert_fp16(
             step("FP16 emulation")
             largest = max(report.calibration_shapes, key=lambda s: s[0] * s[1] * s[2])
             emulation = emulate_fp16(model, [largest], spec=fp16_spec, weights_folder=stage, memory_budget=budget,
-                                     analysis=found)
+                                     analysis=found, sizes=sizes)
             done("FP16 emulation")
             if not check_result["passed"]:
                 against = "the FP32 file" if foreign else "PyTorch"
@@ -645,4 +674,5 @@ def convert_fp16(
         initializers_fp32=counts["initializers_fp32"], clamped_initializers=counts["clamped"], attention=attention,
         size_bytes=size, seconds=time.perf_counter() - t_start, check=check_result, emulation=emulation,
         forced_fp16=forced, steps=steps, external_data=data_path, decomposed=decomposed, notes=calibration_notes,
+        graph=model, analysis=found,
     )

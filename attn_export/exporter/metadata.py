@@ -59,14 +59,6 @@ def find_spec(model: onnx.ModelProto, origin: str | Path = "model") -> ModelSpec
     return None
 
 
-def spec_from_model(model: onnx.ModelProto, origin: str | Path = "model") -> ModelSpec:
-    """The ModelSpec stored in ``model``; UsageError if it has none."""
-    spec = find_spec(model, origin)
-    if spec is None:
-        raise UsageError(f"{origin} carries no attn-export description; export it with `attn-export onnx`")
-    return spec
-
-
 def external_data_locations(model: onnx.ModelProto, origin: str | Path = "model") -> list[str]:
     """The external data files a model names, each checked to be a plain relative path.
 
@@ -118,8 +110,3 @@ def load_onnx(path: str | Path, load_external_data: bool = True) -> onnx.ModelPr
         except Exception as exc:  # noqa: BLE001 - truncated or unreadable data files
             raise UsageError(f"{p}: its external data cannot be read ({str(exc).splitlines()[0][:120]})") from None
     return model
-
-
-def read_spec(path: str | Path) -> ModelSpec:
-    """The ModelSpec inside an ONNX file, without loading its weights."""
-    return spec_from_model(load_onnx(path, load_external_data=False), origin=str(path))

@@ -36,7 +36,7 @@ import onnx
 from onnx import numpy_helper
 
 from .index import TypedIndex, dtype_name, node_attr, swap_last_two
-from .probe import DEFAULT_P, eval_dim_expression, level_of, probe_index, run_probe, seq_expression
+from .probe import DEFAULT_P, eval_dim_expression, level_at, level_of, probe_index, run_probe, seq_expression
 from .scalar import eval_scalar
 
 PASS_THROUGH = ("Cast", "Identity")
@@ -720,8 +720,10 @@ def _parse_einsum(eq: str) -> tuple[tuple[str, str], str] | None:
     return (parts[0], parts[1]), out
 
 
-def _fill_shapes(site: AttentionSite, idx: TypedIndex, probe: TypedIndex | None, p: int) -> None:
-    """Heads, head size, sequence length and level from symbolic shapes, then from the probe."""
+def _fill_shapes(site: AttentionSite, idx: TypedIndex, probe: TypedIndex | None, p: int,
+                 probe_hw: tuple[int, int] | None = None) -> None:
+    """Heads, head size, sequence length and level from symbolic shapes, then from the probe
+    (pinned at ``probe_hw``, (height, width); the standard probe's (2p, p) when None)."""
     if site.q is None or site.problem is not None and site.rank is None:
         return
 
@@ -754,7 +756,8 @@ def _fill_shapes(site: AttentionSite, idx: TypedIndex, probe: TypedIndex | None,
                     site.level = level
                     site.seq_len = seq_expression(level)
         elif site.level is None:
-            level = level_of(qs[-2] if isinstance(qs[-2], int) else None, p)
+            seq = qs[-2] if isinstance(qs[-2], int) else None
+            level = level_at(seq, *probe_hw) if probe_hw else level_of(seq, p)
             if level is not None:
                 site.level = level
                 if not isinstance(site.seq_len, int):
@@ -838,7 +841,7 @@ def _resolve_by_running(model: onnx.ModelProto, sites: list[AttentionSite], p: i
 
 def find_attention(model: onnx.ModelProto, *, probe: bool = True, index: TypedIndex | None = None,
                    probed: TypedIndex | None = None, p: int = DEFAULT_P, run: bool = True,
-                   weights_folder: Path | None = None) -> list[AttentionSite]:
+                   weights_folder: Path | None = None, probed_at: tuple[int, int] | None = None) -> list[AttentionSite]:
     """Every attention site of ``model`` in graph order (see the module docstring).
 
     ``probe`` also runs shape inference with concrete input dims, for the
@@ -846,7 +849,9 @@ def find_attention(model: onnx.ModelProto, *, probe: bool = True, index: TypedIn
     ``index``/``probed`` to reuse inferences already made). ``run``
     lets ONNX Runtime run the model at two small sizes when a scale or head
     size can be learned no other way (weights loaded, or their data files in
-    ``weights_folder``).
+    ``weights_folder``). ``probed_at``: the (height, width) ``probed`` was
+    pinned at, when it is not the standard probe (a memory estimate's
+    inference, say; a site whose Q it does not size is left to the runs).
     """
     idx = index or TypedIndex(model)
     finder = _Finder(idx)
@@ -863,7 +868,7 @@ def find_attention(model: onnx.ModelProto, *, probe: bool = True, index: TypedIn
     for i, site in enumerate(sites):
         if not site.name:
             site.name = site.anchor or f"attention_{i}"
-        _fill_shapes(site, idx, probed, p)
+        _fill_shapes(site, idx, probed, p, probed_at)
     for site in sites:
         site.kind = finder.kind(site, model)
     if run and sites:

@@ -147,14 +147,17 @@ class _Sites:
 
 def estimate_memory(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]],
                     shape: tuple[int, ...] = (), *, keep_all: bool = False,
-                    sites: _Sites | None = None, axes: Mapping[str, int] | None = None) -> MemoryEstimate:
+                    sites: _Sites | None = None, axes: Mapping[str, int] | None = None,
+                    index: TypedIndex | None = None) -> MemoryEstimate:
     """Estimate the host memory of one forward pass of ``model`` with its inputs at ``input_shapes``.
 
     ``keep_all``: every intermediate stays alive (a run that reads them all, like the FP16 range audit).
     ``sites``: the attention analysis, asked for scores shape inference cannot size (see the module docstring).
+    ``index``: the shape inference of ``model`` pinned at ``input_shapes``, when the caller has it.
     """
     weights = sum(int(np.prod(i.dims, dtype=np.int64)) * _itemsize(i.data_type) for i in model.graph.initializer)
-    index = _pinned_index(model, input_shapes)
+    if index is None:
+        index = _pinned_index(model, input_shapes)
     if index is None:
         return MemoryEstimate(tuple(shape), 0, 0, weights, complete=False)
     complete = True
@@ -214,15 +217,6 @@ def _attention_scores(node: onnx.NodeProto, index: TypedIndex) -> int:
     return 2 * 4 * int(batch) * int(heads) * int(sq) * int(sk)
 
 
-def estimates_for(model: onnx.ModelProto, shapes: Sequence[tuple[int, ...]],
-                  input_shapes: Sequence[Mapping[str, Sequence[int]]], *, keep_all: bool = False,
-                  axes: Mapping[str, int] | None = None) -> list[MemoryEstimate]:
-    """:func:`estimate_memory` at each shape; the attention analysis runs once, if shape inference falls short."""
-    sites = _Sites(model)
-    return [estimate_memory(model, feeds, shape, keep_all=keep_all, sites=sites, axes=axes)
-            for shape, feeds in zip(shapes, input_shapes)]
-
-
 def _feeds(spec: ModelSpec, shapes: Sequence[tuple[int, int, int]]) -> list[dict[str, tuple[int, ...]]]:
     """Each input's shape at each (batch, height, width), the other named axes at their largest."""
     return [{t.name: spec.shape_of(t, *s, which="max") for t in spec.inputs} for s in shapes]
@@ -238,37 +232,138 @@ def over_limit(e: MemoryEstimate, bound: int, what: str) -> str:
             f"{human_bytes(bound)} limit; use smaller shapes or raise --max-memory (0 for no limit)")
 
 
-def check_memory(model: onnx.ModelProto, shapes: Sequence[tuple[int, ...]], input_shapes: Sequence[Mapping[str, Sequence[int]]],
-                 limit: int | None, *, what: str = "this shape", keep_all: bool = False,
-                 axes: Mapping[str, int] | None = None) -> list[MemoryEstimate]:
-    """Refuse (ShapeError, exit 2) any shape whose estimate exceeds ``limit`` bytes (None: this machine's memory, 0: no limit)."""
-    bound = default_memory_limit() if limit is None else limit
-    estimates = estimates_for(model, shapes, input_shapes, keep_all=keep_all, axes=axes)
-    if not bound:
-        return estimates
-    for e in estimates:
-        if e.total > bound:
-            raise ShapeError(over_limit(e, bound, what))
-    return estimates
+Shape3 = tuple[int, int, int]
+
+# Shapes chosen on the user's behalf (verify's default sweep, fp16's default calibration) are scaled down past this
+# many bytes of live activations: at a full-resolution attention site they grow with the square of the pixels, and
+# one such shape can take minutes on a CPU.
+DEFAULT_SHAPE_ACTIVATIONS = 2 << 30
+
+
+def envelope(shapes: Sequence[Shape3]) -> Shape3:
+    """The smallest (batch, height, width) at least as large as each of ``shapes`` on every axis."""
+    return (max(s[0] for s in shapes), max(s[1] for s in shapes), max(s[2] for s in shapes))
+
+
+def _covers(big: Shape3, small: Shape3) -> bool:
+    return all(b >= s for b, s in zip(big, small))
+
+
+class SizeModel:
+    """Tensor sizes of one model at (batch, height, width) shapes, from as few shape inferences as can tell.
+
+    Every activation of these models grows with batch, height and width, so
+    the sizes at a shape that covers several (:func:`envelope`) bound each of
+    theirs: one inference there answers "do they all fit?" and "how large can
+    each tensor get?" for all of them. A shape is inferred on its own only
+    when a bound is not enough (it is over the limit, and the message must
+    name the shape). Inferences are kept, and a kept one that covers a new
+    request answers it.
+    """
+
+    def __init__(self, model: onnx.ModelProto, spec: ModelSpec) -> None:
+        self.model = model
+        self.spec = spec
+        self.inferences = 0
+        self._indexes: dict[Shape3, TypedIndex | None] = {}
+        self._sites = _Sites(model)
+
+    def index(self, shape: Shape3) -> TypedIndex | None:
+        """Shape inference with the inputs pinned at ``shape`` (the other named axes at their largest)."""
+        if shape not in self._indexes:
+            self.inferences += 1
+            self._indexes[shape] = _pinned_index(self.model, _feeds(self.spec, [shape])[0])
+        return self._indexes[shape]
+
+    def covering(self, shapes: Sequence[Shape3]) -> Shape3:
+        """A shape whose sizes bound those of every one of ``shapes``: one already inferred, or their envelope."""
+        env = envelope(shapes)
+        known = [s for s, idx in self._indexes.items() if idx is not None and _covers(s, env)]
+        return min(known, key=lambda s: s[0] * s[1] * s[2]) if known else env
+
+    def estimate(self, shape: Shape3, *, keep_all: bool = False) -> MemoryEstimate:
+        """:func:`estimate_memory` at ``shape``, from the kept inference there."""
+        feeds = _feeds(self.spec, [shape])[0]
+        return estimate_memory(self.model, feeds, shape, keep_all=keep_all, sites=self._sites,
+                               axes=self.spec.axes("max"), index=self.index(shape))
+
+    def element_counts(self, shapes: Sequence[Shape3]) -> dict[str, int]:
+        """Per tensor, an element count at least its count at each of ``shapes`` (-1 where unknown)."""
+        index = self.index(self.covering(shapes))
+        if index is None:
+            return {}
+        counts: dict[str, int] = {}
+        for name, dims in index.shapes.items():
+            known = [d for d in dims if isinstance(d, int) and d >= 0]
+            counts[name] = int(np.prod(known, dtype=np.int64)) if len(known) == len(dims) else -1
+        return counts
+
+    def need(self, shape: Shape3, *, keep_all: bool = False) -> int:
+        """Bytes of live activations and attention scores at ``shape`` (the weights left out)."""
+        e = self.estimate(shape, keep_all=keep_all)
+        return e.activations + e.attention
+
+    def scaled_to_fit(self, shapes: Sequence[Shape3], bound: int, *, keep_all: bool = False,
+                      ) -> tuple[list[Shape3], list[tuple[Shape3, Shape3 | None, int]]]:
+        """``shapes`` with each one whose activations pass ``bound`` bytes halved in height and width (same batch,
+        kept to the model's multiple and range) until it fits; one it cannot make fit is left out.
+
+        Returns the shapes (deduplicated, in order) and, per changed shape, (asked, used or None, bytes asked).
+        The smallest of ``shapes`` always stays. Where the covering shape fits, nothing is estimated per shape.
+        """
+        from ..shapes import accepts
+
+        if not shapes or self.need(self.covering(list(shapes)), keep_all=keep_all) <= bound:
+            return list(shapes), []
+        smallest = min(shapes, key=lambda s: s[0] * s[1] * s[2])
+        m = max(1, self.spec.hw_multiple)
+        out: list[Shape3] = []
+        changed: list[tuple[Shape3, Shape3 | None, int]] = []
+        for shape in shapes:
+            asked = self.need(shape, keep_all=keep_all)
+            used: Shape3 | None = shape
+            b, h, w = shape
+            while used is not None and shape != smallest and self.need(used, keep_all=keep_all) > bound:
+                h, w = max(m, h // 2 // m * m), max(m, w // 2 // m * m)
+                used = (b, h, w) if (b, h, w) != used and accepts(self.spec, (b, h, w)) else None
+            if used != shape:
+                changed.append((shape, used, asked))
+            if used is not None and used not in out:
+                out.append(used)
+        return out, changed
+
+    def over(self, shapes: Sequence[Shape3], bound: int, *, keep_all: bool = False) -> list[MemoryEstimate]:
+        """The estimates of ``shapes`` over ``bound`` bytes (0: none is): none when a covering shape fits."""
+        if not bound or not shapes:
+            return []
+        if self.estimate(self.covering(shapes), keep_all=keep_all).total <= bound:
+            return []
+        return [e for e in (self.estimate(s, keep_all=keep_all) for s in shapes) if e.total > bound]
 
 
 def check_shapes_fit(model: onnx.ModelProto, spec: ModelSpec, shapes: Sequence[tuple[int, int, int]],
-                     limit: int | None, *, what: str = "shape", keep_all: bool = False) -> list[MemoryEstimate]:
-    """:func:`check_memory` for (batch, height, width) shapes of a model described by ``spec``."""
-    return check_memory(model, shapes, _feeds(spec, shapes), limit, what=what, keep_all=keep_all, axes=spec.axes("max"))
+                     limit: int | None, *, what: str = "shape", keep_all: bool = False,
+                     sizes: SizeModel | None = None) -> None:
+    """Refuse (ShapeError, exit 2) the first of ``shapes`` whose estimate exceeds ``limit`` bytes
+    (None: the memory free here, 0: no limit). ``sizes``: the model's :class:`SizeModel`, to share its inferences."""
+    bound = default_memory_limit() if limit is None else limit
+    over = (sizes or SizeModel(model, spec)).over(list(shapes), bound, keep_all=keep_all)
+    if over:
+        raise ShapeError(over_limit(over[0], bound, what))
 
 
 def shapes_that_fit(model: onnx.ModelProto, spec: ModelSpec, shapes: Sequence[tuple[int, int, int]],
-                    limit: int | None, *, keep_all: bool = False) -> tuple[list[tuple[int, int, int]], list[str]]:
+                    limit: int | None, *, keep_all: bool = False,
+                    sizes: SizeModel | None = None) -> tuple[list[tuple[int, int, int]], list[str]]:
     """The shapes whose estimate is within half of ``limit``, and a reason for each one left out.
 
     For shapes chosen on the user's behalf: the estimate is a floor (a run of
     the FP16 audit has held about twice it), so half the bound leaves room.
     """
     bound = (default_memory_limit() if limit is None else limit) // 2
-    estimates = estimates_for(model, shapes, _feeds(spec, shapes), keep_all=keep_all, axes=spec.axes("max"))
-    fit = [s for s, e in zip(shapes, estimates) if not bound or e.total <= bound]
+    over = (sizes or SizeModel(model, spec)).over(list(shapes), bound, keep_all=keep_all)
+    left_shapes = {e.shape for e in over}
+    fit = [s for s in shapes if tuple(s) not in left_shapes]
     left = [f"{'x'.join(map(str, e.shape))} left out: it needs about {human_bytes(e.total)} (attention scores "
-            f"{human_bytes(e.attention)}), over half of {human_bytes(2 * bound)}"
-            for e in estimates if bound and e.total > bound]
+            f"{human_bytes(e.attention)}), over half of {human_bytes(2 * bound)}" for e in over]
     return fit, left

@@ -70,6 +70,18 @@ def level_of(seq: int | None, p: int = DEFAULT_P) -> int | None:
     return level if 4 ** level == factor else None
 
 
+def level_at(seq: int | None, height: int, width: int) -> int | None:
+    """The resolution level whose ceil(H/2**level)*ceil(W/2**level) equals ``seq`` at an image of ``height`` x
+    ``width`` (None if none does, or if two levels give the same length there and the size cannot tell them apart)."""
+    if not isinstance(seq, int) or seq <= 0:
+        return None
+    lengths = [-(-height // (1 << level)) * -(-width // (1 << level)) for level in range(16)]
+    if seq not in lengths:
+        return None
+    level = lengths.index(seq)
+    return level if lengths.count(seq) == 1 else None
+
+
 def seq_expression(level: int) -> str:
     """The sequence length at ``level`` as an expression in the image's height and width."""
     return "height*width" if level == 0 else f"(height/{2 ** level})*(width/{2 ** level})"

@@ -12,7 +12,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from ..errors import ProviderUnavailable, UsageError
-from ..exporter.metadata import load_onnx, spec_from_model
+from ..exporter.foreign import spec_of
+from ..exporter.metadata import load_onnx
 from ..spec import ModelSpec
 from .base import Runner
 
@@ -99,8 +100,7 @@ class OrtRunner(Runner):
         self.winograd_rewritten = 0
         self.path = Path(path)
         # The caller's description spares a parse of the file (verify has it already).
-        super().__init__(spec if spec is not None else
-                         spec_from_model(load_onnx(self.path, load_external_data=False), origin=str(self.path)))
+        super().__init__(spec if spec is not None else spec_of(self.path, foreign=False))
         self.providers = resolve_providers(providers)
         self.threads = threads
         self.graph_optimization = graph_optimization
