@@ -30,10 +30,15 @@ The FP16 file records no path to its FP32 source (a path inside an artifact
 would be data anyway): pass the FP32 file as ``reference``, or let an
 attn-export FP16 file be compared with PyTorch module by module.
 
-A TensorRT engine cannot be localized: its intermediate tensors exist only if
-they were marked as outputs when it was built, and marking them changes what
-TensorRT fuses. :func:`localize` refuses an engine (UsageError) and says what
-to run instead.
+* for a TensorRT or TensorRT-RTX engine, the ONNX file it was built from
+  (``reference=``, checked against the SHA-256 its sidecar records): an
+  engine holds no intermediate tensors, so that file is built again with
+  the engine's settings and every float tensor marked as an output
+  (:mod:`attn_export.engines.marked`, Polygraphy's ``--trt-outputs mark
+  all``), run once on the GPU, and compared with the file in ONNX Runtime on
+  the CPU. Marking forces TensorRT to write each tensor, so the marked
+  engine fuses less than the shipped one; the report says so. Tensors the
+  network does not have (folded constants, shape arithmetic) are unmatched.
 
 Inputs: seeded ones from the model's description at each shape (shape i uses
 ``seed + i``, as verify's sweep does), or the caller's (:func:`load_inputs`
@@ -172,7 +177,7 @@ class LocalizeReport:
 
     candidate: str
     reference: str                 # the reference ONNX file, or "pytorch (cpu)"
-    mode: str                      # "onnx" (file vs file, node by node) | "pytorch" (module by module)
+    mode: str                      # "onnx" (file vs file, node by node) | "pytorch" (module by module) | "engine"
     precision: str
     tolerances: Tolerances
     shape: Shape                   # the shape reported on (the first where something diverged, else the last tried)
@@ -342,12 +347,44 @@ def _is_engine(path: Path) -> bool:
     return path.suffix.lower() in _ENGINE_SUFFIXES or is_engine_path(path)
 
 
-def _engine_refusal(path: Path) -> UsageError:
-    return UsageError(
-        f"--localize of an engine needs its intermediate tensors marked as outputs when it is built, which changes "
-        f"what TensorRT fuses, and {path.name} is built already: localize the ONNX file it was built from instead "
-        "(against the FP32 file with --reference, or against PyTorch), or rebuild with "
-        "`polygraphy run MODEL.onnx --trt --onnxrt --trt-outputs mark all --onnx-outputs mark all` on the GPU")
+def engine_source(engine: Path, reference: Path | None) -> dict[str, Any]:
+    """The sidecar of an engine to localize, once ``reference`` is known to be the ONNX file it was built from
+    (UsageError otherwise, naming what to pass)."""
+    from .engines.sidecar import read_sidecar
+    from .files import file_sha256
+
+    if reference is None:
+        raise UsageError("--localize of an engine compares it with the ONNX file it was built from: pass --reference "
+                         "with that file (for `attn-export trt --fp16`, its FP16 file)")
+    sidecar = read_sidecar(engine)
+    recorded = (sidecar.get("onnx") or {}).get("sha256")
+    if recorded and file_sha256(reference) != recorded:
+        raise UsageError(f"{engine.name} was not built from {reference}: its sidecar records another file "
+                         f"(SHA-256 {str(recorded)[:12]}...); pass the ONNX file `attn-export trt` built it from")
+    return sidecar
+
+
+def _marked_engine_values(engine: Path, onnx_path: Path, sidecar: Mapping[str, Any], names: Sequence[str],
+                          feeds: Mapping[str, np.ndarray], say: Callable[[str], None]) -> dict[str, np.ndarray]:
+    """The named tensors of one GPU run of ``onnx_path`` built as ``engine`` was, with them marked as outputs."""
+    import hashlib
+    import tempfile
+
+    from .engines.marked import build_marked
+    from .engines.sidecar import sidecar_path, write_sidecar
+    from .runners.trt_runner import TrtRunner
+
+    say(f"building {onnx_path.name} as {engine.name} was, {len(names)} tensors marked as outputs")
+    plan, marked = build_marked(onnx_path, sidecar, names)
+    with tempfile.TemporaryDirectory(prefix="attn-export-marked-") as tmp:
+        built = Path(tmp) / "marked.plan"
+        built.write_bytes(plan)
+        write_sidecar(sidecar_path(built), {**sidecar, "engine_file": built.name,
+                                            "engine_sha256": hashlib.sha256(plan).hexdigest()})
+        say("running the marked engine")
+        with TrtRunner(built) as runner:
+            out = runner.infer(feeds)
+    return {n: np.asarray(out[n]) for n in marked if n in out}
 
 
 def _fix_for_fp16(node: str, op_type: str, error: TensorError, shape: Shape, *, in_fp16: bool,
@@ -456,7 +493,10 @@ def _upstream_tensors(start: Sequence[str], made: Mapping[str, onnx.NodeProto]) 
 
 def _compare_files(cand: onnx.ModelProto, cand_path: Path, ref: onnx.ModelProto, ref_path: Path,
                    feeds: Mapping[str, np.ndarray], shape: Shape, tol: Tolerances, budget: int, max_path: int,
-                   precision: str, say: Callable[[str], None]) -> _Outcome:
+                   precision: str, say: Callable[[str], None],
+                   candidate_values: Callable[[Sequence[str]], Mapping[str, np.ndarray]] | None = None) -> _Outcome:
+    """Node by node, ``cand`` against ``ref``, both run in ONNX Runtime on the CPU; ``candidate_values``: where the
+    candidate's tensors come from instead (an engine's marked outputs; names it lacks count as unmatched)."""
     c_types, c_shapes = _typed(cand, feeds)
     r_types, r_shapes = _typed(ref, feeds)
     c_made = {o: n for n in cand.graph.node for o in n.output if o}
@@ -480,13 +520,21 @@ def _compare_files(cand: onnx.ModelProto, cand_path: Path, ref: onnx.ModelProto,
         raise UsageError(f"no intermediate tensor of {cand_path} has a counterpart of the same name in {ref_path}; "
                          "localize compares files made from one another (an export and its FP16 conversion)")
 
+    got: Mapping[str, np.ndarray] | None = None
+    if candidate_values is not None:
+        got = candidate_values(list(pairs.values()))  # one run gives them all
+        unmatched += sum(1 for c in pairs.values() if c not in got)
+        pairs = {o: c for o, c in pairs.items() if c in got}
+        if not pairs:
+            raise UsageError(f"no intermediate tensor of {ref_path} could be read back from {cand_path.name}")
     sizes = {o: max(_nbytes(o, r_types, r_shapes), 0) + max(_nbytes(c, c_types, c_shapes), 0) for o, c in pairs.items()}
     errors: dict[str, TensorError] = {}
     groups = _groups(list(pairs), sizes, budget)
     for gi, group in enumerate(groups):
-        say(f"running both files, tensor group {gi + 1}/{len(groups)}")
+        say(f"running {'the reference' if got is not None else 'both files'}, tensor group {gi + 1}/{len(groups)}")
         rv = _run_exposed(ref, ref_path.parent, r_types, group, feeds, str(ref_path))
-        cv = _run_exposed(cand, cand_path.parent, c_types, [pairs[o] for o in group], feeds, str(cand_path))
+        cv = ({pairs[o]: got[pairs[o]] for o in group} if got is not None else
+              _run_exposed(cand, cand_path.parent, c_types, [pairs[o] for o in group], feeds, str(cand_path)))
         for o in group:
             node = r_made[o]
             cvalue = cv[pairs[o]]
@@ -953,8 +1001,6 @@ def localize(
     path = Path(candidate)
     if not path.is_file():
         raise UsageError(f"artifact not found: {path}")
-    if _is_engine(path):
-        raise _engine_refusal(path)
     ref_path = Path(reference) if reference is not None else None
     if ref_path is not None:
         if not ref_path.is_file():
@@ -969,12 +1015,24 @@ def localize(
     from .exporter.fp16 import default_check_shapes
     from .exporter.metadata import load_onnx
 
-    cand = load_onnx(path, load_external_data=False)
-    spec = spec_of(cand, origin=str(path), input_ranges=input_ranges)
+    sidecar: dict[str, Any] | None = None
+    if _is_engine(path):
+        from .engines.sidecar import sidecar_profiles, sidecar_spec
+
+        sidecar = engine_source(path, ref_path)
+        assert ref_path is not None
+        # The engine's graph is the file it was built from: the candidate's tensors are that file's, read back.
+        cand = load_onnx(ref_path, load_external_data=False)
+        spec = sidecar_spec(sidecar)
+        precision = str(sidecar.get("precision") or spec.precision)
+    else:
+        cand = load_onnx(path, load_external_data=False)
+        spec = spec_of(cand, origin=str(path), input_ranges=input_ranges)
+        precision = spec.precision
     if ref_path is None and is_foreign(spec):
         raise UsageError(f"{path} has no attn-export description, so there is no PyTorch model to compare it with; "
                          "pass --reference model.onnx (for example the FP32 file it was made from)")
-    tol = resolve_tolerances(spec.precision, atol=atol, rtol=rtol, stat=stat, quantile=quantile)
+    tol = resolve_tolerances(precision, atol=atol, rtol=rtol, stat=stat, quantile=quantile)
 
     runs: list[tuple[Shape, dict[str, np.ndarray]]]
     if inputs is not None:
@@ -987,6 +1045,11 @@ def localize(
         sweep = sweep or default_check_shapes(spec)
         if not sweep:
             raise UsageError("no shape to run at; pass --shapes")
+        if sidecar is not None and not shapes and not input_shapes:
+            from .engines.profiles import find_profile
+
+            inside = [s for s in sweep if find_profile(sidecar_profiles(sidecar), *s) is not None]
+            sweep = inside or [cast(Shape, tuple(p.opt)) for p in sidecar_profiles(sidecar)][:1]
         for s in sweep:
             try:
                 spec.check_shape(*s)
@@ -1011,7 +1074,9 @@ def localize(
     outcome: _Outcome | None = None
     loaded: Any = None
     ref_model: onnx.ModelProto | None = None
-    if ref_path is not None:
+    if sidecar is not None:
+        ref_desc = f"{ref_path} (ONNX Runtime, CPU)"
+    elif ref_path is not None:
         say(f"loading {ref_path.name}")
         ref_model = load_onnx(ref_path, load_external_data=False)
         ref_desc = str(ref_path)
@@ -1029,7 +1094,18 @@ def localize(
         step = i + 1
         tried.append(shape)
         say(f"comparing at {format_shape(shape)}")
-        if ref_model is not None and ref_path is not None:
+        if sidecar is not None and ref_path is not None:
+            def marked(names: Sequence[str], engine_sidecar: dict[str, Any] = sidecar,
+                       run_feeds: dict[str, np.ndarray] = feeds) -> dict[str, np.ndarray]:
+                assert ref_path is not None
+                return _marked_engine_values(path, ref_path, engine_sidecar, names, run_feeds, say)
+
+            outcome = _compare_files(cand, path, cand, ref_path, feeds, shape, tol, budget, max_path, precision, say,
+                                     marked)
+            outcome.notes.append(f"{path.name} was built again from {ref_path.name} with its intermediate tensors "
+                                 "marked as outputs: that engine fuses less than the shipped one (a fused attention "
+                                 "site runs as separate layers there)")
+        elif ref_model is not None and ref_path is not None:
             outcome = _compare_files(cand, path, ref_model, ref_path, feeds, shape, tol, budget, max_path,
                                      spec.precision, say)
         else:
@@ -1042,8 +1118,9 @@ def localize(
     if progress:
         progress("localize: done", total, total)
     return LocalizeReport(
-        candidate=str(path), reference=ref_desc, mode="onnx" if ref_path is not None else "pytorch",
-        precision=spec.precision, tolerances=tol, shape=shape, shapes_tried=tried, input_source=input_source,
+        candidate=str(path), reference=ref_desc,
+        mode="engine" if sidecar is not None else "onnx" if ref_path is not None else "pytorch", precision=precision,
+        tolerances=tol, shape=shape, shapes_tried=tried, input_source=input_source,
         seed=used_seed + len(tried) - 1 if used_seed is not None else None, inputs=describe_inputs(feeds),
         first=outcome.first, path=outcome.path, path_left_out=outcome.path_left_out, compared=outcome.compared,
         diverging=outcome.diverging, unmatched=outcome.unmatched, outputs=outcome.outputs, fix=outcome.fix,

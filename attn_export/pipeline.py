@@ -234,12 +234,14 @@ def verify_artifact(artifact: str | Path, *, localize: bool = False, save_inputs
     from .verify import verify
 
     if localize:
-        # Refused before the comparison runs: localize runs the file as written on the CPU provider, so it could
-        # not look at what verify would have compared.
+        # Refused before the comparison runs: localize runs an ONNX file as written on the CPU provider, so it could
+        # not look at what verify would have compared; an engine is compared with the file it was built from.
         if is_engine_path(Path(artifact)):
-            raise UsageError("--localize compares ONNX files node by node; for an engine, localize the ONNX file it "
-                             "was built from against PyTorch (or pass --reference with that file)")
-        if options.get("form", "written") != "written" or any(
+            from .localize import engine_source
+
+            reference = options.get("reference")
+            engine_source(Path(artifact), Path(reference) if reference is not None else None)
+        elif options.get("form", "written") != "written" or any(
                 str(p).lower() not in ("cpu", "cpuexecutionprovider") for p in options.get("providers") or []):
             raise UsageError("--localize runs the file as written on ONNX Runtime's CPU provider; drop --form serving "
                              "and --provider to localize the same graph")

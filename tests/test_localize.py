@@ -262,12 +262,11 @@ def test_bad_options_are_refused(tiny_onnx: Path, tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------------------------------------------------
 # engines
 # ---------------------------------------------------------------------------------------------------------------------
-def test_engine_is_refused_with_what_to_do(tmp_path: Path) -> None:
+def test_engine_needs_the_onnx_file_it_was_built_from(tmp_path: Path) -> None:
     engine = tmp_path / "unet.plan"
-    engine.write_bytes(b"")  # refused by its name before anything reads it
-    with pytest.raises(UsageError, match="--localize of an engine needs") as info:
+    engine.write_bytes(b"")  # refused before anything reads it
+    with pytest.raises(UsageError, match="--localize of an engine compares it with the ONNX file it was built from"):
         localize(engine)
-    assert "ONNX file it was built from" in str(info.value)
 
 
 def _have_trt_and_gpu() -> bool:
@@ -280,11 +279,14 @@ def _have_trt_and_gpu() -> bool:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not _have_trt_and_gpu(), reason="needs TensorRT and an NVIDIA GPU")
-def test_real_engine_is_refused(tmp_path: Path, tiny_onnx: Path) -> None:
+def test_fp16_engine_is_compared_tensor_by_tensor_with_its_onnx_file(tmp_path: Path, tiny_onnx: Path) -> None:
     from attn_export import build_engine
     from attn_export.engines.profiles import Profile
 
-    engine = build_engine(tiny_onnx, tmp_path / "tiny.engine", [Profile((1, 16, 16), (1, 32, 32), (2, 32, 32))]).build
-    assert engine is not None
-    with pytest.raises(UsageError, match="--localize of an engine needs"):
-        localize(engine.engine_path, reference=tiny_onnx)
+    result = build_engine(tiny_onnx, tmp_path / "tiny.engine", [Profile((1, 16, 16), (1, 32, 32), (2, 32, 32))],
+                          fp16=True)
+    assert result.build is not None
+    report = localize(result.build.engine_path, reference=result.built_from)
+    assert report.mode == "engine" and report.precision == "fp16"
+    assert report.compared > 100 and report.first is None, report.summary()
+    assert any("fuses less" in n for n in report.notes)

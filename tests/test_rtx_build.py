@@ -372,3 +372,35 @@ def test_masked_cross_attention_fuses(attention: str, tmp_path_factory: pytest.T
     assert_agrees(result, fp16, RANGE)
     assert [b.verdict for b in result.build.fusion.blocks] == ["fused"]
     assert [io["name"] for io in _written(tmp_path)["io"]] == ["x", "t", "context", "context_mask", "out"]
+
+
+def test_engine_localize_builds_the_marked_engine_and_checks_its_source(export_model, half, tmp_path: Path,
+                                                                        wide_console) -> None:
+    """--localize of an engine builds the ONNX file it came from again, as it was built, with every float tensor
+    marked as an output: the RTX builder makes that engine here. The file must be the engine's own (its SHA-256),
+    and running the marked engine needs a GPU, so here the command stops at that, in one line."""
+    from attn_export.engines.marked import build_marked
+    from attn_export.exporter.audit import value_types
+
+    fp32 = export_model("tiny", "op")
+    path = half(fp32)
+    _engine(path, tmp_path, RANGE)
+    sidecar = _written(tmp_path)
+    model = onnx.load(str(path), load_external_data=False)
+    types = value_types(model)
+    floats = [o for n in model.graph.node for o in n.output
+              if types.get(o) in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)]
+    plan, marked = build_marked(path, sidecar, floats)
+    assert len(plan) > 1000 and set(marked) <= set(floats)
+    # The attention sites' inputs are tensors of the network, so they can be read back: the first place to look.
+    sites = find_attention(model, probe=False)
+    assert all(s.q is not None and s.q.tensor in marked for s in sites), (marked[:10], [s.q for s in sites])
+    assert len(marked) >= len(floats) // 2, (len(marked), len(floats))
+
+    engine = tmp_path / "m.plan"
+    r = run_cli_in_process("verify", engine, "--localize")
+    assert r.exit_code == 2 and "--reference" in r.output and "Traceback" not in r.output, r.output
+    r = run_cli_in_process("verify", engine, "--localize", "--reference", fp32)
+    assert r.exit_code == 2 and "was not built from" in r.output and "Traceback" not in r.output, r.output
+    r = run_cli_in_process("verify", engine, "--localize", "--reference", path)
+    assert r.exit_code == 2 and "GPU" in r.output and "Traceback" not in r.output, r.output
