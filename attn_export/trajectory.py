@@ -30,7 +30,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence, cast
 
 import numpy as np
 
@@ -39,7 +39,7 @@ from .errors import ShapeError, UsageError
 from .host import host_info
 from .progress import ProgressFn
 from .shapes import Shape, fit_shapes, round_up, typical_size
-from .spec import ModelSpec, ReferenceOptions, format_shape
+from .spec import ModelSpec, ReferenceOptions, format_shape, parse_shapes
 
 if TYPE_CHECKING:
     from .runners.base import Runner
@@ -353,9 +353,12 @@ def _nonfinite(a: np.ndarray) -> int:
     return int(np.size(a) - np.count_nonzero(np.isfinite(a)))
 
 
-def trajectory_shape(spec: ModelSpec, batch: int | None, shapes: Sequence[Shape] | None) -> Shape:
+def trajectory_shape(spec: ModelSpec, batch: int | None, shapes: str | Sequence[str] | Sequence[Shape] | None) -> Shape:
     """The one BxHxW a trajectory runs at: the given shape, or ``batch`` at the model's fixed or typical size."""
+    if isinstance(shapes, str) or (shapes and isinstance(next(iter(shapes)), str)):
+        shapes = parse_shapes(shapes)  # type: ignore[arg-type]  # text, as the test above found
     if shapes:
+        shapes = [cast(Shape, tuple(int(v) for v in s)) for s in shapes]
         if len(shapes) != 1:
             raise UsageError("--trajectory samples at one shape; give one BxHxW in --shapes (or --batch)")
         if batch is not None and batch != shapes[0][0]:
@@ -443,7 +446,7 @@ def verify_trajectory(
     *,
     sampler: str = "ddim",
     batch: int | None = None,
-    shapes: Sequence[Shape] | None = None,
+    shapes: str | Sequence[str] | Sequence[Shape] | None = None,
     seed: int = 0,
     beta_schedule_kind: str = "linear",
     beta_start: float = 1e-4,
