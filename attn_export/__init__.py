@@ -5,7 +5,8 @@ Everything the CLI does is a function here (imported lazily, so ``import attn_ex
 - :func:`export_onnx` (``attn-export onnx``), with :class:`ModelSource` naming the model
 - :func:`verify` (``attn-export verify``; :func:`verify_artifact` adds ``--localize``, which is
   :func:`localize`, and ``--save-inputs`` / ``--load-inputs``: :func:`save_inputs`, :func:`load_inputs`)
-  and :func:`inspect_artifact` (``attn-export inspect``)
+  and :func:`inspect_artifact` (``attn-export inspect``); :func:`verify_trajectory` (``verify --trajectory``:
+  whole DDIM/DDPM sampling runs compared)
 - :func:`optimize_onnx` (``attn-export optimize``, for TensorRT or ONNX Runtime's serving form), with :func:`find_attention` and
   :func:`canonicalize_attention` (the one attention analysis)
 - :func:`convert_fp16` (``attn-export fp16``) and :func:`build_engine` (``attn-export trt``: FP16
@@ -33,6 +34,7 @@ _LAZY = {
     "audit_fp16": "attn_export.exporter.audit",
     "verify": "attn_export.verify",
     "verify_artifact": "attn_export.pipeline",
+    "verify_trajectory": "attn_export.trajectory",
     "localize": "attn_export.localize",
     "save_inputs": "attn_export.inputs",
     "load_inputs": "attn_export.inputs",

@@ -16,8 +16,8 @@ from typing import Any, Callable, Optional
 import typer
 
 from . import render
-from .cli_args import (BUILD, FP16, REFERENCE, REPORT, SHAPES, SUPPORTED_TRT, BuildArgs, Fp16Args, Group,
-                       ShapeArgs, calibration, command_with, json_object, parse_hw, renamed)
+from .cli_args import (BUILD, FP16, REFERENCE, REPORT, SHAPES, SUPPORTED_TRT, TRAJECTORY, BuildArgs, Fp16Args, Group,
+                       ShapeArgs, TrajectoryArgs, calibration, command_with, json_object, parse_hw, renamed)
 from .cli_support import PathOrder, print_version, progress, reporter, run_app, write_report
 from .errors import UsageError
 from .render import console
@@ -225,7 +225,7 @@ def trt_cmd(
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-@command("verify", SHAPES, REFERENCE, REPORT, help=(
+@command("verify", SHAPES, REFERENCE, TRAJECTORY, REPORT, help=(
     "Compare an artifact with the PyTorch model it was exported from, over a sweep of shapes.\n\n"
     "ARTIFACT is an ONNX file (run in ONNX Runtime, exactly as written unless --form serving) or a TensorRT engine "
     "(.plan/.engine with its .json sidecar). The reference model, seed and checkpoint come from the artifact; a "
@@ -238,6 +238,7 @@ def trt_cmd(
     "  attn-export verify unet.onnx --shapes 2x64x96,1x128x128 --report verify.json\n\n"
     "  attn-export verify unet.plan --stat quantile --quantile 0.99\n\n"
     "  attn-export verify foreign.fp16.onnx --reference foreign.onnx --shapes noisy:1x1x128x128,sigma:1\n\n"
+    "  attn-export verify unet.fp16.onnx --trajectory 50 --images grid.png   (whole DDIM runs; docs/trajectory.md)\n\n"
     "Exit status: 0 all shapes pass, 1 a comparison failed, 2 bad usage or input."))
 def verify_cmd(
     artifact: Path = typer.Argument(..., help="ONNX file or TensorRT engine (.plan/.engine, with its sidecar)."),
@@ -252,9 +253,10 @@ def verify_cmd(
     localize: bool = typer.Option(False, "--localize", help="On a failure, find the first node whose output diverges beyond the tolerances (what marking every layer and reducing the model do in Polygraphy, in one step) and the fix to try."),
     save_inputs: Optional[Path] = typer.Option(None, "--save-inputs", help="Write the inputs of the first failing shape (else the first shape) to this .npz."),
     load_inputs: Optional[Path] = typer.Option(None, "--load-inputs", help="Verify on these inputs (.npz, one array per model input, e.g. your real data) instead of the seeded sweep."),
-    force: bool = typer.Option(False, "--force", help="Replace an existing --save-inputs file."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing --save-inputs or --images file."),
     shape_args: ShapeArgs = None,  # type: ignore[assignment]
     reference_model: ReferenceOptions = None,  # type: ignore[assignment]
+    trajectory_args: TrajectoryArgs = None,  # type: ignore[assignment]
     report: Optional[Path] = None,
 ) -> None:
     from .pipeline import verify_artifact
@@ -265,13 +267,10 @@ def verify_cmd(
             shapes=shape_args.shapes, atol=atol, rtol=rtol, stat=stat, quantile=quantile, seed=seed,
             reference_model=reference_model, providers=[provider] if provider else None, progress=reporter(prog),
             reference=reference, input_shapes=shape_args.input_shapes, input_ranges=shape_args.input_ranges,
-            max_memory=shape_args.max_memory, form=form)
-    result = outcome.report
-    render.verify(result)
-    render.localized(outcome)
-    write_report(report, {**json.loads(result.to_json()),
-                          **({"localize": outcome.localized.to_dict()} if outcome.localized else {})})
-    if not result.passed:
+            max_memory=shape_args.max_memory, form=form, trajectory=trajectory_args.settings)
+    render.verify_outcome(outcome)
+    write_report(report, outcome.to_dict())
+    if not outcome.passed:
         raise typer.Exit(1)
 
 

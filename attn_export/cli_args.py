@@ -293,3 +293,56 @@ BUILD = Group("build_args", [
         "Write the engine even when an attention site the readiness rules expect to fuse was not fused "
         "(default: exit 1, nothing written)."))),
 ], _build_args, "Engine build")
+
+
+@dataclass
+class TrajectoryArgs:
+    """``verify --trajectory``: the settings :func:`attn_export.pipeline.verify_artifact` takes, or None."""
+
+    settings: dict[str, Any] | None = None
+
+
+def _trajectory_args(steps: Optional[int], sampler: Optional[str], batch: Optional[int], images: Optional[Path],
+                     eta: Optional[float], schedule: Optional[str], beta_start: Optional[float], beta_end: Optional[float],
+                     train_steps: Optional[int], prediction: Optional[str], no_clip: bool, min_psnr: Optional[float],
+                     min_ssim: Optional[float], max_image_error: Optional[float]) -> TrajectoryArgs:
+    given = {"--sampler": sampler, "--batch": batch, "--images": images, "--eta": eta, "--beta-schedule": schedule,
+             "--beta-start": beta_start, "--beta-end": beta_end, "--train-steps": train_steps,
+             "--prediction": prediction, "--no-clip": no_clip or None, "--min-psnr": min_psnr, "--min-ssim": min_ssim,
+             "--max-image-error": max_image_error}
+    if steps is None:
+        named = [k for k, v in given.items() if v is not None]
+        if named:
+            raise UsageError(f"{', '.join(named)} set up a trajectory check: add --trajectory STEPS")
+        return TrajectoryArgs()
+    if steps < 1:
+        raise UsageError(f"--trajectory needs a number of steps of at least 1 (got {steps})")
+    if images is not None:
+        from .trajectory_images import check_images_path
+
+        check_images_path(images)  # before anything runs: a bad name should not cost a whole trajectory
+    chosen = {"sampler": sampler, "batch": batch, "images": images, "eta": eta, "beta_schedule_kind": schedule,
+              "beta_start": beta_start, "beta_end": beta_end, "train_steps": train_steps, "prediction": prediction,
+              "clip_sample": False if no_clip else None, "min_psnr": min_psnr, "min_ssim": min_ssim,
+              "max_abs": max_image_error}
+    return TrajectoryArgs({"steps": steps, **{k: v for k, v in chosen.items() if v is not None}})
+
+
+TRAJECTORY = Group("trajectory_args", [
+    ("traj_steps", Optional[int], typer.Option(None, "--trajectory", metavar="STEPS", help=(
+        "Instead of single calls: sample STEPS steps with the artifact and with its reference from the same noise, "
+        "compare every step and the final images (PSNR, SSIM, max abs); exit 1 when the images differ beyond the pass rule."))),
+    ("traj_sampler", Optional[str], typer.Option(None, "--sampler", help="ddim (default, deterministic) or ddpm (ancestral; the same noise on both sides).")),
+    ("traj_batch", Optional[int], typer.Option(None, "--batch", help="Samples per trajectory (default 2), at the model's typical size; or give one BxHxW in --shapes.")),
+    ("traj_images", Optional[Path], typer.Option(None, "--images", help="Write a PNG: per sample reference, candidate and amplified |difference|, and the error-growth curve.")),
+    ("traj_eta", Optional[float], typer.Option(None, "--eta", help="DDIM's eta, 0 (default, deterministic) to 1.")),
+    ("traj_schedule", Optional[str], typer.Option(None, "--beta-schedule", help="linear (default, DDPM), scaled_linear or squaredcos_cap_v2 (cosine).")),
+    ("traj_beta_start", Optional[float], typer.Option(None, "--beta-start", help="First beta of the schedule (default 1e-4).")),
+    ("traj_beta_end", Optional[float], typer.Option(None, "--beta-end", help="Last beta of the schedule (default 0.02).")),
+    ("traj_train_steps", Optional[int], typer.Option(None, "--train-steps", help="Training steps of the schedule (default: the model's recorded timesteps, 1000).")),
+    ("traj_prediction", Optional[str], typer.Option(None, "--prediction", help="auto (default: a 2xC-channel output is epsilon + learned variance), epsilon or learned-variance.")),
+    ("traj_no_clip", bool, typer.Option(False, "--no-clip", help="Do not clip the predicted x0 to [-1, 1] (clipping is diffusers' and Ho's default).")),
+    ("traj_min_psnr", Optional[float], typer.Option(None, "--min-psnr", help="Pass rule: lowest PSNR of a final image, dB (default by precision, docs/trajectory.md).")),
+    ("traj_min_ssim", Optional[float], typer.Option(None, "--min-ssim", help="Pass rule: lowest SSIM of a final image (default by precision).")),
+    ("traj_max_image_error", Optional[float], typer.Option(None, "--max-image-error", help="Pass rule: largest abs difference of a final image in [0, 1] (default by precision).")),
+], _trajectory_args, "Trajectory (whole sampling runs)")

@@ -9,6 +9,7 @@ caller (the CLI) renders. Nothing here draws: progress goes through one
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence, cast
@@ -24,6 +25,7 @@ from .exporter.foreign import spec_of
 from .exporter.metadata import load_onnx
 from .exporter.fp16 import Fp16Result, fp16_settings, recorded_fp16_settings
 from .localize import LocalizeReport
+from .trajectory import TrajectoryReport
 from .verify import VerifyReport
 from .exporter.fp16 import convert_fp16 as _convert_fp16
 from .progress import ProgressFn
@@ -211,16 +213,62 @@ def build_engine(
 
 @dataclass
 class VerifyOutcome:
-    """``attn-export verify``: the comparison and, when asked, where a failure starts and the inputs kept."""
+    """``attn-export verify``: the comparison and, when asked, where a failure starts and the inputs kept;
+    with ``trajectory``, the trajectory check instead of the comparison (``report`` is then None)."""
 
-    report: VerifyReport
+    report: VerifyReport | None
     localized: LocalizeReport | None = None
     inputs_saved: Path | None = None
+    trajectory: TrajectoryReport | None = None
+
+    @property
+    def passed(self) -> bool:
+        return self.trajectory.passed if self.trajectory is not None else bool(self.report and self.report.passed)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON report: every figure of the check that ran."""
+        if self.trajectory is not None:
+            return self.trajectory.to_dict()
+        assert self.report is not None
+        return {**json.loads(self.report.to_json()), **({"localize": self.localized.to_dict()} if self.localized else {})}
+
+
+# verify's options a trajectory check has no use for (its pass rule is on the final images).
+_SINGLE_CALL_ONLY = {"atol": "--atol", "rtol": "--rtol", "stat": "--stat", "input_shapes": "--shapes name:DIMS"}
+
+
+def _verify_trajectory(artifact: str | Path, trajectory: dict[str, Any], *, localize: bool, save_inputs: Any,
+                       load_inputs: Any, force: bool, options: dict[str, Any]) -> VerifyOutcome:
+    """``verify --trajectory``: :func:`.trajectory.verify_trajectory` and, with ``images``, its PNG."""
+    from .trajectory import verify_trajectory
+    from .trajectory_images import check_images_path, write_grid
+
+    given = [name for name, flag in (("--localize", localize), ("--save-inputs", save_inputs),
+                                     ("--load-inputs", load_inputs)) if flag]
+    given += [flag for key, flag in _SINGLE_CALL_ONLY.items() if options.get(key)]
+    if given:
+        raise UsageError(f"{', '.join(given)} check single calls; --trajectory judges the final images "
+                         "(--min-psnr, --min-ssim, --max-image-error)")
+    options = {k: v for k, v in options.items() if k not in ("quantile", *_SINGLE_CALL_ONLY)}
+    settings = dict(trajectory)
+    steps, images = settings.pop("steps"), settings.pop("images", None)
+    if images is not None:
+        check_output_path(check_images_path(images), force=force)
+    report = verify_trajectory(artifact, steps, **settings, **options)
+    if images is not None:
+        report.images_written = str(write_grid(report, images))
+    return VerifyOutcome(None, trajectory=report)
 
 
 def verify_artifact(artifact: str | Path, *, localize: bool = False, save_inputs: str | Path | None = None,
-                    load_inputs: str | Path | None = None, force: bool = False, **options: Any) -> VerifyOutcome:
+                    load_inputs: str | Path | None = None, force: bool = False,
+                    trajectory: dict[str, Any] | None = None, **options: Any) -> VerifyOutcome:
     """:func:`attn_export.verify`, then, with ``localize`` and a failure, the first node that diverges there.
+
+    ``trajectory``: instead of single calls, sample whole trajectories with the
+    artifact and its reference (:func:`attn_export.trajectory.verify_trajectory`
+    with these settings: ``steps`` and its keyword options) and, with
+    ``images``, write their picture there (``force`` replaces a file there).
 
     ``load_inputs``: an ``.npz`` of one call's inputs to verify on (real data)
     instead of the seeded sweep. ``save_inputs``: write the inputs of the first
@@ -233,6 +281,9 @@ def verify_artifact(artifact: str | Path, *, localize: bool = False, save_inputs
     from .localize import localize as find_divergence
     from .verify import verify
 
+    if trajectory is not None:
+        return _verify_trajectory(artifact, trajectory, localize=localize, save_inputs=save_inputs,
+                                  load_inputs=load_inputs, force=force, options=options)
     if localize:
         # Refused before the comparison runs: localize runs an ONNX file as written on the CPU provider, so it could
         # not look at what verify would have compared; an engine is compared with the file it was built from.

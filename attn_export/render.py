@@ -447,3 +447,54 @@ def localized(outcome: Any) -> None:
             console.print(escape(f"  {option}"), highlight=False)
     for note in r.notes:
         console.print(escape(f"note: {note}"), highlight=False)
+
+
+def verify_outcome(outcome: Any) -> None:
+    """``attn-export verify``: the trajectory check, or the comparison and what --localize / --save-inputs found."""
+    if outcome.trajectory is not None:
+        trajectory(outcome.trajectory)
+        return
+    verify(outcome.report)
+    localized(outcome)
+
+
+def trajectory(r: Any) -> None:
+    """``verify --trajectory``: the setup, a table of steps (at most about 12 rows), each final image, the verdict."""
+    from rich.table import Table
+
+    st = r.settings
+    console.print(f"[bold]verify --trajectory[/] {escape(r.artifact)}: {escape(r.candidate)} vs {escape(r.reference)}, "
+                  f"{r.precision}, seed {r.seed}", highlight=False)
+    eta = f", eta {st.eta:g}" if st.sampler == "ddim" and st.eta else ""
+    console.print(f"sampler: {st.sampler} {st.steps} steps{eta} at {'x'.join(map(str, r.shape))}, {st.beta_schedule} betas "
+                  f"{st.beta_start:g}..{st.beta_end:g} over {st.train_steps}, {st.prediction}"
+                  f"{'' if st.clip_sample else ', x0 not clipped'}", highlight=False)
+    console.print(f"pass rule: {r.rule.describe()}", highlight=False)
+    table = Table(title="per step: |candidate - reference|", title_justify="left")
+    for col in ("step", "t", "output max", "output mean", "sample max", "sample mean", "NaN/Inf ref", "NaN/Inf cand"):
+        table.add_column(col, justify="right")
+    n = len(r.steps)
+    shown = sorted({*range(0, n, max(1, n // 10)), n - 1})
+    for i in shown:
+        s = r.steps[i]
+        table.add_row(str(s.index + 1), str(s.timestep), _fmt_err(s.output_max_abs), _fmt_err(s.output_mean_abs),
+                      _fmt_err(s.sample_max_abs), _fmt_err(s.sample_mean_abs), str(s.nonfinite_reference),
+                      str(s.nonfinite_candidate))
+    console.print(table)
+    images = Table(title="final images in [0, 1]", title_justify="left")
+    for col in ("sample", "PSNR dB", "SSIM", "max abs", "NaN/Inf cand", "result"):
+        images.add_column(col, justify="left" if col in ("sample", "result") else "right")
+    for im in r.images:
+        images.add_row(str(im.index), f"{im.psnr:.2f}", f"{im.ssim:.6f}", _fmt_err(im.max_abs),
+                       f"{im.nan_candidate}/{im.inf_candidate}", "[green]PASS[/]" if im.passed else "[bold red]FAIL[/]")
+    console.print(images)
+    times = ", ".join(f"{name} {sec:.2f} s" for name, sec in r.seconds.items())
+    console.print(f"time: {times}", highlight=False)
+    if r.images_written:
+        written("images written to", Path(r.images_written))
+    if r.passed:
+        console.print(f"[bold green]PASSED[/]: {len(r.images)} sample(s) after {n} steps within the pass rule", highlight=False)
+    else:
+        console.print(f"[bold red]FAILED[/]: {len(r.failures())} failure(s)", highlight=False)
+        for line in r.failures():
+            console.print(f"  {escape(line)}", highlight=False, soft_wrap=True)

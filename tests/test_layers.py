@@ -26,7 +26,7 @@ FLOORS: dict[str, int] = {
     "attn_export.engines": 3,
     "attn_export.runners": 4,
     "attn_export.verify": 5, "attn_export.bench": 5, "attn_export.triton": 5, "attn_export.inspection": 5,
-    "attn_export.localize": 5,
+    "attn_export.localize": 5, "attn_export.trajectory": 5, "attn_export.trajectory_images": 5,
     "attn_export.pipeline": 6,
     "attn_export.render": 7,
     "attn_export.cli_support": 8, "attn_export.cli_args": 9, "attn_export.cli": 10,
