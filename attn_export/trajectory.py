@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, Sequence, cast
 import numpy as np
 
 from .compare import json_number
-from .errors import ShapeError, UsageError
+from .errors import UsageError
 from .host import host_info
 from .progress import ProgressFn
 from .shapes import Shape, fit_shapes, round_up, typical_size
@@ -394,36 +394,9 @@ def _read_artifact(path: Path, input_ranges: dict[str, tuple[float, float]] | No
 
     graph = load_onnx(path, load_external_data=False)
     spec = spec_of(graph, origin=str(path), input_ranges=input_ranges)
-    return kind, spec, spec.precision, None, _written_parts(graph), graph
+    from .exporter.serving import written_parts
 
-
-def _written_parts(graph: Any) -> list[str]:
-    """The file as written, in words, as verify's report says it: the serving form it holds, or its attention ops."""
-    from collections import Counter
-
-    from .exporter.serving import serving_description
-
-    made = serving_description(graph)
-    if made is not None:
-        return [f"the file as written: ONNX Runtime's serving form for {made.get('provider', '?')}",
-                *[str(p) for p in made.get("parts", [])]]
-    counts = Counter(n.op_type for n in graph.graph.node if n.op_type in ("Attention", "MultiHeadAttention", "Softmax"))
-    named = {"Attention": "Attention op", "MultiHeadAttention": "MultiHeadAttention", "Softmax": "Softmax"}
-    return ["the file as written"] + [f"{n} x {named[op]}" for op, n in sorted(counts.items())]
-
-
-def _check_shape(shape: Shape, spec: ModelSpec, profiles: Sequence[Any] | None) -> None:
-    """ShapeError (exit 2, one line) when the artifact cannot serve ``shape``: the model's rules, an engine's profiles."""
-    try:
-        spec.check_shape(*shape)
-    except ShapeError as exc:
-        raise ShapeError(f"shape {format_shape(shape)} cannot be served: {exc}") from None
-    if profiles is not None:
-        from .engines.profiles import describe_profiles, find_profile
-
-        if find_profile(profiles, *shape) is None:
-            raise ShapeError(f"shape {format_shape(shape)} is outside the engine's optimization profiles "
-                             f"({describe_profiles(profiles)})")
+    return kind, spec, spec.precision, None, written_parts(graph), graph
 
 
 def _prediction(spec: ModelSpec, asked: str) -> str:
@@ -506,7 +479,9 @@ def verify_trajectory(
                                _prediction(spec, prediction))
     rule = resolve_rule(precision, min_psnr=min_psnr, min_ssim=min_ssim, max_abs=max_abs)
     shape = trajectory_shape(spec, batch, shapes)
-    _check_shape(shape, spec, profiles)
+    from .engines.profiles import check_servable
+
+    check_servable(shape, spec, profiles)
     if graph is not None:
         from .graph.memory import check_shapes_fit
 
@@ -567,10 +542,10 @@ def _reference_runner(spec: ModelSpec, kind: str, reference: str | Path | None, 
                       input_ranges: dict[str, tuple[float, float]] | None, form: str) -> tuple[Runner, str]:
     """The reference runner, active, and its description: another ONNX file, else the PyTorch model."""
     if reference is not None:
-        from .exporter.foreign import spec_of_file
+        from .exporter.foreign import spec_of
         from .runners.ort_runner import OrtRunner
 
-        ort = OrtRunner(reference, spec=spec_of_file(reference, input_ranges),
+        ort = OrtRunner(reference, spec=spec_of(reference, input_ranges=input_ranges),
                         attention="as-is" if form == "written" else "onnxruntime")
         ort.name = "reference"
         differing = sorted({t.name for t in spec.inputs} ^ {t.name for t in ort.spec.inputs})

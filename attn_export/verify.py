@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence, cast
@@ -40,7 +39,7 @@ import numpy as np
 from . import heap
 from .host import host_info
 from .compare import OutputComparison, Tolerances, compare_outputs, json_number, resolve_tolerances
-from .errors import ShapeError, UsageError
+from .errors import UsageError
 from .engines.sidecar import is_engine_path
 from .spec import ModelSpec, ReferenceOptions, format_shape, parse_shapes
 
@@ -48,7 +47,6 @@ from .progress import ProgressFn
 from .shapes import Shape, accepts as _valid, fit_shapes, large_size, round_up as _round_up, typical_size
 
 if TYPE_CHECKING:
-    import onnx
 
     from .graph.memory import SizeModel
     from .runners.base import Runner
@@ -208,17 +206,10 @@ def engine_shapes(profiles: Sequence[Any], spec: ModelSpec) -> list[Shape]:
 
 def check_user_shapes(shapes: Sequence[Shape], spec: ModelSpec, profiles: Sequence[Any] | None = None) -> None:
     """UsageError (exit 2, one line) for the first shape the artifact cannot serve."""
-    for s in shapes:
-        try:
-            spec.check_shape(*s)
-        except ShapeError as exc:
-            raise ShapeError(f"shape {format_shape(s)} cannot be served: {exc}") from None
-        if profiles is not None:
-            from .engines.profiles import describe_profiles, find_profile
+    from .engines.profiles import check_servable
 
-            if find_profile(profiles, *s) is None:
-                raise ShapeError(f"shape {format_shape(s)} is outside the engine's optimization profiles "
-                                 f"({describe_profiles(profiles)})")
+    for s in shapes:
+        check_servable(s, spec, profiles)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -247,19 +238,6 @@ def _checkpoint_info(spec: ModelSpec, source: Any) -> dict[str, Any] | None:
 
 
 VERIFY_FORMS = ("written", "serving")
-
-
-def written_parts(graph: "onnx.ModelProto") -> list[str]:
-    """The file as written, in words: its attention ops by count (what a session of the file runs)."""
-    from .exporter.serving import serving_description
-
-    made = serving_description(graph)
-    if made is not None:
-        return [f"the file as written: ONNX Runtime's serving form for {made.get('provider', '?')}",
-                *[str(p) for p in made.get("parts", [])]]
-    counts = Counter(n.op_type for n in graph.graph.node if n.op_type in ("Attention", "MultiHeadAttention", "Softmax"))
-    named = {"Attention": "Attention op", "MultiHeadAttention": "MultiHeadAttention", "Softmax": "Softmax"}
-    return ["the file as written"] + [f"{n} x {named[op]}" for op, n in sorted(counts.items())]
 
 
 def verify(
@@ -334,6 +312,8 @@ def verify(
         # Parsed once: the description and the memory estimate both read this graph.
         graph = load_onnx(path, load_external_data=False)
         spec = spec_of(graph, origin=str(path), input_ranges=input_ranges)
+        from .exporter.serving import written_parts
+
         file_parts = written_parts(graph)
         precision = spec.precision
     from .exporter.foreign import is_foreign, resolve_shapes

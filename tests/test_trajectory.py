@@ -304,13 +304,13 @@ def test_existing_images_file_needs_force(tiny_onnx: Path, tmp_path: Path) -> No
 def fake_engine(tiny_onnx: Path, tmp_path: Path) -> Path:
     from attn_export.engines.profiles import Profile
     from attn_export.engines.sidecar import make_sidecar, sidecar_path, write_sidecar
-    from attn_export.exporter.metadata import read_spec
+    from attn_export.exporter.foreign import spec_of
 
     engine = tmp_path / "tiny.plan"
     engine.write_bytes(b"not a real plan")
     data = make_sidecar(
         engine_path=engine, engine_sha256="0" * 64, tensorrt_version="10.14.1", gpu_name="NVIDIA H100",
-        compute_capability="9.0", profiles=[Profile((1, 32, 32), (2, 32, 32), (4, 64, 64))], spec=read_spec(tiny_onnx),
+        compute_capability="9.0", profiles=[Profile((1, 32, 32), (2, 32, 32), (4, 64, 64))], spec=spec_of(tiny_onnx),
         io=[{"name": "x", "mode": "input", "dtype": "float16", "shape": [-1, 3, -1, -1]}], onnx_path=tiny_onnx,
         onnx_sha256="1" * 64, precision="fp16", fusion={"summary": "4/4 attention blocks fused"},
     )

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
-from ..errors import UsageError
+from ..errors import ShapeError, UsageError
 from ..shapes import round_up, typical_size
 from ..spec import ModelSpec, format_shape
 
@@ -235,3 +235,16 @@ def find_profile(profiles: Iterable[Profile], batch: int, height: int, width: in
 def describe_profiles(profiles: Iterable[Profile]) -> str:
     """One-line summary such as 'profile 0: 1x32x32..4x256x256 (opt 1x64x64)'."""
     return "; ".join(f"profile {i}: {p}" for i, p in enumerate(profiles))
+
+
+def check_servable(shape: Sequence[int], spec: ModelSpec, profiles: Sequence[Profile] | None = None) -> None:
+    """ShapeError (exit 2, one line) when an artifact cannot serve ``shape`` (batch, H, W): the model's rules, then
+    an engine's ``profiles``."""
+    b, h, w = (int(v) for v in shape)
+    try:
+        spec.check_shape(b, h, w)
+    except ShapeError as exc:
+        raise ShapeError(f"shape {format_shape((b, h, w))} cannot be served: {exc}") from None
+    if profiles is not None and find_profile(profiles, b, h, w) is None:
+        raise ShapeError(f"shape {format_shape((b, h, w))} is outside the engine's optimization profiles "
+                         f"({describe_profiles(profiles)})")

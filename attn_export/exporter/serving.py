@@ -94,3 +94,16 @@ def refuse_serving_form(model: onnx.ModelProto, origin: str | Path, what: str) -
         source = made.get("source")
         raise UsageError(f"{origin} is ONNX Runtime's serving form (contrib ops, CPU-tuned rewrites); {what} takes "
                          f"the file it was made from{f' ({source})' if isinstance(source, str) else ''}")
+
+
+def written_parts(graph: onnx.ModelProto) -> list[str]:
+    """The file as written, in words, as reports say what ran: the serving form it holds, or its attention ops."""
+    from collections import Counter
+
+    made = serving_description(graph)
+    if made is not None:
+        return [f"the file as written: ONNX Runtime's serving form for {made.get('provider', '?')}",
+                *[str(p) for p in made.get("parts", [])]]
+    counts = Counter(n.op_type for n in graph.graph.node if n.op_type in ("Attention", "MultiHeadAttention", "Softmax"))
+    named = {"Attention": "Attention op", "MultiHeadAttention": "MultiHeadAttention", "Softmax": "Softmax"}
+    return ["the file as written"] + [f"{n} x {named[op]}" for op, n in sorted(counts.items())]
