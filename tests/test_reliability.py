@@ -403,7 +403,10 @@ def test_signals_at_random_points_leave_nothing(command: str, tiny_onnx: Path, w
     finished = sorted(p.name for p in out_dir.iterdir())
     shutil.rmtree(out_dir)
     out_dir.mkdir()
-    rng = random.Random(f"signals-{command}")
+    # New points on every run, so that runs add up to many; the seed is in every message, to replay a failure
+    # (ATTN_EXPORT_SIGNAL_SEED=N).
+    seed = int(os.environ.get("ATTN_EXPORT_SIGNAL_SEED") or random.SystemRandom().randrange(1 << 31))
+    rng = random.Random(f"signals-{command}-{seed}")
     for i in range(4):
         sig, code = [(signal.SIGINT, 130), (signal.SIGTERM, 143)][i % 2]
         delay = rng.uniform(0.0, whole)
@@ -413,13 +416,14 @@ def test_signals_at_random_points_leave_nothing(command: str, tiny_onnx: Path, w
         returned = proc.wait(timeout=300)
         err = proc.stderr.read() if proc.stderr else ""
         left = sorted(p.name for p in out_dir.iterdir())
-        assert "Traceback" not in err, err
+        assert "Traceback" not in err, (seed, err)
         if returned == 0:  # it finished before the signal
-            assert left == finished, (delay, left)
+            assert left == finished, (seed, delay, left)
         else:
-            assert returned == code, f"{command}: exit {returned} after a signal at {delay:.2f} s of {whole:.2f}: {err[-800:]}"
+            assert returned == code, (f"{command}: exit {returned} after a signal at {delay:.2f} s of {whole:.2f} "
+                                      f"(seed {seed}): {err[-800:]}")
             # Nothing, or (a signal as the command ended) its complete output: never a partial one.
-            assert left in ([], finished), (delay, left)
+            assert left in ([], finished), (seed, delay, left)
             if left:
                 onnx.checker.check_model(str(out_dir / "whole.onnx"))
         shutil.rmtree(out_dir)
