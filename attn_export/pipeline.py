@@ -235,6 +235,9 @@ def verify_artifact(artifact: str | Path, *, localize: bool = False, save_inputs
         if is_engine_path(Path(artifact)):
             raise UsageError("--localize compares ONNX files node by node; for an engine, localize the ONNX file it "
                              "was built from against PyTorch (or pass --reference with that file)")
+        if options.get("backend", "onnxruntime") != "onnxruntime":
+            raise UsageError("--localize compares node by node in ONNX Runtime; drop --backend openvino to localize the "
+                             "file as written")
         if options.get("form", "written") != "written" or any(
                 str(p).lower() not in ("cpu", "cpuexecutionprovider") for p in options.get("providers") or []):
             raise UsageError("--localize runs the file as written on ONNX Runtime's CPU provider; drop --form serving "
