@@ -330,11 +330,12 @@ def _backend_args(backend: str, precision: Optional[str]) -> BackendArgs:
 
 
 BACKEND = Group("backend_args", [
+    # "\\[" keeps rich's markup from reading "[openvino]" as a style tag in --help.
     ("backend_name", str, typer.Option("onnxruntime", "--backend", help=(
         "onnxruntime (default) or openvino: OpenVINO's CPU plugin on the ONNX file as written, at --precision "
-        "(pip install \".[openvino]\" from the attn-export checkout)."))),
+        "(pip install '.\\[openvino]' from the attn-export checkout)."))),
     ("backend_precision", Optional[str], typer.Option(None, "--precision", help=(
         "OpenVINO's inference precision, required with --backend openvino: f32, bf16 (needs AVX512_BF16 or AMX) or f16 "
-        "(needs AVX512_FP16 or AMX-FP16); one this CPU cannot run natively is refused, never emulated. bf16 and f16 "
-        "are verified with the FP16 tolerances."))),
+        "(needs AVX512_FP16 or AMX-FP16); one this CPU cannot run natively is refused, never emulated. verify holds bf16 "
+        "and f16 to the FP16 tolerances; triton takes bf16 only (Triton's OpenVINO backend cannot pin the others)."))),
 ], _backend_args, "Backend")

@@ -83,9 +83,10 @@ class OpenVinoRunner(Runner):
     is required. The model is compiled once with dynamic batch, height and width
     (``static_shapes=False``, the default); with ``static_shapes`` it is
     reshaped and compiled for each new input shape instead (cached per shape).
-    On ddpm-cifar10 (2 cores, AVX-512) the static form measured within 10 % of
-    the dynamic one at 32-128 px, while each new shape costs 0.7-1.0 s of
-    compilation (docs/benchmarks.md, "OpenVINO"). Compiled for latency
+    On ddpm-cifar10 (2 cores, AVX-512) the static form showed no consistent
+    gain over the dynamic one at 32-128 px (-13 % to +5 %), while each new shape
+    costs seconds of compilation (docs/benchmarks.md, "OpenVINO on the CPU").
+    Compiled for latency
     (PERFORMANCE_HINT LATENCY: one stream, every thread on one request) with
     ``threads`` inference threads (None: OpenVINO's default, one per core).
 
