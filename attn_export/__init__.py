@@ -13,7 +13,7 @@ Everything the CLI does is a function here (imported lazily, so ``import attn_ex
   conversion, readiness, build and sidecar in one call; both in :mod:`attn_export.pipeline`)
 - :func:`check_trt_readiness` (``attn-export inspect --trt``)
 - :func:`run_bench` (``attn-export bench``) and :func:`write_model_repository` (``attn-export triton``)
-- runners: :class:`TorchRunner`, :class:`OrtRunner`, :class:`TrtRunner`
+- runners: :class:`TorchRunner`, :class:`OrtRunner`, :class:`TrtRunner`, :class:`OpenVinoRunner`
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ _LAZY = {
     "TorchRunner": "attn_export.runners.torch_runner",
     "OrtRunner": "attn_export.runners.ort_runner",
     "TrtRunner": "attn_export.runners.trt_runner",
+    "OpenVinoRunner": "attn_export.runners.openvino_runner",
     "ModelSpec": "attn_export.spec",
     "ReferenceOptions": "attn_export.spec",
 }

@@ -35,13 +35,19 @@ if TYPE_CHECKING:
 
 # Backend name -> attention formulation of the PyTorch model ("pytorch" uses --attention-impl).
 # "pytorch-fp16": the model in FP16 on the GPU (--attention-impl formulation), the baseline for FP16 engines.
-TORCH_BACKENDS = {"pytorch": None, "pytorch-fp16": None, "pytorch-reference": "reference", "pytorch-sdpa": "sdpa",
-                  "pytorch-decomposed": "decomposed"}
+# "pytorch-bf16": the model under torch.autocast('cpu', dtype=torch.bfloat16), the eager bf16 baseline on CPUs with
+# bf16 units (AVX512_BF16 or AMX).
+TORCH_BACKENDS = {"pytorch": None, "pytorch-fp16": None, "pytorch-bf16": None, "pytorch-reference": "reference",
+                  "pytorch-sdpa": "sdpa", "pytorch-decomposed": "decomposed"}
+# OpenVINO's CPU plugin at each explicit inference precision; "openvino" names the f32 and bf16 rows (and, where the
+# CPU has bf16 units, the pytorch-bf16 baseline beside them).
+OPENVINO_BACKENDS = {"openvino-f32": "f32", "openvino-bf16": "bf16", "openvino-f16": "f16"}
 # "onnxruntime": the file exactly as written; "onnxruntime-serving": ONNX Runtime's serving form built from it in
 # memory (a file from `optimize --for onnxruntime` already is one, and both run it as written).
-BACKENDS = tuple(TORCH_BACKENDS) + ("onnxruntime", "onnxruntime-serving", "tensorrt")
+BACKENDS = tuple(TORCH_BACKENDS) + ("onnxruntime", "onnxruntime-serving", "tensorrt") + tuple(OPENVINO_BACKENDS)
 ORT_BACKENDS = {"onnxruntime": "as-is", "onnxruntime-serving": "onnxruntime"}
-BACKEND_ALIASES = {"torch": "pytorch", "ort": "onnxruntime", "ort-serving": "onnxruntime-serving", "trt": "tensorrt"}
+BACKEND_ALIASES = {"torch": "pytorch", "ort": "onnxruntime", "ort-serving": "onnxruntime-serving", "trt": "tensorrt",
+                   "ov": "openvino"}
 DEFAULT_ITERATIONS = 10
 # Calls whose p90/p10 latency ratio exceeds this were disturbed (a shared machine, frequency changes): say so.
 NOISY_SPREAD = 1.5
@@ -172,10 +178,16 @@ def parse_backends(text: str | Sequence[str]) -> list[str]:
         name = BACKEND_ALIASES.get(item.strip().lower(), item.strip().lower())
         if not name:
             continue
-        if name not in BACKENDS:
-            raise UsageError(f"unknown backend {item!r}; choose from {', '.join(BACKENDS)}")
-        if name not in out:
-            out.append(name)
+        if name == "openvino":
+            from .host import native_bf16
+
+            names = ["openvino-f32", "openvino-bf16"] + (["pytorch-bf16"] if native_bf16() else [])
+        elif name not in BACKENDS:
+            raise UsageError(f"unknown backend {item!r}; choose from {', '.join(BACKENDS)}, or openvino (its f32 and "
+                             "bf16 rows)")
+        else:
+            names = [name]
+        out += [n for n in names if n not in out]
     if not out:
         raise UsageError("no backend given")
     return out
@@ -205,12 +217,21 @@ def make_runner(artifact: str | Path, backend: str, spec: ModelSpec, *, provider
         half = backend == "pytorch-fp16"
         if half and device != "cuda":
             raise UsageError("pytorch-fp16 runs on a CUDA GPU only (--provider cuda); PyTorch's CPU FP16 kernels are no baseline")
+        bf16 = backend == "pytorch-bf16"
+        if bf16:
+            from .host import native_bf16
+
+            if device != "cpu":
+                raise UsageError("pytorch-bf16 is the CPU's bf16 autocast baseline; use --provider cpu")
+            if not native_bf16():
+                raise UsageError("this CPU has no bf16 units (AVX512_BF16 or AMX): PyTorch's bf16 autocast would run "
+                                 "emulated, which is no baseline")
         # spec given, so the model is built once (in activate), not also to learn its description.
         torch_runner = TorchRunner(source_from_spec(spec, reference_model), attention_impl=cast("AttentionImpl", impl), device=device,
-                                   spec=spec, threads=threads, half=half)
+                                   spec=spec, threads=threads, half=half, autocast_bf16=bf16)
         torch_runner.activate()
         return torch_runner, {"device": device, "attention_impl": impl, "threads": torch.get_num_threads(), "fp16": half,
-                        "torch": torch.__version__}
+                              **({"autocast": "bfloat16"} if bf16 else {}), "torch": torch.__version__}
     if backend in ORT_BACKENDS:
         if is_engine_path(artifact):
             raise UsageError(f"the {backend} backend needs the ONNX file; pass the .onnx artifact instead of the engine")
@@ -233,6 +254,16 @@ def make_runner(artifact: str | Path, backend: str, spec: ModelSpec, *, provider
             "serving_form": ort_runner.serving_form_parts(),
             "onnxruntime": ort.__version__,
         }
+    if backend in OPENVINO_BACKENDS:
+        if is_engine_path(artifact):
+            raise UsageError(f"the {backend} backend needs the ONNX file; pass the .onnx artifact instead of the engine")
+        if provider != "cpu":
+            raise UsageError(f"the {backend} backend runs on the CPU; use --provider cpu")
+        from .runners.openvino_runner import OpenVinoRunner  # lazy: OpenVINO is optional
+
+        ov_runner = OpenVinoRunner(artifact, precision=OPENVINO_BACKENDS[backend], threads=threads, spec=spec)
+        ov_runner.activate()
+        return ov_runner, ov_runner.compiled_settings()
     if backend == "tensorrt":
         if not is_engine_path(artifact):
             raise UsageError("the tensorrt backend needs an engine; build one with `attn-export trt ARTIFACT.onnx` "

@@ -16,8 +16,9 @@ from typing import Any, Callable, Optional
 import typer
 
 from . import render
-from .cli_args import (BUILD, FP16, REFERENCE, REPORT, SHAPES, SUPPORTED_TRT, TRAJECTORY, BuildArgs, Fp16Args, Group,
-                       ShapeArgs, TrajectoryArgs, calibration, command_with, json_object, parse_hw, renamed)
+from .cli_args import (BACKEND, BUILD, FP16, REFERENCE, REPORT, SHAPES, SUPPORTED_TRT, TRAJECTORY, BackendArgs, BuildArgs,
+                       Fp16Args, Group, ShapeArgs, TrajectoryArgs, calibration, command_with, json_object, parse_hw,
+                       renamed, triton_form)
 from .cli_support import PathOrder, print_version, progress, reporter, run_app, write_report
 from .errors import UsageError
 from .render import console
@@ -225,7 +226,7 @@ def trt_cmd(
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-@command("verify", SHAPES, REFERENCE, TRAJECTORY, REPORT, help=(
+@command("verify", SHAPES, REFERENCE, TRAJECTORY, REPORT, BACKEND, help=(
     "Compare an artifact with the PyTorch model it was exported from, over a sweep of shapes.\n\n"
     "ARTIFACT is an ONNX file (run in ONNX Runtime, exactly as written unless --form serving) or a TensorRT engine "
     "(.plan/.engine with its .json sidecar). The reference model, seed and checkpoint come from the artifact; a "
@@ -258,6 +259,7 @@ def verify_cmd(
     reference_model: ReferenceOptions = None,  # type: ignore[assignment]
     trajectory_args: TrajectoryArgs = None,  # type: ignore[assignment]
     report: Optional[Path] = None,
+    backend_args: BackendArgs = None,  # type: ignore[assignment]
 ) -> None:
     from .pipeline import verify_artifact
 
@@ -267,7 +269,7 @@ def verify_cmd(
             shapes=shape_args.shapes, atol=atol, rtol=rtol, stat=stat, quantile=quantile, seed=seed,
             reference_model=reference_model, providers=[provider] if provider else None, progress=reporter(prog),
             reference=reference, input_shapes=shape_args.input_shapes, input_ranges=shape_args.input_ranges,
-            max_memory=shape_args.max_memory, form=form, trajectory=trajectory_args.settings)
+            max_memory=shape_args.max_memory, form=form, trajectory=trajectory_args.settings, **backend_args.kwargs)
     render.verify_outcome(outcome)
     write_report(report, outcome.to_dict())
     if not outcome.passed:
@@ -324,7 +326,7 @@ def inspect_cmd(
     "formulation measured in the same run. It never decides pass or fail."))
 def bench_cmd(
     artifact: Path = typer.Argument(..., help="ONNX file, or TensorRT engine (.plan/.engine with its .json sidecar)."),
-    backend: Optional[str] = typer.Option(None, "--backend", help="Comma-separated: pytorch, pytorch-sdpa, pytorch-decomposed, pytorch-reference, pytorch-fp16 (CUDA only), onnxruntime (the file as written), onnxruntime-serving (its serving form, built in memory), tensorrt (default: PyTorch and the artifact's own backends)."),
+    backend: Optional[str] = typer.Option(None, "--backend", help="Comma-separated: pytorch, pytorch-sdpa, pytorch-decomposed, pytorch-reference, pytorch-fp16 (CUDA only), onnxruntime (the file as written), onnxruntime-serving (its serving form, built in memory), tensorrt, openvino-f32, openvino-bf16, openvino-f16 (OpenVINO's CPU plugin at that precision; openvino names the f32 and bf16 rows, plus pytorch-bf16 where the CPU has bf16 units), pytorch-bf16 (PyTorch eager under bf16 autocast, CPU) (default: PyTorch and the artifact's own backends)."),
     warmup: int = typer.Option(2, "--warmup", help="Untimed calls before timing."),
     iterations: Optional[int] = typer.Option(None, "--iterations", help="Timed calls per backend and shape (default 10)."),
     time_budget: Optional[float] = typer.Option(None, "--time-budget", help="Instead of --iterations: time calls for this many seconds (at least one call)."),
@@ -355,7 +357,7 @@ def bench_cmd(
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-@command("triton", help=(
+@command("triton", BACKEND, help=(
     "Write a Triton Inference Server model repository entry for an ONNX file or a TensorRT engine.\n\n"
     "Examples:\n\n"
     "  attn-export triton unet.plan --repo models --name ddpm --instances 2\n\n"
@@ -376,17 +378,15 @@ def triton_cmd(
     form: Optional[str] = typer.Option(None, "--form", help="ONNX files: written (default) copies the file as it is; serving writes ONNX Runtime's serving form of it for the --kind of instances."),
     serving_attention: str = SERVING_ATTENTION,
     old_attention: Optional[str] = typer.Option(None, "--attention", hidden=True, help="Old spelling of --form serving / --serving-attention."),
+    backend_args: BackendArgs = None,  # type: ignore[assignment]
 ) -> None:
     from .triton import write_model_repository
 
     version = renamed(old_version, "--version", model_version, "--model-version", 1)
-    if old_attention is not None:
-        old_form = "written" if old_attention == "as-is" else "serving"
-        form = renamed(old_form, "--attention", form, "--form", "written")
-        serving_attention = "auto" if old_attention in ("onnxruntime", "as-is") else old_attention
+    form, serving_attention = triton_form(old_attention, form, serving_attention)
     render.triton(write_model_repository(artifact, repo, name=name, version=version, instances=instances, kind=kind,
-                                         max_batch=max_batch, force=force, form=form or "written",
-                                         serving_attention=serving_attention))
+                                         max_batch=max_batch, force=force, form=form, serving_attention=serving_attention,
+                                         **backend_args.kwargs))
 
 
 def main() -> None:

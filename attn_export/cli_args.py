@@ -46,6 +46,15 @@ def renamed(old: _T | None, old_name: str, new: _T | None, new_name: str, defaul
     return default if new is None else new
 
 
+def triton_form(old_attention: Optional[str], form: Optional[str], serving_attention: str) -> tuple[str, str]:
+    """``triton``'s --form and --serving-attention, from the old --attention spelling where that was given."""
+    if old_attention is not None:
+        old_form = "written" if old_attention == "as-is" else "serving"
+        form = renamed(old_form, "--attention", form, "--form", "written")
+        serving_attention = "auto" if old_attention in ("onnxruntime", "as-is") else old_attention
+    return form or "written", serving_attention
+
+
 def json_object(text: Optional[str], option: str) -> dict[str, Any]:
     """A JSON object given on the command line ({} when absent)."""
     if not text:
@@ -346,3 +355,40 @@ TRAJECTORY = Group("trajectory_args", [
     ("traj_min_ssim", Optional[float], typer.Option(None, "--min-ssim", help="Pass rule: lowest SSIM of a final image (default by precision).")),
     ("traj_max_image_error", Optional[float], typer.Option(None, "--max-image-error", help="Pass rule: largest abs difference of a final image in [0, 1] (default by precision).")),
 ], _trajectory_args, "Trajectory (whole sampling runs)")
+
+
+@dataclass
+class BackendArgs:
+    """The runtime that runs an ONNX file (verify) or serves it (triton), and OpenVINO's inference precision."""
+
+    backend: str = "onnxruntime"
+    precision: str | None = None
+
+    @property
+    def kwargs(self) -> dict[str, Any]:
+        return {"backend": self.backend, "precision": self.precision}
+
+
+def _backend_args(backend: str, precision: Optional[str]) -> BackendArgs:
+    name = backend.strip().lower()
+    if name not in ("onnxruntime", "openvino"):
+        raise UsageError(f"--backend must be onnxruntime or openvino (got {backend!r})")
+    if name == "openvino":
+        from .runners.openvino_runner import parse_precision
+
+        return BackendArgs(name, parse_precision(precision))
+    if precision is not None:
+        raise UsageError("--precision sets OpenVINO's inference precision: add --backend openvino")
+    return BackendArgs(name)
+
+
+BACKEND = Group("backend_args", [
+    # "\\[" keeps rich's markup from reading "[openvino]" as a style tag in --help.
+    ("backend_name", str, typer.Option("onnxruntime", "--backend", help=(
+        "onnxruntime (default) or openvino: OpenVINO's CPU plugin on the ONNX file as written, at --precision "
+        "(pip install '.\\[openvino]' from the attn-export checkout)."))),
+    ("backend_precision", Optional[str], typer.Option(None, "--precision", help=(
+        "OpenVINO's inference precision, required with --backend openvino: f32, bf16 (needs AVX512_BF16 or AMX) or f16 "
+        "(needs AVX512_FP16 or AMX-FP16); one this CPU cannot run natively is refused, never emulated. verify holds bf16 "
+        "and f16 to the FP16 tolerances; triton takes bf16 only (Triton's OpenVINO backend cannot pin the others)."))),
+], _backend_args, "Backend")

@@ -33,6 +33,17 @@ SIMD_LEVELS = ("avx512f", "avx2", "avx", "sse4_2", "asimd")
 _LOW_PRECISION_FLAGS = ("avx512_bf16", "avx512_fp16", "amx_bf16", "amx_fp16", "amx_tile", "avx_vnni", "f16c")
 
 
+def native_bf16(fields: dict[str, str] | None = None) -> bool:
+    """Whether this CPU has bfloat16 dot-product units (AVX512_BF16 or AMX-BF16), from /proc/cpuinfo's flags.
+
+    PyTorch has no query for it: its bf16 kernels run on any AVX-512 CPU, emulated by conversions where these
+    units are missing, so a bf16 baseline there would measure the emulation.
+    """
+    fields = cpu_fields() if fields is None else fields
+    flags = set((fields.get("flags") or "").split())
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
 def versions() -> dict[str, str]:
     """Installed versions of this tool and the libraries it drives (absent ones left out)."""
     out: dict[str, str] = {}

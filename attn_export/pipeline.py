@@ -292,6 +292,9 @@ def verify_artifact(artifact: str | Path, *, localize: bool = False, save_inputs
 
             reference = options.get("reference")
             engine_source(Path(artifact), Path(reference) if reference is not None else None)
+        elif options.get("backend", "onnxruntime") != "onnxruntime":
+            raise UsageError("--localize compares node by node in ONNX Runtime; drop --backend openvino to localize the "
+                             "file as written")
         elif options.get("form", "written") != "written" or any(
                 str(p).lower() not in ("cpu", "cpuexecutionprovider") for p in options.get("providers") or []):
             raise UsageError("--localize runs the file as written on ONNX Runtime's CPU provider; drop --form serving "

@@ -89,8 +89,8 @@ def bench(report: dict[str, Any]) -> None:
         lat = r["latency_ms"]
         mib = lambda v: "—" if v is None else f"{v:.0f} MiB"  # noqa: E731
         s = r["settings"]
-        detail = ", ".join(f"{k}={s[k]}" for k in ("form", "device", "attention_impl", "threads", "providers",
-                                                   "graph_optimization") if k in s)
+        detail = ", ".join(f"{k}={s[k]}" for k in ("precision", "autocast", "form", "device", "attention_impl", "threads",
+                                                   "streams", "shapes", "providers", "graph_optimization") if k in s)
         spread = f"{lat['p10']:.2f}-{lat['p90']:.2f}" if "p10" in lat else f"-{lat['p90']:.2f}"
         if is_noisy(lat):
             noisy.append(f"{r['backend']} {shape}")
@@ -107,7 +107,8 @@ def bench(report: dict[str, Any]) -> None:
     st = report["settings"]
     versions = host.get("versions", {})
     console.print(f"{host.get('processor', '?')} ({host.get('simd', '?')}), {host.get('cpu_count')} CPUs; torch "
-                  f"{versions.get('torch', '-')}, onnxruntime {versions.get('onnxruntime', '-')}; warm-up {st['warmup']}, "
+                  f"{versions.get('torch', '-')}, onnxruntime {versions.get('onnxruntime', '-')}"
+                  + (f", openvino {versions['openvino']}" if "openvino" in versions else "") + f"; warm-up {st['warmup']}, "
                   + (f"time budget {st['time_budget_s']} s" if st["time_budget_s"] else f"{st['iterations'] or 10} timed calls")
                   + "; latency is per call, numpy in and out"
                   + ("; each backend and shape in its own process" if st.get("isolated") else ""), highlight=False)
@@ -370,7 +371,8 @@ def optimize(r: Any) -> None:
 def triton(m: Any) -> None:
     """``attn-export triton``: the model folder and the files written."""
 
-    console.print(f"wrote Triton model [bold]{escape(m.name)}[/] ({m.platform}, max_batch_size {m.max_batch_size}) "
+    runs = m.platform or f"backend {m.backend}, {m.precision}"
+    console.print(f"wrote Triton model [bold]{escape(m.name)}[/] ({runs}, max_batch_size {m.max_batch_size}) "
                   f"in {escape(str(m.model_dir))}", highlight=False)
     if m.attention_rewritten:
         console.print(f"  attention: {m.attention_rewritten} site(s) as {m.attention_kind} (memory linear in the "

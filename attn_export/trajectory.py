@@ -438,6 +438,8 @@ def verify_trajectory(
     input_ranges: dict[str, tuple[float, float]] | None = None,
     max_memory: int | None = None,
     progress: ProgressFn | None = None,
+    backend: str = "onnxruntime",
+    precision: str | None = None,
 ) -> TrajectoryReport:
     """Sample ``steps`` steps of ``sampler`` with ``artifact`` and with its reference, side by side, and compare.
 
@@ -467,9 +469,23 @@ def verify_trajectory(
         raise UsageError(f"--form must be one of written, serving (got {form!r})")
     if not path.is_file():
         raise UsageError(f"artifact not found: {path}")
-    kind, spec, precision, profiles, file_parts, graph = _read_artifact(path, input_ranges)
-    if kind == "engine" and providers:
-        raise UsageError("--provider applies to ONNX files; an engine always runs in TensorRT")
+    ov_precision: str | None = None
+    if backend == "openvino":
+        from .runners.openvino_runner import PROJECT_PRECISION, import_openvino, parse_precision
+
+        ov_precision = parse_precision(precision)
+        if providers or form != "written":
+            raise UsageError("--provider and --form serving are ONNX Runtime's; OpenVINO runs the file as written")
+        import_openvino()  # a missing OpenVINO is said before anything is parsed
+    elif backend != "onnxruntime":
+        raise UsageError(f"--backend must be onnxruntime or openvino (got {backend!r})")
+    elif precision is not None:
+        raise UsageError("--precision sets OpenVINO's inference precision: add --backend openvino")
+    kind, spec, file_precision, profiles, file_parts, graph = _read_artifact(path, input_ranges)
+    if kind == "engine" and (providers or ov_precision is not None):
+        raise UsageError("--provider and --backend apply to ONNX files; an engine always runs in TensorRT")
+    # The compute precision decides the pass rule when it is lower than the file's (an FP32 file run in bf16).
+    precision = PROJECT_PRECISION[ov_precision] if ov_precision not in (None, "f32") else file_precision
     train = int(train_steps if train_steps is not None else spec.num_timesteps)
     if train < 1:
         raise UsageError(f"--train-steps must be at least 1 (got {train})")
@@ -510,13 +526,18 @@ def verify_trajectory(
 
         cand = TrtRunner(path)
         cand_desc = f"tensorrt ({precision})"
+    elif ov_precision is not None:
+        from .runners.openvino_runner import OpenVinoRunner
+
+        cand = OpenVinoRunner(path, precision=ov_precision, spec=spec)
+        cand_desc = f"openvino (CPU, {ov_precision}, {', '.join(file_parts)})"
     else:
         from .runners.ort_runner import OrtRunner
 
         ort = OrtRunner(path, providers=providers, spec=spec, attention="as-is" if form == "written" else "onnxruntime")
         cand = ort
     cand.activate()
-    if kind != "engine":
+    if kind != "engine" and ov_precision is None:
         parts = file_parts if form == "written" else ["serving form", *ort.serving_form_parts()]
         cand_desc = f"onnxruntime ({', '.join([ort.provider, *parts])})"
     seconds["candidate setup"] = time.perf_counter() - t0

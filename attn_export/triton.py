@@ -5,6 +5,7 @@ Layout written (Triton's convention)::
     REPO/NAME/config.pbtxt
     REPO/NAME/VERSION/model.onnx   (+ its external data files)   platform "onnxruntime_onnx"
     REPO/NAME/VERSION/model.plan                                 platform "tensorrt_plan"
+    REPO/NAME/VERSION/model.xml + model.bin                      backend "openvino" (--backend openvino)
 
 With ``max_batch_size > 0`` the batch dim is left out of ``dims``; a tensor
 that is batch-only (the timestep ``t`` of shape [B]) becomes ``dims: [1]``
@@ -79,6 +80,8 @@ class TritonModel:
     attention_rewritten: int = 0  # attention sites served in ONNX Runtime's form (see attention_kind)
     attention_kind: str = ""      # what they became: query-chunked attention and/or MultiHeadAttention
     winograd_rewritten: int = 0   # 3x3 convolutions served as Winograd F(4x4, 3x3) (CPU instances)
+    backend: str = ""             # a backend named instead of a platform ("openvino")
+    precision: str = ""           # OpenVINO's inference precision set in the config
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -176,11 +179,13 @@ def _tensor_block(t: TensorConfig, batched: bool) -> str:
 
 
 def config_text(name: str, platform: str, inputs: list[TensorConfig], outputs: list[TensorConfig], *,
-                max_batch_size: int, instances: int, kind: str, header: list[str] | None = None) -> str:
-    """config.pbtxt for the given tensors (dims with the batch dim first)."""
+                max_batch_size: int, instances: int, kind: str, header: list[str] | None = None,
+                backend: str = "", parameters: dict[str, str] | None = None) -> str:
+    """config.pbtxt for the given tensors (dims with the batch dim first); ``backend`` replaces ``platform`` where given."""
     batched = max_batch_size > 0
     parts = [f"# {line}" for line in (header or [])]
-    parts += [f'name: "{name}"', f'platform: "{platform}"', f"max_batch_size: {max_batch_size}"]
+    parts += [f'name: "{name}"', f'backend: "{backend}"' if backend else f'platform: "{platform}"',
+              f"max_batch_size: {max_batch_size}"]
     parts.append("input [\n" + ",\n".join(_tensor_block(t, batched) for t in inputs) + "\n]")
     parts.append("output [\n" + ",\n".join(_tensor_block(t, batched) for t in outputs) + "\n]")
     parts.append(f"instance_group [\n  {{\n    count: {instances}\n    kind: KIND_{kind.upper()}\n  }}\n]")
@@ -191,6 +196,8 @@ def config_text(name: str, platform: str, inputs: list[TensorConfig], outputs: l
         # As OrtRunner does on the CPU provider: the memory pattern nearly doubled peak memory at 256 px for no
         # speed (docs/benchmarks.md); the ONNX Runtime backend reads this model parameter.
         parts.append('parameters { key: "enable_mem_pattern" value: { string_value: "0" } }')
+    for key, value in (parameters or {}).items():
+        parts.append(f'parameters {{ key: "{key}" value: {{ string_value: "{value}" }} }}')
     return "\n".join(parts) + "\n"
 
 
@@ -250,10 +257,57 @@ def _readable_by_all(folder: Path) -> None:
         os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
 
 
+def _openvino_settings(src: Path, precision: str | None, kind: str | None, form: str, max_batch: int | None,
+                       instances: int) -> tuple[str, dict[str, str], list[str]]:
+    """OpenVINO's precision, the config's parameters and its header lines; UsageError for what it cannot serve.
+
+    Triton's OpenVINO backend takes the inference precision through one parameter only, HINT_BF16, and OpenVINO's
+    CPU plugin defaults to bf16 wherever the CPU has bf16 units: an f32 model would run bf16 on such a server,
+    and f16 has no parameter at all. So bf16 is the one precision the config can state.
+    """
+    from .runners.openvino_runner import parse_precision
+
+    chosen = parse_precision(precision)
+    if chosen != "bf16":
+        raise UsageError(f"Triton's OpenVINO backend cannot pin {chosen}: its parameters set bf16 only (HINT_BF16), and "
+                         "OpenVINO's CPU default is bf16 wherever the CPU has bf16 units; serve FP32 with the ONNX "
+                         "Runtime backend (--backend onnxruntime), or use --precision bf16")
+    if is_engine_path(src):
+        raise UsageError("--backend openvino serves an ONNX file; an engine runs in TensorRT")
+    if (kind or "cpu").lower() != "cpu":
+        raise UsageError("--backend openvino writes CPU instances; use --kind cpu")
+    if form != "written":
+        raise UsageError("--form serving is ONNX Runtime's form; OpenVINO serves the file as written")
+    params = {"HINT_BF16": "YES", "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": str(instances)}
+    header = ["OpenVINO CPU plugin, inference precision bf16 (HINT_BF16): the server's CPU needs AVX512_BF16 or AMX"]
+    if max_batch:
+        # The backend fixes the model's batch at max_batch_size and refuses smaller batches unless told to pad them.
+        params["ENABLE_BATCH_PADDING"] = "YES"
+        header.append(f"every batch is padded to {max_batch} (the backend compiles one batch size); --max-batch 0 "
+                      "serves each request's own batch")
+    from .runners.openvino_runner import import_openvino
+
+    import_openvino()  # a missing OpenVINO is said before anything is written
+    return chosen, params, header
+
+
+def _write_openvino_ir(src: Path, folder: Path) -> None:
+    """The ONNX file as OpenVINO IR, model.xml + model.bin in ``folder``, weights kept FP32.
+
+    OpenVINO reads the ONNX file (a path: data, nothing in it runs). save_model compresses weights to FP16 by
+    default; here they stay FP32, so bf16 is the only rounding the server adds.
+    """
+    from .runners.openvino_runner import import_openvino
+
+    ov = import_openvino()
+    ov.save_model(ov.Core().read_model(str(src)), str(folder / "model.xml"), compress_to_fp16=False)
+
+
 def write_model_repository(artifact: str | Path, repo: str | Path, *, name: str | None = None, version: int = 1,
                            instances: int = 1, kind: str | None = None, max_batch: int | None = None,
                            force: bool = False, form: str = "written", serving_attention: str = "auto",
-                           attention: str | None = None) -> TritonModel:
+                           attention: str | None = None, backend: str = "onnxruntime",
+                           precision: str | None = None) -> TritonModel:
     """Write ``repo/name/`` for an ONNX file or an engine; refuses an existing model folder unless ``force``.
 
     ``form="written"`` (the default) copies an ONNX file as it is (a file
@@ -265,6 +319,13 @@ def write_model_repository(artifact: str | Path, repo: str | Path, *, name: str 
     (``serving_attention``: auto, multiheadattention or chunked), memory
     linear in the sequence length either way; for CPU instances the eligible
     3x3 convolutions as Winograd F(4x4, 3x3).
+
+    ``backend="openvino"``: Triton's OpenVINO backend on CPU instances, the
+    file converted to OpenVINO IR (``model.xml``/``model.bin``, the backend's
+    default model file, FP32 weights) and ``precision`` bf16 set through its
+    HINT_BF16 parameter (f32 and f16 cannot be pinned there; see
+    :func:`_openvino_settings`). ``max_batch`` defaults to 0: the backend
+    compiles a single batch size, so Triton batching would pad every batch.
 
     The folder is assembled next to its final place and renamed into it, so an
     interrupted run leaves either the old model or the new one, never a mix.
@@ -291,6 +352,16 @@ def write_model_repository(artifact: str | Path, repo: str | Path, *, name: str 
         serving_attention = "auto" if attention in ("onnxruntime", "as-is") else attention
     if form not in TRITON_FORMS:
         raise UsageError(f"--form must be one of {', '.join(TRITON_FORMS)} (got {form!r})")
+    if backend not in ("onnxruntime", "openvino"):
+        raise UsageError(f"--backend must be onnxruntime or openvino (got {backend!r})")
+    if backend != "openvino" and precision is not None:
+        raise UsageError("--precision sets OpenVINO's inference precision: add --backend openvino")
+    ov_params: dict[str, str] = {}
+    ov_precision = ""
+    if backend == "openvino":
+        if max_batch is None:
+            max_batch = 0
+        ov_precision, ov_params, ov_header = _openvino_settings(src, precision, kind, form, max_batch, instances)
     is_engine = is_engine_path(src)
     served: tuple[onnx.ModelProto, ServingForm] | None = None
     header = [f"written by attn-export from {src.name}"]
@@ -316,6 +387,9 @@ def write_model_repository(artifact: str | Path, repo: str | Path, *, name: str 
         if max_batch is None:
             max_batch = DEFAULT_ONNX_MAX_BATCH
         platform, file_name = "onnxruntime_onnx", "model.onnx"
+        if backend == "openvino":
+            platform, file_name, extra = "", "model.xml", []  # the IR holds the weights in model.bin
+            header += ov_header
     if kind not in ("gpu", "cpu"):
         raise UsageError(f"--kind must be gpu or cpu (got {kind!r})")
     if not is_engine and form == "serving":
@@ -336,7 +410,7 @@ def write_model_repository(artifact: str | Path, repo: str | Path, *, name: str 
             raise UsageError(f"tensor(s) {', '.join(unbatched)} have a fixed first dim, so Triton cannot batch them; "
                              "use --max-batch 0")
     text = config_text(name, platform, inputs, outputs, max_batch_size=max_batch, instances=instances, kind=kind,
-                       header=header)
+                       header=header, backend="openvino" if backend == "openvino" else "", parameters=ov_params)
     validated = False
     try:
         parse_config(text)
@@ -360,6 +434,9 @@ def write_model_repository(artifact: str | Path, repo: str | Path, *, name: str 
 
             # Initializers kept outside still name their data file, copied unchanged below.
             onnx.save_model(served[0], str(vdir / file_name))
+        elif backend == "openvino":
+            _write_openvino_ir(src, vdir)
+            copied.append(model_dir / str(version) / "model.bin")
         else:
             shutil.copyfile(src, vdir / file_name)
         for loc in extra:
@@ -390,4 +467,5 @@ def write_model_repository(artifact: str | Path, repo: str | Path, *, name: str 
                        config_text=text, max_batch_size=max_batch, inputs=inputs, outputs=outputs, copied=copied,
                        validated=validated, attention_rewritten=served[1].attention_sites if served else 0,
                        attention_kind=served[1].attention_kind if served else "",
-                       winograd_rewritten=served[1].winograd_convolutions if served else 0)
+                       winograd_rewritten=served[1].winograd_convolutions if served else 0,
+                       backend="openvino" if backend == "openvino" else "", precision=ov_precision)

@@ -238,6 +238,7 @@ def _checkpoint_info(spec: ModelSpec, source: Any) -> dict[str, Any] | None:
 
 
 VERIFY_FORMS = ("written", "serving")
+VERIFY_BACKENDS = ("onnxruntime", "openvino")
 
 
 def verify(
@@ -258,6 +259,8 @@ def verify(
     max_memory: int | None = None,
     form: str = "written",
     inputs: Mapping[str, np.ndarray] | None = None,
+    backend: str = "onnxruntime",
+    precision: str | None = None,
 ) -> VerifyReport:
     """Compare ``artifact`` (ONNX file or TensorRT engine) with its PyTorch reference over a sweep of shapes.
 
@@ -286,15 +289,32 @@ def verify(
     ``inputs``: one call's inputs (name -> array, e.g. from
     :func:`attn_export.inputs.load_inputs`) to verify on instead of the
     seeded random sweep; checked against the artifact's inputs first.
+    ``backend``: "onnxruntime" (default) or "openvino" (ONNX files, the file as
+    written on OpenVINO's CPU plugin at ``precision``, f32, bf16 or f16, which
+    it then requires; bf16 and f16 are held to the FP16 tolerances).
     """
     path = Path(artifact)
     if inputs is not None and (shapes or input_shapes):
         raise UsageError("give inputs or shapes, not both: the inputs set the shape")
     if form not in VERIFY_FORMS:
         raise UsageError(f"--form must be one of {', '.join(VERIFY_FORMS)} (got {form!r})")
+    if backend not in VERIFY_BACKENDS:
+        raise UsageError(f"--backend must be one of {', '.join(VERIFY_BACKENDS)} (got {backend!r})")
+    ov_precision = None
+    if backend == "openvino":
+        from .runners.openvino_runner import import_openvino, parse_precision
+
+        ov_precision = parse_precision(precision)
+        if providers or form != "written":
+            raise UsageError("--provider and --form serving are ONNX Runtime's; OpenVINO runs the file as written")
+        import_openvino()  # a missing OpenVINO is said before anything is parsed
+    elif precision is not None:
+        raise UsageError("--precision sets OpenVINO's inference precision: add --backend openvino")
     if not path.is_file():
         raise UsageError(f"artifact not found: {path}")
     kind = artifact_kind(path)
+    if kind == "engine" and backend != "onnxruntime":
+        raise UsageError(f"--backend {backend} runs ONNX files; an engine always runs in TensorRT")
     profiles = None
     if kind == "engine":
         from .engines.sidecar import read_sidecar, sidecar_profiles, sidecar_spec
@@ -328,6 +348,11 @@ def verify(
         # A list of "BxHxW" strings is passed on as it is (resolve_shapes types its argument Sequence[Shape]).
         shapes = resolve_shapes(spec, parse_shapes(shapes) if isinstance(shapes, str) else shapes,  # type: ignore[arg-type]
                                 input_shapes, what="verify", option="--shapes")
+    if ov_precision is not None and ov_precision != "f32":
+        # The compute precision decides the tolerances when it is lower than the file's (an FP32 file run in bf16).
+        from .runners.openvino_runner import PROJECT_PRECISION
+
+        precision = PROJECT_PRECISION[ov_precision]
     tol = resolve_tolerances(precision, atol=atol, rtol=rtol, stat=stat, quantile=quantile)
 
     # Shapes are checked before anything expensive is built.
@@ -383,6 +408,12 @@ def verify(
 
         cand = TrtRunner(path)
         cand_desc = f"tensorrt ({precision})"
+    elif backend == "openvino":
+        from .runners.openvino_runner import OpenVinoRunner
+
+        assert ov_precision is not None
+        ov_cand = OpenVinoRunner(path, precision=ov_precision, spec=spec)
+        cand = ov_cand
     else:
         from .runners.ort_runner import OrtRunner
 
@@ -390,6 +421,8 @@ def verify(
                                     attention="as-is" if form == "written" else "onnxruntime")
         cand_desc = f"onnxruntime ({ort_cand.provider})"
     cand.activate()
+    if backend == "openvino":
+        cand_desc = f"{ov_cand.describe()}, the file as written"
     if ort_cand is not None:
         # What ran: the file's own graph, or the serving form (its attention and Winograd convolutions, by count).
         parts = file_parts if form == "written" else ["serving form", *ort_cand.serving_form_parts()]

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""DDPM ancestral sampling with any attn-export runner (ONNX Runtime, PyTorch, TensorRT).
+"""DDPM ancestral sampling with any attn-export runner (ONNX Runtime, OpenVINO, PyTorch, TensorRT).
 
     python examples/sample_ddpm.py unet.onnx --steps 50 --batch 2 --size 32 --seed 0 --out samples.npy
     python examples/sample_ddpm.py unet.plan --steps 1000 --batch 8 --size 32 --out samples.npy
@@ -89,8 +89,9 @@ def sample(denoise: Callable[..., Any], *, batch: int, size: int, channels: int 
     return x
 
 
-def open_runner(artifact: str, backend: str = "auto", provider: str = "cpu", threads: int | None = None) -> Any:
-    """A Runner for the artifact: ONNX Runtime for .onnx, TensorRT for engines, or the PyTorch reference."""
+def open_runner(artifact: str, backend: str = "auto", provider: str = "cpu", threads: int | None = None,
+                precision: str | None = None) -> Any:
+    """A Runner for the artifact: ONNX Runtime for .onnx, TensorRT for engines, OpenVINO (at ``precision``) or PyTorch."""
     path = Path(artifact)
     if backend == "auto":
         backend = "tensorrt" if path.suffix.lower() in (".plan", ".engine", ".trt") else "onnxruntime"
@@ -102,6 +103,10 @@ def open_runner(artifact: str, backend: str = "auto", provider: str = "cpu", thr
         from attn_export.runners.trt_runner import TrtRunner
 
         return TrtRunner(path)
+    if backend == "openvino":
+        from attn_export.runners.openvino_runner import OpenVinoRunner
+
+        return OpenVinoRunner(path, precision=precision or "", threads=threads)  # no precision: refused, by name
     if backend == "pytorch":
         from attn_export.engines.sidecar import artifact_spec
         from attn_export.runners.torch_runner import TorchRunner
@@ -109,13 +114,15 @@ def open_runner(artifact: str, backend: str = "auto", provider: str = "cpu", thr
 
         spec = artifact_spec(path)
         return TorchRunner(source_from_spec(spec), spec=spec, threads=threads)
-    raise SystemExit(f"unknown backend {backend!r}: use auto, onnxruntime, pytorch or tensorrt")
+    raise SystemExit(f"unknown backend {backend!r}: use auto, onnxruntime, openvino, pytorch or tensorrt")
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("artifact", help="unet.onnx, or a TensorRT engine (.plan with its .json sidecar)")
-    ap.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "pytorch", "tensorrt"])
+    ap.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "openvino", "pytorch", "tensorrt"])
+    ap.add_argument("--precision", default=None, help="OpenVINO's inference precision (required with --backend openvino): "
+                    "f32, bf16 or f16")
     ap.add_argument("--provider", default="cpu", help="ONNX Runtime provider: cpu, cuda, tensorrt")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--steps", type=int, default=50, help="sampling steps (<= the training T; T gives plain DDPM)")
@@ -132,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     from attn_export.errors import AttnExportError
 
     try:
-        runner = open_runner(args.artifact, args.backend, args.provider, args.threads)
+        runner = open_runner(args.artifact, args.backend, args.provider, args.threads, args.precision)
         with runner:
             spec = runner.spec
             if spec.num_classes and args.class_label is None:

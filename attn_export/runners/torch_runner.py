@@ -24,13 +24,15 @@ class TorchRunner(Runner):
 
     def __init__(self, source: ModelSource, *, attention_impl: AttentionImpl = "reference",
                  device: str = "cpu", spec: ModelSpec | None = None, threads: int | None = None,
-                 half: bool = False) -> None:
+                 half: bool = False, autocast_bf16: bool = False) -> None:
         self.source = source
         self.attention_impl = attention_impl
         self.device = device
         self.threads = threads
         # FP16 weights and activations (GPU only: the baseline a TensorRT FP16 engine is compared with).
         self.half = half
+        # torch.autocast('cpu', dtype=torch.bfloat16) around the forward: PyTorch's own bf16 eager path on the CPU.
+        self.autocast_bf16 = autocast_bf16
         self.loaded: LoadedModel | None = None
         if spec is None:
             # The spec comes from the built model: keep it, so activate() does not build it a second time.
@@ -45,7 +47,7 @@ class TorchRunner(Runner):
         Runner.__init__(runner, loaded.spec)
         # source is a ModelSource for runners built by __init__; this one never loads (self.loaded is set), so None.
         runner.source, runner.attention_impl, runner.device, runner.threads = None, attention_impl, "cpu", None  # type: ignore[assignment]
-        runner.half = False
+        runner.half = runner.autocast_bf16 = False
         runner.loaded = loaded
         return runner
 
@@ -70,6 +72,10 @@ class TorchRunner(Runner):
         args = [torch.as_tensor(np.asarray(feeds[t.name])).to(self.device) for t in self.spec.inputs]
         if self.half:
             args = [a.half() if a.is_floating_point() else a for a in args]
-        out = self.loaded.module(*args)
+        if self.autocast_bf16:
+            with torch.autocast(self.device, dtype=torch.bfloat16):
+                out = self.loaded.module(*args)
+        else:
+            out = self.loaded.module(*args)
         return {self.spec.outputs[0].name: out.detach().float().cpu().numpy()}
 

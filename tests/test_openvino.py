@@ -1,0 +1,275 @@
+"""The OpenVINO runner and `--backend openvino` of verify, bench and triton.
+
+Tests that run OpenVINO skip where it is not installed (`make test` passes without it); the ones that check what a
+user without it sees make its import fail instead. Precision checks read OpenVINO's own capabilities of this CPU,
+so they hold on any host: bf16 tests skip only where the CPU has no bf16 units, with that reason.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from attn_export import cli
+from attn_export.compare import compare_outputs, default_tolerances
+from attn_export.errors import AttnExportError, MissingDependencyError, UsageError
+from attn_export.host import native_bf16
+from attn_export.runners.openvino_runner import INSTALL_HINT, check_precision, import_openvino, parse_precision
+
+NEEDS_OPENVINO = "needs OpenVINO (pip install '.[openvino]')"
+
+
+def _capabilities() -> list[str]:
+    ov = pytest.importorskip("openvino", reason=NEEDS_OPENVINO)
+    return [str(c) for c in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")]
+
+
+def _needs_bf16() -> None:
+    if "BF16" not in _capabilities():
+        pytest.skip("this CPU has no bf16 units (AVX512_BF16 or AMX): OpenVINO refuses bf16 here, as it should")
+
+
+class _Result:
+    """Exit code and text as a user sees them (cli.main turns library errors into one line and an exit code)."""
+
+    def __init__(self, res) -> None:
+        self.exit_code, self.output = res.exit_code, res.output
+        if isinstance(res.exception, AttnExportError):
+            self.exit_code, self.output = res.exception.exit_code, res.output + str(res.exception)
+
+
+def _invoke(*args: str) -> _Result:
+    return _Result(CliRunner().invoke(cli.app, list(args)))
+
+
+def _feeds(spec, batch: int, h: int, w: int, t_high: int, seed: int = 0) -> dict[str, np.ndarray]:
+    feeds = spec.make_inputs(batch, h, w, seed=seed)
+    feeds["t"] = np.random.default_rng(seed).integers(0, t_high, batch).astype(np.int64)
+    return feeds
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# without OpenVINO
+# ---------------------------------------------------------------------------------------------------------------------
+def test_not_installed_names_the_extra(monkeypatch: pytest.MonkeyPatch, tiny_onnx: Path) -> None:
+    monkeypatch.setitem(sys.modules, "openvino", None)  # `import openvino` raises ImportError
+    with pytest.raises(MissingDependencyError, match=r"\.\[openvino\]") as err:
+        import_openvino()
+    assert err.value.exit_code == 2 and "\n" not in str(err.value)
+    res = _invoke("verify", str(tiny_onnx), "--backend", "openvino", "--precision", "f32")
+    assert res.exit_code == 2 and INSTALL_HINT in res.output
+    res = _invoke("triton", str(tiny_onnx), "--repo", str(tiny_onnx.parent / "repo-none"), "--backend", "openvino",
+                  "--precision", "bf16")
+    assert res.exit_code == 2 and INSTALL_HINT in res.output
+    assert not (tiny_onnx.parent / "repo-none" / tiny_onnx.stem).exists()
+
+
+def test_precision_is_explicit_and_named() -> None:
+    assert [parse_precision(p) for p in ("f32", "FP32", "bfloat16", "bf16", "fp16")] == ["f32", "f32", "bf16", "bf16", "f16"]
+    with pytest.raises(UsageError, match="explicit precision"):
+        parse_precision(None)
+    with pytest.raises(UsageError, match="f32, bf16, f16"):
+        parse_precision("int8")
+
+
+def test_precision_check_reads_the_capabilities() -> None:
+    check_precision("bf16", ["FP32", "BF16"])
+    check_precision("f32", ["FP32"])
+    with pytest.raises(UsageError, match="cannot run f16 natively.*never emulated.*native here: f32 or bf16"):
+        check_precision("f16", ["FP32", "BF16", "INT8"])
+    with pytest.raises(UsageError, match="bf16 needs AVX512_BF16 or AMX"):
+        check_precision("bf16", ["FP32"])
+
+
+def test_native_bf16_reads_the_flags() -> None:
+    assert native_bf16({"flags": "fpu avx512f avx512_bf16"})
+    assert native_bf16({"flags": "avx2 amx_bf16 amx_tile"})
+    assert not native_bf16({"flags": "avx2 avx512f avx512bw"})
+    assert not native_bf16({})
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--backend", "openvino"], "explicit precision"),
+    (["--precision", "bf16"], "add --backend openvino"),
+    (["--backend", "tensorflow", "--precision", "f32"], "--backend must be onnxruntime or openvino"),
+])
+def test_verify_backend_options_exit_2(tiny_onnx: Path, args: list[str], message: str) -> None:
+    res = _invoke("verify", str(tiny_onnx), *args)
+    assert res.exit_code == 2 and message in res.output
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the runner
+# ---------------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("static_shapes", [False, True], ids=["dynamic", "static-per-shape"])
+def test_f32_matches_onnxruntime(tiny_onnx: Path, static_shapes: bool) -> None:
+    pytest.importorskip("openvino", reason=NEEDS_OPENVINO)
+    from attn_export.runners.openvino_runner import OpenVinoRunner
+    from attn_export.runners.ort_runner import OrtRunner
+
+    ort = OrtRunner(tiny_onnx, attention="as-is")
+    with OpenVinoRunner(tiny_onnx, precision="f32", threads=2, static_shapes=static_shapes) as ov:
+        for shape in ((1, 8, 8), (2, 32, 48), (3, 12, 20)):
+            feeds = _feeds(ov.spec, *shape, t_high=1000)
+            got = compare_outputs(ort.infer(feeds), ov.infer(feeds), default_tolerances("fp32"), ["out"])
+            assert all(o.passed for o in got), [o.reason for o in got]
+            assert got[0].max_abs < 1e-4
+        assert ov.compiled_settings()["inference_precision"] == "f32"  # asked for and compiled, never the default
+        assert len(ov._compiled) == (3 if static_shapes else 1)  # one compilation per shape, or one for all
+
+
+def test_bf16_within_fp16_tolerances(tiny_onnx: Path) -> None:
+    """bf16 holds every integer timestep below 256 exactly; there it is within the FP16 tolerances of ONNX Runtime FP32."""
+    _needs_bf16()
+    from attn_export.runners.openvino_runner import OpenVinoRunner
+    from attn_export.runners.ort_runner import OrtRunner
+
+    ort = OrtRunner(tiny_onnx, attention="as-is")
+    with OpenVinoRunner(tiny_onnx, precision="bf16", threads=2) as ov:
+        assert ov.compiled_settings()["inference_precision"] == "bf16"
+        for i, shape in enumerate(((1, 8, 8), (2, 32, 32), (1, 32, 48), (1, 64, 64))):
+            feeds = _feeds(ov.spec, *shape, t_high=256, seed=i)
+            ref, got = ort.infer(feeds), ov.infer(feeds)
+            result = compare_outputs(ref, got, default_tolerances("bf16"), ["out"])
+            assert all(o.passed for o in result), [o.reason for o in result]
+            assert 0 < result[0].max_abs  # bf16 really ran: FP32 would agree to about 1e-6
+
+
+def test_bf16_rounds_large_timesteps(tiny_onnx: Path) -> None:
+    """The timestep reaches the sinusoidal embedding in bf16 (spacing 4 between 512 and 1024): docs/benchmarks.md."""
+    _needs_bf16()
+    from attn_export.runners.openvino_runner import OpenVinoRunner
+    from attn_export.runners.ort_runner import OrtRunner
+
+    ort = OrtRunner(tiny_onnx, attention="as-is")
+    x = np.random.default_rng(0).standard_normal((4, 3, 32, 32)).astype(np.float32)
+    with OpenVinoRunner(tiny_onnx, precision="bf16", threads=2) as ov:
+        def mean_error(t: int) -> float:
+            feeds = {"x": x, "t": np.full((4,), t, np.int64)}
+            return float(np.abs(ov.infer(feeds)["out"] - ort.infer(feeds)["out"]).mean())
+
+        exact = max(mean_error(t) for t in (5, 100, 200))
+        assert mean_error(999) > 2 * exact  # 999 is held as 1000 in bf16
+
+
+def test_f16_refused_in_one_line_exit_2(tiny_onnx: Path) -> None:
+    if "FP16" in _capabilities():
+        pytest.skip("this CPU runs f16 natively (AVX512_FP16 or AMX-FP16): nothing to refuse")
+    proc = subprocess.run([sys.executable, "-m", "attn_export", "verify", str(tiny_onnx), "--backend", "openvino",
+                           "--precision", "f16"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "cannot run f16 natively" in lines[0] and "never emulated" in lines[0]
+    assert "Traceback" not in proc.stderr + proc.stdout
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# verify, bench, triton
+# ---------------------------------------------------------------------------------------------------------------------
+def test_verify_cli_openvino(tiny_onnx: Path, tmp_path: Path) -> None:
+    pytest.importorskip("openvino", reason=NEEDS_OPENVINO)
+    report = tmp_path / "f32.json"
+    res = _invoke("verify", str(tiny_onnx), "--backend", "openvino", "--precision", "f32", "--report", str(report))
+    assert res.exit_code == 0, res.output
+    data = json.loads(report.read_text())
+    assert data["passed"] and data["precision"] == "fp32" and data["tolerances"]["stat"] == "elemwise"
+    assert data["candidate"].startswith("openvino ") and ", f32," in data["candidate"]
+    if "BF16" in _capabilities():
+        report = tmp_path / "bf16.json"
+        res = _invoke("verify", str(tiny_onnx), "--backend", "openvino", "--precision", "bf16", "--input-range",
+                      "t:0:255", "--report", str(report))
+        assert res.exit_code == 0, res.output
+        data = json.loads(report.read_text())
+        assert data["precision"] == "bf16" and ", bf16," in data["candidate"]
+        assert data["tolerances"] == {"atol": 1e-2, "rtol": 1e-2, "stat": "mean", "quantile": 0.99}
+    res = _invoke("verify", str(tiny_onnx), "--backend", "openvino", "--precision", "f32", "--form", "serving")
+    assert res.exit_code == 2 and "as written" in res.output
+    res = _invoke("verify", str(tiny_onnx), "--backend", "openvino", "--precision", "f32", "--localize")
+    assert res.exit_code == 2 and "--localize" in res.output
+
+
+def test_bench_openvino_rows(tiny_onnx: Path, tmp_path: Path) -> None:
+    caps = _capabilities()
+    out = tmp_path / "bench.json"
+    res = _invoke("bench", str(tiny_onnx), "--backend", "pytorch,openvino,openvino-f16", "--shapes", "1x16x16",
+                  "--warmup", "1", "--iterations", "2", "--threads", "2", "--no-isolate", "--report", str(out))
+    assert res.exit_code == 0, res.output
+    rows = {r["backend"]: r for r in json.loads(out.read_text())["results"]}
+    expected = ["pytorch", "openvino-f32", "openvino-bf16"] + (["pytorch-bf16"] if native_bf16() else []) + ["openvino-f16"]
+    assert list(rows) == expected
+    assert rows["openvino-f32"]["status"] == "ok"
+    assert rows["openvino-f32"]["settings"]["inference_precision"] == "f32"
+    assert rows["openvino-f32"]["settings"]["threads"] == 2
+    for name, cap in (("openvino-bf16", "BF16"), ("openvino-f16", "FP16")):
+        if cap in caps:
+            assert rows[name]["status"] == "ok" and rows[name]["settings"]["inference_precision"] == name.split("-")[1]
+        else:
+            assert rows[name]["status"] == "unavailable" and "never emulated" in rows[name]["error"]
+    if native_bf16():
+        assert rows["pytorch-bf16"]["status"] == "ok" and rows["pytorch-bf16"]["settings"]["autocast"] == "bfloat16"
+
+
+def test_triton_openvino_config(tiny_onnx: Path, tmp_path: Path) -> None:
+    ov = pytest.importorskip("openvino", reason=NEEDS_OPENVINO)
+    from google.protobuf import text_format
+
+    from attn_export.runners.ort_runner import OrtRunner
+    from attn_export.triton import model_config_pb2, write_model_repository
+
+    m = write_model_repository(tiny_onnx, tmp_path / "repo", name="ddpm_ov", backend="openvino", precision="bf16")
+    assert m.validated
+    pb2 = model_config_pb2()
+    cfg = text_format.Parse(m.config_path.read_text(), pb2.ModelConfig())
+    assert cfg.backend == "openvino" and cfg.platform == ""
+    assert cfg.max_batch_size == 0 and not cfg.HasField("dynamic_batching")
+    assert {k: v.string_value for k, v in cfg.parameters.items()} == {
+        "HINT_BF16": "YES", "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": "1"}
+    assert [(t.name, list(t.dims)) for t in cfg.input] == [("x", [-1, 3, -1, -1]), ("t", [-1])]
+    assert cfg.instance_group[0].kind == pb2.ModelInstanceGroup.KIND_CPU
+    folder = tmp_path / "repo" / "ddpm_ov" / "1"
+    assert sorted(p.name for p in folder.iterdir()) == ["model.bin", "model.xml"]
+    # The IR holds the FP32 weights: at f32 it computes what the ONNX file computes.
+    compiled = ov.Core().compile_model(str(folder / "model.xml"), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    ort = OrtRunner(tiny_onnx, attention="as-is")
+    feeds = _feeds(ort.spec, 2, 16, 24, t_high=1000)
+    assert np.abs(compiled(feeds)[0] - ort.infer(feeds)["out"]).max() < 1e-4
+
+    batched = write_model_repository(tiny_onnx, tmp_path / "repo", name="ddpm_ov_b", backend="openvino",
+                                     precision="bf16", max_batch=4, instances=2)
+    cfg = text_format.Parse(batched.config_path.read_text(), pb2.ModelConfig())
+    assert cfg.max_batch_size == 4 and cfg.parameters["ENABLE_BATCH_PADDING"].string_value == "YES"
+    assert cfg.parameters["NUM_STREAMS"].string_value == "2"
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--precision", "f32"], "cannot pin f32"),
+    (["--precision", "f16"], "cannot pin f16"),
+    (["--precision", "bf16", "--kind", "gpu"], "--kind cpu"),
+    (["--precision", "bf16", "--form", "serving"], "as written"),
+])
+def test_triton_openvino_refusals(tiny_onnx: Path, tmp_path: Path, args: list[str], message: str) -> None:
+    res = _invoke("triton", str(tiny_onnx), "--repo", str(tmp_path / "repo"), "--backend", "openvino", *args)
+    assert res.exit_code == 2 and message in res.output
+    assert not (tmp_path / "repo").exists() or not any((tmp_path / "repo").iterdir())
+
+
+def test_trajectory_on_openvino(tiny_onnx: Path) -> None:
+    """verify --trajectory samples with OpenVINO as the candidate: f32 draws PyTorch's pictures; bf16 is judged by
+    the FP16-class rule (what it draws from timesteps it rounds is in docs/benchmarks.md)."""
+    pytest.importorskip("openvino", reason=NEEDS_OPENVINO)
+    from attn_export.trajectory import default_rule, verify_trajectory
+
+    f32 = verify_trajectory(tiny_onnx, 5, backend="openvino", precision="f32")
+    assert f32.passed and f32.candidate.startswith("openvino (CPU, f32") and f32.precision == "fp32"
+    assert min(i.psnr for i in f32.images) > 60
+    if "BF16" in _capabilities():
+        bf16 = verify_trajectory(tiny_onnx, 5, backend="openvino", precision="bf16")
+        assert bf16.precision == "bf16" and bf16.rule == default_rule("bf16") != default_rule("fp32")
+    with pytest.raises(UsageError, match="add --backend openvino"):
+        verify_trajectory(tiny_onnx, 5, precision="bf16")
