@@ -147,15 +147,24 @@ def verify(r: Any) -> None:
     console.print(f"time: {times} (loading: {setup})", highlight=False)
     for note in r.notes:
         console.print(f"note: {escape(note)}", highlight=False, soft_wrap=True)
-    if r.checkpoint and r.checkpoint.get("path") and not r.checkpoint.get("matches"):
-        console.print(f"[yellow]warning:[/] reference checkpoint {escape(str(r.checkpoint['path']))} is not the one "
+    _checkpoint_warning(r.checkpoint)
+    _verdict(r.passed, f"{len(r.shapes)} shape(s), every output within tolerance", "mismatched output(s)", r.failures())
+
+
+def _checkpoint_warning(checkpoint: dict[str, Any] | None) -> None:
+    if checkpoint and checkpoint.get("path") and not checkpoint.get("matches"):
+        console.print(f"[yellow]warning:[/] reference checkpoint {escape(str(checkpoint['path']))} is not the one "
                       "recorded at export", highlight=False)
-    if r.passed:
-        console.print(f"[bold green]PASSED[/]: {len(r.shapes)} shape(s), every output within tolerance", highlight=False)
-    else:
-        console.print(f"[bold red]FAILED[/]: {len(r.failures())} mismatched output(s)", highlight=False)
-        for line in r.failures():
-            console.print(f"  {escape(line)}", highlight=False, soft_wrap=True)
+
+
+def _verdict(passed: bool, passed_text: str, what_failed: str, failures: list[str]) -> None:
+    """PASSED with what passed, or FAILED with one line per failure."""
+    if passed:
+        console.print(f"[bold green]PASSED[/]: {passed_text}", highlight=False)
+        return
+    console.print(f"[bold red]FAILED[/]: {len(failures)} {what_failed}", highlight=False)
+    for line in failures:
+        console.print(f"  {escape(line)}", highlight=False, soft_wrap=True)
 
 
 def inspect_onnx(d: dict[str, Any]) -> None:
@@ -494,9 +503,4 @@ def trajectory(r: Any) -> None:
     console.print(f"time: {times}", highlight=False)
     if r.images_written:
         written("images written to", Path(r.images_written))
-    if r.passed:
-        console.print(f"[bold green]PASSED[/]: {len(r.images)} sample(s) after {n} steps within the pass rule", highlight=False)
-    else:
-        console.print(f"[bold red]FAILED[/]: {len(r.failures())} failure(s)", highlight=False)
-        for line in r.failures():
-            console.print(f"  {escape(line)}", highlight=False, soft_wrap=True)
+    _verdict(r.passed, f"{len(r.images)} sample(s) after {n} steps within the pass rule", "failure(s)", r.failures())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -58,3 +59,37 @@ def run_cli_in_process(*args: object):
     from attn_export import cli
 
     return CliRunner().invoke(cli.app, [str(a) for a in args])
+
+
+class CliResult:
+    """Exit code and text as a user sees them (cli.main turns library errors into one line and an exit code)."""
+
+    def __init__(self, res: Any) -> None:
+        from attn_export.errors import AttnExportError
+
+        self.exit_code, self.output = res.exit_code, res.output
+        if isinstance(res.exception, AttnExportError):
+            self.exit_code, self.output = res.exception.exit_code, res.output + str(res.exception)
+
+
+def invoke_cli(*args: object) -> CliResult:
+    """:func:`run_cli_in_process`, with a library error read as the exit code and line the command would print."""
+    return CliResult(run_cli_in_process(*args))
+
+
+def make_fake_engine(tiny_onnx: Path, folder: Path, profile: Any) -> Path:
+    """A file named like an engine (not a real plan) with a valid sidecar for the tiny preset, built for ``profile``:
+    what the engine paths read before TensorRT is needed."""
+    from attn_export.engines.sidecar import make_sidecar, sidecar_path, write_sidecar
+    from attn_export.exporter.foreign import spec_of
+
+    engine = folder / "tiny.plan"
+    engine.write_bytes(b"not a real plan")
+    data = make_sidecar(
+        engine_path=engine, engine_sha256="0" * 64, tensorrt_version="10.14.1", gpu_name="NVIDIA H100",
+        compute_capability="9.0", profiles=[profile], spec=spec_of(tiny_onnx),
+        io=[{"name": "x", "mode": "input", "dtype": "float16", "shape": [-1, 3, -1, -1]}], onnx_path=tiny_onnx,
+        onnx_sha256="1" * 64, precision="fp16", fusion={"summary": "4/4 attention blocks fused"},
+    )
+    write_sidecar(sidecar_path(engine), data)
+    return engine

@@ -7,11 +7,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
+
+from conftest import CliResult, invoke_cli
 
 from attn_export import cli
 from attn_export.bench import PeakHostMemory, latency_stats, parse_backends, run_bench
-from attn_export.errors import AttnExportError, UsageError
+from attn_export.errors import UsageError
 
 LATENCY_KEYS = {"mean", "median", "p10", "p90", "p99", "min", "max", "cv"}
 
@@ -22,17 +23,8 @@ def wide_console(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(cli.console, "width", 250)
 
 
-class _Result:
-    """Exit code and text as a user sees them: cli.main turns library errors into one line and exit code."""
-
-    def __init__(self, res) -> None:
-        self.exit_code, self.output = res.exit_code, res.output
-        if isinstance(res.exception, AttnExportError):
-            self.exit_code, self.output = res.exception.exit_code, res.output + str(res.exception)
-
-
-def _invoke(*args: str) -> _Result:
-    return _Result(CliRunner().invoke(cli.app, list(args)))
+def _invoke(*args: str) -> CliResult:
+    return invoke_cli(*args)
 
 
 def test_cli_prints_table_and_writes_json(tiny_onnx: Path, tmp_path: Path, wide_console: None) -> None:

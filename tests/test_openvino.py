@@ -14,11 +14,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
-from attn_export import cli
+from conftest import CliResult, invoke_cli
+
 from attn_export.compare import compare_outputs, default_tolerances
-from attn_export.errors import AttnExportError, MissingDependencyError, UsageError
+from attn_export.errors import MissingDependencyError, UsageError
 from attn_export.host import native_bf16
 from attn_export.runners.openvino_runner import INSTALL_HINT, check_precision, import_openvino, parse_precision
 
@@ -35,17 +35,8 @@ def _needs_bf16() -> None:
         pytest.skip("this CPU has no bf16 units (AVX512_BF16 or AMX): OpenVINO refuses bf16 here, as it should")
 
 
-class _Result:
-    """Exit code and text as a user sees them (cli.main turns library errors into one line and an exit code)."""
-
-    def __init__(self, res) -> None:
-        self.exit_code, self.output = res.exit_code, res.output
-        if isinstance(res.exception, AttnExportError):
-            self.exit_code, self.output = res.exception.exit_code, res.output + str(res.exception)
-
-
-def _invoke(*args: str) -> _Result:
-    return _Result(CliRunner().invoke(cli.app, list(args)))
+def _invoke(*args: str) -> CliResult:
+    return invoke_cli(*args)
 
 
 def _feeds(spec, batch: int, h: int, w: int, t_high: int, seed: int = 0) -> dict[str, np.ndarray]:

@@ -13,7 +13,7 @@ from onnx import helper, numpy_helper
 
 from attn_export.trajectory import (DEFAULT_RULES, beta_schedule, ddim_step, ddpm_step, psnr, sampling_timesteps, ssim,
                                     verify_trajectory)
-from conftest import run_cli_in_process as run
+from conftest import make_fake_engine, run_cli_in_process as run
 
 
 def one_line_error(result, needle: str, code: int = 2) -> None:
@@ -303,19 +303,8 @@ def test_existing_images_file_needs_force(tiny_onnx: Path, tmp_path: Path) -> No
 @pytest.fixture
 def fake_engine(tiny_onnx: Path, tmp_path: Path) -> Path:
     from attn_export.engines.profiles import Profile
-    from attn_export.engines.sidecar import make_sidecar, sidecar_path, write_sidecar
-    from attn_export.exporter.foreign import spec_of
 
-    engine = tmp_path / "tiny.plan"
-    engine.write_bytes(b"not a real plan")
-    data = make_sidecar(
-        engine_path=engine, engine_sha256="0" * 64, tensorrt_version="10.14.1", gpu_name="NVIDIA H100",
-        compute_capability="9.0", profiles=[Profile((1, 32, 32), (2, 32, 32), (4, 64, 64))], spec=spec_of(tiny_onnx),
-        io=[{"name": "x", "mode": "input", "dtype": "float16", "shape": [-1, 3, -1, -1]}], onnx_path=tiny_onnx,
-        onnx_sha256="1" * 64, precision="fp16", fusion={"summary": "4/4 attention blocks fused"},
-    )
-    write_sidecar(sidecar_path(engine), data)
-    return engine
+    return make_fake_engine(tiny_onnx, tmp_path, Profile((1, 32, 32), (2, 32, 32), (4, 64, 64)))
 
 
 def _have_trt_and_gpu() -> bool:

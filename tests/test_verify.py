@@ -18,7 +18,7 @@ from attn_export.exporter.foreign import spec_of
 from attn_export.exporter.onnx_export import export_onnx
 from attn_export.models.loader import ModelSource, load_model
 from attn_export.spec import ReferenceOptions
-from conftest import run_cli_in_process as run
+from conftest import make_fake_engine, run_cli_in_process as run
 from attn_export.verify import default_shapes, engine_shapes, verify
 
 TABLE_KEYS = ("max_abs", "mean_abs", "max_rel", "p99_abs", "cosine", "nan_ref", "inf_ref", "nan_cand", "inf_cand",
@@ -378,18 +378,8 @@ def test_tolerances_are_settable(tiny_onnx: Path) -> None:
 @pytest.fixture
 def fake_engine(tiny_onnx: Path, tmp_path: Path) -> Path:
     from attn_export.engines.profiles import Profile
-    from attn_export.engines.sidecar import make_sidecar, sidecar_path, write_sidecar
 
-    engine = tmp_path / "tiny.plan"
-    engine.write_bytes(b"not a real plan")
-    data = make_sidecar(
-        engine_path=engine, engine_sha256="0" * 64, tensorrt_version="10.14.1", gpu_name="NVIDIA H100",
-        compute_capability="9.0", profiles=[Profile((1, 32, 32), (1, 64, 64), (4, 128, 128))], spec=spec_of(tiny_onnx),
-        io=[{"name": "x", "mode": "input", "dtype": "float16", "shape": [-1, 3, -1, -1]}], onnx_path=tiny_onnx,
-        onnx_sha256="1" * 64, precision="fp16", fusion={"summary": "4/4 attention blocks fused"},
-    )
-    write_sidecar(sidecar_path(engine), data)
-    return engine
+    return make_fake_engine(tiny_onnx, tmp_path, Profile((1, 32, 32), (1, 64, 64), (4, 128, 128)))
 
 
 @pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="TensorRT is installed here")
