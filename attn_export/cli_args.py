@@ -19,7 +19,7 @@ from typing import Any, Callable, Optional, TypeVar
 
 import typer
 
-from .cli_support import guarded
+from .cli_support import PlainHelpCommand, guarded
 from .errors import UsageError
 from .spec import ReferenceOptions
 
@@ -133,7 +133,7 @@ def command_with(app: typer.Typer, name: str, *groups: Group, **settings: Any) -
         run.__signature__ = sig.replace(parameters=[  # type: ignore[attr-defined]
             *[p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own], *added])
         run.__annotations__ = {p.name: p.annotation for p in [*own, *added]}
-        app.command(name, **settings)(run)
+        app.command(name, **{"cls": PlainHelpCommand, **settings})(run)
         return run
 
     return register

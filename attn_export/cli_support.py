@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import typer
-from typer.core import TyperGroup
+from typer.core import TyperCommand, TyperGroup
 
 from . import render
 from .atomic import defer_signal
@@ -26,11 +26,28 @@ from .progress import ProgressFn
 from .render import err_console
 
 
+def _plain_help(option: Any) -> Any:
+    """``--help`` read as the flag it is: typer draws it as ``--help <bool>``."""
+    if option is not None and option.metavar is None:
+        option.metavar = ""
+    return option
+
+
 class PathOrder(TyperGroup):
     """Commands listed in the order of the path (onnx, optimize, fp16, trt, verify, ...), not alphabetically."""
 
     def list_commands(self, ctx: Any) -> list[str]:
         return list(self.commands)
+
+    def get_help_option(self, ctx: Any) -> Any:
+        return _plain_help(super().get_help_option(ctx))
+
+
+class PlainHelpCommand(TyperCommand):
+    """A command whose ``--help`` reads as a flag."""
+
+    def get_help_option(self, ctx: Any) -> Any:
+        return _plain_help(super().get_help_option(ctx))
 
 
 def print_version(value: bool) -> None:
