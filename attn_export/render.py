@@ -389,6 +389,8 @@ def triton(m: Any) -> None:
     if m.winograd_rewritten:
         console.print(f"  convolutions: {m.winograd_rewritten} 3x3 as Winograd F(4x4, 3x3) (ONNX Runtime CPU)",
                       highlight=False)
+    if m.f32_islands:
+        console.print(f"  {escape(m.f32_islands)}: marked in model.xml to run at f32 under bf16", highlight=False)
     console.print(f"  {escape(str(m.config_path))}", highlight=False)
     for p in [m.model_file, *m.copied]:
         console.print(f"  {escape(str(p))}", highlight=False)

@@ -82,6 +82,7 @@ class TritonModel:
     winograd_rewritten: int = 0   # 3x3 convolutions served as Winograd F(4x4, 3x3) (CPU instances)
     backend: str = ""             # a backend named instead of a platform ("openvino")
     precision: str = ""           # OpenVINO's inference precision set in the config
+    f32_islands: str = ""         # what the OpenVINO IR keeps in f32 under bf16
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -291,16 +292,18 @@ def _openvino_settings(src: Path, precision: str | None, kind: str | None, form:
     return chosen, params, header
 
 
-def _write_openvino_ir(src: Path, folder: Path) -> None:
-    """The ONNX file as OpenVINO IR, model.xml + model.bin in ``folder``, weights kept FP32.
+def _write_openvino_ir(src: Path, folder: Path) -> str:
+    """The ONNX file as OpenVINO IR, model.xml + model.bin in ``folder``, weights kept FP32; what it holds in f32.
 
     OpenVINO reads the ONNX file (a path: data, nothing in it runs). save_model compresses weights to FP16 by
-    default; here they stay FP32, so bf16 is the only rounding the server adds.
+    default; here they stay FP32, and the timestep's sinusoidal embedding is marked to stay f32 under the server's
+    bf16 (runners/openvino_islands.py), so bf16 elsewhere is the only rounding the server adds.
     """
+    from .runners.openvino_islands import write_held_ir
     from .runners.openvino_runner import import_openvino
 
     ov = import_openvino()
-    ov.save_model(ov.Core().read_model(str(src)), str(folder / "model.xml"), compress_to_fp16=False)
+    return write_held_ir(ov, ov.Core().read_model(str(src)), folder / "model.xml").describe()
 
 
 def write_model_repository(artifact: str | Path, repo: str | Path, *, name: str | None = None, version: int = 1,
@@ -425,6 +428,7 @@ def write_model_repository(artifact: str | Path, repo: str | Path, *, name: str 
         raise UsageError(f"model folder exists: {model_dir} (use --force to replace it)")
     repo.mkdir(parents=True, exist_ok=True)
     copied: list[Path] = []
+    islands = ""
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=repo))
     try:
         vdir = tmp / str(version)
@@ -435,7 +439,7 @@ def write_model_repository(artifact: str | Path, repo: str | Path, *, name: str 
             # Initializers kept outside still name their data file, copied unchanged below.
             onnx.save_model(served[0], str(vdir / file_name))
         elif backend == "openvino":
-            _write_openvino_ir(src, vdir)
+            islands = _write_openvino_ir(src, vdir)
             copied.append(model_dir / str(version) / "model.bin")
         else:
             shutil.copyfile(src, vdir / file_name)
@@ -468,4 +472,5 @@ def write_model_repository(artifact: str | Path, repo: str | Path, *, name: str 
                        validated=validated, attention_rewritten=served[1].attention_sites if served else 0,
                        attention_kind=served[1].attention_kind if served else "",
                        winograd_rewritten=served[1].winograd_convolutions if served else 0,
-                       backend="openvino" if backend == "openvino" else "", precision=ov_precision)
+                       backend="openvino" if backend == "openvino" else "", precision=ov_precision,
+                       f32_islands=islands)

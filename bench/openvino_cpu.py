@@ -1,12 +1,14 @@
 """Which file, which precision and which shape handling for OpenVINO on the CPU (docs/benchmarks.md, "OpenVINO").
 
-For each (file, precision) pair: the error against the PyTorch FP32 model on the same inputs (max and mean abs over
+For each (file, precision) pair, at bf16 and f16 with the timestep's sinusoidal embedding held in f32 (the runner's
+default) and without it: the error against the PyTorch FP32 model on the same inputs (max and mean abs over
 SHAPES, timesteps drawn in [0, 1000) and, separately, in [0, 256), where bf16 holds every integer), and the median
 latency of single calls at each shape, the model compiled once with dynamic H/W. Then, for the FP32 file, the same
 latencies with the model compiled per shape (static H/W) and the compile time each new shape costs. One process
 runs everything in turn; the machine may be shared, so rerun before reading small differences.
 
-    python bench/openvino_cpu.py FP32.onnx [FP16.onnx] [--threads 2] [--iterations 7] [--json out/openvino_cpu.json]
+    python bench/openvino_cpu.py FP32.onnx [FP16.onnx] [--threads 2] [--iterations 7] [--accuracy-only]
+        [--json out/openvino_cpu.json]
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ def main() -> None:
     ap.add_argument("--iterations", type=int, default=7)
     ap.add_argument("--precisions", default="f32,bf16")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--accuracy-only", action="store_true", help="errors only: no latencies, no static-shape rows")
     args = ap.parse_args()
 
     from attn_export.engines.sidecar import artifact_spec
@@ -61,17 +64,20 @@ def main() -> None:
         expected = {key: torch_runner.infer(feeds)["out"] for key, feeds in inputs.items()}
     rows: list[dict[str, Any]] = []
     for path in args.files:
-        for precision in args.precisions.split(","):
-            with OpenVinoRunner(path, precision=precision, threads=args.threads) as runner:
-                row: dict[str, Any] = {"file": path.name, "precision": precision, "shapes": "dynamic"}
+        for precision, hold in [(p, h) for p in args.precisions.split(",") for h in ((False,) if p == "f32" else (True, False))]:
+            with OpenVinoRunner(path, precision=precision, threads=args.threads, hold_f32_islands=hold) as runner:
+                row: dict[str, Any] = {"file": path.name, "precision": precision, "shapes": "dynamic",
+                                       "f32_islands": runner.compiled_settings().get("f32_islands", {})}
                 for high in (1000, 256):
                     errors = [np.abs(runner.infer(inputs[(s, high)])["out"] - expected[(s, high)]) for s in SHAPES]
                     row[f"t<{high}"] = {"max_abs": float(max(e.max() for e in errors)),
                                         "mean_abs": float(np.mean([e.mean() for e in errors]))}
-                row["median_ms"] = {f"{s[1]}px": median_ms(runner, inputs[(s, 1000)], args.iterations) for s in SHAPES}
+                if not args.accuracy_only:
+                    row["median_ms"] = {f"{s[1]}px": median_ms(runner, inputs[(s, 1000)], args.iterations)
+                                        for s in SHAPES}
             rows.append(row)
             print(json.dumps(row), flush=True)
-    for precision in args.precisions.split(","):
+    for precision in [] if args.accuracy_only else args.precisions.split(","):
         with OpenVinoRunner(args.files[0], precision=precision, threads=args.threads, static_shapes=True) as runner:
             row = {"file": args.files[0].name, "precision": precision, "shapes": "static per shape", "median_ms": {},
                    "compile_s": {}}

@@ -23,6 +23,7 @@ from ..errors import MissingDependencyError, UsageError
 from ..exporter.foreign import spec_of
 from ..spec import ModelSpec
 from .base import Runner
+from .openvino_islands import HeldIslands, held_at_low_precision, hold_islands, private_folder
 
 # The precisions OpenVINO's INFERENCE_PRECISION_HINT takes here, and the spellings accepted for them.
 PRECISIONS = ("f32", "bf16", "f16")
@@ -90,13 +91,17 @@ class OpenVinoRunner(Runner):
     (PERFORMANCE_HINT LATENCY: one stream, every thread on one request) with
     ``threads`` inference threads (None: OpenVINO's default, one per core).
 
+    At bf16 and f16 the sinusoidal embedding of the timestep (or noise level)
+    is held in f32 (``hold_islands=True``, the default): OpenVINO would
+    otherwise round t = 999 to 1000 before sin/cos (runners/openvino_islands.py).
+
     Thread safety: calls from several threads are serialized (one infer request).
     """
 
     name = "openvino"
 
     def __init__(self, path: str | Path, *, precision: str, threads: int | None = None, spec: ModelSpec | None = None,
-                 static_shapes: bool = False, device: str = "CPU") -> None:
+                 static_shapes: bool = False, device: str = "CPU", hold_f32_islands: bool = True) -> None:
         self.precision = parse_precision(precision)
         if threads is not None and threads < 1:
             raise UsageError(f"threads must be at least 1 (got {threads})")
@@ -110,6 +115,9 @@ class OpenVinoRunner(Runner):
         self.device = device
         self.core: Any = self.ov.Core()
         check_precision(self.precision, device_capabilities(self.core, device), device)
+        self.hold_f32_islands = hold_f32_islands and self.precision != "f32"
+        self.islands = HeldIslands()
+        self._folder: Any = None  # the marked IR's temporary folder, alive while the model is
         self._model: Any = None
         self._compiled: dict[tuple[int, ...] | None, tuple[Any, Any]] = {}  # shape (None: dynamic) -> (model, request)
         self._lock = threading.Lock()
@@ -138,17 +146,26 @@ class OpenVinoRunner(Runner):
             # A second guard behind check_precision: the plugin chose another precision than the one asked for.
             raise UsageError(f"OpenVINO compiled the model at {got}, not the {self.precision} asked for; refusing to "
                              "run at a precision nobody chose")
+        if self.islands.nodes and not self.islands.checked:
+            self.islands.not_held += [f"{name}: compiled at {self.precision}" for name in held_at_low_precision(compiled)]
+            self.islands.checked = True
         return compiled, compiled.create_infer_request()
 
     def _activate(self) -> None:
         # OpenVINO reads the path itself (and its external data files beside it).
         self._model = self.core.read_model(str(self.path))
+        if self.hold_f32_islands:
+            self._folder = private_folder()
+            self._model, self.islands = hold_islands(self.ov, self.core, self._model, Path(self._folder.name))
         if not self.static_shapes:
             self._compiled[None] = self._compile(None)
 
     def _deactivate(self) -> None:
         self._compiled.clear()
         self._model = None
+        if self._folder is not None:
+            self._folder.cleanup()
+            self._folder = None
 
     def compiled_settings(self) -> dict[str, Any]:
         """What OpenVINO compiled: precision, hint, threads and streams as the compiled model reports them."""
@@ -160,14 +177,17 @@ class OpenVinoRunner(Runner):
                 "performance_hint": str(prop("PERFORMANCE_HINT")).rsplit(".", 1)[-1],
                 "threads": int(prop("INFERENCE_NUM_THREADS")), "streams": int(prop("NUM_STREAMS")),
                 "shapes": "static per shape" if self.static_shapes else "dynamic",
-                "device": str(self.core.get_property(self.device, "FULL_DEVICE_NAME")), "openvino": self.version}
+                "device": str(self.core.get_property(self.device, "FULL_DEVICE_NAME")), "openvino": self.version,
+                "f32_islands": {name: len(nodes) for name, nodes in self.islands.nodes.items()},
+                "f32_island_nodes_not_held": list(self.islands.not_held)}
 
     def describe(self) -> str:
         """One line naming the backend, its precision and how it runs, for reports."""
         s = self.compiled_settings()
         threads = s.get("threads") or "default"
         return (f"openvino {self.version} ({self.device}, {self.precision}, {s.get('performance_hint', 'LATENCY')}, "
-                f"{threads} threads, {'static' if self.static_shapes else 'dynamic'} shapes)")
+                f"{threads} threads, {'static' if self.static_shapes else 'dynamic'} shapes"
+                + (f", {self.islands.describe()}" if self.islands.nodes else "") + ")")
 
     def _infer(self, feeds: Mapping[str, Any]) -> dict[str, np.ndarray]:
         arrays = {t.name: np.ascontiguousarray(np.asarray(feeds[t.name]), dtype=t.dtype) for t in self.spec.inputs}
