@@ -20,7 +20,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence, cast
+from typing import TYPE_CHECKING, Any, Callable, Sequence, TypeVar, cast
 
 import numpy as np
 
@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 # "pytorch-fp16": the model in FP16 on the GPU (--attention-impl formulation), the baseline for FP16 engines.
 # "pytorch-bf16": the model under torch.autocast('cpu', dtype=torch.bfloat16), the eager bf16 baseline on CPUs with
 # bf16 units (AVX512_BF16 or AMX).
+_R = TypeVar("_R")
 TORCH_BACKENDS = {"pytorch": None, "pytorch-fp16": None, "pytorch-bf16": None, "pytorch-reference": "reference",
                   "pytorch-sdpa": "sdpa", "pytorch-decomposed": "decomposed"}
 # OpenVINO's CPU plugin at each explicit inference precision; "openvino" names the f32 and bf16 rows (and, where the
@@ -201,8 +202,13 @@ def default_backends(artifact: str | Path) -> list[str]:
 def make_runner(artifact: str | Path, backend: str, spec: ModelSpec, *, provider: str = "cpu",
                 threads: int | None = None, attention_impl: str = "sdpa",
                 graph_optimization: str = "all",
-                reference_model: ReferenceOptions | None = None) -> tuple[Any, dict[str, Any]]:
-    """Build the runner for ``backend`` and the settings to report with its results."""
+                reference_model: ReferenceOptions | None = None,
+                tuned: dict[str, Any] | None = None) -> tuple[Any, dict[str, Any]]:
+    """Build the runner for ``backend`` and the settings to report with its results.
+
+    ``tuned`` (from :func:`tuned_form`): the onnxruntime-serving backend runs the form it names, its
+    measurements in the settings.
+    """
     if backend in TORCH_BACKENDS:
         import torch
 
@@ -239,8 +245,11 @@ def make_runner(artifact: str | Path, backend: str, spec: ModelSpec, *, provider
 
         from .runners.ort_runner import OrtRunner
 
+        attention, winograd = ORT_BACKENDS[backend], True
+        if tuned is not None and backend == "onnxruntime-serving":
+            attention, winograd = tuned["runner_attention"], tuned["winograd"]
         ort_runner = OrtRunner(artifact, providers=[provider], threads=threads, spec=spec,
-                               graph_optimization=graph_optimization, attention=ORT_BACKENDS[backend])
+                               graph_optimization=graph_optimization, attention=attention, winograd=winograd)
         ort_runner.activate()
         opts = ort_runner.session.get_session_options()
         return ort_runner, {
@@ -253,6 +262,8 @@ def make_runner(artifact: str | Path, backend: str, spec: ModelSpec, *, provider
             "attention": spec.attention,
             "serving_form": ort_runner.serving_form_parts(),
             "onnxruntime": ort.__version__,
+            **({"form": f"tuned: {tuned['tuning']['chosen']}", "tuning": tuned["tuning"]}
+               if tuned is not None and backend == "onnxruntime-serving" else {}),
         }
     if backend in OPENVINO_BACKENDS:
         if is_engine_path(artifact):
@@ -365,7 +376,8 @@ def _bench_backend(job: dict[str, Any]) -> list[dict[str, Any]]:
         runner, settings = make_runner(job["artifact"], job["backend"], spec, provider=job["provider"],
                                        threads=job["threads"], attention_impl=job["attention_impl"],
                                        graph_optimization=job["graph_optimization"],
-                                       reference_model=job["reference_model"])
+                                       reference_model=job["reference_model"],
+                                       tuned=job.get("tuned"))
     except ProviderUnavailable:
         raise  # the device the user named does not exist here: no row can say what was asked
     except (AttnExportError, ImportError) as exc:
@@ -392,21 +404,38 @@ def _bench_backend(job: dict[str, Any]) -> list[dict[str, Any]]:
     return [asdict(r) for r in rows]
 
 
+def tuned_form(job: dict[str, Any]) -> dict[str, Any]:
+    """The serving form :func:`attn_export.runners.serving_tune.tune_serving_form` keeps at ``job``'s shapes."""
+    from .runners.serving_tune import tune_serving_form
+
+    tuning = tune_serving_form(job["artifact"], ModelSpec.from_dict(job["spec"]), [tuple(s) for s in job["shapes"]],
+                               provider=job["provider"], threads=job["threads"],
+                               graph_optimization=job["graph_optimization"])
+    return {"runner_attention": tuning.chosen.runner_attention, "winograd": tuning.chosen.winograd,
+            "tuning": tuning.to_dict()}
+
+
 def _in_own_process(job: dict[str, Any]) -> list[dict[str, Any]]:
     """:func:`_bench_backend` in a fresh interpreter (spawn), so neither another backend's libraries and arenas
     nor a larger shape's activations count in this row's total; a process that dies (killed for memory, a
     crash in native code) is an error row, not a hang."""
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
     from concurrent.futures.process import BrokenProcessPool
 
+    try:
+        return _run_in_own_process(_bench_backend, job)
+    except BrokenProcessPool:
+        return [asdict(BenchRow(job["backend"], list(shape), status="error",
+                                error="its process died (killed for memory, or a crash in native code)"))
+                for shape in job["shapes"]]
+
+
+def _run_in_own_process(fn: Callable[[dict[str, Any]], _R], job: dict[str, Any]) -> _R:
+    """``fn(job)`` in a fresh interpreter (spawn); BrokenProcessPool when that process dies."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), initializer=_ignore_sigint) as pool:
-        try:
-            return pool.submit(_bench_backend, job).result()
-        except BrokenProcessPool:
-            return [asdict(BenchRow(job["backend"], list(shape), status="error",
-                                    error="its process died (killed for memory, or a crash in native code)"))
-                    for shape in job["shapes"]]
+        return pool.submit(fn, job).result()
 
 
 def run_bench(artifact: str | Path, *, backends: Sequence[str] | None = None,
@@ -415,7 +444,7 @@ def run_bench(artifact: str | Path, *, backends: Sequence[str] | None = None,
               attention_impl: str = "sdpa", graph_optimization: str = "all", seed: int = 0,
               progress: Any = None, reference_model: ReferenceOptions | None = None,
               max_memory: int | None = None, isolate: bool = True,
-              input_ranges: dict[str, tuple[float, float]] | None = None) -> dict[str, Any]:
+              input_ranges: dict[str, tuple[float, float]] | None = None, tune: bool = False) -> dict[str, Any]:
     """Benchmark ``artifact`` on each backend at each shape; returns the JSON-ready report.
 
     ``isolate``: each backend runs each shape in a fresh process of its own,
@@ -425,10 +454,14 @@ def run_bench(artifact: str | Path, *, backends: Sequence[str] | None = None,
     default shape is batch 1 at the model's own sample size. Each row's ratio
     is to the fastest PyTorch formulation measured at that shape.
 
+    ``tune``: the onnxruntime-serving backend runs, at each shape, the form
+    that measured fastest there among the file as written and its rewrites
+    (what ``optimize --for onnxruntime --tune --shapes`` would write for it).
+
     A backend that cannot run here (TensorRT without a GPU, say) is reported
     with status "unavailable" and its reason; the others still run.
     """
-    from .shapes import round_up, typical_size
+    from .shapes import sample_shape
 
     if iterations is not None and time_budget is not None:
         raise UsageError("give --iterations or --time-budget, not both")
@@ -447,17 +480,15 @@ def run_bench(artifact: str | Path, *, backends: Sequence[str] | None = None,
     if input_ranges:  # the inputs every backend gets are drawn in these ranges
         spec.input_ranges = {**spec.input_ranges, **{k: [float(v[0]), float(v[1])] for k, v in input_ranges.items()}}
     backends = list(backends) if backends else default_backends(artifact)
+    if tune and "onnxruntime-serving" not in backends:
+        raise UsageError("--tune tunes the onnxruntime-serving backend: add it to --backend")
     if not shapes and is_engine_path(artifact):
         from .engines.sidecar import read_sidecar, sidecar_profiles
 
         # The shapes the engine was tuned for: each profile's opt.
         shapes = list(dict.fromkeys((int(p.opt[0]), int(p.opt[1]), int(p.opt[2])) for p in sidecar_profiles(read_sidecar(Path(artifact)))))
     if not shapes:
-        if spec.fixed_hw:
-            shapes = [(1, *spec.fixed_hw)]
-        else:
-            size = round_up(typical_size(spec), spec.hw_multiple)
-            shapes = [(1, size, size)]
+        shapes = [sample_shape(spec)]
     for b, h, w in shapes:
         spec.check_shape(b, h, w)
     if not is_engine_path(artifact):
@@ -468,16 +499,31 @@ def run_bench(artifact: str | Path, *, backends: Sequence[str] | None = None,
     job: dict[str, Any] = {"artifact": str(artifact), "spec": spec.to_dict(), "shapes": [tuple(s) for s in shapes], "provider": provider,
            "threads": threads, "attention_impl": attention_impl, "graph_optimization": graph_optimization,
            "reference_model": reference_model, "seed": seed, "warmup": warmup, "iterations": iterations,
-           "time_budget": time_budget, "isolated": isolate}
+           "time_budget": time_budget, "isolated": isolate, "tune": tune}
     results: list[dict[str, Any]] = []
     for backend in backends:
         if progress:
             progress(f"{backend} {', '.join(format_shape(s) for s in shapes)}")
+        tuning = tune and backend == "onnxruntime-serving"
         if not isolate:
-            results.extend(_bench_backend({**job, "backend": backend}))
+            results.extend(_bench_backend({**job, "backend": backend,
+                                           "tuned": tuned_form(job) if tuning else None}))
             continue
         for shape in shapes:
-            results.extend(_in_own_process({**job, "backend": backend, "shapes": [shape]}))
+            one = {**job, "backend": backend, "shapes": [shape]}
+            if tuning:
+                if progress:
+                    progress(f"{backend} {format_shape(shape)}: tuning")
+                # In a process of its own too: the candidates' sessions must not count in the row's peak memory.
+                from concurrent.futures.process import BrokenProcessPool
+
+                try:
+                    one["tuned"] = _run_in_own_process(tuned_form, one)
+                except (AttnExportError, BrokenProcessPool) as exc:
+                    why = str(exc).splitlines()[0] if str(exc) else "its process died"
+                    results.append(asdict(BenchRow(backend, list(shape), status="error", error=f"tuning: {why}")))
+                    continue
+            results.extend(_in_own_process(one))
     _fill_ratios(results)
     return {
         "tool": "attn-export bench",
@@ -488,7 +534,7 @@ def run_bench(artifact: str | Path, *, backends: Sequence[str] | None = None,
         "host": host_info(),
         "settings": {"warmup": warmup, "iterations": iterations, "time_budget_s": time_budget, "threads": threads,
                      "provider": provider, "attention_impl": attention_impl, "graph_optimization": graph_optimization,
-                     "seed": seed, "isolated": isolate},
+                     "seed": seed, "isolated": isolate, "tune": tune},
         "results": results,
     }
 

@@ -16,7 +16,7 @@ from typing import Any, Callable, Optional
 import typer
 
 from . import render
-from .cli_args import (BACKEND, BUILD, FP16, REFERENCE, REPORT, SHAPES, SUPPORTED_TRT, TRAJECTORY, BackendArgs, BuildArgs,
+from .cli_args import (ATTENTION, BACKEND, BUILD, FORCE, FP16, SERVING_ATTENTION, THREADS, TUNE, REFERENCE, REPORT, SHAPES, SUPPORTED_TRT, TRAJECTORY, BackendArgs, BuildArgs,
                        Fp16Args, Group, ShapeArgs, TrajectoryArgs, calibration, command_with, json_object, parse_hw,
                        renamed, triton_form)
 from .cli_support import PathOrder, print_version, progress, reporter, run_app, write_report
@@ -43,15 +43,6 @@ def command(name: str, *groups: Group, **settings: Any) -> Callable[[Callable[..
 def _root(version: bool = typer.Option(False, "--version", callback=print_version, is_eager=True, metavar="",
                                        help="Print the version and exit.")) -> None:
     """Diffusion UNets with self-attention, from PyTorch to ONNX and TensorRT."""
-
-
-FORCE = typer.Option(False, "--force", help="Replace an existing output file.")
-ATTENTION = typer.Option("op", "--attention", help=(
-    "The attention form TensorRT reads: op, one ONNX Attention node per site (opset 23, TensorRT 10.14+), or "
-    "decomposed, Mul(q, scale) -> MatMul -> Softmax -> MatMul (any TensorRT 10.x)."))
-SERVING_ATTENTION = typer.Option("auto", "--serving-attention", help=(
-    "The serving form's attention: auto (per site, the form measured faster on this CPU), multiheadattention "
-    "(ONNX Runtime's flash attention) or chunked (query chunks in standard ops, CPU)."))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -134,18 +125,19 @@ def optimize_cmd(
     serving_attention: str = SERVING_ATTENTION,
     allow_unfused: bool = typer.Option(False, "--allow-unfused", help="Write the file even when a site cannot be rewritten, listing it."),
     check: bool = typer.Option(True, "--check/--no-check", help="Compare with the input in ONNX Runtime before writing."),
-    force: bool = FORCE,
+    force: bool = FORCE, tune: bool = TUNE, threads: Optional[int] = THREADS,
     shape_args: ShapeArgs = None,  # type: ignore[assignment]
 ) -> None:
-    from .exporter.optimize import optimize_onnx
+    from .pipeline import optimize_artifact
 
     if shape_args.max_memory is not None:
         raise UsageError("--max-memory does not apply to optimize (its check runs at the shapes given)")
     with progress() as prog:
-        r = optimize_onnx(model, output, attention=attention, target=target, provider=provider,
-                          serving_attention=serving_attention, force=force, allow_unfused=allow_unfused,
-                          input_shapes=shape_args.sets("optimize"), input_ranges=shape_args.input_ranges, check=check,
-                          progress=reporter(prog, "optimize: "))
+        r = optimize_artifact(model, output, attention=attention, target=target, provider=provider, tune=tune,
+                              threads=threads, serving_attention=serving_attention, force=force,
+                              allow_unfused=allow_unfused, input_shapes=shape_args.input_shapes,
+                              shapes=shape_args.shapes,
+                              input_ranges=shape_args.input_ranges, check=check, progress=reporter(prog, "optimize: "))
     render.optimize(r)
 
 
@@ -330,11 +322,12 @@ def bench_cmd(
     warmup: int = typer.Option(2, "--warmup", help="Untimed calls before timing."),
     iterations: Optional[int] = typer.Option(None, "--iterations", help="Timed calls per backend and shape (default 10)."),
     time_budget: Optional[float] = typer.Option(None, "--time-budget", help="Instead of --iterations: time calls for this many seconds (at least one call)."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="Intra-op threads for PyTorch and ONNX Runtime (default: each library's own)."),
+    threads: Optional[int] = THREADS,
     provider: str = typer.Option("cpu", "--provider", help="ONNX Runtime provider: cpu, cuda or tensorrt. cuda/tensorrt also put the PyTorch reference on the GPU."),
     attention_impl: str = typer.Option("sdpa", "--attention-impl", help="Attention formulation of the 'pytorch' backend: sdpa, reference (the seed article's) or decomposed."),
     graph_optimization: str = typer.Option("all", "--graph-optimization", help="ONNX Runtime graph optimization level: disable, basic, extended, all."),
     isolate: bool = typer.Option(True, "--isolate/--no-isolate", help="Run each backend in a process of its own, so its total peak memory is its own."),
+    tune: bool = typer.Option(False, "--tune", help="onnxruntime-serving runs, at each shape, the form measured fastest there: the file as written or its rewrites (see optimize --tune)."),
     old_json: Optional[Path] = typer.Option(None, "--json", hidden=True, help="Old spelling of --report."),
     shape_args: ShapeArgs = None,  # type: ignore[assignment]
     reference_model: ReferenceOptions = None,  # type: ignore[assignment]
@@ -349,7 +342,7 @@ def bench_cmd(
             iterations=iterations, time_budget=time_budget, threads=threads, provider=provider.lower(),
             attention_impl=attention_impl, graph_optimization=graph_optimization, progress=reporter(prog, "bench: "),
             reference_model=reference_model, max_memory=shape_args.max_memory, isolate=isolate,
-            input_ranges=shape_args.input_ranges)
+            input_ranges=shape_args.input_ranges, tune=tune)
     render.bench(result)
     if json_out is not None:
         write_json(result, json_out)

@@ -33,6 +33,19 @@ SHAPES_HELP = ("A shape, repeatable: BxHxW for the image (e.g. 2x64x96; comma-se
                "every dynamic input of one call in Polygraphy's form, name:DIMS,... (e.g. x:1x3x64x64,sigma:1).")
 
 
+FORCE = typer.Option(False, "--force", help="Replace an existing output file.")
+ATTENTION = typer.Option("op", "--attention", help=(
+    "The attention form TensorRT reads: op, one ONNX Attention node per site (opset 23, TensorRT 10.14+), or "
+    "decomposed, Mul(q, scale) -> MatMul -> Softmax -> MatMul (any TensorRT 10.x)."))
+SERVING_ATTENTION = typer.Option("auto", "--serving-attention", help=(
+    "The serving form's attention: auto (per site, the form measured faster on this CPU), multiheadattention "
+    "(ONNX Runtime's flash attention), chunked (query chunks in standard ops, CPU) or none (as the file has it)."))
+TUNE = typer.Option(False, "--tune", help=(
+    "--for onnxruntime: time the file and each rewrite (attention, Winograd, both) at the --shapes given (default: "
+    "the model's sample size) on this machine, and keep only what is faster than the file (by 3 %) and slower at none."))
+THREADS = typer.Option(None, "--threads", help="Intra-op threads for PyTorch and ONNX Runtime (default: each library's own).")
+
+
 def renamed(old: _T | None, old_name: str, new: _T | None, new_name: str, default: _T) -> _T:
     """An option's value under its new name or, with a deprecation line, its old one (kept for one release)."""
     if old is not None:
@@ -184,11 +197,6 @@ class ShapeArgs:
             raise UsageError(f"{command} takes image shapes, BxHxW (e.g. --shapes 1x32x32,4x64x64)")
         return self.shapes
 
-    def sets(self, command: str) -> list[str] | None:
-        """The name:DIMS sets, for a command that runs whole inputs."""
-        if self.shapes:
-            raise UsageError(f"{command} checks at full input shapes: --shapes name:DIMS,... (e.g. x:1x3x64x64,t:1)")
-        return self.input_shapes
 
 
 def _shape_args(shapes: Optional[list[str]], input_shapes: Optional[list[str]], input_range: Optional[list[str]],

@@ -24,6 +24,7 @@ from .exporter.audit import DEFAULT_THRESHOLD
 from .exporter.foreign import spec_of
 from .exporter.metadata import load_onnx
 from .exporter.fp16 import Fp16Result, fp16_settings, recorded_fp16_settings
+from .exporter.optimize import OptimizeResult
 from .localize import LocalizeReport
 from .trajectory import TrajectoryReport
 from .verify import VerifyReport
@@ -63,6 +64,37 @@ def convert_fp16(onnx_in: str | Path, onnx_out: str | Path, *, check: bool = Tru
     CheckFailed (exit 1) is raised.
     """
     return _convert_fp16(onnx_in, onnx_out, check=check, compare=compare_fp16 if check else None, **options)
+
+
+def optimize_artifact(onnx_in: str | Path, output: str | Path, *, tune: bool = False, threads: int | None = None,
+                      **options: Any) -> OptimizeResult:
+    """``attn-export optimize``: :func:`.exporter.optimize.optimize_onnx`, with ``tune`` its serving form measured.
+
+    ``tune`` (``--for onnxruntime``): the file and each form of its rewrites are timed on this machine with
+    ``threads`` at the shapes given (default: the model's sample size), and only rewrites faster than the file are
+    made (:mod:`.runners.serving_tune`); where none is, nothing is written (exit 2, the measurements in the line).
+    """
+    from .exporter.optimize import optimize_onnx
+
+    if not tune:
+        if threads is not None:
+            raise UsageError("--threads sets the threads of the tuning runs: add --tune")
+        return optimize_onnx(onnx_in, output, **options)
+    from .exporter.serving import SERVING_PROVIDERS, ServingChoice
+    from .runners.serving_tune import tune_serving_form
+    from .shapes import sample_shape
+
+    def choose(spec: ModelSpec, shapes: list[Shape] | None) -> ServingChoice:
+        tuning = tune_serving_form(onnx_in, spec, shapes or [sample_shape(spec)], threads=threads,
+                                   provider=SERVING_PROVIDERS.get(options.get("provider", "cpu"), "CPUExecutionProvider"),
+                                   serving_attention=options.get("serving_attention", "auto"),
+                                   progress=options.get("progress"))
+        if not tuning.pays:
+            raise UsageError(f"no rewrite of {Path(onnx_in).name} is faster than the file on this machine "
+                             f"({tuning.summary()}); serve it as it is")
+        return ServingChoice(tuning.chosen.attention, tuning.chosen.winograd, tuning.to_dict())
+
+    return optimize_onnx(onnx_in, output, choose_form=choose, **options)
 
 
 @dataclass

@@ -363,6 +363,17 @@ def optimize(r: Any) -> None:
         table.add_row("form", escape(f"ONNX Runtime's serving form for {r.serving['provider']}: "
                                      f"{', '.join(r.serving['parts']) or 'nothing to rewrite'}"))
         table.add_row("tuned on", escape(f"{cpu.get('processor', '?')} ({cpu.get('simd', '?')}{l2})"))
+        tuning = r.serving.get("tuning")
+        if tuning:
+            for shape in tuning["shapes"]:
+                file_ms = tuning["candidates"][0]["median_ms"][shape]
+                cells = [f"{c['name']} {c['median_ms'][shape]:.1f} ms"
+                         + (f" ({c['median_ms'][shape] / file_ms:.2f}x)" if i else "")
+                         for i, c in enumerate(tuning["candidates"])]
+                table.add_row(f"measured {shape}", escape(", ".join(cells)))
+            table.add_row("kept", escape(f"{tuning['chosen']} (faster than the file by {tuning['margin']:.0%} or more "
+                                         f"over the shapes measured and slower at none; {tuning['threads'] or 'default'} "
+                                         f"threads, the median of {tuning.get('sessions_per_candidate', 1)} sessions each)"))
         table.add_row("note", "runners run it as written; TensorRT and `attn-export trt` take its source file")
     else:
         table.add_row("attention", f"{r.sites} site(s): {len(r.rewritten)} rewritten, {len(r.unchanged)} already "

@@ -38,6 +38,14 @@ def typical_size(spec: ModelSpec) -> int:
     return int(PRESET_RESOLUTION.get(preset_of(spec) or "", DEFAULT_TYPICAL))
 
 
+def sample_shape(spec: ModelSpec) -> Shape:
+    """Batch 1 at the model's own sample size: its fixed H/W, else its typical size rounded to its H/W multiple."""
+    if spec.fixed_hw:
+        return (1, *spec.fixed_hw)
+    size = round_up(typical_size(spec), spec.hw_multiple)
+    return (1, size, size)
+
+
 def large_size(spec: ModelSpec) -> int:
     """The largest H/W of a default sweep: twice the typical size, capped per preset, a multiple of H/W."""
     m = spec.hw_multiple

@@ -30,6 +30,7 @@ from ..graph.index import default_opset
 from ..spec import METADATA_KEY, ModelSpec, format_shape
 from .foreign import is_foreign, need_shapes, parse_input_shapes, spec_of
 from .metadata import embed_spec, external_data_locations, load_onnx
+from .serving import ServingChoice
 
 Shape = tuple[int, int, int]
 # "tensorrt": the attention form TensorRT fuses; "onnxruntime": ONNX Runtime's serving form.
@@ -95,9 +96,11 @@ def optimize_onnx(
     force: bool = False,
     allow_unfused: bool = False,
     input_shapes: str | Sequence[str] | None = None,
+    shapes: Sequence[Shape] | None = None,
     input_ranges: dict[str, tuple[float, float]] | None = None,
     check: bool = True,
     progress: Callable[[str], None] | None = None,
+    choose_form: Callable[[ModelSpec, list[Shape] | None], ServingChoice] | None = None,
 ) -> OptimizeResult:
     """Rewrite ``onnx_in`` for ``target`` and write ``output`` after comparing the two in ONNX Runtime.
 
@@ -106,6 +109,9 @@ def optimize_onnx(
     the canonical MatMul/Softmax/MatMul). ``target="onnxruntime"``: the file
     becomes ONNX Runtime's serving form for ``provider`` (cpu or cuda), a
     self-described artifact (:mod:`.serving`) that runners run as written.
+    ``choose_form`` (``--tune``), given the description and the shapes the
+    user named (None: none named), says which rewrites to make, from
+    measurements: the pipeline passes :func:`attn_export.runners.serving_tune.tune_serving_form`.
     """
     from .fp16 import FP16_KEY
     from .onnx_export import _convert_opset
@@ -122,8 +128,8 @@ def optimize_onnx(
     if target == "onnxruntime" and (attention != "op" or allow_unfused):
         raise UsageError("--attention and --allow-unfused choose the TensorRT form; --for onnxruntime takes "
                          "--serving-attention")
-    if target == "tensorrt" and (provider != "cpu" or serving_attention != "auto"):
-        raise UsageError("--provider and --serving-attention apply to --for onnxruntime")
+    if target == "tensorrt" and (provider != "cpu" or serving_attention != "auto" or choose_form is not None):
+        raise UsageError("--provider, --serving-attention and --tune apply to --for onnxruntime")
     src = Path(onnx_in)
     out = check_output_path(output, force=force)
     if src.resolve() == out.resolve():
@@ -142,8 +148,13 @@ def optimize_onnx(
     del model.metadata_props[:]
     model.metadata_props.extend(keep)
     spec = spec_of(model, origin=str(src), input_ranges=input_ranges)
+    named = bool(input_shapes or shapes)
+    if input_shapes and shapes:
+        raise UsageError("give the check's shapes one way: BxHxW or name:DIMS sets")
     if input_shapes:
         shapes = parse_input_shapes(input_shapes, spec)
+    elif shapes and not is_foreign(spec):
+        shapes = list(shapes)
     elif is_foreign(spec):
         shapes = need_shapes(spec, "the check against the input")
     else:
@@ -159,14 +170,17 @@ def optimize_onnx(
     unchanged: list[str] = []
     serving: dict[str, Any] | None = None
     if target == "onnxruntime":
+        choice = ServingChoice(serving_attention, True)
+        if choose_form is not None:
+            choice = choose_form(spec, list(shapes) if named else None)
         say("serving form")
-        form = build_serving_form(model, src, spec, provider=SERVING_PROVIDERS[provider], attention=serving_attention,
-                                  one_file=False)
+        form = build_serving_form(model, src, spec, provider=SERVING_PROVIDERS[provider], attention=choice.attention,
+                                  winograd=choice.winograd, one_file=False)
         if not form.changed:
             raise UsageError(f"nothing in {src} has a faster form in ONNX Runtime for {provider} (no FP32 attention "
                              "site, no eligible 3x3 convolution); serve it as it is")
         serving = describe_serving_form(model, form, provider=SERVING_PROVIDERS[provider],
-                                        attention=serving_attention, source=src)
+                                        attention=choice.attention, source=src, tuning=choice.tuning)
         rewritten = [p for p in form.parts()]
     else:
         if attention == "op" and before < 23:

@@ -10,6 +10,7 @@ and the engine path refuses it.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,16 @@ SERVING_KEY = "attn_export.serving"
 SERVING_PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 # What the attention rewrite may add to a one-file model beyond its weights (its nodes and small constants).
 _MARGIN = 2**24
+
+
+@dataclass
+class ServingChoice:
+    """Which rewrites a serving form makes: its attention (a serving attention, or "none") and Winograd; with the
+    measurements that chose them, when they were measured (``--tune``)."""
+
+    attention: str
+    winograd: bool
+    tuning: dict[str, Any] | None = field(default=None)
 
 
 def serving_description(model: onnx.ModelProto) -> dict[str, Any] | None:
@@ -78,11 +89,14 @@ def build_serving_form(model: onnx.ModelProto, path: Path, spec: ModelSpec, *, p
 
 
 def describe_serving_form(model: onnx.ModelProto, form: ServingForm, *, provider: str, attention: str,
-                          source: Path) -> dict[str, Any]:
-    """Record in ``model`` what its serving form holds, for which provider, tuned on which CPU; returns the record."""
+                          source: Path, tuning: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Record in ``model`` what its serving form holds, for which provider, tuned on which CPU; returns the record.
+
+    ``tuning``: the measurements that chose the rewrites (``--tune``), recorded with them.
+    """
     record = {"form": "onnxruntime", "provider": provider, "attention": attention, "parts": form.parts(),
               "attention_sites": form.attention_sites, "winograd_convolutions": form.winograd_convolutions,
-              "source": source.name, "tuned_on": cpu_info()}
+              "source": source.name, "tuned_on": cpu_info(), **({"tuning": tuning} if tuning else {})}
     set_record(model, SERVING_KEY, record)
     return record
 

@@ -21,8 +21,8 @@ WINOGRAD_PROVIDERS = ("CPUExecutionProvider",)
 # Where attention in query chunks (large MLAS GEMMs) can beat the MultiHeadAttention kernel.
 CHUNKED_PROVIDERS = ("CPUExecutionProvider",)
 # "auto": per site, the form measured faster on the provider; "multiheadattention" / "chunked": that form
-# wherever it runs (chunks on the CPU provider only).
-SERVING_ATTENTION = ("auto", "multiheadattention", "chunked")
+# wherever it runs (chunks on the CPU provider only); "none": attention as the file has it (the other rewrites only).
+SERVING_ATTENTION = ("auto", "multiheadattention", "chunked", "none")
 # ONNX Runtime's MultiHeadAttention CPU kernel tiles keys in blocks of L2 / (16 * (d_qk + d_v)) (its source:
 # onnxruntime/contrib_ops/cpu/bert/multihead_attention.cc). At 64 keys or fewer per block its GEMMs are too thin:
 # query chunks measured 0.72-0.97x its time there (head sizes 256 and 512 on a 512 KiB L2), and 1.0-1.3x at 128
@@ -100,7 +100,8 @@ def onnxruntime_serving_form(model: onnx.ModelProto, *, provider: str = "CPUExec
     memory linear in the sequence length. ``attention="auto"`` picks per
     site: chunks where MultiHeadAttention's CPU kernel would tile the keys in
     blocks of 64 or fewer (large head sizes against the L2 cache,
-    ``l2_bytes``, read from this machine when None) or cannot take the site.
+    ``l2_bytes``, read from this machine when None) or cannot take the site;
+    ``attention="none"`` leaves attention as the file has it.
     On the CPU provider, and with ``winograd``, eligible 3x3 convolutions
     become Winograd F(4x4, 3x3) in standard ops (``hw_multiple``: every accepted height and width is a
     multiple of it; ``max_added_bytes`` bounds the transformed weights).
@@ -116,12 +117,12 @@ def onnxruntime_serving_form(model: onnx.ModelProto, *, provider: str = "CPUExec
         form.winograd = winograd_convolutions(model, hw_multiple, weights_folder=weights_folder,
                                               max_added_bytes=max_added_bytes,
                                               arrays=form.arrays if with_arrays else None)
-    if provider in CHUNKED_PROVIDERS and attention != "multiheadattention" \
+    if provider in CHUNKED_PROVIDERS and attention not in ("multiheadattention", "none") \
             and default_opset(model) >= CHUNKED_MIN_OPSET:
         l2 = l2_bytes or l2_cache_bytes() or DEFAULT_L2_BYTES
         form.chunked = to_chunked_form(model, weights_folder=weights_folder,
                                        select=None if attention == "chunked" else lambda s: chunked_pays(s, l2))
-    if provider in MHA_PROVIDERS and attention != "chunked":
+    if provider in MHA_PROVIDERS and attention not in ("chunked", "none"):
         # The sites left (none when every one went to chunks).
         form.attention = to_onnxruntime_form(model, weights_folder=weights_folder)
     return form

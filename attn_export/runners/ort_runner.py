@@ -62,8 +62,9 @@ def check_providers(asked: Sequence[str], created: Sequence[str]) -> list[str]:
 
 # "onnxruntime": the serving form (attention as ONNX Runtime's contrib MultiHeadAttention or, on CPU where it
 # measured faster, in query chunks; on CPU 3x3 convolutions as Winograd); "multiheadattention" / "chunked": the
-# serving form with that attention at every site; "as-is": the file's own graph.
-ATTENTION_FORMS = ("onnxruntime", "multiheadattention", "chunked", "as-is")
+# serving form with that attention at every site; "none": the serving form with attention as the file has it
+# (Winograd only); "as-is": the file's own graph.
+ATTENTION_FORMS = ("onnxruntime", "multiheadattention", "chunked", "none", "as-is")
 
 
 class OrtRunner(Runner):
