@@ -230,6 +230,29 @@ def test_islands_found_by_dependence_not_names(tmp_path: Path) -> None:
             assert held_err < raw_err / 3, (t, held_err, raw_err)
 
 
+def test_island_stops_where_another_input_joins(tmp_path: Path) -> None:
+    """sin(t * w) + x: the Add depends on x too, so only the Mul and the Sin are t's island."""
+    ov = pytest.importorskip("openvino", reason=NEEDS_OPENVINO)
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from attn_export.runners.openvino_islands import find_islands
+
+    w = numpy_helper.from_array(np.linspace(0.1, 1.0, 4, dtype=np.float32)[None, :], "w")
+    graph = helper.make_graph(
+        [helper.make_node("Unsqueeze", ["t", "one"], ["tc"]), helper.make_node("Mul", ["tc", "w"], ["arg"]),
+         helper.make_node("Sin", ["arg"], ["s"]), helper.make_node("Add", ["s", "x"], ["y"]),
+         helper.make_node("Relu", ["y"], ["out"])], "joined",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4]),
+         helper.make_tensor_value_info("t", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 4])],
+        [w, numpy_helper.from_array(np.array([1], np.int64), "one")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "joined.onnx")
+    islands = find_islands(ov.Core().read_model(str(tmp_path / "joined.onnx")))
+    assert list(islands) == ["t"]
+    assert sorted(n.get_type_name() for n in islands["t"]) == ["Multiply", "Sin", "Unsqueeze"]
+
+
 def test_no_island_without_an_embedding(tmp_path: Path) -> None:
     """A model with no sin/cos of an input keeps every node at the asked precision."""
     ov = pytest.importorskip("openvino", reason=NEEDS_OPENVINO)

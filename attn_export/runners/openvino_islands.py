@@ -80,15 +80,17 @@ def _consumers(node: Any) -> list[Any]:
 
 
 def _reach(start: Any, cut: frozenset[str]) -> dict[int, Any]:
-    """Nodes reachable downstream of ``start`` (itself excluded), not passing through ``cut`` op types."""
+    """Nodes reachable downstream of ``start`` (itself excluded), not passing through ``cut`` op types, by their
+    instance ids (stable for a graph node, unlike the identity of its Python wrappers)."""
     seen: dict[int, Any] = {}
     stack = [start]
     while stack:
         node = stack.pop()
         for d in _consumers(node):
-            if id(d) in seen or d.get_type_name() in cut:
+            key = d.get_instance_id()
+            if key in seen or d.get_type_name() in cut:
                 continue
-            seen[id(d)] = d
+            seen[key] = d
             stack.append(d)
     return seen
 
@@ -96,10 +98,10 @@ def _reach(start: Any, cut: frozenset[str]) -> dict[int, Any]:
 def find_islands(model: Any) -> dict[str, list[Any]]:
     """Per model input name, the nodes of its sinusoidal embedding (see the module docstring); inputs with none left out."""
     params = list(model.get_parameters())
-    data_of = {id(p): _reach(p, _SHAPE_ONLY | {"Result"}) for p in params}
+    data_of = [_reach(p, _SHAPE_ONLY | {"Result"}) for p in params]
     islands: dict[str, list[Any]] = {}
-    for p in params:
-        others: set[int] = set().union(*(data_of[id(q)].keys() for q in params if q is not p))
+    for i, p in enumerate(params):
+        others: set[int] = set().union(*(reach.keys() for j, reach in enumerate(data_of) if j != i))
         own = _reach(p, _STOP)
         nodes = [n for k, n in own.items() if k not in others and n.get_type_name() != "Constant"]
         if any(n.get_type_name() in _TRIG for n in nodes):
