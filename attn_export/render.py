@@ -195,6 +195,14 @@ def inspect_onnx(d: dict[str, Any]) -> None:
                                      f"{', '.join(map(str, made.get('parts', []))) or 'nothing rewritten'}), tuned on "
                                      f"{cpu.get('processor', '?')} ({cpu.get('simd', '?')}), made from {made.get('source')}; "
                                      "not for TensorRT"))
+        tuning = made.get("tuning")
+        if isinstance(tuning, dict):  # read from the file: data, shown as text only
+            ratios = {str(c.get("name")): f"{r:.2f}x" if isinstance(r := c.get("ratio_to_file"), (int, float)) else "?"
+                      for c in tuning.get("candidates", []) if isinstance(c, dict)}
+            table.add_row("form measured", escape(f"kept {tuning.get('chosen')} of "
+                                                  f"{', '.join(f'{k} {v}' for k, v in ratios.items())} at "
+                                                  f"{', '.join(map(str, tuning.get('shapes', [])))}, "
+                                                  f"{tuning.get('threads') or 'default'} threads (--tune)"))
     for key, value in d["metadata"].items():
         table.add_row(f"metadata {escape(key)}", escape(str(value)[:80]))
     hist = d["op_histogram"]

@@ -102,6 +102,9 @@ def test_optimize_tune_writes_the_form_kept_with_its_measurements(wide_onnx: Pat
     assert record["tuning"]["shapes"] == ["1x16x16"] and record["tuning"]["threads"] == 1
     assert r.check and all(c["passed"] for c in r.check)  # checked against its source like any serving form
     assert not any(n.domain == "com.microsoft" for n in onnx.load(out, load_external_data=False).graph.node)
+    shown = invoke_cli("inspect", out)
+    assert shown.exit_code == 0 and "kept winograd of as written 1.00x, attention 1.20x, winograd 0.80x" in \
+        " ".join(shown.output.split())
 
 
 def test_optimize_tune_writes_nothing_where_no_rewrite_pays(wide_onnx: Path, tmp_path: Path,
