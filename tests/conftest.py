@@ -11,6 +11,15 @@ from attn_export.exporter.onnx_export import export_onnx
 from attn_export.models.loader import ModelSource
 
 
+LARGE_PRESETS = ("ddpm-256",)
+
+
+def cache_name(key: tuple) -> str:
+    """The file stem of a cached export: preset_attention[_override-value...]."""
+    preset, attention, overrides = key
+    return "_".join([preset, attention] + [f"{k}-{v}" for k, v in overrides])
+
+
 @pytest.fixture(scope="session")
 def export_model(tmp_path_factory: pytest.TempPathFactory):
     """Export (once per session) and return the ONNX path: export_model("tiny", "op", norm="gn")."""
@@ -20,8 +29,12 @@ def export_model(tmp_path_factory: pytest.TempPathFactory):
     def _export(preset: str = "tiny", attention: str = "op", **overrides) -> Path:
         key = (preset, attention, tuple(sorted(overrides.items())))
         if key not in cache:
-            name = "_".join([preset, attention] + [f"{k}-{v}" for k, v in sorted(overrides.items())]) + ".onnx"
-            path = folder / name
+            if preset in LARGE_PRESETS:
+                # Hundreds of MB each, and each xdist worker holds its own cache: keep one large export at a time.
+                for old in [k for k in cache if k[0] in LARGE_PRESETS]:
+                    for f in cache.pop(old).parent.glob(cache_name(old) + "*"):
+                        f.unlink()
+            path = folder / (cache_name(key) + ".onnx")
             export_onnx(ModelSource(preset=preset, overrides=overrides), path, attention=attention, check=False)
             cache[key] = path
         return cache[key]

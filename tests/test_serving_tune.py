@@ -89,7 +89,8 @@ def test_forms_that_rewrite_nothing_more_are_not_measured(tiny_onnx: Path, monke
 
 
 def test_optimize_tune_writes_the_form_kept_with_its_measurements(wide_onnx: Path, tmp_path: Path,
-                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+                                                                   monkeypatch: pytest.MonkeyPatch,
+                                                                   wide_console: None) -> None:
     from attn_export.pipeline import optimize_artifact
 
     _fixed_clock(monkeypatch, {("as-is", False): 100.0, ("onnxruntime", False): 120.0,
