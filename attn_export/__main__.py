@@ -31,8 +31,9 @@ def _late(signum: int, frame: FrameType | None) -> None:
 
 def main() -> None:
     """Run the command line, with the signals handled from the first instruction to the last."""
-    signal.signal(signal.SIGTERM, _early)
+    # SIGINT first: a caught SIGTERM then means both are ours (tests read that from /proc before signalling).
     signal.signal(signal.SIGINT, _early)
+    signal.signal(signal.SIGTERM, _early)
     from .cli import main as cli_main
 
     code = 0
