@@ -14,12 +14,6 @@ from attn_export.models.loader import ModelSource
 LARGE_PRESETS = ("ddpm-256",)
 
 
-def cache_name(key: tuple) -> str:
-    """The file stem of a cached export: preset_attention[_override-value...]."""
-    preset, attention, overrides = key
-    return "_".join([preset, attention] + [f"{k}-{v}" for k, v in overrides])
-
-
 @pytest.fixture(scope="session")
 def export_model(tmp_path_factory: pytest.TempPathFactory):
     """Export (once per session) and return the ONNX path: export_model("tiny", "op", norm="gn")."""
@@ -32,9 +26,11 @@ def export_model(tmp_path_factory: pytest.TempPathFactory):
             if preset in LARGE_PRESETS:
                 # Hundreds of MB each, and each xdist worker holds its own cache: keep one large export at a time.
                 for old in [k for k in cache if k[0] in LARGE_PRESETS]:
-                    for f in cache.pop(old).parent.glob(cache_name(old) + "*"):
-                        f.unlink()
-            path = folder / (cache_name(key) + ".onnx")
+                    done = cache.pop(old)
+                    done.unlink()
+                    done.with_name(done.name + ".data").unlink(missing_ok=True)
+            name = "_".join([preset, attention] + [f"{k}-{v}" for k, v in sorted(overrides.items())]) + ".onnx"
+            path = folder / name
             export_onnx(ModelSource(preset=preset, overrides=overrides), path, attention=attention, check=False)
             cache[key] = path
         return cache[key]
