@@ -308,6 +308,9 @@ class BenchRow:
     memory_method: str | None = None
     ratio_to_pytorch: float | None = None
     baseline: str | None = None  # the PyTorch backend the ratio is to: the fastest measured at this shape
+    ratio_to_file: float | None = None  # onnxruntime-serving only: its median / the file as written's (onnxruntime)
+    # With several sessions (--sessions): each fresh process's median call, in the order they ran.
+    session_medians_ms: list[float] = field(default_factory=list)
     settings: dict[str, Any] = field(default_factory=dict)
 
 
@@ -351,6 +354,7 @@ def measure(runner: Any, feeds: dict[str, np.ndarray], *, warmup: int = 2, itera
         "throughput_images_per_s": batch / (stats["mean"] / 1e3),
         "peak_host_mib": host.growth_mib, "memory_method": host.method, "peak_device_mib": dev.growth_mib,
         "peak_rss_mib": host.peak_kib / 1024 if host.method != "none" else None,
+        "calls_s": times,
     }
 
 
@@ -401,7 +405,8 @@ def _bench_backend(job: dict[str, Any]) -> list[dict[str, Any]]:
     if job["isolated"] and total_kib:
         for row in rows:
             row.total_peak_host_mib = total_kib / 1024
-    return [asdict(r) for r in rows]
+    # The calls themselves too (not a field of the row): sessions of one pair are merged from them.
+    return [{**asdict(r), "calls_s": r.__dict__.get("calls_s", [])} for r in rows]
 
 
 def tuned_form(job: dict[str, Any]) -> dict[str, Any]:
@@ -444,7 +449,8 @@ def run_bench(artifact: str | Path, *, backends: Sequence[str] | None = None,
               attention_impl: str = "sdpa", graph_optimization: str = "all", seed: int = 0,
               progress: Any = None, reference_model: ReferenceOptions | None = None,
               max_memory: int | None = None, isolate: bool = True,
-              input_ranges: dict[str, tuple[float, float]] | None = None, tune: bool = False) -> dict[str, Any]:
+              input_ranges: dict[str, tuple[float, float]] | None = None, tune: bool = False,
+              sessions: int = 1) -> dict[str, Any]:
     """Benchmark ``artifact`` on each backend at each shape; returns the JSON-ready report.
 
     ``isolate``: each backend runs each shape in a fresh process of its own,
@@ -458,6 +464,12 @@ def run_bench(artifact: str | Path, *, backends: Sequence[str] | None = None,
     that measured fastest there among the file as written and its rewrites
     (what ``optimize --for onnxruntime --tune --shapes`` would write for it).
 
+    ``sessions``: each backend and shape is measured in this many fresh
+    processes, in rounds whose order alternates (forward, then reversed), and
+    its median is the median of the sessions' medians (p10-p90 and the mean
+    over all calls): one session of the same graph can be 40 % slower than the
+    next on a shared machine, each steady within itself.
+
     A backend that cannot run here (TensorRT without a GPU, say) is reported
     with status "unavailable" and its reason; the others still run.
     """
@@ -469,6 +481,10 @@ def run_bench(artifact: str | Path, *, backends: Sequence[str] | None = None,
         raise UsageError("--iterations must be at least 1")
     if warmup < 0:
         raise UsageError("--warmup must be 0 or more")
+    if sessions < 1:
+        raise UsageError("--sessions must be at least 1")
+    if sessions > 1 and not isolate:
+        raise UsageError("--sessions counts fresh processes: it needs --isolate")
     impls = sorted({impl for impl in TORCH_BACKENDS.values() if impl})  # the formulations PyTorch models take
     if attention_impl not in impls:
         raise UsageError(f"--attention-impl must be one of {', '.join(impls)} (got {attention_impl!r})")
@@ -501,29 +517,14 @@ def run_bench(artifact: str | Path, *, backends: Sequence[str] | None = None,
            "reference_model": reference_model, "seed": seed, "warmup": warmup, "iterations": iterations,
            "time_budget": time_budget, "isolated": isolate, "tune": tune}
     results: list[dict[str, Any]] = []
-    for backend in backends:
-        if progress:
-            progress(f"{backend} {', '.join(format_shape(s) for s in shapes)}")
-        tuning = tune and backend == "onnxruntime-serving"
-        if not isolate:
-            results.extend(_bench_backend({**job, "backend": backend,
-                                           "tuned": tuned_form(job) if tuning else None}))
-            continue
-        for shape in shapes:
-            one = {**job, "backend": backend, "shapes": [shape]}
-            if tuning:
-                if progress:
-                    progress(f"{backend} {format_shape(shape)}: tuning")
-                # In a process of its own too: the candidates' sessions must not count in the row's peak memory.
-                from concurrent.futures.process import BrokenProcessPool
-
-                try:
-                    one["tuned"] = _run_in_own_process(tuned_form, one)
-                except (AttnExportError, BrokenProcessPool) as exc:
-                    why = str(exc).splitlines()[0] if str(exc) else "its process died"
-                    results.append(asdict(BenchRow(backend, list(shape), status="error", error=f"tuning: {why}")))
-                    continue
-            results.extend(_in_own_process(one))
+    if not isolate:
+        for backend in backends:
+            if progress:
+                progress(f"{backend} {', '.join(format_shape(s) for s in shapes)}")
+            tuned = tuned_form(job) if tune and backend == "onnxruntime-serving" else None
+            results.extend(_merge_sessions([[r] for r in _bench_backend({**job, "backend": backend, "tuned": tuned})]))
+    else:
+        results = _isolated_rounds(job, backends, shapes, sessions, tune, progress)
     _fill_ratios(results)
     return {
         "tool": "attn-export bench",
@@ -534,9 +535,76 @@ def run_bench(artifact: str | Path, *, backends: Sequence[str] | None = None,
         "host": host_info(),
         "settings": {"warmup": warmup, "iterations": iterations, "time_budget_s": time_budget, "threads": threads,
                      "provider": provider, "attention_impl": attention_impl, "graph_optimization": graph_optimization,
-                     "seed": seed, "isolated": isolate, "tune": tune},
+                     "seed": seed, "isolated": isolate, "tune": tune, "sessions": sessions},
         "results": results,
     }
+
+
+def _isolated_rounds(job: dict[str, Any], backends: Sequence[str], shapes: Sequence[tuple[int, int, int]],
+                     sessions: int, tune: bool, progress: Any) -> list[dict[str, Any]]:
+    """Every backend at every shape in processes of their own, ``sessions`` rounds, one row per pair."""
+    from concurrent.futures.process import BrokenProcessPool
+
+    pairs = [(backend, tuple(shape)) for backend in backends for shape in shapes]
+    jobs: dict[tuple[str, tuple[int, ...]], dict[str, Any]] = {}
+    done: dict[tuple[str, tuple[int, ...]], list[dict[str, Any]]] = {pair: [] for pair in pairs}
+    for backend, shape in pairs:
+        one = {**job, "backend": backend, "shapes": [shape]}
+        if tune and backend == "onnxruntime-serving":
+            if progress:
+                progress(f"{backend} {format_shape(shape)}: tuning")
+            # In a process of its own too: the candidates' sessions must not count in the row's peak memory.
+            try:
+                one["tuned"] = _run_in_own_process(tuned_form, one)
+            except (AttnExportError, BrokenProcessPool) as exc:
+                why = str(exc).splitlines()[0] if str(exc) else "its process died"
+                done[(backend, shape)].append(asdict(BenchRow(backend, list(shape), status="error",
+                                                              error=f"tuning: {why}")))
+                continue
+        jobs[(backend, shape)] = one
+    for round_ in range(sessions):
+        # Alternate the order so that no pair always runs first (a cold cache) or last (a warm, throttled core).
+        for pair in pairs if round_ % 2 == 0 else pairs[::-1]:
+            rows = done[pair]
+            if pair not in jobs or (rows and rows[-1]["status"] != "ok"):
+                continue  # tuning failed, or the backend cannot run here: once is enough to say so
+            if progress:
+                progress(f"{pair[0]} {format_shape(pair[1])}"
+                         + (f" (session {round_ + 1} of {sessions})" if sessions > 1 else ""))
+            rows.extend(_in_own_process(jobs[pair]))
+    return _merge_sessions([done[pair] for pair in pairs])
+
+
+def _merge_sessions(per_pair: Sequence[Sequence[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """One row per backend and shape from its sessions' rows: the median of their medians, the statistics of all
+    their calls, the largest memory figures; a failed session makes the row that failure."""
+    merged = []
+    for rows in per_pair:
+        failed = next((r for r in rows if r["status"] != "ok"), None)
+        if failed is not None or len(rows) == 1:
+            row = dict(failed or rows[0])
+            row.pop("calls_s", None)
+            merged.append(row)
+            continue
+        row = dict(rows[0])
+        calls = [t for r in rows for t in r["calls_s"]]
+        row.update(measured_over_sessions(calls, [r["latency_ms"]["median"] for r in rows], int(row["shape"][0])))
+        row["iterations"] = len(calls)
+        for key in ("peak_host_mib", "total_peak_host_mib", "peak_device_mib"):
+            values = [r[key] for r in rows if r.get(key) is not None]
+            row[key] = max(values) if values else None
+        row.pop("calls_s", None)
+        merged.append(row)
+    return merged
+
+
+def measured_over_sessions(calls_s: Sequence[float], session_medians_ms: Sequence[float],
+                           batch: int) -> dict[str, Any]:
+    """Latency statistics of calls made in several sessions: all calls' spread and mean, the sessions' median."""
+    stats = latency_stats(calls_s)
+    stats["median"] = float(np.median(session_medians_ms))
+    return {"latency_ms": stats, "throughput_images_per_s": batch / (stats["mean"] / 1e3),
+            "session_medians_ms": [round(float(m), 3) for m in session_medians_ms]}
 
 
 def _fill_ratios(rows: list[dict[str, Any]]) -> None:
@@ -547,11 +615,16 @@ def _fill_ratios(rows: list[dict[str, Any]]) -> None:
             key, median = tuple(r["shape"]), r["latency_ms"]["median"]
             if key not in fastest or median < fastest[key][0]:
                 fastest[key] = (median, r["backend"])
+    files = {tuple(r["shape"]): r["latency_ms"]["median"] for r in rows
+             if r["backend"] == "onnxruntime" and r["status"] == "ok"}
     for r in rows:
         base = fastest.get(tuple(r["shape"]))
         if r["status"] == "ok" and base:
             r["ratio_to_pytorch"] = r["latency_ms"]["median"] / base[0]
             r["baseline"] = base[1]
+        file_ms = files.get(tuple(r["shape"]))
+        if r["status"] == "ok" and r["backend"] == "onnxruntime-serving" and file_ms:
+            r["ratio_to_file"] = r["latency_ms"]["median"] / file_ms
 
 
 def write_json(report: dict[str, Any], path: str | Path) -> None:

@@ -328,6 +328,7 @@ def bench_cmd(
     graph_optimization: str = typer.Option("all", "--graph-optimization", help="ONNX Runtime graph optimization level: disable, basic, extended, all."),
     isolate: bool = typer.Option(True, "--isolate/--no-isolate", help="Run each backend in a process of its own, so its total peak memory is its own."),
     tune: bool = typer.Option(False, "--tune", help="onnxruntime-serving runs, at each shape, the form measured fastest there: the file as written or its rewrites (see optimize --tune)."),
+    sessions: int = typer.Option(1, "--sessions", help="Measure each backend and shape in this many fresh processes, in rounds of alternating order; the median is the sessions' median (one session can run 40 % slower than the next on a shared machine)."),
     old_json: Optional[Path] = typer.Option(None, "--json", hidden=True, help="Old spelling of --report."),
     shape_args: ShapeArgs = None,  # type: ignore[assignment]
     reference_model: ReferenceOptions = None,  # type: ignore[assignment]
@@ -342,7 +343,7 @@ def bench_cmd(
             iterations=iterations, time_budget=time_budget, threads=threads, provider=provider.lower(),
             attention_impl=attention_impl, graph_optimization=graph_optimization, progress=reporter(prog, "bench: "),
             reference_model=reference_model, max_memory=shape_args.max_memory, isolate=isolate,
-            input_ranges=shape_args.input_ranges, tune=tune)
+            input_ranges=shape_args.input_ranges, tune=tune, sessions=sessions)
     render.bench(result)
     if json_out is not None:
         write_json(result, json_out)

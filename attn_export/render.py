@@ -79,12 +79,16 @@ def bench(report: dict[str, Any]) -> None:
     for col in ("backend", "shape", "median ms", "p10-p90 ms", "images/s", "total peak", "growth", "peak device",
                 "vs fastest pytorch", "settings"):
         table.add_column(col, justify="left" if col in ("backend", "shape", "settings") else "right")
-    noisy = []
+    sessions = report["settings"].get("sessions", 1)
+    if sessions > 1:
+        table.add_column("sessions ms", justify="right")
+    noisy, serving = [], []
     for r in report["results"]:
         shape = format_shape(r["shape"])
         if r["status"] != "ok":
             # Status where the numbers go, the reason in the wide last column.
-            table.add_row(r["backend"], shape, f"[yellow]{r['status']}[/]", *[""] * 6, escape(r["error"] or ""))
+            table.add_row(r["backend"], shape, f"[yellow]{r['status']}[/]", *[""] * 6, escape(r["error"] or ""),
+                          *[""] * (sessions > 1))
             continue
         lat = r["latency_ms"]
         mib = lambda v: "—" if v is None else f"{v:.0f} MiB"  # noqa: E731
@@ -97,10 +101,22 @@ def bench(report: dict[str, Any]) -> None:
             spread = f"[yellow]{spread}[/]"
         ratio = "—" if r["ratio_to_pytorch"] is None else \
             f"{r['ratio_to_pytorch']:.2f}x" + (f" ({r['baseline']})" if r.get("baseline") and r["baseline"] != r["backend"] else "")
+        per_session = r.get("session_medians_ms") or []
         table.add_row(r["backend"], shape, f"{lat['median']:.2f}", spread, f"{r['throughput_images_per_s']:.1f}",
                       mib(r.get("total_peak_host_mib")), mib(r["peak_host_mib"]), mib(r["peak_device_mib"]), ratio,
-                      detail)
+                      detail, *([f"{min(per_session):.2f}-{max(per_session):.2f}" if per_session else ""]
+                                if sessions > 1 else []))
+        if r.get("ratio_to_file") is not None:
+            serving.append((shape, r["ratio_to_file"]))
     console.print(table)
+    if serving:
+        console.print("serving form / file as written: " + ", ".join(f"{v:.2f}x at {k}" for k, v in serving),
+                      highlight=False)
+        slower = [k for k, v in serving if v > 1]
+        if slower and not report["settings"].get("tune"):
+            warning(f"the serving form was slower than the file as written at {', '.join(slower)} on this CPU: "
+                    "--tune measures which of its rewrites pay here (optimize --tune writes that form)"
+                    + ("" if sessions > 1 else "; --sessions 3 tells a real difference from one slow session"))
     if noisy:
         warning(f"latency varied by more than 1.5x between p10 and p90 for {', '.join(noisy)}: the machine was busy "
                 "or its clock changed; rerun with more --iterations or --time-budget before reading the medians")
@@ -110,6 +126,7 @@ def bench(report: dict[str, Any]) -> None:
                   f"{versions.get('torch', '-')}, onnxruntime {versions.get('onnxruntime', '-')}"
                   + (f", openvino {versions['openvino']}" if "openvino" in versions else "") + f"; warm-up {st['warmup']}, "
                   + (f"time budget {st['time_budget_s']} s" if st["time_budget_s"] else f"{st['iterations'] or 10} timed calls")
+                  + (f" in each of {sessions} sessions (median: the sessions' median)" if sessions > 1 else "")
                   + "; latency is per call, numpy in and out"
                   + ("; each backend and shape in its own process" if st.get("isolated") else ""), highlight=False)
 

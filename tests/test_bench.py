@@ -11,7 +11,7 @@ import pytest
 from conftest import CliResult, invoke_cli
 
 from attn_export import cli
-from attn_export.bench import PeakHostMemory, latency_stats, parse_backends, run_bench
+from attn_export.bench import PeakHostMemory, _merge_sessions, latency_stats, parse_backends, run_bench
 from attn_export.errors import UsageError
 
 LATENCY_KEYS = {"mean", "median", "p10", "p90", "p99", "min", "max", "cv"}
@@ -104,12 +104,50 @@ def test_default_backends_and_shape(tiny_onnx: Path) -> None:
         (["--shapes", "1x32"], "BATCHxHEIGHTxWIDTH"),
         (["--attention-impl", "flash"], "--attention-impl"),
         (["--iterations", "0"], "at least 1"),
+        (["--sessions", "0"], "--sessions must be at least 1"),
+        (["--sessions", "2", "--no-isolate"], "needs --isolate"),
     ],
 )
 def test_bad_options_exit_2_with_a_reason(tiny_onnx: Path, args: list[str], message: str) -> None:
     res = _invoke("bench", str(tiny_onnx), *args)
     assert res.exit_code == 2
     assert message in res.output
+
+
+def test_sessions_are_rounds_of_fresh_processes_merged_into_one_row(tiny_onnx: Path, tmp_path: Path,
+                                                                    wide_console: None) -> None:
+    out = tmp_path / "bench.json"
+    res = _invoke("bench", str(tiny_onnx), "--backend", "onnxruntime,onnxruntime-serving", "--shapes", "1x8x8",
+                  "--warmup", "0", "--iterations", "3", "--sessions", "3", "--report", str(out))
+    assert res.exit_code == 0, res.output
+    assert "sessions ms" in res.output and "in each of 3 sessions" in res.output
+    assert "serving form / file as written:" in res.output
+    rows = json.loads(out.read_text())["results"]
+    assert [r["backend"] for r in rows] == ["onnxruntime", "onnxruntime-serving"]
+    for r in rows:
+        assert r["iterations"] == 9 and len(r["session_medians_ms"]) == 3 and "calls_s" not in r
+        assert r["latency_ms"]["median"] == pytest.approx(float(np.median(r["session_medians_ms"])), abs=1e-3)
+    assert rows[0]["ratio_to_file"] is None
+    assert rows[1]["ratio_to_file"] == pytest.approx(rows[1]["latency_ms"]["median"] / rows[0]["latency_ms"]["median"])
+
+
+def _session(median_ms: float, calls_ms: list[float], *, status: str = "ok", total: float = 100.0) -> dict:
+    return {"backend": "onnxruntime", "shape": [2, 8, 8], "status": status, "error": None if status == "ok" else "x",
+            "latency_ms": {"median": median_ms}, "calls_s": [c / 1e3 for c in calls_ms], "iterations": len(calls_ms),
+            "peak_host_mib": 1.0, "total_peak_host_mib": total, "peak_device_mib": None}
+
+
+def test_merged_sessions_take_the_median_of_medians_and_the_largest_memory() -> None:
+    sessions = [_session(10.0, [9.0, 10.0, 11.0]), _session(30.0, [30.0, 30.0, 31.0], total=120.0),
+                _session(12.0, [12.0, 12.0, 12.0])]
+    (row,) = _merge_sessions([sessions])
+    # The slow session moves the mean and the spread, not the median.
+    assert row["latency_ms"]["median"] == 12.0 and row["session_medians_ms"] == [10.0, 30.0, 12.0]
+    assert row["latency_ms"]["max"] == pytest.approx(31.0) and row["latency_ms"]["min"] == pytest.approx(9.0)
+    assert row["throughput_images_per_s"] == pytest.approx(2 / (row["latency_ms"]["mean"] / 1e3))
+    assert row["iterations"] == 9 and row["total_peak_host_mib"] == 120.0 and "calls_s" not in row
+    (failed,) = _merge_sessions([[sessions[0], _session(0.0, [], status="error")]])
+    assert failed["status"] == "error" and "calls_s" not in failed
 
 
 def test_missing_artifact(tmp_path: Path) -> None:
