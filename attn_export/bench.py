@@ -537,6 +537,7 @@ def run_bench(artifact: str | Path, *, backends: Sequence[str] | None = None,
                      "provider": provider, "attention_impl": attention_impl, "graph_optimization": graph_optimization,
                      "seed": seed, "isolated": isolate, "tune": tune, "sessions": sessions},
         "results": results,
+        "fastest": fastest_paths(results),
     }
 
 
@@ -625,6 +626,32 @@ def _fill_ratios(rows: list[dict[str, Any]]) -> None:
         file_ms = files.get(tuple(r["shape"]))
         if r["status"] == "ok" and r["backend"] == "onnxruntime-serving" and file_ms:
             r["ratio_to_file"] = r["latency_ms"]["median"] / file_ms
+
+
+# PyTorch eager in FP32: the formulations the goal ratios are to (pytorch-bf16 and -fp16 are ratios of their own).
+FP32_TORCH_BACKENDS = ("pytorch", "pytorch-sdpa", "pytorch-decomposed", "pytorch-reference")
+
+
+def fastest_paths(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per shape, the fastest backend attn-export serves with (any but PyTorch's), and its time against PyTorch
+    eager FP32 (the fastest formulation measured) and against PyTorch's bf16 autocast, where those ran."""
+    def fastest(names: Sequence[str] | None, shape: list[int]) -> dict[str, Any] | None:
+        ok = [r for r in rows if r["status"] == "ok" and r["shape"] == shape
+              and (r["backend"] not in TORCH_BACKENDS if names is None else r["backend"] in names)]
+        return min(ok, key=lambda r: r["latency_ms"]["median"], default=None)
+
+    out = []
+    for shape in [list(s) for s in dict.fromkeys(tuple(r["shape"]) for r in rows)]:
+        best = fastest(None, shape)
+        if best is None:
+            continue
+        ms = best["latency_ms"]["median"]
+        entry: dict[str, Any] = {"shape": shape, "backend": best["backend"], "median_ms": ms}
+        for key, names in (("to_pytorch_fp32", FP32_TORCH_BACKENDS), ("to_pytorch_bf16", ("pytorch-bf16",))):
+            base = fastest(names, shape)
+            entry[key] = ms / base["latency_ms"]["median"] if base else None
+        out.append(entry)
+    return out
 
 
 def write_json(report: dict[str, Any], path: str | Path) -> None:

@@ -117,6 +117,11 @@ def bench(report: dict[str, Any]) -> None:
             warning(f"the serving form was slower than the file as written at {', '.join(slower)} on this CPU: "
                     "--tune measures which of its rewrites pay here (optimize --tune writes that form)"
                     + ("" if sessions > 1 else "; --sessions 3 tells a real difference from one slow session"))
+    for f in report.get("fastest", []):
+        against = [f"{f[k]:.2f}x {what}" for k, what in (("to_pytorch_fp32", "PyTorch eager fp32"),
+                                                          ("to_pytorch_bf16", "PyTorch bf16 autocast")) if f.get(k)]
+        console.print(f"fastest at {format_shape(f['shape'])}: {f['backend']}, {f['median_ms']:.2f} ms"
+                      + (f" = {', '.join(against)}" if against else ""), highlight=False)
     if noisy:
         warning(f"latency varied by more than 1.5x between p10 and p90 for {', '.join(noisy)}: the machine was busy "
                 "or its clock changed; rerun with more --iterations or --time-budget before reading the medians")

@@ -11,7 +11,7 @@ import pytest
 from conftest import CliResult, invoke_cli
 
 from attn_export import cli
-from attn_export.bench import PeakHostMemory, _merge_sessions, latency_stats, parse_backends, run_bench
+from attn_export.bench import PeakHostMemory, _merge_sessions, fastest_paths, latency_stats, parse_backends, run_bench
 from attn_export.errors import UsageError
 
 LATENCY_KEYS = {"mean", "median", "p10", "p90", "p99", "min", "max", "cv"}
@@ -33,7 +33,8 @@ def test_cli_prints_table_and_writes_json(tiny_onnx: Path, tmp_path: Path, wide_
                   "--warmup", "1", "--iterations", "3", "--threads", "1", "--report", str(out))
     assert res.exit_code == 0, res.output
     for word in ("pytorch", "onnxruntime", "1x16x16", "2x8x12", "median ms", "p10-p90 ms", "images/s", "total peak",
-                 "growth", "vs fastest pytorch", "1.00x", "each backend and shape in its own process"):
+                 "growth", "vs fastest pytorch", "1.00x", "each backend and shape in its own process",
+                 "fastest at 1x16x16: onnxruntime, ", "x PyTorch eager fp32"):
         assert word in res.output, word
     assert [p.name for p in tmp_path.iterdir()] == ["bench.json"]  # atomic write: no temporary left behind
 
@@ -42,6 +43,11 @@ def test_cli_prints_table_and_writes_json(tiny_onnx: Path, tmp_path: Path, wide_
     assert {"cpu_count", "platform", "simd"} <= set(report["host"])
     assert {"attn_export", "torch", "onnx", "onnxruntime"} <= set(report["host"]["versions"])
     assert report["settings"]["threads"] == 1 and report["settings"]["iterations"] == 3
+    ort_rows = {tuple(r["shape"]): r for r in report["results"] if r["backend"] == "onnxruntime"}
+    assert [(f["shape"], f["backend"]) for f in report["fastest"]] == [([1, 16, 16], "onnxruntime"),
+                                                                       ([2, 8, 12], "onnxruntime")]
+    for f in report["fastest"]:
+        assert f["to_pytorch_fp32"] == pytest.approx(ort_rows[tuple(f["shape"])]["ratio_to_pytorch"])
     rows = report["results"]
     assert [(r["backend"], r["shape"]) for r in rows] == [
         ("pytorch", [1, 16, 16]), ("pytorch", [2, 8, 12]), ("onnxruntime", [1, 16, 16]), ("onnxruntime", [2, 8, 12])]
@@ -122,6 +128,7 @@ def test_sessions_are_rounds_of_fresh_processes_merged_into_one_row(tiny_onnx: P
     assert res.exit_code == 0, res.output
     assert "sessions ms" in res.output and "in each of 3 sessions" in res.output
     assert "serving form / file as written:" in res.output
+    assert "fastest at 1x8x8: onnxruntime" in res.output  # no PyTorch row: no ratio to one
     rows = json.loads(out.read_text())["results"]
     assert [r["backend"] for r in rows] == ["onnxruntime", "onnxruntime-serving"]
     for r in rows:
@@ -148,6 +155,26 @@ def test_merged_sessions_take_the_median_of_medians_and_the_largest_memory() -> 
     assert row["iterations"] == 9 and row["total_peak_host_mib"] == 120.0 and "calls_s" not in row
     (failed,) = _merge_sessions([[sessions[0], _session(0.0, [], status="error")]])
     assert failed["status"] == "error" and "calls_s" not in failed
+
+
+def _row(backend: str, shape: list[int], ms: float, status: str = "ok") -> dict:
+    return {"backend": backend, "shape": shape, "status": status, "latency_ms": {"median": ms}}
+
+
+def test_fastest_path_is_attn_exports_own_against_both_pytorch_baselines() -> None:
+    rows = [_row("pytorch", [1, 8, 8], 100.0), _row("pytorch-decomposed", [1, 8, 8], 80.0),
+            _row("pytorch-bf16", [1, 8, 8], 50.0), _row("onnxruntime", [1, 8, 8], 60.0),
+            _row("openvino-bf16", [1, 8, 8], 20.0), _row("openvino-f16", [1, 8, 8], 1.0, status="unavailable"),
+            _row("pytorch", [1, 16, 16], 400.0), _row("onnxruntime-serving", [1, 16, 16], 300.0),
+            _row("pytorch", [1, 32, 32], 900.0)]
+    got = fastest_paths(rows)
+    # PyTorch's own rows never count as the path; an unavailable row never wins; the fp32 baseline is the fastest
+    # FP32 formulation and the bf16 one autocast's, each where it ran.
+    assert got == [
+        {"shape": [1, 8, 8], "backend": "openvino-bf16", "median_ms": 20.0, "to_pytorch_fp32": 0.25,
+         "to_pytorch_bf16": 0.4},
+        {"shape": [1, 16, 16], "backend": "onnxruntime-serving", "median_ms": 300.0, "to_pytorch_fp32": 0.75,
+         "to_pytorch_bf16": None}]
 
 
 def test_missing_artifact(tmp_path: Path) -> None:
