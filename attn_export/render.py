@@ -213,11 +213,12 @@ def inspect_onnx(d: dict[str, Any]) -> None:
     made = d.get("serving_form")
     if made:
         cpu = made.get("tuned_on") or {}
+        tuning = made.get("tuning")
         table.add_row("form", escape(f"ONNX Runtime's serving form for {made.get('provider')} ("
-                                     f"{', '.join(map(str, made.get('parts', []))) or 'nothing rewritten'}), tuned on "
+                                     f"{', '.join(map(str, made.get('parts', []))) or 'nothing rewritten'}), "
+                                     f"{'tuned (--tune)' if isinstance(tuning, dict) else 'by the rules'} on "
                                      f"{cpu.get('processor', '?')} ({cpu.get('simd', '?')}), made from {made.get('source')}; "
                                      "not for TensorRT"))
-        tuning = made.get("tuning")
         if isinstance(tuning, dict):  # read from the file: data, shown as text only
             ratios = {str(c.get("name")): f"{r:.2f}x" if isinstance(r := c.get("ratio_to_file"), (int, float)) else "?"
                       for c in tuning.get("candidates", []) if isinstance(c, dict)}
@@ -392,8 +393,8 @@ def optimize(r: Any) -> None:
         l2 = f", L2 {cpu['l2_bytes'] // 1024} KiB" if cpu.get("l2_bytes") else ""
         table.add_row("form", escape(f"ONNX Runtime's serving form for {r.serving['provider']}: "
                                      f"{', '.join(r.serving['parts']) or 'nothing to rewrite'}"))
-        table.add_row("tuned on", escape(f"{cpu.get('processor', '?')} ({cpu.get('simd', '?')}{l2})"))
         tuning = r.serving.get("tuning")
+        table.add_row("tuned on" if tuning else "made on", escape(f"{cpu.get('processor', '?')} ({cpu.get('simd', '?')}{l2})"))
         if tuning:
             for shape in tuning["shapes"]:
                 file_ms = tuning["candidates"][0]["median_ms"][shape]
@@ -404,6 +405,10 @@ def optimize(r: Any) -> None:
             table.add_row("kept", escape(f"{tuning['chosen']} (faster than the file by {tuning['margin']:.0%} or more "
                                          f"over the shapes measured and slower at none; {tuning['threads'] or 'default'} "
                                          f"threads, the median of {tuning.get('sessions_per_candidate', 1)} sessions each)"))
+        else:
+            table.add_row("chosen by", "the rules (attention by this CPU's L2 size, Winograd where every accepted size "
+                                       "allows), not measured on this machine: --tune times the file and each form "
+                                       "here and keeps one only where it pays")
         table.add_row("note", "runners run it as written; TensorRT and `attn-export trt` take its source file")
     else:
         table.add_row("attention", f"{r.sites} site(s): {len(r.rewritten)} rewritten, {len(r.unchanged)} already "

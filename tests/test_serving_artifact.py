@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -24,7 +25,9 @@ CLI = [sys.executable, "-m", "attn_export"]
 
 
 def _cli(*args: object) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, timeout=600)
+    # A wide console: the assertions read whole table cells, which 80 columns would wrap.
+    return subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "COLUMNS": "250"})
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +75,7 @@ def test_verify_and_inspect_say_what_ran(serving: Path, tmp_path: Path) -> None:
     res = _cli("inspect", serving)
     text = " ".join(res.stdout.split())
     assert res.returncode == 0 and "serving form" in text and "not for TensorRT" in text, res.stdout
+    assert "by the rules on" in text and "tuned (--tune)" not in text
 
 
 @pytest.mark.parametrize("command", [["trt", "--runtime", "rtx", "-o", "x.plan"], ["fp16", "-o", "x.onnx"],
@@ -91,6 +95,9 @@ def test_external_data_stays_external(tmp_path: Path) -> None:
     out.parent.mkdir()
     res = _cli("optimize", src, "--for", "onnxruntime", "-o", out)
     assert res.returncode == 0, res.stderr
+    # Not tuned: the output says the rules chose, unmeasured here, and how to measure.
+    assert re.search(r"chosen by +│ the rules", res.stdout) and "not measured on this machine: --tune" in res.stdout
+    assert re.search(r"made on +│", res.stdout) and "tuned on" not in res.stdout
     assert sorted(p.name for p in out.parent.iterdir()) == ["unet.serving.onnx", "unet.serving.onnx.data"]
     model = onnx.load(str(out), load_external_data=False)
     assert any(i.data_location == onnx.TensorProto.EXTERNAL for i in model.graph.initializer)

@@ -106,6 +106,7 @@ def test_optimize_tune_writes_the_form_kept_with_its_measurements(wide_onnx: Pat
     shown = invoke_cli("inspect", out)
     assert shown.exit_code == 0 and "kept winograd of as written 1.00x, attention 1.20x, winograd 0.80x" in \
         " ".join(shown.output.split())
+    assert "tuned (--tune) on" in " ".join(shown.output.split())
 
 
 def test_optimize_tune_writes_nothing_where_no_rewrite_pays(wide_onnx: Path, tmp_path: Path,
