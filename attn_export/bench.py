@@ -194,9 +194,19 @@ def parse_backends(text: str | Sequence[str]) -> list[str]:
     return out
 
 
-def default_backends(artifact: str | Path) -> list[str]:
-    """PyTorch and the artifact's own backends: both ONNX Runtime forms for an ONNX file."""
-    return ["pytorch", "tensorrt"] if is_engine_path(artifact) else ["pytorch", "onnxruntime", "onnxruntime-serving"]
+def default_backends(artifact: str | Path, provider: str = "cpu") -> list[str]:
+    """PyTorch and every backend attn-export serves the artifact with here: an engine's TensorRT; for an ONNX file
+    both ONNX Runtime forms and, on the CPU where OpenVINO is installed, its f32 and bf16 rows (bf16 says why where
+    the CPU cannot run it), so that the fastest path shows without being asked for."""
+    if is_engine_path(artifact):
+        return ["pytorch", "tensorrt"]
+    names = ["pytorch", "onnxruntime", "onnxruntime-serving"]
+    if provider == "cpu":
+        import importlib.util
+
+        if importlib.util.find_spec("openvino") is not None:  # found, not imported: a bench without it stays light
+            names += parse_backends("openvino")
+    return names
 
 
 def make_runner(artifact: str | Path, backend: str, spec: ModelSpec, *, provider: str = "cpu",
@@ -495,7 +505,7 @@ def run_bench(artifact: str | Path, *, backends: Sequence[str] | None = None,
     spec = artifact_spec(artifact)
     if input_ranges:  # the inputs every backend gets are drawn in these ranges
         spec.input_ranges = {**spec.input_ranges, **{k: [float(v[0]), float(v[1])] for k, v in input_ranges.items()}}
-    backends = list(backends) if backends else default_backends(artifact)
+    backends = list(backends) if backends else default_backends(artifact, provider)
     if tune and "onnxruntime-serving" not in backends:
         raise UsageError("--tune tunes the onnxruntime-serving backend: add it to --backend")
     if not shapes and is_engine_path(artifact):

@@ -94,8 +94,18 @@ def test_unavailable_backend_is_reported_not_fatal(tiny_onnx: Path, wide_console
 def test_default_backends_and_shape(tiny_onnx: Path) -> None:
     report = run_bench(tiny_onnx, warmup=0, iterations=1, isolate=False)
     rows = report["results"]
-    # Both ONNX Runtime forms, side by side; the model's own sample size (tiny: 32 px), batch 1.
-    assert [r["backend"] for r in rows] == ["pytorch", "onnxruntime", "onnxruntime-serving"]
+    # Both ONNX Runtime forms, side by side, and OpenVINO's rows where it is installed (a test dependency: bf16 is
+    # a row even where the CPU cannot run it, naming why); the model's own sample size (tiny: 32 px), batch 1.
+    import importlib.util
+
+    from attn_export.host import native_bf16
+
+    openvino = ["openvino-f32", "openvino-bf16", *(["pytorch-bf16"] if native_bf16() else [])]
+    assert [r["backend"] for r in rows] == ["pytorch", "onnxruntime", "onnxruntime-serving",
+                                           *(openvino if importlib.util.find_spec("openvino") else [])]
+    if not native_bf16() and importlib.util.find_spec("openvino"):
+        assert rows[4]["status"] == "unavailable" and "BF16" in rows[4]["error"]
+    assert report["fastest"] and report["fastest"][0]["backend"] not in ("pytorch", "pytorch-bf16")
     assert all(r["shape"] == [1, 32, 32] for r in rows)
     assert rows[1]["settings"]["form"] == "as written" and rows[1]["settings"]["serving_form"] == []
     assert rows[2]["settings"]["form"] == "serving" and rows[2]["settings"]["serving_form"]
