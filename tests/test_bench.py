@@ -148,6 +148,30 @@ def test_sessions_are_rounds_of_fresh_processes_merged_into_one_row(tiny_onnx: P
     assert rows[1]["ratio_to_file"] == pytest.approx(rows[1]["latency_ms"]["median"] / rows[0]["latency_ms"]["median"])
 
 
+def test_session_rounds_alternate_and_stop_at_a_failure(monkeypatch: pytest.MonkeyPatch) -> None:
+    from attn_export import bench
+
+    ran: list[tuple[str, tuple[int, ...]]] = []
+
+    def fake_process(job: dict) -> list[dict]:
+        shape = tuple(job["shapes"][0])
+        ran.append((job["backend"], shape))
+        ok = job["backend"] != "tensorrt"
+        return [{**_session(float(len(ran)), [1.0]), "backend": job["backend"], "shape": list(shape),
+                 "status": "ok" if ok else "unavailable"}]
+
+    monkeypatch.setattr(bench, "_in_own_process", fake_process)
+    rows = bench._isolated_rounds({"x": 1}, ["onnxruntime", "tensorrt"], [(1, 8, 8), (1, 16, 16)], 3, False, None)
+    a, b = ("onnxruntime", (1, 8, 8)), ("onnxruntime", (1, 16, 16))
+    trt = [("tensorrt", (1, 8, 8)), ("tensorrt", (1, 16, 16))]
+    # Round 1 in order, round 2 reversed, round 3 in order; a backend that cannot run is asked once, not thrice.
+    assert ran == [a, b, *trt, b, a, a, b]
+    assert [(r["backend"], r["status"], len(r.get("session_medians_ms") or [])) for r in rows] == [
+        ("onnxruntime", "ok", 3), ("onnxruntime", "ok", 3), ("tensorrt", "unavailable", 0),
+        ("tensorrt", "unavailable", 0)]
+    assert rows[0]["session_medians_ms"] == [1.0, 6.0, 7.0]
+
+
 def _session(median_ms: float, calls_ms: list[float], *, status: str = "ok", total: float = 100.0) -> dict:
     return {"backend": "onnxruntime", "shape": [2, 8, 8], "status": status, "error": None if status == "ok" else "x",
             "latency_ms": {"median": median_ms}, "calls_s": [c / 1e3 for c in calls_ms], "iterations": len(calls_ms),
