@@ -16,10 +16,12 @@ import copy
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import save_file
 
 from attn_export.models import UNet, preset_config
+from attn_export.trajectory import beta_schedule
 
 
 def drawn_shapes(n: int, size: int, gen: torch.Generator) -> torch.Tensor:
@@ -56,10 +58,11 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
-    model = UNet(preset_config("tiny"))
+    config = preset_config("tiny")
+    model = UNet(config)
     ema = copy.deepcopy(model).eval()
-    betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
-    abar = torch.cumprod(1 - betas, 0).float()
+    # The schedule verify --trajectory samples with by default, so the model is trained for what it is checked on.
+    abar = torch.from_numpy(np.cumprod(1 - beta_schedule("linear", config.num_timesteps))).float()
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     start, step, losses = time.monotonic(), 0, []
     budget = args.minutes * 60
@@ -68,7 +71,7 @@ def main() -> None:
         for group in opt.param_groups:
             group["lr"] = args.lr if time.monotonic() - start < budget * 2 / 3 else args.lr / 3
         x0 = drawn_shapes(args.batch, args.size, gen)
-        t = torch.randint(0, 1000, (args.batch,), generator=gen)
+        t = torch.randint(0, config.num_timesteps, (args.batch,), generator=gen)
         eps = torch.randn(x0.shape, generator=gen)
         a = abar[t].view(-1, 1, 1, 1)
         loss = ((model(a.sqrt() * x0 + (1 - a).sqrt() * eps, t) - eps) ** 2).mean()
